@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs ds4jax with its test and reference extras into .venv and runs pytest.
+# pytest's exit 5 (no tests collected) is a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e ".[test,serve,reference]"
+set +e
+python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
+exit "$rc"
