@@ -1,0 +1,111 @@
+"""DeepSeek V4 attention (ds4-architecture.md §2.3): sliding window, CSA (ratio 4 + indexer)
+and HCA (other ratios), with q-LoRA, one shared K = V head, per-head sinks and the grouped
+output LoRA.
+
+A chunk of T queries at positions pos0 .. pos0+T-1 attends to
+- the raw rows s with t - W < s <= t (sliced from the position-indexed kv buffer),
+- the compressed entries w < floor((t+1)/m): all of them for HCA, the indexer's top-k for CSA,
+- the sink, which only adds e^{z_h} to the softmax denominator.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ds4jax.config import ModelConfig
+from ds4jax.model import ops, qat
+from ds4jax.model.compressor import Compressor
+from ds4jax.model.decode_state import LayerState
+from ds4jax.model.indexer import Indexer
+from ds4jax.model.norms import RMSNorm
+from ds4jax.model.rope import RoPE
+
+
+class Attention(nnx.Module):
+  """Params: q_a [Rq, D], q_a_norm, q_b [N*H, Rq], kv [H, D], kv_norm, sinks [N],
+  o_a [G*Ro, (N/G)*H], o_b [D, G*Ro], compressor (m > 0), indexer (m == 4)."""
+
+  def __init__(self, cfg: ModelConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.n_heads, self.head_dim, self.window = cfg.n_heads, cfg.head_dim, cfg.window
+    self.o_groups, self.rope_dim, self.rms_eps = cfg.o_groups, cfg.rope_dim, float(cfg.rms_eps)
+    self.ratio = cfg.ratio(layer_idx)
+    self.qat = cfg.qat
+    n, h, d = cfg.n_heads, cfg.head_dim, cfg.d_model
+    self.q_a = ops.param(rngs, (cfg.q_lora_rank, d), dtype)
+    self.q_a_norm = RMSNorm(cfg, dim=cfg.q_lora_rank)
+    self.q_b = ops.param(rngs, (n * h, cfg.q_lora_rank), dtype)
+    self.kv = ops.param(rngs, (h, d), dtype)
+    self.kv_norm = RMSNorm(cfg, dim=h)
+    self.sinks = ops.const_param((n,), jnp.float32, 0.0)
+    self.o_a = ops.param(rngs, (cfg.o_groups * cfg.o_lora_rank, (n // cfg.o_groups) * h), dtype)
+    self.o_b = ops.param(rngs, (d, cfg.o_groups * cfg.o_lora_rank), dtype)
+    self.rope = RoPE(cfg, layer_idx=layer_idx)
+    self.compressor = (Compressor(cfg, layer_idx=layer_idx, rngs=rngs, dtype=dtype, rounding="fp8")
+                       if self.ratio > 0 else None)
+    self.indexer = (Indexer(cfg, layer_idx=layer_idx, rngs=rngs, dtype=dtype)
+                    if cfg.has_indexer(layer_idx) else None)
+
+  def __call__(self, x_TD, pos0, st: LayerState):
+    """x: [T, D] normalised input at positions pos0 + [0, T) -> ([T, D] f32, new LayerState)."""
+    t = x_TD.shape[0]
+    n, h, w = self.n_heads, self.head_dim, self.window
+    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
+
+    qr_TR = self.q_a_norm(ops.einsum("TD,RD->TR", x_TD, self.q_a[...]))
+    q_TNH = ops.einsum("TR,XR->TX", qr_TR, self.q_b[...]).reshape(t, n, h)
+    q_TNH = self.rope(ops.rms(q_TNH, self.rms_eps), pos_T)
+    kv_TH = self.rope(self.kv_norm(ops.einsum("TD,HD->TH", x_TD, self.kv[...])), pos_T)
+    if self.qat:
+      kv_TH = qat.fp8_kv_roundtrip(kv_TH, self.rope_dim)
+
+    # Raw rows: write the chunk, then read positions pos0-W+1 .. pos0+T-1 (buffer row W + p).
+    kv_SH = jax.lax.dynamic_update_slice(st.kv, kv_TH.astype(st.kv.dtype), (w + pos0, 0))
+    st = st.replace(kv=kv_SH)
+    win_SH = jax.lax.dynamic_slice(kv_SH, (pos0 + 1, 0), (w - 1 + t, h)).astype(jnp.float32)
+    s_pos_S = pos0 - (w - 1) + jnp.arange(w - 1 + t, dtype=jnp.int32)
+    win_ok_TS = ((s_pos_S[None, :] >= 0) & (s_pos_S[None, :] <= pos_T[:, None])
+                 & (s_pos_S[None, :] > pos_T[:, None] - w))
+    logits_TNS = jnp.einsum("TNH,SH->TNS", q_TNH, win_SH, precision=ops.HIGHEST)
+    logits_TNS = jnp.where(win_ok_TS[:, None, :], logits_TNS, -jnp.inf)
+    parts = [(logits_TNS, "TNS,SH->TNH", win_SH)]
+
+    if self.compressor is not None:
+      a, g, e_WH = self.compressor(x_TD, pos0, st.comp_a, st.comp_g, st.comp)
+      st = st.replace(comp_a=a, comp_g=g, comp=e_WH)
+      if self.indexer is not None:
+        sel_TK, valid_TK, ia, ig, keys = self.indexer(
+            x_TD, qr_TR, pos0, st.idx_a, st.idx_g, st.idx_keys)
+        st = st.replace(idx_a=ia, idx_g=ig, idx_keys=keys)
+        ent_TKH = e_WH[sel_TK].astype(jnp.float32)
+        logits_TNK = jnp.einsum("TNH,TKH->TNK", q_TNH, ent_TKH, precision=ops.HIGHEST)
+        logits_TNK = jnp.where(valid_TK[:, None, :], logits_TNK, -jnp.inf)
+        parts.append((logits_TNK, "TNK,TKH->TNH", ent_TKH))
+      else:
+        ent_WH = e_WH.astype(jnp.float32)
+        vis_TW = jnp.arange(ent_WH.shape[0])[None, :] < ((pos_T + 1) // self.ratio)[:, None]
+        logits_TNW = jnp.einsum("TNH,WH->TNW", q_TNH, ent_WH, precision=ops.HIGHEST)
+        logits_TNW = jnp.where(vis_TW[:, None, :], logits_TNW, -jnp.inf)
+        parts.append((logits_TNW, "TNW,WH->TNH", ent_WH))
+
+    # Softmax over [all rows, sink]; the sink has no value row.
+    scale = h ** -0.5
+    sink_TN1 = jnp.broadcast_to(self.sinks[...][None, :, None], (t, n, 1))
+    logits_TNA = jnp.concatenate([p[0] * scale for p in parts] + [sink_TN1], axis=-1)
+    probs_TNA = jax.nn.softmax(logits_TNA, axis=-1)
+    o_TNH = jnp.zeros((t, n, h), jnp.float32)
+    start = 0
+    for logits, spec, vals in parts:
+      size = logits.shape[-1]
+      o_TNH = o_TNH + jnp.einsum(spec, probs_TNA[..., start:start + size], vals,
+                                 precision=ops.HIGHEST)
+      start += size
+    o_TNH = self.rope(o_TNH, pos_T, inverse=True)
+
+    # Grouped output LoRA: heads split into G groups of N/G consecutive heads.
+    g = self.o_groups
+    o_TGI = o_TNH.reshape(t, g, (n // g) * h)
+    o_a_GRI = self.o_a[...].reshape(g, -1, (n // g) * h)
+    z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, o_a_GRI)
+    return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...]), st

@@ -1,0 +1,62 @@
+"""Lightning indexer for ratio-4 layers (ds4-architecture.md §2.3, "Indexer").
+
+Scores every visible compressed window w for each query t with
+`sum_h omega_h relu(q^I_h . k^I_w)`, `omega = (W_proj x) dI^-1/2 HI^-1/2`, and keeps the top
+`min(K_I, n_t)` windows, n_t = floor((t+1)/4). `jax.lax.top_k` breaks ties towards the lower
+index, as ds4 does.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ds4jax.config import ModelConfig
+from ds4jax.model import ops, qat
+from ds4jax.model.compressor import Compressor
+from ds4jax.model.rope import RoPE
+
+
+class Indexer(nnx.Module):
+  """Params: q_b [HI*dI, Rq], proj [HI, D], compressor (ratio 4, width dI)."""
+
+  def __init__(self, cfg: ModelConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.n_heads, self.head_dim = cfg.index_heads, cfg.index_head_dim
+    self.topk = cfg.index_topk
+    self.qat = cfg.qat
+    self.q_b = ops.param(rngs, (self.n_heads * self.head_dim, cfg.q_lora_rank), dtype)
+    self.proj = ops.param(rngs, (self.n_heads, cfg.d_model), dtype)
+    self.compressor = Compressor(cfg, layer_idx=layer_idx, rngs=rngs, dtype=dtype, ratio=4,
+                                 width=self.head_dim, rounding="fp4")
+    self.rope = RoPE(cfg, layer_idx=layer_idx, kind="compress")
+
+  def __call__(self, x_TD, qr_TR, pos0, ia_SX, ig_SX, keys_WI):
+    """Updates the indexer compressor and selects compressed windows per query.
+
+    Args:
+      x_TD: [T, D] normalised attention input; qr_TR: [T, Rq] normalised q-LoRA latent.
+      pos0: traced int32 scalar; ia_SX, ig_SX, keys_WI: the indexer's state buffers.
+
+    Returns:
+      (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], ia_SX, ig_SX, keys_WI),
+      K = min(K_I, number of key slots).
+    """
+    t = x_TD.shape[0]
+    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
+    ia_SX, ig_SX, keys_WI = self.compressor(x_TD, pos0, ia_SX, ig_SX, keys_WI)
+    q_TNI = ops.einsum("TR,XR->TX", qr_TR, self.q_b[...]).reshape(t, self.n_heads, self.head_dim)
+    q_TNI = self.rope(q_TNI, pos_T)
+    if self.qat:
+      q_TNI = qat.fp4_indexer_roundtrip(q_TNI)
+    omega_TN = ops.einsum("TD,ND->TN", x_TD, self.proj[...])
+    omega_TN = omega_TN * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+    dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI.astype(jnp.float32),
+                          precision=ops.HIGHEST)
+    score_TW = jnp.einsum("TN,TNW->TW", omega_TN, jax.nn.relu(dots_TNW), precision=ops.HIGHEST)
+    n_slots = keys_WI.shape[0]
+    visible_TW = jnp.arange(n_slots)[None, :] < ((pos_T + 1) // 4)[:, None]
+    score_TW = jnp.where(visible_TW, score_TW, -jnp.inf)
+    k = min(self.topk, n_slots)
+    top_TK, sel_TK = jax.lax.top_k(score_TW, k)
+    return sel_TK.astype(jnp.int32), top_TK > -jnp.inf, ia_SX, ig_SX, keys_WI

@@ -1,0 +1,81 @@
+"""Mixture of experts (ds4-architecture.md §2.4).
+
+Scores `p = sqrt(softplus(W_r x))`. Hash layers take the expert set from `tid2eid[token]`;
+the others take the top-k of `p + bias` (the bias only selects). Weights are the unbiased
+p of the chosen experts, normalised, times `routed_scale` (1.5). Every expert, the shared
+one included, is a SwiGLU with the gate clamped from above and up clamped on both sides.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ds4jax.config import ModelConfig
+from ds4jax.model import ops
+
+
+def swiglu(g, u, limit: float):
+  """silu(min(g, limit)) * clip(u, -limit, limit), in f32."""
+  return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(u, -limit, limit)
+
+
+class MoE(nnx.Module):
+  """Params: gate [E, D], bias [E], tid2eid int32 [V, k] (hash layers only),
+  gate_exps/up_exps [E, F, D], down_exps [E, D, F], shared_gate/shared_up [F, D],
+  shared_down [D, F]."""
+
+  def __init__(self, cfg: ModelConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32):
+    e, f, d, k = cfg.n_experts, cfg.expert_ff, cfg.d_model, cfg.n_experts_used
+    self.n_experts, self.k = e, k
+    self.is_hash = cfg.is_hash_layer(layer_idx)
+    self.limit = float(cfg.swiglu_clamp[layer_idx])
+    self.routed_scale = float(cfg.routed_scale)
+    self.norm_topk = bool(cfg.norm_topk_prob)
+    self.gate = ops.param(rngs, (e, d), dtype)
+    self.bias = ops.const_param((e,), jnp.float32, 0.0)
+    if self.is_hash:
+      eid_VK = jax.random.randint(rngs.params(), (cfg.vocab_size, k), 0, e, jnp.int32)
+      self.tid2eid = nnx.Param(eid_VK)
+    self.gate_exps = ops.param(rngs, (e, f, d), dtype)
+    self.up_exps = ops.param(rngs, (e, f, d), dtype)
+    self.down_exps = ops.param(rngs, (e, d, f), dtype)
+    self.shared_gate = ops.param(rngs, (f, d), dtype)
+    self.shared_up = ops.param(rngs, (f, d), dtype)
+    self.shared_down = ops.param(rngs, (d, f), dtype)
+
+  def route(self, x_TD, tokens_T):
+    """Returns (experts int32 [T, k], weights f32 [T, k])."""
+    p_TE = jnp.sqrt(jax.nn.softplus(ops.einsum("TD,ED->TE", x_TD, self.gate[...])))
+    if self.is_hash:
+      idx_TK = self.tid2eid[...][tokens_T]
+    else:
+      _, idx_TK = jax.lax.top_k(p_TE + self.bias[...], self.k)
+    w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
+    if self.norm_topk:
+      w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
+    return idx_TK.astype(jnp.int32), w_TK * self.routed_scale
+
+  def __call__(self, x_TD, tokens_T):
+    """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32."""
+    t = x_TD.shape[0]
+    idx_TK, w_TK = self.route(x_TD, tokens_T)
+    if t * self.k <= self.n_experts:
+      # Few tokens: gather only the chosen experts' weights.
+      g_TKF = ops.einsum("TD,TKFD->TKF", x_TD, self.gate_exps[...][idx_TK])
+      u_TKF = ops.einsum("TD,TKFD->TKF", x_TD, self.up_exps[...][idx_TK])
+      h_TKF = swiglu(g_TKF, u_TKF, self.limit) * w_TK[:, :, None]
+      routed_TD = ops.einsum("TKF,TKDF->TD", h_TKF, self.down_exps[...][idx_TK])
+    else:
+      # Many tokens: run every expert densely and zero the unchosen ones.
+      comb_TE = jnp.sum(jax.nn.one_hot(idx_TK, self.n_experts, dtype=jnp.float32)
+                        * w_TK[:, :, None], axis=1)
+      g_TEF = ops.einsum("TD,EFD->TEF", x_TD, self.gate_exps[...])
+      u_TEF = ops.einsum("TD,EFD->TEF", x_TD, self.up_exps[...])
+      h_TEF = swiglu(g_TEF, u_TEF, self.limit) * comb_TE[:, :, None]
+      routed_TD = ops.einsum("TEF,EDF->TD", h_TEF, self.down_exps[...])
+    sg_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_gate[...])
+    su_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_up[...])
+    shared_TD = ops.einsum("TF,DF->TD", swiglu(sg_TF, su_TF, self.limit), self.shared_down[...])
+    return routed_TD + shared_TD

@@ -1,0 +1,124 @@
+"""StageRunner: the jitted executor of one Stage (design.md §4).
+
+One pure function runs a chunk of any length at any start position through the whole stage
+(one-shot prefill, chunked prefill and decode are the same call). The layer loop is unrolled
+at trace time, so a step is a single compiled call. T is bucketed (1, 2, 4, ... max_chunk) and
+longer inputs are split into max_chunk pieces, so only a handful of shapes ever compile;
+the start position is traced, so decoding never recompiles.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ds4jax.model import decode_state
+from ds4jax.model.decode_state import Capacity, StageState
+from ds4jax.model.stage import Stage
+
+
+def bucket(t: int, max_chunk: int) -> int:
+  """Smallest power of two >= t, capped at max_chunk."""
+  b = 1
+  while b < t:
+    b *= 2
+  return min(b, max_chunk)
+
+
+class StageRunner:
+  """Runs `stage` with numpy in/out and explicit, donated decode state.
+
+  Attributes: cfg, layers, ctx_size, max_chunk, fingerprint, n_traces (compilations so far).
+  """
+
+  def __init__(self, stage: Stage, *, ctx_size: int, max_chunk: int = 256,
+               state_dtype=None, fingerprint: str | None = None):
+    if ctx_size < 1:
+      raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
+    if max_chunk < 1 or max_chunk & (max_chunk - 1):
+      raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
+    self.cfg, self.layers = stage.cfg, stage.layers
+    self.ctx_size, self.max_chunk = int(ctx_size), int(max_chunk)
+    self.fingerprint = fingerprint
+    self.embeds, self.has_output = stage.layers.embeds, stage.layers.has_output
+    self._cap = Capacity(self.ctx_size, self.max_chunk)
+    self.graphdef, self.params = nnx.split(stage)
+    if state_dtype is None:
+      state_dtype = _stage_dtype(self.params)
+    self.state_dtype = state_dtype
+    self.n_traces = 0
+
+    def step(params, state, tokens_T, hc_TCD, n_valid):
+      self.n_traces += 1  # runs only while tracing: counts compilations
+      return nnx.merge(self.graphdef, params)(state, tokens_T, hc_TCD, n_valid)
+
+    self._step = jax.jit(step, donate_argnames=("state",))
+
+  def init_state(self) -> StageState:
+    """Fresh state at pos 0 with capacity ctx_size."""
+    return decode_state.init_stage_state(self.cfg, self.layers, self._cap, self.state_dtype)
+
+  def truncate(self, state: StageState, pos: int) -> StageState:
+    """Rewinds to `pos` (0 <= pos <= state.pos); only the counter changes."""
+    cur = int(state.pos)
+    if not 0 <= pos <= cur:
+      raise ValueError(f"cannot truncate to pos {pos}: state holds {cur} tokens")
+    return decode_state.truncate(state, pos)
+
+  def forward(self, state: StageState, tokens_T, hc_TCD, pos0: int):
+    """Runs tokens at positions pos0 .. pos0+T-1.
+
+    Args:
+      state: from init_state/forward/truncate (donated: use the returned one).
+      tokens_T: int [T] token ids (every stage needs them for hash routing).
+      hc_TCD: float32 [T, C, D] from the previous stage, or None iff this stage embeds.
+      pos0: must equal state.pos.
+
+    Returns:
+      (out, state): out is logits float32 [T, V] if the stage has the head, else the HC
+      state float32 [T, C, D].
+    """
+    tokens_T = np.asarray(tokens_T)
+    if tokens_T.ndim != 1 or tokens_T.shape[0] < 1:
+      raise ValueError(f"tokens must be a non-empty 1-D array, got shape {tokens_T.shape}")
+    if not np.issubdtype(tokens_T.dtype, np.integer):
+      raise ValueError(f"tokens must be integers, got {tokens_T.dtype}")
+    t = tokens_T.shape[0]
+    if tokens_T.min() < 0 or tokens_T.max() >= self.cfg.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    if (hc_TCD is None) != self.embeds:
+      raise ValueError("hc must be None iff the stage embeds (starts at layer 0)")
+    if hc_TCD is not None:
+      hc_TCD = np.asarray(hc_TCD, np.float32)
+      want = (t, self.cfg.n_hc, self.cfg.d_model)
+      if hc_TCD.shape != want:
+        raise ValueError(f"hc has shape {hc_TCD.shape}, expected {want}")
+    cur = int(state.pos)
+    if pos0 != cur:
+      raise ValueError(f"pos0={pos0} does not match state.pos={cur}")
+    if pos0 + t > self.ctx_size:
+      raise ValueError(f"pos0 + T = {pos0 + t} exceeds ctx_size={self.ctx_size}")
+    outs = []
+    for s in range(0, t, self.max_chunk):
+      n = min(self.max_chunk, t - s)
+      tb = bucket(n, self.max_chunk)
+      tok = np.zeros((tb,), np.int32)
+      tok[:n] = tokens_T[s:s + n]
+      hc = None
+      if hc_TCD is not None:
+        hc = np.zeros((tb,) + hc_TCD.shape[1:], np.float32)
+        hc[:n] = hc_TCD[s:s + n]
+      out, state = self._step(self.params, state, tok, hc, np.int32(n))
+      outs.append(np.asarray(out[:n], np.float32))
+    return (outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)), state
+
+
+def _stage_dtype(params) -> jnp.dtype:
+  """The compute dtype: that of the largest floating parameter."""
+  best, size = jnp.float32, -1
+  for leaf in jax.tree.leaves(params):
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size > size:
+      best, size = leaf.dtype, leaf.size
+  return best
