@@ -1,0 +1,230 @@
+"""`LocalBackend`: the single-process executor of the `Backend` protocol (design.md §5).
+
+It drives one `StageRunner` for the whole model, or a chain of in-process runners for
+contiguous layer ranges (an in-process split, handy in notebooks: same numbers as the wire
+split minus the wire). Each session keeps its per-stage KV state and the token ids that state
+holds, so a `step` with a longer transcript computes only the new suffix, and a transcript that
+diverges rewinds to the common prefix with `truncate` instead of starting again from 0.
+
+    backend = LocalBackend.from_gguf("tiny.gguf", ctx_size=512)
+    sid = backend.new_session()
+    res = backend.step(sid, [0, 17, 42], SamplingParams(), step=0)
+    res.token, res.n_computed     # sampled id, 3 tokens computed
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import os
+import threading
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from ds4jax.config import LayerRange
+from ds4jax.generate import sampling as sampling_lib
+from ds4jax.generate.types import HopTelemetry, StepResult
+
+log = logging.getLogger("ds4jax.generate")
+
+
+class SessionError(KeyError):
+  """An unknown or closed session id."""
+
+  def __str__(self):
+    return str(self.args[0]) if self.args else "unknown session"
+
+
+@dataclasses.dataclass
+class _Session:
+  # One StageState per runner, or None while evicted (rebuilt from 0 on the next step).
+  states: list[Any] | None
+  # The token ids the states hold, in order; len == every state's pos.
+  tokens: list[int]
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+  """Length of the longest common prefix of two id sequences."""
+  n = min(len(a), len(b))
+  if n == 0:
+    return 0
+  a_N = np.asarray(a[:n], np.int64)
+  b_N = np.asarray(b[:n], np.int64)
+  diff = np.nonzero(a_N != b_N)[0]
+  return int(diff[0]) if diff.size else n
+
+
+class LocalBackend:
+  """Runs the whole model in this process over one or more contiguous `StageRunner`s.
+
+  Args:
+    runners: one runner for `all`, or runners for contiguous ranges, the first embedding and
+      the last owning the head.
+    prefill_chunk: most tokens per forward call while prefilling.
+    max_sessions: sessions whose KV state stays allocated; the least recently used one beyond
+      that drops its state (and re-prefills if used again).
+    progress_every_s: period of the "prefill i/n tokens" log line on long prompts.
+  """
+
+  def __init__(self, runners, *, prefill_chunk: int = 256, max_sessions: int = 8,
+               progress_every_s: float = 2.0):
+    if not isinstance(runners, (list, tuple)):
+      runners = [runners]
+    if not runners:
+      raise ValueError("LocalBackend needs at least one StageRunner")
+    _check_chain([r.layers for r in runners], runners[0].cfg.n_layers)
+    if prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    self.runners = list(runners)
+    self.cfg = runners[0].cfg
+    self.ctx_size = min(r.ctx_size for r in runners)
+    self.prefill_chunk = int(prefill_chunk)
+    self.max_sessions = int(max_sessions)
+    self.progress_every_s = float(progress_every_s)
+    self._sessions: collections.OrderedDict[str, _Session] = collections.OrderedDict()
+    self._ids = itertools.count()
+    self._lock = threading.RLock()
+
+  @classmethod
+  def from_gguf(cls, path: str | os.PathLike, *, ranges: Sequence[str] = ("all",),
+                ctx_size: int = 4096, dtype: str = "float32", **kw) -> "LocalBackend":
+    """Loads `ranges` (e.g. `("0:1", "2:output")`) of a GGUF, each into its own runner."""
+    from ds4jax.gguf.reader import read_config  # deferred: model loading is heavy
+    from ds4jax.model.load import load_stage
+    from ds4jax.model.runner import StageRunner
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"GGUF file not found: {path}")
+    cfg = read_config(path)
+    runners = []
+    for spec in ranges:
+      layers = LayerRange.parse(spec, cfg.n_layers)
+      t0 = time.perf_counter()
+      stage = load_stage(path, layers, dtype=dtype)
+      runners.append(StageRunner(stage, ctx_size=ctx_size))
+      log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
+               time.perf_counter() - t0)
+    return cls(runners, **kw)
+
+  # ---------------------------------------------------------------------------- sessions
+  def new_session(self) -> str:
+    with self._lock:
+      sid = f"local-{next(self._ids)}"
+      self._sessions[sid] = _Session(states=None, tokens=[])
+      return sid
+
+  def close_session(self, sid: str) -> None:
+    with self._lock:
+      self._sessions.pop(sid, None)
+
+  def session_tokens(self, sid: str) -> list[int]:
+    """The ids whose KV the session currently holds (for tests and chat statistics)."""
+    return list(self._get(sid).tokens)
+
+  def _get(self, sid: str) -> _Session:
+    if sid not in self._sessions:
+      raise SessionError(f"unknown session {sid!r}")
+    return self._sessions[sid]
+
+  def _activate(self, sid: str) -> _Session:
+    """Marks `sid` most recently used, allocating its state and evicting beyond the limit."""
+    sess = self._get(sid)
+    self._sessions.move_to_end(sid)
+    if sess.states is None:
+      sess.states = [r.init_state() for r in self.runners]
+      sess.tokens = []
+    live = [s for s in self._sessions.values() if s.states is not None]
+    for victim in live[: max(0, len(live) - self.max_sessions)]:
+      victim.states, victim.tokens = None, []
+    return sess
+
+  # -------------------------------------------------------------------------------- step
+  def step(self, sid: str, transcript: Sequence[int], sampling: sampling_lib.SamplingParams,
+           step: int, *, top_logprobs: int = 0, return_logits: bool = False) -> StepResult:
+    """Brings the session's KV to `transcript` and samples the token that follows it."""
+    transcript = [int(t) for t in transcript]
+    if not transcript:
+      raise ValueError("the transcript is empty: at least one token (BOS) is needed")
+    bad = [t for t in transcript if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token id {bad[0]} is outside the vocab [0, {self.cfg.vocab_size})")
+    if len(transcript) > self.ctx_size:
+      raise ValueError(
+          f"transcript of {len(transcript)} tokens exceeds the context size {self.ctx_size}")
+    params = sampling.to_params() if hasattr(sampling, "to_params") else sampling
+    with self._lock:
+      sess = self._activate(sid)
+      keep = common_prefix(sess.tokens, transcript)
+      # The logits of the last transcript token are needed, so it is always (re)computed.
+      keep = min(keep, len(transcript) - 1)
+      if keep < len(sess.tokens):
+        sess.states = [r.truncate(s, keep) for r, s in zip(self.runners, sess.states)]
+        sess.tokens = sess.tokens[:keep]
+      suffix = transcript[keep:]
+      logits_V, hops = self._prefill(sess, suffix)
+    token = sampling_lib.sample_token(logits_V, params, step)
+    lps = sampling_lib.top_logprobs(logits_V, top_logprobs) if top_logprobs > 0 else []
+    return StepResult(token=token, logprobs=lps, logits_V=logits_V if return_logits else None,
+                      telemetry=hops, n_computed=len(suffix))
+
+  def _prefill(self, sess: _Session, suffix: list[int]) -> tuple[np.ndarray, list[HopTelemetry]]:
+    """Runs `suffix` through every stage in chunks; returns the last logits row [V]."""
+    compute_s = [0.0] * len(self.runners)
+    n = len(suffix)
+    t_start = t_log = time.perf_counter()
+    logits_TV = None
+    for c0 in range(0, n, self.prefill_chunk):
+      chunk = suffix[c0:c0 + self.prefill_chunk]
+      tokens_T = np.asarray(chunk, np.int32)
+      pos0 = len(sess.tokens)
+      out = None
+      for k, runner in enumerate(self.runners):
+        t0 = time.perf_counter()
+        out, sess.states[k] = runner.forward(sess.states[k], tokens_T, out, pos0)
+        out = jax.block_until_ready(out)
+        compute_s[k] += time.perf_counter() - t0
+      sess.tokens.extend(chunk)
+      logits_TV = out
+      now = time.perf_counter()
+      if n > self.prefill_chunk and (now - t_log >= self.progress_every_s or c0 + len(chunk) == n):
+        done = c0 + len(chunk)
+        log.info("prefill %d/%d tokens (%.0f tok/s)", done, n, done / max(now - t_start, 1e-9))
+        t_log = now
+    logits_V = np.asarray(jax.device_get(logits_TV[-1]), np.float32)
+    hops = [HopTelemetry(stage=str(r.layers), host="local", compute_s=compute_s[k], n_tokens=n)
+            for k, r in enumerate(self.runners)]
+    return logits_V, hops
+
+  # --------------------------------------------------------------------------- routing
+  def route_info(self) -> dict:
+    return {
+        "mode": "local",
+        "complete": True,
+        "missing": None,
+        "n_layers": self.cfg.n_layers,
+        "ctx_size": self.ctx_size,
+        "stages": [{"layers": r.layers.describe(), "range": str(r.layers), "host": "local"}
+                   for r in self.runners],
+    }
+
+
+def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
+  """Refuses runners that do not cover [0, n_layers) contiguously, embed first, head last."""
+  expect = 0
+  for k, r in enumerate(ranges):
+    if r.start != expect:
+      raise ValueError(f"stage {k} starts at layer {r.start}, expected {expect}")
+    if r.has_output != (k == len(ranges) - 1):
+      raise ValueError(f"only the last stage may own the output head (stage {k}: {r})")
+    expect = r.end + 1
+  if expect != n_layers:
+    raise ValueError(f"the stages end at layer {expect - 1}, the model has {n_layers} layers")
+
+
+__all__ = ["LocalBackend", "SessionError", "common_prefix"]
