@@ -250,6 +250,12 @@ def ds4_tensor_names(cfg: ModelConfig, layers: LayerRange) -> list[str]:
           if e.required or not cfg.is_hash_layer(e.layer)]
 
 
+def same_type_groups(il: int) -> list[tuple[str, ...]]:
+  """Tensors of layer il that ds4 requires to share one GGML type (gate and up experts)."""
+  return [(_LAYER_BY_SUFFIX["ffn_gate_exps.weight"].name(il),
+           _LAYER_BY_SUFFIX["ffn_up_exps.weight"].name(il))]
+
+
 def param_path(name: str) -> tuple:
   """The absolute parameter path of a GGUF name, e.g. ('blocks', 3, 'attn', 'q_a')."""
   spec, il = lookup(name)

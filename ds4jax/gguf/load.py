@@ -1,0 +1,70 @@
+"""Slice loading: only the tensors of a layer range, dequantised from the memory map.
+
+The file is mapped by `gguf.GGUFReader`; each tensor is dequantised from its own view, so
+the pages of other layers are never touched and the whole file is never materialised.
+A split GGUF (`scripts/split_gguf.py`) loads exactly like the full file.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+from ds4jax.config import LayerRange, ModelConfig
+from ds4jax.gguf import dequant, names
+from ds4jax.gguf.reader import DS4File, open_gguf
+
+# Seconds between progress lines for big loads.
+PROGRESS_EVERY_S = 5.0
+
+
+def slice_range(f: DS4File, layers: LayerRange | str, output: bool | None) -> LayerRange:
+  """Resolves `layers`; `output` (if not None) overrides whether the head is included."""
+  rng = f.resolve(layers)
+  if output is not None:
+    rng = LayerRange(rng.start, rng.end, bool(output))
+  return rng
+
+
+def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "all", *,
+                 output: bool | None = None, progress: bool = True,
+                 fill_optional: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+  """Loads one slice's tensors.
+
+  Args:
+    path: a full or split ds4 GGUF (or an open `DS4File`).
+    layers: "A:B", "A:output", "all" (ds4's inclusive syntax) or a LayerRange.
+    output: include the head (`output*` tensors); None means "if the range says output".
+    progress: log a line every few seconds while loading.
+    fill_optional: give absent optional tensors (the router bias) as zeros, so every
+      parameter of the stage has an array.
+  Returns:
+    (cfg, {gguf_name: array}), arrays in numpy orientation: float32, int32 for tid2eid.
+    `token_embd` is included only when the slice starts at layer 0.
+  """
+  f = path if isinstance(path, DS4File) else open_gguf(path)
+  rng = slice_range(f, layers, output)
+  entries = f.validate(rng)
+  total = sum(f.nbytes(e.name) for e in entries)
+  out: dict[str, np.ndarray] = {}
+  t0 = last = time.monotonic()
+  done = 0
+  for e in entries:
+    out[e.name] = dequant.dequantize_tensor(f.tensor(e.name))
+    done += f.nbytes(e.name)
+    now = time.monotonic()
+    if progress and now - last >= PROGRESS_EVERY_S:
+      last = now
+      logging.info("loading %s layers %s: %.1f / %.1f MB (%.0f%%), %.0fs", os.path.basename(f.path),
+                   rng.describe(), done / 1e6, total / 1e6, 100.0 * done / max(total, 1), now - t0)
+  if fill_optional:
+    for e in names.entries(f.cfg, rng, optional=True):
+      if e.name not in out:
+        out[e.name] = np.zeros(e.numpy_shape(f.cfg), np.float32)
+  if progress and time.monotonic() - t0 >= PROGRESS_EVERY_S:
+    logging.info("loaded %d tensors (%.1f MB in the file) in %.1fs", len(entries), total / 1e6,
+                 time.monotonic() - t0)
+  return f.cfg, out
