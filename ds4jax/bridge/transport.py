@@ -1,0 +1,123 @@
+"""All bridge sockets are made here: `listen`, `accept`, `connect`, then `secure_*`.
+
+`wrap` is a hook `wrap(sock) -> sock-like` applied to every raw socket right after it is
+made (tests inject faults with `faults.py`; anything with sendall/recv_into/settimeout/
+fileno/close works: receivers select() on fileno for idle waits). `secure_server` / `secure_client` then layer optional TLS (stdlib ssl) and the
+optional pre-shared-key HMAC handshake of `auth.py`, before any protocol frame.
+
+`Channel` is one framed, thread-safe-for-send connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from typing import Any, Callable
+
+from ds4jax.bridge import protocol
+from ds4jax.bridge.errors import LinkLost
+
+Wrap = Callable[[Any], Any]
+
+
+def _tune(sock: socket.socket) -> None:
+  sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+
+
+def listen(host: str = "127.0.0.1", port: int = 0, backlog: int = 64) -> socket.socket:
+  """A listening TCP socket; port 0 picks an ephemeral port (read it with getsockname)."""
+  infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+  family, _, _, _, addr = infos[0]
+  sock = socket.socket(family, socket.SOCK_STREAM)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind(addr)
+  sock.listen(backlog)
+  return sock
+
+
+def accept(lsock: socket.socket, wrap: Wrap | None = None):
+  sock, addr = lsock.accept()
+  _tune(sock)
+  return (wrap(sock) if wrap else sock), addr
+
+
+def connect(host: str, port: int, timeout: float, wrap: Wrap | None = None):
+  sock = socket.create_connection((host, port), timeout=timeout)
+  _tune(sock)
+  return wrap(sock) if wrap else sock
+
+
+def secure_server(sock, *, key: bytes | None = None, tls=None, timeout: float = 10.0):
+  """Server side of TLS (if `tls`, an ssl.SSLContext) then the HMAC handshake (if `key`)."""
+  sock.settimeout(timeout)
+  if tls is not None:
+    sock = tls.wrap_socket(sock, server_side=True)
+  if key:
+    from ds4jax.bridge import auth  # deferred: only links with a key need it
+    auth.server_handshake(sock, key, timeout)
+  return sock
+
+
+def secure_client(sock, *, key: bytes | None = None, tls=None, server_hostname=None,
+                  timeout: float = 10.0):
+  sock.settimeout(timeout)
+  if tls is not None:
+    sock = tls.wrap_socket(sock, server_hostname=server_hostname)
+  if key:
+    from ds4jax.bridge import auth
+    auth.client_handshake(sock, key, timeout)
+  return sock
+
+
+class Channel:
+  """A framed connection. Any thread may send; exactly one thread receives.
+
+  Send failures are reported as LinkLost; `bytes_out`/`bytes_in` count every frame.
+  """
+
+  def __init__(self, sock, peer: str = "?", *, frame_timeout: float = 30.0,
+               max_payload: int = protocol.MAX_PAYLOAD):
+    # One fixed socket timeout bounds every send and recv call (a peer that stops reading
+    # cannot block a sender forever); idle waits use select and never change it.
+    sock.settimeout(frame_timeout)
+    self.sock = sock
+    self.peer = peer
+    self.frame_timeout = frame_timeout
+    self.max_payload = max_payload
+    self._send_lock = threading.Lock()
+    self.bytes_out = 0
+    self.bytes_in = 0
+    self.last_recv = time.monotonic()
+    self.closed = False
+
+  def send(self, mtype: int, header: dict[str, Any], payload=b"", *,
+           version: int = protocol.PROTOCOL_VERSION) -> int:
+    with self._send_lock:
+      if self.closed:
+        raise LinkLost(f"link to {self.peer} is closed")
+      try:
+        n = protocol.send_frame(self.sock, mtype, header, payload, version=version)
+      except OSError as e:
+        raise LinkLost(f"send to {self.peer} failed: {e}") from None
+      self.bytes_out += n
+      return n
+
+  def recv(self, idle_timeout: float | None) -> protocol.Frame:
+    f = protocol.recv_frame(self.sock, idle_timeout=idle_timeout,
+                            frame_timeout=self.frame_timeout, max_payload=self.max_payload)
+    self.bytes_in += f.nbytes
+    self.last_recv = time.monotonic()
+    return f
+
+  def close(self) -> None:
+    self.closed = True
+    try:
+      self.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
+    try:
+      self.sock.close()
+    except OSError:
+      pass
