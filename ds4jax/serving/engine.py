@@ -1,0 +1,248 @@
+"""The bridge between the asyncio HTTP server and the blocking model: threads, route, sessions.
+
+Nothing that can block runs on the event loop. Route queries go through a one-thread executor
+and are awaited with a short deadline (a stuck backend yields the last known state, marked
+stale), so `/health` answers within ~50 ms whatever the model is doing. Each request's
+generation runs in its own thread and hands events to the loop through an `asyncio.Queue`;
+when the client goes away the async side sets a cancel flag, the thread stops after its
+current token and closes its session.
+
+    engine = Engine(backend, route_timeout=60)
+    await engine.wait_route()                    # raises RouteNotReady after the timeout
+    async for event in engine.run(work):         # work(cancel, emit) runs in a thread
+      ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import dataclasses
+import re
+import threading
+import time
+from typing import Any, AsyncIterator, Callable, Optional
+
+from ds4jax.serving.metrics import Metrics
+
+# How long a route query may take before /health answers from the cached state instead.
+ROUTE_QUERY_DEADLINE_S = 0.05
+# How often a waiting request re-checks the route (LocalAI polls every 100 ms).
+ROUTE_POLL_S = 0.05
+
+_MISSING_RE = re.compile(r"missing layers? (\d+)(?:\s*(?:-|:|\.\.)\s*(\d+))?")
+
+
+class RouteNotReady(Exception):
+  """The route stayed incomplete for the whole route timeout."""
+
+  def __init__(self, reason: str, missing_layers: list[int], waited_s: float):
+    super().__init__(f"distributed route incomplete after {waited_s:.1f} s: {reason}")
+    self.reason = reason
+    self.missing_layers = missing_layers
+    self.waited_s = waited_s
+
+
+def missing_layers(reason: str, info: dict) -> list[int]:
+  """The uncovered layer indices, from `route_info()['missing_layers']` or the reason text."""
+  got = info.get("missing_layers") if isinstance(info, dict) else None
+  if got:
+    return sorted(int(i) for i in got)
+  out: list[int] = []
+  for m in _MISSING_RE.finditer(reason or ""):
+    a = int(m.group(1))
+    b = int(m.group(2)) if m.group(2) else a
+    out.extend(range(a, b + 1))
+  return sorted(set(out))
+
+
+@dataclasses.dataclass
+class RouteState:
+  complete: bool
+  reason: str
+  info: dict
+  checked_at: float
+  stale: bool = False
+
+  def to_dict(self) -> dict[str, Any]:
+    return {"complete": self.complete, "reason": self.reason,
+            "missing_layers": missing_layers(self.reason, self.info),
+            "stale": self.stale, "age_s": round(time.monotonic() - self.checked_at, 3),
+            **{k: v for k, v in self.info.items() if k not in ("complete", "missing_layers")}}
+
+
+class SessionTracker:
+  """Wraps a Backend to count open sessions (for /health, /metrics and tests).
+
+  It forwards every call, so it is a Backend itself. `serialize_steps` puts one lock around
+  `step` for backends that are not thread-safe; sessions still interleave token by token.
+  """
+
+  def __init__(self, backend, serialize_steps: bool = False, metrics: Optional[Metrics] = None):
+    self.backend = backend
+    self.metrics = metrics
+    self._lock = threading.Lock()
+    self._step_lock = threading.Lock() if serialize_steps else None
+    self.open: set[str] = set()
+    self.opened = 0
+    self.closed = 0
+
+  def new_session(self) -> str:
+    sid = self.backend.new_session()
+    with self._lock:
+      self.open.add(sid)
+      self.opened += 1
+    return sid
+
+  def close_session(self, sid: str) -> None:
+    try:
+      self.backend.close_session(sid)
+    finally:
+      with self._lock:
+        if sid in self.open:
+          self.open.discard(sid)
+          self.closed += 1
+
+  def step(self, *args, **kw):
+    t0 = time.perf_counter()
+    if self._step_lock is None:
+      res = self.backend.step(*args, **kw)
+    else:
+      with self._step_lock:
+        res = self.backend.step(*args, **kw)
+    if self.metrics is not None:
+      self.metrics.observe_step(res.telemetry, time.perf_counter() - t0)
+    return res
+
+  def route_info(self) -> dict:
+    return self.backend.route_info()
+
+  def route_ready(self) -> tuple[bool, str]:
+    fn = getattr(self.backend, "route_ready", None)
+    if fn is None:  # a local backend holds the whole model
+      return True, "complete"
+    ok, reason = fn()
+    return bool(ok), str(reason)
+
+  def __getattr__(self, name):
+    return getattr(self.backend, name)
+
+
+class Engine:
+  """Runs requests against one backend without ever blocking the event loop."""
+
+  def __init__(self, backend: SessionTracker, *, route_timeout: float = 60.0,
+               max_concurrency: int = 16, metrics: Optional[Metrics] = None):
+    self.backend = backend
+    self.route_timeout = float(route_timeout)
+    self.max_concurrency = int(max_concurrency)
+    self.metrics = metrics or Metrics()
+    self._route_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="route")
+    self._route_future: Optional[concurrent.futures.Future] = None
+    self._route = RouteState(False, "route not checked yet", {}, time.monotonic(), stale=True)
+    self._slots: Optional[asyncio.Semaphore] = None
+
+  def close(self) -> None:
+    self._route_pool.shutdown(wait=False, cancel_futures=True)
+
+  # ---- route --------------------------------------------------------------------------------
+
+  def _query_route(self) -> RouteState:
+    ok, reason = self.backend.route_ready()
+    try:
+      info = dict(self.backend.route_info())
+    except Exception as e:  # route_info is diagnostics; never fail health on it
+      info = {"route_info_error": f"{type(e).__name__}: {e}"}
+    return RouteState(ok, reason, info, time.monotonic())
+
+  async def route_state(self, deadline_s: float = ROUTE_QUERY_DEADLINE_S) -> RouteState:
+    """The route now, or the last known state (stale=True) if the backend is slow to say."""
+    fut = self._route_future
+    if fut is None or fut.done():
+      fut = self._route_future = self._route_pool.submit(self._query_route)
+    try:
+      self._route = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), deadline_s)
+    except asyncio.TimeoutError:
+      return dataclasses.replace(self._route, stale=True)
+    except Exception as e:
+      self._route = RouteState(False, f"route query failed: {type(e).__name__}: {e}", {},
+                               time.monotonic())
+    return self._route
+
+  async def wait_route(self, timeout: Optional[float] = None) -> RouteState:
+    """Polls the route until it is complete; RouteNotReady once `timeout` seconds pass."""
+    timeout = self.route_timeout if timeout is None else timeout
+    t0 = time.monotonic()
+    while True:
+      # Requests may wait longer on a slow route query than /health does.
+      state = await self.route_state(deadline_s=1.0)
+      if state.complete and not state.stale:
+        return state
+      waited = time.monotonic() - t0
+      if waited >= timeout:
+        raise RouteNotReady(state.reason, missing_layers(state.reason, state.info), waited)
+      await asyncio.sleep(min(ROUTE_POLL_S, max(timeout - waited, 0.001)))
+
+  # ---- generation ---------------------------------------------------------------------------
+
+  @contextlib.asynccontextmanager
+  async def slot(self) -> AsyncIterator[None]:
+    """Waits for a generation slot; counts as queued while waiting."""
+    if self._slots is None:  # created lazily so it binds to the server's loop
+      self._slots = asyncio.Semaphore(self.max_concurrency)
+    self.metrics.add_queue(1)
+    try:
+      await self._slots.acquire()
+    finally:
+      self.metrics.add_queue(-1)
+    self.metrics.add_active(1)
+    try:
+      yield
+    finally:
+      self.metrics.add_active(-1)
+      self._slots.release()
+
+  async def run(self, work: Callable[[threading.Event, Callable[[Any], None]], None]
+                ) -> AsyncIterator[Any]:
+    """Runs `work(cancel, emit)` in a thread and yields what it emits, in order.
+
+    An exception in `work` is re-raised here. Leaving the iteration early (client gone,
+    task cancelled) sets `cancel`; `work` must then return promptly and free its session.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancel = threading.Event()
+    done = object()
+
+    def put(item):
+      try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+      except RuntimeError:  # the loop closed (server shutdown): nobody is listening
+        cancel.set()
+
+    def target():
+      try:
+        work(cancel, put)
+      except BaseException as e:  # re-raised on the loop side
+        put(_Failure(e))
+      finally:
+        put(done)
+
+    thread = threading.Thread(target=target, name="generate", daemon=True)
+    thread.start()
+    try:
+      while True:
+        item = await queue.get()
+        if item is done:
+          return
+        if isinstance(item, _Failure):
+          raise item.error
+        yield item
+    finally:
+      cancel.set()
+
+
+@dataclasses.dataclass
+class _Failure:
+  error: BaseException

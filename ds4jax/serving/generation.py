@@ -1,0 +1,121 @@
+"""One request's generation as a thread-side `work(cancel, emit)` function for `Engine.run`.
+
+The work function drives `generate.loop.Generator` (so the server's text is exactly what
+`scripts/generate.py` prints for the same request) and emits, in order:
+
+  Stepped(n)   after every backend step (the first one marks the end of the prefill),
+  Piece(text)  for every streamed text piece,
+  Finished(…)  once, with the finish reason and token counts.
+
+Cancellation is checked before every backend step: a set flag raises inside the generator's
+loop, whose `finally` closes the session, so a client that leaves frees its KV state at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+from ds4jax.generate.sampling import SamplingParams
+
+# OpenAI knows "stop" and "length"; the loop's "eos" is a natural stop.
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationJob:
+  """What to generate: a text or token prompt, or chat messages ({'role', 'content'})."""
+
+  prompt: Optional[str | list[int]]
+  messages: Optional[list[dict[str, str]]]
+  max_tokens: int
+  sampling: SamplingParams
+  stop: Sequence[str] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Stepped:
+  n: int  # steps done so far in this request
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+  text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+  finish_reason: str
+  prompt_tokens: int
+  completion_tokens: int
+  timings: dict[str, float]
+
+
+class Cancelled(Exception):
+  """Raised inside the generation loop when the client has gone away."""
+
+
+class _StepHook:
+  """A per-request view of the shared backend: checks cancel and reports each step."""
+
+  def __init__(self, backend, cancel: threading.Event, on_step: Callable[[Any], None]):
+    self._backend = backend
+    self._cancel = cancel
+    self._on_step = on_step
+
+  def new_session(self) -> str:
+    return self._backend.new_session()
+
+  def close_session(self, sid: str) -> None:
+    self._backend.close_session(sid)
+
+  def step(self, *args, **kw):
+    if self._cancel.is_set():
+      raise Cancelled()
+    res = self._backend.step(*args, **kw)
+    self._on_step(res)
+    return res
+
+  def route_info(self) -> dict:
+    return self._backend.route_info()
+
+
+def prompt_ids(tokenizer, job: GenerationJob) -> Optional[list[int]]:
+  """The transcript for chat jobs (the ds4 chat format); None for text/token prompts."""
+  if job.messages is None:
+    return None
+  return tokenizer.chat_prompt([(m["role"], m["content"]) for m in job.messages])
+
+
+def make_work(backend, tokenizer, job: GenerationJob, generator_cls):
+  """The `work(cancel, emit)` function that runs `job` on `backend` in a thread."""
+
+  def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
+    steps = [0]
+
+    def on_step(_res):
+      steps[0] += 1
+      emit(Stepped(steps[0]))
+
+    gen = generator_cls(_StepHook(backend, cancel, on_step), tokenizer)
+    kw: dict[str, Any] = dict(max_new_tokens=job.max_tokens, sampling=job.sampling,
+                              stop=list(job.stop))
+    if job.messages is not None:
+      stream = gen.stream(prompt_tokens=prompt_ids(tokenizer, job), **kw)
+    elif isinstance(job.prompt, str):
+      stream = gen.stream(job.prompt, **kw)
+    else:
+      stream = gen.stream(prompt_tokens=list(job.prompt), **kw)
+    try:
+      for piece in stream:
+        emit(Piece(piece))
+    except Cancelled:
+      return
+    finally:
+      stream.close()  # a no-op when exhausted; otherwise runs the loop's close_session
+    res = stream.result
+    emit(Finished(_FINISH.get(res.finish_reason, res.finish_reason), len(res.prompt_tokens),
+                  len(res.tokens), dict(res.timings)))
+
+  return work

@@ -1,0 +1,233 @@
+"""OpenAI-compatible request bodies (validated) and response builders.
+
+Requests are pydantic models that reject what the server cannot honour with a clear message
+(for example `n > 1` or an unknown field), so a client learns at once instead of getting a
+silently different answer. Responses are plain dicts in the OpenAI shapes, built by the
+functions at the bottom; the `openai` client parses them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+import uuid
+from typing import Any, Literal, Optional, Union
+
+import pydantic
+from pydantic import Field
+
+from ds4jax.generate.sampling import SamplingParams
+
+# Generation bounds. The context window caps the real length; this only rejects absurd values.
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_STRINGS = 4
+
+
+class _Body(pydantic.BaseModel):
+  # Unknown fields are errors: a misspelt `max_token` must not be silently ignored.
+  model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+  include_usage: bool = False
+
+
+class _Sampling(_Body):
+  """Fields shared by both endpoints."""
+
+  model: Optional[str] = None
+  max_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+  temperature: float = Field(default=1.0, ge=0.0, le=100.0)
+  top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+  # Not in the OpenAI API, but llama.cpp/vLLM servers accept it; 0 disables.
+  top_k: int = Field(default=0, ge=0)
+  seed: Optional[int] = Field(default=None, ge=0, lt=2**63)
+  stop: Union[str, list[str], None] = None
+  stream: bool = False
+  stream_options: Optional[StreamOptions] = None
+  n: int = 1
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logit_bias: Optional[dict[str, float]] = None
+  user: Optional[str] = None
+
+  @pydantic.field_validator("n")
+  @classmethod
+  def _one_choice(cls, v):
+    if v != 1:
+      raise ValueError("only n=1 is supported")
+    return v
+
+  @pydantic.field_validator("presence_penalty", "frequency_penalty")
+  @classmethod
+  def _no_penalty(cls, v):
+    if v != 0.0:
+      raise ValueError("presence/frequency penalties are not supported (must be 0)")
+    return v
+
+  @pydantic.field_validator("logit_bias")
+  @classmethod
+  def _no_bias(cls, v):
+    if v:
+      raise ValueError("logit_bias is not supported")
+    return v
+
+  @pydantic.field_validator("stop")
+  @classmethod
+  def _stops(cls, v):
+    if v is None:
+      return v
+    stops = [v] if isinstance(v, str) else v
+    if len(stops) > MAX_STOP_STRINGS:
+      raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
+    if any(s == "" for s in stops):
+      raise ValueError("stop strings must be non-empty")
+    return v
+
+  def stop_list(self) -> list[str]:
+    if self.stop is None:
+      return []
+    return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+  def sampling(self) -> SamplingParams:
+    # No seed means a fresh random stream, as OpenAI does; greedy ignores the seed anyway.
+    seed = self.seed if self.seed is not None else secrets.randbits(62)
+    return SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                          seed=seed)
+
+  def include_usage(self) -> bool:
+    return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Sampling):
+  """POST /v1/completions. `prompt` is one string or one list of token ids (no batches)."""
+
+  prompt: Union[str, list[int], list[str]]
+  max_tokens: Optional[int] = Field(default=16, ge=1, le=MAX_TOKENS_LIMIT)
+  logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+  echo: bool = False
+  suffix: Optional[str] = None
+  best_of: Optional[int] = None
+
+  @pydantic.field_validator("prompt")
+  @classmethod
+  def _one_prompt(cls, v):
+    if isinstance(v, list):
+      if not v:
+        raise ValueError("prompt must not be empty")
+      if all(isinstance(x, str) for x in v):
+        if len(v) != 1:
+          raise ValueError("batched prompts are not supported: send one prompt per request")
+        return v[0]
+      if any(isinstance(x, bool) or x < 0 for x in v):
+        raise ValueError("token ids must be non-negative integers")
+    return v
+
+  @pydantic.field_validator("echo")
+  @classmethod
+  def _no_echo(cls, v):
+    if v:
+      raise ValueError("echo is not supported")
+    return v
+
+  @pydantic.field_validator("suffix")
+  @classmethod
+  def _no_suffix(cls, v):
+    if v:
+      raise ValueError("suffix is not supported")
+    return v
+
+  @pydantic.field_validator("best_of")
+  @classmethod
+  def _no_best_of(cls, v):
+    if v not in (None, 1):
+      raise ValueError("best_of is not supported")
+    return v
+
+
+class TextPart(_Body):
+  type: Literal["text"]
+  text: str
+
+
+class ChatMessage(_Body):
+  role: Literal["system", "developer", "user", "assistant"]
+  content: Union[str, list[TextPart], None] = None
+  name: Optional[str] = None
+
+  def text(self) -> str:
+    if self.content is None:
+      return ""
+    if isinstance(self.content, str):
+      return self.content
+    return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+  """POST /v1/chat/completions."""
+
+  messages: list[ChatMessage] = Field(min_length=1)
+  max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+  logprobs: bool = False
+  top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+  def max_new_tokens(self, default: int) -> int:
+    return self.max_completion_tokens or self.max_tokens or default
+
+  def message_dicts(self) -> list[dict[str, str]]:
+    # "developer" is OpenAI's newer name for the system role.
+    return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages]
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion(rid: str, model: str, text: str, finish_reason: Optional[str],
+               use: Optional[dict[str, int]] = None, created: Optional[int] = None,
+               logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  """A `text_completion` object; also the streaming chunk shape (with `use` None)."""
+  body = {"id": rid, "object": "text_completion", "created": created or int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "text": text, "logprobs": logprobs,
+                       "finish_reason": finish_reason}]}
+  if use is not None:
+    body["usage"] = use
+  return body
+
+
+def chat_completion(rid: str, model: str, text: str, finish_reason: str, use: dict[str, int],
+                    created: Optional[int] = None,
+                    logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+  return {"id": rid, "object": "chat.completion", "created": created or int(time.time()),
+          "model": model,
+          "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                       "logprobs": logprobs, "finish_reason": finish_reason}],
+          "usage": use}
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: Optional[dict[str, str]],
+               finish_reason: Optional[str] = None,
+               use: Optional[dict[str, int]] = None) -> dict[str, Any]:
+  """A `chat.completion.chunk`. `delta` None makes the usage-only chunk (empty choices)."""
+  choices = [] if delta is None else [{"index": 0, "delta": delta, "logprobs": None,
+                                       "finish_reason": finish_reason}]
+  body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+          "choices": choices}
+  if use is not None:
+    body["usage"] = use
+  return body
+
+
+def error(message: str, type_: str, code: Optional[str] = None, **extra) -> dict[str, Any]:
+  """The OpenAI error envelope; `extra` fields (e.g. missing_layers) go inside `error`."""
+  return {"error": {"message": message, "type": type_, "param": None, "code": code, **extra}}

@@ -1,0 +1,126 @@
+"""Test doubles for the server: a tokenizer over the tiny vocab and a fake split backend.
+
+`FakeBackend` is a deterministic stand-in for the Coordinator: the next token is a hash of
+the whole transcript (so a session that lost or mixed state would produce different text),
+steps take `step_s` seconds, and the route is incomplete ("missing layers 2-3") until
+`join()` is called. It records every session it opens and closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import threading
+import time
+
+import uvicorn
+
+from ds4jax.generate.types import HopTelemetry, StepResult
+from ds4jax.testing import tiny_vocab
+from ds4jax.tokenizer.tokenizer import Tokenizer
+
+LETTERS = [tiny_vocab.BYTE_OFFSET + b for b in b"abcdefghij "]
+
+
+def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
+  v = tiny_vocab.build_vocab(vocab_size)
+  return Tokenizer.from_vocab(v.tokens, v.merges, v.token_type)
+
+
+def next_token(transcript) -> int:
+  h = hashlib.sha256(",".join(map(str, transcript)).encode()).digest()
+  if h[0] < 8:  # about 3% EOS, so some generations end early
+    return tiny_vocab.EOS_ID
+  return LETTERS[h[1] % len(LETTERS)]
+
+
+class FakeBackend:
+  """A thread-safe fake Backend with a route that completes on `join()`."""
+
+  def __init__(self, *, n_layers: int = 4, coord_end: int = 1, ready: bool = True,
+               step_s: float = 0.002, fail_on_token: int | None = None):
+    self.n_layers = n_layers
+    self.coord_end = coord_end
+    self.step_s = step_s
+    self.fail_on_token = fail_on_token
+    self._ready = threading.Event()
+    if ready:
+      self._ready.set()
+    self._lock = threading.Lock()
+    self.open: set[str] = set()
+    self.closed: list[str] = []
+    self.steps = 0
+    self._n = 0
+
+  def join(self) -> None:
+    self._ready.set()
+
+  def leave(self) -> None:
+    self._ready.clear()
+
+  def route_ready(self):
+    if self._ready.is_set():
+      return True, "complete"
+    return False, f"missing layers {self.coord_end + 1}-{self.n_layers - 1}"
+
+  def route_info(self) -> dict:
+    workers = ([{"host": "127.0.0.1:9", "layers": f"{self.coord_end + 1}:output"}]
+               if self._ready.is_set() else [])
+    return {"complete": self._ready.is_set(), "workers": workers,
+            "coordinator": f"0:{self.coord_end}"}
+
+  def new_session(self) -> str:
+    with self._lock:
+      self._n += 1
+      sid = f"fake-{self._n}"
+      self.open.add(sid)
+    return sid
+
+  def close_session(self, sid: str) -> None:
+    with self._lock:
+      self.open.discard(sid)
+      self.closed.append(sid)
+
+  def step(self, sid, transcript, sampling, step, *, top_logprobs=0, return_logits=False):
+    if not self._ready.is_set():
+      from ds4jax.bridge.errors import RouteUnavailable
+      raise RouteUnavailable("route lost")
+    with self._lock:
+      if sid not in self.open:
+        raise KeyError(f"unknown session {sid}")
+      self.steps += 1
+    if self.fail_on_token is not None and self.fail_on_token in transcript:
+      raise ValueError(f"token {self.fail_on_token} is outside the vocab")
+    time.sleep(self.step_s)
+    hops = [HopTelemetry(stage=f"0:{self.coord_end}", host="local", compute_s=self.step_s / 2),
+            HopTelemetry(stage=f"{self.coord_end + 1}:output", host="127.0.0.1:9",
+                         compute_s=self.step_s / 2, queue_s=0.0001)]
+    return StepResult(token=next_token(transcript), logprobs=[], logits_V=None, telemetry=hops,
+                      n_computed=1)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, port: int | None = None):
+  """Runs `app` under uvicorn on 127.0.0.1 in a daemon thread; yields the base URL."""
+  port = port or free_port()
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                         lifespan="on"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 10
+  while not server.started:
+    if time.monotonic() > deadline or not thread.is_alive():
+      raise RuntimeError("uvicorn did not start")
+    time.sleep(0.01)
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(10)
