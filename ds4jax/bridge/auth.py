@@ -272,7 +272,7 @@ def _run(sock, timeout: float, role: str, steps):
       pass
 
 
-def server_handshake(sock, key: bytes, *, timeout: float = 10.0) -> None:
+def server_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
   """Authenticates the dialling peer (and proves our key to it). Raises ``AuthError``."""
   if not key:
     raise ValueError("server_handshake needs a non-empty key")
@@ -300,7 +300,7 @@ def server_handshake(sock, key: bytes, *, timeout: float = 10.0) -> None:
   _run(sock, timeout, "server", steps)
 
 
-def client_handshake(sock, key: bytes, *, timeout: float = 10.0) -> None:
+def client_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
   """Proves our key to the server and checks its proof. Raises ``AuthError``."""
   if not key:
     raise ValueError("client_handshake needs a non-empty key")
