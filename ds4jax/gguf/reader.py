@@ -66,11 +66,19 @@ def _open_reader(path: str) -> gguf.GGUFReader:
     raise GGUFError(f"{path}: corrupt GGUF file: {type(e).__name__}: {e}") from None
 
 
+def _py(v: Any) -> Any:
+  # FLOAT32 values come back as the shortest decimal that rounds to the same float32, so a
+  # config read from a file equals the one it was written from (1e-6, not 9.99999997e-07).
+  if isinstance(v, (float, np.floating)):
+    return float(str(np.float32(v)))
+  return v.item() if isinstance(v, np.generic) else v
+
+
 def _field_value(field) -> Any:
   value = field.contents()
   if isinstance(value, list):
-    return [v.item() if isinstance(v, np.generic) else v for v in value]
-  return value.item() if isinstance(value, np.generic) else value
+    return [_py(v) for v in value]
+  return _py(value)
 
 
 def check_architecture(reader: gguf.GGUFReader, path: str = "") -> None:
