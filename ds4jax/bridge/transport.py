@@ -50,25 +50,20 @@ def connect(host: str, port: int, timeout: float, wrap: Wrap | None = None):
 
 
 def secure_server(sock, *, key: bytes | None = None, tls=None, timeout: float = 10.0):
-  """Server side of TLS (if `tls`, an ssl.SSLContext) then the HMAC handshake (if `key`)."""
-  sock.settimeout(timeout)
-  if tls is not None:
-    sock = tls.wrap_socket(sock, server_side=True)
-  if key:
-    from ds4jax.bridge import auth  # deferred: only links with a key need it
-    auth.server_handshake(sock, key, timeout)
-  return sock
+  """Server side of optional TLS (`tls`: ssl.SSLContext) then the optional HMAC handshake."""
+  if tls is None and not key:
+    return sock
+  from ds4jax.bridge import auth  # deferred: only secured links need it
+  return auth.secure_server(sock, key=key, ssl_ctx=tls, timeout=timeout)
 
 
 def secure_client(sock, *, key: bytes | None = None, tls=None, server_hostname=None,
                   timeout: float = 10.0):
-  sock.settimeout(timeout)
-  if tls is not None:
-    sock = tls.wrap_socket(sock, server_hostname=server_hostname)
-  if key:
-    from ds4jax.bridge import auth
-    auth.client_handshake(sock, key, timeout)
-  return sock
+  if tls is None and not key:
+    return sock
+  from ds4jax.bridge import auth
+  return auth.secure_client(sock, key=key, ssl_ctx=tls, server_hostname=server_hostname,
+                            timeout=timeout)
 
 
 class Channel:

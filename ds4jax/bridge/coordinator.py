@@ -1,0 +1,337 @@
+"""The coordinator: listens, admits workers, plans the route, and runs the Backend API.
+
+It owns layers 0:K (a `StageRunner`), and implements `generate.types.Backend`:
+
+    coord = Coordinator(runner, CoordinatorOptions(port=0))
+    sid = coord.new_session()
+    res = coord.step(sid, transcript, SamplingParams(), step=0)   # -> StepResult
+
+Threads: one accepts (each HELLO is checked on its own short-lived thread, so a slow or
+hostile peer cannot block admission), one reader per worker link, one monitor (heartbeats,
+deadlines). `step` runs on the caller's thread; different sessions step concurrently, one
+session's steps are serialized. Nothing holds the registry lock while waiting for a route,
+so `route_ready()`/`route_info()` stay answerable.
+
+Recovery: a hop that drops mid-step is removed; the step waits up to `route_timeout` for a
+worker covering its range (new or spare), rebuilds that hop's KV from the coordinator's
+cached activations (its inputs at that layer, relayed earlier) so only that stage recomputes,
+and continues. Without the cache (over its cap) the session rewinds far enough to recompute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ds4jax.bridge import protocol, route as route_mod, tensors, transport
+from ds4jax.bridge.errors import (BridgeError, LinkLost, ProtocolError, RemoteError,
+                                  RouteUnavailable)
+from ds4jax.bridge.links import WorkerLink
+from ds4jax.bridge.protocol import MsgType, field
+from ds4jax.bridge.session_sync import CoordSession, Stepper
+from ds4jax.config import LayerRange
+
+log = logging.getLogger("ds4jax.bridge.coordinator")
+
+
+@dataclasses.dataclass
+class CoordinatorOptions:
+  host: str = "127.0.0.1"
+  port: int = 0
+  route_timeout: float = 60.0
+  request_timeout: float = 60.0  # per WORK request, compute included
+  heartbeat_s: float = 1.0  # PING idle links this often
+  dead_after: float = 0.0  # silence that kills a link; 0 -> max(3 heartbeats, 1 s)
+  handshake_timeout: float = 10.0
+  frame_timeout: float = 30.0
+  prefill_chunk: int = 256
+  window: int = 0  # chunks in flight; 0 -> hops + 2, clamped to [2, 8]
+  activation_dtype: str = "f32"
+  key: bytes | None = None
+  tls: Any = None
+  wrap: Callable | None = None
+  replay_cache_mb: float = 256.0  # per session; 0 disables targeted KV rebuilds
+  prefer: Sequence[str] = ()  # ranges to try first when planning ("1:2", "3:output")
+  max_recoveries: int = 3
+
+
+class Coordinator:
+  """Listening side of the bridge and the split `Backend`."""
+
+  def __init__(self, runner, options: CoordinatorOptions | None = None):
+    self.runner = runner
+    self.opt = opt = options or CoordinatorOptions()
+    if opt.activation_dtype not in tensors.WIRE_DTYPES:
+      raise ValueError(f"activation_dtype must be one of {tensors.WIRE_DTYPES}")
+    if opt.prefill_chunk < 1:
+      raise ValueError("prefill_chunk must be >= 1")
+    self.local: LayerRange = runner.layers
+    self.n_layers = runner.cfg.n_layers
+    self.vocab_size = runner.cfg.vocab_size
+    self.fingerprint = runner.fingerprint
+    self.ctx = runner.ctx_size
+    if self.local.start != 0:
+      raise ValueError(f"the coordinator's range must start at layer 0, got {self.local}")
+    self.dead_after = opt.dead_after or max(3 * opt.heartbeat_s, 1.0)
+    self._lsock = transport.listen(opt.host, opt.port)
+    self.address = self._lsock.getsockname()[:2]
+    self._links: dict[int, WorkerLink] = {}
+    self._wids = itertools.count(1)
+    self._cv = threading.Condition()
+    self.generation = 0
+    self._sessions: dict[str, CoordSession] = {}
+    self._compute_lock = threading.Lock()
+    self._stop = threading.Event()
+    self.events: list[str] = []  # warnings a user should see (recoveries, refusals)
+    self._threads = [threading.Thread(target=self._accept_loop, daemon=True,
+                                      name="ds4jax-accept"),
+                     threading.Thread(target=self._monitor_loop, daemon=True,
+                                      name="ds4jax-monitor")]
+    for t in self._threads:
+      t.start()
+    log.info("coordinator for layers %s listening on %s:%d", self.local.describe(),
+             *self.address)
+
+  # ------------------------------------------------------------------------------ lifecycle
+  def close(self) -> None:
+    self._stop.set()
+    try:
+      self._lsock.close()
+    except OSError:
+      pass
+    with self._cv:
+      links = list(self._links.values())
+    for link in links:
+      link.fail(LinkLost("coordinator closing"))
+    for t in self._threads:
+      t.join(timeout=5)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def _event(self, msg: str) -> None:
+    log.warning("%s", msg)
+    self.events.append(msg)
+
+  # ------------------------------------------------------------------------------ admission
+  def _accept_loop(self) -> None:
+    self._lsock.settimeout(0.5)
+    while not self._stop.is_set():
+      try:
+        sock, addr = transport.accept(self._lsock, self.opt.wrap)
+      except (TimeoutError, OSError):
+        continue
+      threading.Thread(target=self._admit, args=(sock, addr), daemon=True,
+                       name="ds4jax-admit").start()
+
+  def _admit(self, sock, addr) -> None:
+    peer = f"{addr[0]}:{addr[1]}"
+    try:
+      sock = transport.secure_server(sock, key=self.opt.key, tls=self.opt.tls,
+                                     timeout=self.opt.handshake_timeout)
+      ch = transport.Channel(sock, peer, frame_timeout=self.opt.frame_timeout)
+      f = ch.recv(idle_timeout=self.opt.handshake_timeout)
+      if f.type != MsgType.HELLO:
+        raise ProtocolError(f"expected HELLO, got {f.type.name}")
+      reason, layers = self.check_hello(f)
+      if reason:
+        self._event(f"refused worker {peer}: {reason}")
+        ch.send(MsgType.REFUSE, {"reason": reason})
+        ch.close()
+        return
+      wid = next(self._wids)
+      link = WorkerLink(wid, ch, f.header, layers, heartbeat_s=self.opt.heartbeat_s,
+                        dead_after=self.dead_after, request_timeout=self.opt.request_timeout,
+                        on_change=self._on_link_change)
+      with self._cv:
+        if self._stop.is_set():
+          ch.close()
+          return
+        self._links[wid] = link
+      ch.send(MsgType.ACCEPT, {"worker_id": wid, "heartbeat_s": self.opt.heartbeat_s,
+                               "ctx": self.ctx})
+      log.info("accepted %r", link)
+      link.reader.start()
+    except Exception as e:  # anything a peer does before admission only costs its link
+      log.warning("rejected connection from %s: %s: %s", peer, type(e).__name__, e)
+      try:
+        sock.close()
+      except OSError:
+        pass
+
+  def check_hello(self, f: protocol.Frame) -> tuple[str, LayerRange | None]:
+    """('', range) to accept, or (reason, None): the exact text both sides show."""
+    h = f.header
+    version = h.get("protocol", f.version)
+    if version != protocol.PROTOCOL_VERSION or f.version != protocol.PROTOCOL_VERSION:
+      return (f"protocol version {version} is not supported (this coordinator speaks "
+              f"{protocol.PROTOCOL_VERSION})"), None
+    fp = field(h, "fingerprint", str)
+    if fp != self.fingerprint:
+      return (f"model mismatch: worker fingerprint {fp[:16]} != coordinator "
+              f"{str(self.fingerprint)[:16]} (a different GGUF)"), None
+    n = field(h, "n_layers", int)
+    if n != self.n_layers:
+      return f"model mismatch: worker has {n} layers, coordinator {self.n_layers}", None
+    start, end = field(h, "start", int, lo=0), field(h, "end", int)
+    has_output = field(h, "has_output", bool)
+    last = self.n_layers - 1
+    desc = f"{start}:{'output' if has_output else end}"
+    if start > last:
+      return f"layer range {desc} starts past the final model layer {last}", None
+    if end > last:
+      return f"layer range {desc} ends past the final model layer {last}", None
+    if end < start:
+      return f"layer range {desc} ends before it starts", None
+    if has_output and end != last:
+      return f"layer range {desc} owns the output head but not the last layer {last}", None
+    if start <= self.local.end:
+      return f"layer range {desc} overlaps the coordinator's layers {self.local}", None
+    ctx = field(h, "ctx", int, lo=0)
+    if ctx < self.ctx:
+      return f"worker context too small: worker={ctx} coordinator={self.ctx}", None
+    dtypes = field(h, "dtypes", list)
+    if "f32" not in dtypes:
+      return "worker does not support f32 activations", None
+    return "", LayerRange(start, end, has_output)
+
+  def _on_link_change(self, link: WorkerLink, err: BaseException | None) -> None:
+    with self._cv:
+      if err is not None:
+        if self._links.pop(link.wid, None) is None:
+          return
+        self._event(f"worker lost: {link!r}: {err}")
+      self.generation += 1
+      ok, reason = self._plan_locked()
+      log.info("route generation %d: %s", self.generation,
+               route_mod.describe(self.local, [self._links[h.wid] for h in ok])
+               if ok is not None else f"incomplete ({reason})")
+      self._cv.notify_all()
+
+  def _monitor_loop(self) -> None:
+    tick = max(min(self.opt.heartbeat_s, self.dead_after) / 4, 0.02)
+    while not self._stop.wait(tick):
+      with self._cv:
+        links = list(self._links.values())
+      now = time.monotonic()
+      for link in links:
+        link.check(now)
+
+  # ---------------------------------------------------------------------------------- route
+  def _plan_locked(self):
+    hops = [route_mod.HopInfo(l.wid, l.layers, l.peer) for l in self._links.values()
+            if l.ready and l.alive]
+    return route_mod.plan_route(self.n_layers, self.local, hops, self.opt.prefer)
+
+  def route_ready(self) -> tuple[bool, str]:
+    with self._cv:
+      plan, reason = self._plan_locked()
+    return plan is not None, reason
+
+  def wait_route(self, timeout: float | None = None) -> list[WorkerLink]:
+    """The current route's links; waits up to timeout (default route_timeout) for one."""
+    timeout = self.opt.route_timeout if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    with self._cv:
+      while True:
+        plan, reason = self._plan_locked()
+        if plan is not None:
+          return [self._links[h.wid] for h in plan]
+        left = deadline - time.monotonic()
+        if left <= 0 or self._stop.is_set():
+          raise RouteUnavailable(
+              f"route unavailable: {reason} (waited {timeout:.1f}s for workers)")
+        self._cv.wait(min(left, 0.5))  # releases the lock: status stays answerable
+
+  def route_info(self) -> dict:
+    with self._cv:
+      plan, reason = self._plan_locked()
+      workers = [{"id": l.wid, "peer": l.peer, "layers": l.layers.describe(),
+                  "ready": l.ready, "ctx": l.ctx, "host": l.hello.get("host", "")}
+                 for l in self._links.values()]
+      hops = [] if plan is None else [self._links[h.wid] for h in plan]
+    return {
+        "ready": plan is not None, "reason": reason, "generation": self.generation,
+        "listen": f"{self.address[0]}:{self.address[1]}",
+        "route": ([{"layers": self.local.describe(), "host": "local"}] +
+                  [{"layers": l.layers.describe(), "host": l.peer} for l in hops]),
+        "workers": workers, "sessions": len(self._sessions),
+        "activation_dtype": self.opt.activation_dtype,
+    }
+
+  # -------------------------------------------------------------------------------- backend
+  def new_session(self, activation_dtype: str | None = None) -> str:
+    dtype = activation_dtype or self.opt.activation_dtype
+    if dtype not in tensors.WIRE_DTYPES:
+      raise ValueError(f"activation_dtype must be one of {tensors.WIRE_DTYPES}")
+    sid = secrets.token_hex(8)
+    self._sessions[sid] = CoordSession(sid, dtype, int(self.opt.replay_cache_mb * 2**20))
+    return sid
+
+  def close_session(self, sid: str) -> None:
+    sess = self._sessions.pop(sid, None)
+    if sess is None:
+      return
+    with self._cv:
+      links = list(self._links.values())
+    for link in links:
+      if link.ready:
+        link.send(MsgType.DROP, {"sid": sid})
+
+  def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
+           top_logprobs: int = 0, return_logits: bool = False):
+    sess = self._sessions.get(sid)
+    if sess is None:
+      raise KeyError(f"unknown session {sid!r}")
+    tokens = [int(t) for t in transcript]
+    if not tokens:
+      raise ValueError("transcript is empty")
+    if len(tokens) > self.ctx:
+      raise ValueError(f"transcript of {len(tokens)} tokens exceeds ctx {self.ctx}")
+    if min(tokens) < 0 or max(tokens) >= self.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+    stepper = Stepper(self, sess)
+    with sess.lock:
+      recoveries = 0
+      while True:
+        hops = self.wait_route()
+        try:
+          return stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
+        except LinkLost as e:
+          recoveries += 1
+          if recoveries > self.opt.max_recoveries:
+            raise
+          self._event(f"session {sid} step {step}: {e}; waiting up to "
+                      f"{self.opt.route_timeout:.0f}s for a worker to take over")
+        except RemoteError as e:
+          if e.etype != "PrefixMismatch" or recoveries >= self.opt.max_recoveries:
+            raise
+          recoveries += 1
+          sess.held.pop(getattr(e, "wid", -1), None)
+          self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
+
+  # --------------------------------------------------------------------- local stage helpers
+  def local_forward(self, state, tokens: list[int], pos0: int):
+    with self._compute_lock:
+      t0 = time.monotonic()
+      if state is None:
+        state = self.runner.init_state()
+      out, state = self.runner.forward(state, np.asarray(tokens, np.int32), None, pos0)
+      return np.asarray(out, np.float32), state, time.monotonic() - t0
+
+  def local_truncate(self, state, pos: int):
+    with self._compute_lock:
+      return self.runner.truncate(state, pos)
+
+  def window(self, n_hops: int) -> int:
+    return self.opt.window or min(max(n_hops + 2, 2), 8)

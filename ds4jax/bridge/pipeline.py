@@ -1,0 +1,163 @@
+"""One pipelined pass of token chunks through a chain of worker links.
+
+The coordinator relays: hop i's RESULT (activations, still encoded) is forwarded as hop i+1's
+WORK from hop i's reader thread, so while hop 2 computes chunk c, hop 1 computes chunk c+1 and
+the coordinator computes c+2. At most `window` chunks are in flight. The final hop answers
+intermediate chunks with an ACK; the last chunk returns the sampled token (or activations).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from typing import Any, Callable, Sequence
+
+from ds4jax.bridge import protocol, tensors
+from ds4jax.bridge.errors import BridgeError, LinkLost, ProtocolError
+from ds4jax.bridge.links import WorkerLink
+
+
+@dataclasses.dataclass
+class Chunk:
+  pos0: int
+  tokens: list[int]
+  hash_before: int
+  hash_after: int
+  want: str  # what the final hop returns: 'ack' or 'out'
+  result: protocol.Frame | None = None
+
+
+@dataclasses.dataclass
+class HopStats:
+  compute_s: float = 0.0
+  queue_s: float = 0.0
+  bytes_in: int = 0  # bytes the coordinator sent to the hop
+  bytes_out: int = 0  # bytes the hop sent back
+  n_tokens: int = 0
+
+
+class Pass:
+  """Runs chunks through `hops` in order. Not reusable.
+
+  Args:
+    sid: session id.
+    hops: the chain (a suffix of the route, or a single hop for a KV rebuild).
+    window: max chunks in flight.
+    extra: header fields for the final hop's 'out' request (sampling, step, ...).
+    out_dtype: wire dtype for activations between hops.
+    on_done(i, chunk, frame): called when hop i finished a chunk (before relaying).
+  """
+
+  def __init__(self, sid: str, hops: Sequence[WorkerLink], *, window: int,
+               extra: dict[str, Any], out_dtype: str,
+               on_done: Callable[[int, Chunk, protocol.Frame], None]):
+    self.sid = sid
+    self.hops = list(hops)
+    self.window = max(1, window)
+    self.extra = extra
+    self.out_dtype = out_dtype
+    self.on_done = on_done
+    self.stats = [HopStats() for _ in self.hops]
+    self.error: BaseException | None = None
+    self._cv = threading.Condition()
+    self._in_flight = 0
+
+  # ------------------------------------------------------------------------------ driving
+  def acquire(self) -> bool:
+    """Waits for a window slot; False once any chunk has failed (stop submitting)."""
+    with self._cv:
+      while self._in_flight >= self.window and self.error is None:
+        self._cv.wait()
+      if self.error is not None:
+        return False
+      self._in_flight += 1
+      return True
+
+  def submit(self, chunk: Chunk, desc: dict[str, Any] | None, x: bytes) -> None:
+    """Sends an acquired chunk to the first hop (desc None: the hop embeds tokens itself)."""
+    self._send(0, chunk, desc, x)
+
+  def wait(self) -> None:
+    """Waits until every submitted chunk settled; raises the first error."""
+    with self._cv:
+      while self._in_flight:
+        self._cv.wait()
+    if self.error is not None:
+      raise self.error
+
+  # ------------------------------------------------------------------------------ internals
+  def _settle(self, err: BaseException | None) -> None:
+    with self._cv:
+      self._in_flight -= 1
+      if err is not None and self.error is None:
+        self.error = err
+      self._cv.notify_all()
+
+  def _send(self, i: int, chunk: Chunk, desc, x) -> None:
+    hop = self.hops[i]
+    last = i == len(self.hops) - 1
+    h: dict[str, Any] = {
+        "sid": self.sid, "pos0": chunk.pos0, "n": len(chunk.tokens),
+        "hash_before": protocol.hash_hex(chunk.hash_before),
+        "hash_after": protocol.hash_hex(chunk.hash_after),
+        "layers": str(hop.layers), "want": chunk.want if last else "out",
+        "out_dtype": self.out_dtype,
+    }
+    if desc is not None:
+      h["x"] = desc
+    if last and chunk.want == "out":
+      h.update(self.extra)
+    payload = protocol.tokens_to_bytes(chunk.tokens) + bytes(x)
+    try:
+      self.stats[i].bytes_in += hop.request(h, payload,
+                                            lambda f, e: self._on_reply(i, chunk, f, e))
+    except BridgeError as e:
+      self._settle(e)
+
+  def _on_reply(self, i: int, chunk: Chunk, f: protocol.Frame | None, err) -> None:
+    if err is not None:
+      self._settle(err)
+      return
+    hop = self.hops[i]
+    h = f.header
+    try:
+      if h.get("hash_after") != protocol.hash_hex(chunk.hash_after):
+        raise ProtocolError(f"{hop} returned prefix hash {h.get('hash_after')!r}, expected "
+                            f"{protocol.hash_hex(chunk.hash_after)}")
+      st = self.stats[i]
+      st.bytes_out += f.nbytes
+      st.n_tokens += len(chunk.tokens)
+      for t in h.get("telemetry", [])[:1]:
+        st.compute_s += float(t.get("compute_s", 0.0))
+        st.queue_s += float(t.get("queue_s", 0.0))
+      self.on_done(i, chunk, f)
+      if i == len(self.hops) - 1:
+        chunk.result = f
+        self._settle(None)
+        return
+      if h.get("kind") != "hidden":
+        raise ProtocolError(f"{hop} returned {h.get('kind')!r} where activations were expected")
+      desc = h.get("x")
+      tensors.check_desc(desc)
+    except ProtocolError as e:
+      hop.fail(LinkLost(str(e)))  # a peer that breaks the protocol is dropped
+      self._settle(e)
+      return
+    except Exception as e:
+      self._settle(e)
+      return
+    self._send(i + 1, chunk, desc, f.payload)
+
+
+def chunks_of(tokens: Sequence[int], pos0: int, hash0: int, size: int, final_want: str,
+              ) -> list[Chunk]:
+  """Splits tokens (starting at pos0, prefix hash hash0) into chunks of at most size."""
+  out, h = [], hash0
+  for s in range(0, len(tokens), size):
+    part = [int(t) for t in tokens[s:s + size]]
+    h2 = protocol.fnv1a64(part, h)
+    out.append(Chunk(pos0 + s, part, h, h2, "ack"))
+    h = h2
+  if out:
+    out[-1].want = final_want
+  return out
