@@ -28,9 +28,9 @@ def tiny_tokenizer(vocab_size: int = 300) -> Tokenizer:
   return Tokenizer.from_vocab(v.tokens, v.merges, v.token_type)
 
 
-def next_token(transcript) -> int:
+def next_token(transcript, eos: bool = True) -> int:
   h = hashlib.sha256(",".join(map(str, transcript)).encode()).digest()
-  if h[0] < 8:  # about 3% EOS, so some generations end early
+  if eos and h[0] < 8:  # about 3% EOS, so some generations end early
     return tiny_vocab.EOS_ID
   return LETTERS[h[1] % len(LETTERS)]
 
@@ -39,11 +39,12 @@ class FakeBackend:
   """A thread-safe fake Backend with a route that completes on `join()`."""
 
   def __init__(self, *, n_layers: int = 4, coord_end: int = 1, ready: bool = True,
-               step_s: float = 0.002, fail_on_token: int | None = None):
+               step_s: float = 0.002, fail_on_token: int | None = None, eos: bool = True):
     self.n_layers = n_layers
     self.coord_end = coord_end
     self.step_s = step_s
     self.fail_on_token = fail_on_token
+    self.eos = eos
     self._ready = threading.Event()
     if ready:
       self._ready.set()
@@ -96,7 +97,7 @@ class FakeBackend:
     hops = [HopTelemetry(stage=f"0:{self.coord_end}", host="local", compute_s=self.step_s / 2),
             HopTelemetry(stage=f"{self.coord_end + 1}:output", host="127.0.0.1:9",
                          compute_s=self.step_s / 2, queue_s=0.0001)]
-    return StepResult(token=next_token(transcript), logprobs=[], logits_V=None, telemetry=hops,
+    return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
                       n_computed=1)
 
 
