@@ -66,6 +66,8 @@ HEADER = struct.Struct("!4sBBHII")
 MAX_HEADER = 64 * 1024
 # Default payload cap: a 4096-token f32 chunk of Flash hyper-connection state is 256 MiB.
 MAX_PAYLOAD = 512 * 1024 * 1024
+# A payload buffer starts this big and doubles as bytes arrive (see recv_frame).
+_FIRST_ALLOC = 256 * 1024
 # Frames up to this size are joined with their header into a single send.
 _JOIN_LIMIT = 64 * 1024
 
@@ -100,7 +102,8 @@ class Frame:
 
   @property
   def nbytes(self) -> int:
-    return HEADER.size + len(json.dumps(self.header)) + len(self.payload)
+    return (HEADER.size + len(json.dumps(self.header, separators=(",", ":")).encode())
+            + len(self.payload))
 
 
 # ------------------------------------------------------------------------------------- sending
@@ -186,15 +189,24 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
   hbuf = bytearray(hlen)
   _recv_exact_into(sock, memoryview(hbuf), deadline, "control header")
   try:
-    header = json.loads(hbuf.decode("utf-8")) if hlen else {}
-  except (UnicodeDecodeError, ValueError) as e:
+    header = json.loads(hbuf.decode("utf-8"), parse_constant=_no_constant) if hlen else {}
+  except (UnicodeDecodeError, ValueError, RecursionError) as e:  # deep nesting: RecursionError
     raise ProtocolError(f"control header is not valid JSON: {e}") from None
   if not isinstance(header, dict):
     raise ProtocolError("control header is not a JSON object")
-  payload = bytearray(plen)
-  if plen:
-    _recv_exact_into(sock, memoryview(payload), deadline, "payload")
+  # Memory follows the bytes that actually arrive (doubling from 256 KiB), so a header that
+  # merely claims a huge payload cannot make us allocate it.
+  payload = bytearray(min(plen, _FIRST_ALLOC))
+  _recv_exact_into(sock, memoryview(payload), deadline, "payload")
+  while len(payload) < plen:
+    got = len(payload)
+    payload.extend(bytes(min(got, plen - got)))
+    _recv_exact_into(sock, memoryview(payload)[got:], deadline, "payload")
   return Frame(mtype, header, payload, version)
+
+
+def _no_constant(name: str):
+  raise ValueError(f"{name} is not allowed in a control header")
 
 
 # ------------------------------------------------------------------------------- field checks
