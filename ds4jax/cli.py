@@ -1,0 +1,224 @@
+"""Shared plumbing for the absl scripts: flags, config files, backends, one-line errors.
+
+Scripts stay short (style rule 8): they define their own few flags, call `define_run_flags()`
+for the shared ones and `run(main)` instead of `app.run(main)`. Everything here is importable
+from a notebook.
+
+Precedence of run options: an explicit `--flag` beats `--config.field`, which beats the
+config file, which beats the flag's default. `--gguf=tiny` (or `bench`) names the built-in
+test model, built once into the cache directory (`$DS4JAX_CACHE`, default ~/.cache/ds4jax).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from ds4jax.generate.sampling import SamplingParams
+
+FLAGS = flags.FLAGS
+PRESETS = ("tiny", "bench")
+
+
+def define_run_flags(*, prompt: bool = True) -> None:
+  """The flags every launch script shares (names are a contract, see issue 4 'Scripts')."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file (get_config()).",
+                                  lock_config=False)
+  flags.DEFINE_string("gguf", None, "Path of the GGUF, or 'tiny'/'bench' for a test model.")
+  flags.DEFINE_string("layers", "all", "The layers this process runs: 'all' or 0:K.")
+  flags.DEFINE_string("listen", None, "HOST:PORT to listen on for workers (port 0: any).")
+  flags.DEFINE_float("route_timeout", 60.0, "Seconds to wait for a complete route.")
+  flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
+  flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
+  flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
+                    "Activation dtype on the wire (split runs).")
+  flags.DEFINE_string("cache_dir", None, "Where the tiny test models are built and cached.")
+  flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.", lower_bound=1)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", lower_bound=0)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
+  flags.DEFINE_boolean("thinking", False, "Chat format with <think> instead of </think>.")
+  flags.DEFINE_string("system", None, "A system prompt for the chat format.")
+  if prompt:
+    flags.DEFINE_string("prompt", None, "Text prompt.")
+    flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")
+    flags.DEFINE_boolean("chat", True, "Wrap --prompt in the ds4 chat format.")
+    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+
+
+def option(name: str, default: Any = None) -> Any:
+  """A run option: explicit flag > --config(.field) > flag default (or `default`)."""
+  cfg = FLAGS["config"].value if "config" in FLAGS else None
+  if name in FLAGS and FLAGS[name].present:
+    return FLAGS[name].value
+  if cfg is not None and name in cfg:
+    return cfg[name]
+  if name in FLAGS:
+    return FLAGS[name].value
+  return default
+
+
+def sampling_params() -> SamplingParams:
+  return SamplingParams(temperature=float(option("temperature", 0.0)),
+                        top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
+                        seed=int(option("seed", 0)))
+
+
+def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
+  """A GGUF path, or a preset name built into the cache; one-line errors otherwise."""
+  if not spec:
+    raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
+  if os.path.exists(spec):
+    if not os.path.isfile(spec):
+      raise ValueError(f"--gguf={spec} is not a file")
+    return spec
+  if spec in PRESETS:
+    from ds4jax.testing import tiny  # deferred: only needed for the test models
+    return tiny.tiny_gguf_path(spec, cache_dir)
+  raise FileNotFoundError(f"GGUF file not found: {spec}")
+
+
+def parse_hostport(spec: str) -> tuple[str, int]:
+  host, sep, port = str(spec).rpartition(":")
+  if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    raise ValueError(f"bad address {spec!r}: expected HOST:PORT")
+  return host or "127.0.0.1", int(port)
+
+
+def parse_tokens(values) -> list[int] | None:
+  if values is None:
+    return None
+  if isinstance(values, str):
+    values = [v for v in values.split(",") if v.strip()]
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--prompt_tokens must be comma-separated integers, got {values!r}") from None
+
+
+# ------------------------------------------------------------------------------- backends
+def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256):
+  from ds4jax.generate.local import LocalBackend
+  return LocalBackend.from_gguf(gguf, ranges=ranges, ctx_size=ctx_size,
+                                prefill_chunk=prefill_chunk)
+
+
+def build_backend():
+  """The backend the run options ask for: local without --listen, else a listening coordinator.
+
+  Returns (backend, closer) where closer() releases sockets and threads.
+  """
+  gguf = resolve_gguf(option("gguf"), option("cache_dir"))
+  ctx_size, chunk = int(option("ctx_size", 4096)), int(option("prefill_chunk", 256))
+  listen = option("listen")
+  if not listen:
+    layers = option("layers", "all") or "all"
+    ranges = ("all",) if layers == "all" else tuple(layers.split(","))
+    backend = local_backend(gguf, ranges=ranges, ctx_size=ctx_size, prefill_chunk=chunk)
+    return backend, lambda: None
+  from ds4jax.bridge import coordinator as coord_lib  # deferred: the bridge is optional
+  host, port = parse_hostport(listen)
+  backend = coord_lib.Coordinator.from_gguf(
+      gguf, layers=option("layers", "0:0"), host=host, port=port, ctx_size=ctx_size,
+      prefill_chunk=chunk, route_timeout=float(option("route_timeout", 60.0)),
+      activation_dtype=option("activation_dtype", "f32"))
+  return backend, backend.close
+
+
+# --------------------------------------------------------------------------------- output
+def format_route(info: dict) -> str:
+  stages = info.get("stages", [])
+  parts = [f"{s.get('layers', s.get('range', '?'))}@{s.get('host', '?')}" for s in stages]
+  return "route: " + " -> ".join(parts)
+
+
+def format_hop_table(hops: list[dict]) -> str:
+  """A fixed-width per-hop table from `GenerationResult.hop_summary()`."""
+  head = (f"{'stage':<12}{'host':<22}{'prefill ms':>11}{'decode ms/tok':>14}{'queue ms':>10}"
+          f"{'KiB in':>9}{'KiB out':>9}")
+  lines = [head, "-" * len(head)]
+  for h in hops:
+    per_tok = 1e3 * h["decode_s"] / h["decode_steps"] if h["decode_steps"] else 0.0
+    lines.append(f"{h['stage']:<12}{h['host']:<22}{1e3 * h['prefill_s']:>11.1f}{per_tok:>14.2f}"
+                 f"{1e3 * h['queue_s']:>10.1f}{h['bytes_in'] / 1024:>9.1f}"
+                 f"{h['bytes_out'] / 1024:>9.1f}")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- error handling
+def _one_line(e: BaseException) -> str:
+  if isinstance(e, KeyError) and e.args:
+    msg = str(e.args[0])
+  elif isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
+    msg = f"address already in use ({e.strerror or e}): pick another --listen port"
+  elif isinstance(e, OSError) and e.strerror and e.filename:
+    msg = f"{e.strerror}: {e.filename}"
+  else:
+    msg = str(e)
+  first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
+  return first
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+  errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError]
+  try:
+    from ds4jax.bridge.errors import BridgeError
+    errs.append(BridgeError)
+  except ImportError:
+    pass
+  return tuple(errs)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag is one line on stderr (exit 2), not a usage dump."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run(main: Callable[[list[str]], int | None]) -> None:
+  """`app.run(main)` with one-line errors: `error: <message>`, exit status 2, no traceback."""
+
+  def wrapped(argv):
+    logging.getLogger("gguf").setLevel(logging.WARNING)
+    try:
+      return main(argv)
+    except _input_errors() as e:
+      print(f"error: {_one_line(e)}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(wrapped, flags_parser=parse_flags)
+
+
+def setup_logging() -> None:
+  """INFO progress lines on stderr with a short prefix; library chatter (jax, gguf) muted."""
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.INFO)
+  absl_logging.get_absl_handler().setFormatter(
+      logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+  for name in ("jax", "gguf"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+  """Persists XLA compilations under the cache dir, so a second run starts in seconds.
+
+  Also exported as JAX_* environment variables, so child processes (workers) share it.
+  """
+  import jax
+  from ds4jax.testing.tiny import cache_root
+  d = str(cache_root(cache_dir) / "xla")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = d
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  jax.config.update("jax_compilation_cache_dir", d)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  return d

@@ -1,0 +1,67 @@
+r"""Generates from a prompt, whole model in one process or as the coordinator of a split.
+
+    # One process, the built-in tiny model:
+    python scripts/generate.py --gguf=tiny --prompt="Hello" --max_new_tokens=16
+    # From a config file, with an override:
+    python scripts/generate.py --config=configs/tiny_local.py --config.max_new_tokens=8
+    # Coordinator of a split: owns layers 0:1 and waits for workers to dial in.
+    python scripts/generate.py --gguf=m.gguf --layers=0:1 --listen=0.0.0.0:7000 \
+        --prompt_tokens=0,17,42 --max_new_tokens=32 --output_json=out.json
+"""
+
+import json
+import sys
+
+from absl import flags
+
+from ds4jax import cli
+from ds4jax.generate.loop import Generator
+from ds4jax.tokenizer import Tokenizer
+
+cli.define_run_flags()
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write tokens, text, speed, route, telemetry.")
+_STREAM = flags.DEFINE_boolean("stream", True, "Print text as it is generated.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  cli.enable_compilation_cache(cli.option("cache_dir"))
+  prompt, prompt_tokens = cli.option("prompt"), cli.parse_tokens(cli.option("prompt_tokens"))
+  if (prompt is None) == (prompt_tokens is None):
+    raise ValueError("give exactly one of --prompt and --prompt_tokens")
+  backend, close = cli.build_backend()
+  try:
+    tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
+    gen = Generator(backend, tokenizer)
+    stream = gen.stream(prompt, prompt_tokens=prompt_tokens,
+                        max_new_tokens=int(cli.option("max_new_tokens")),
+                        sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
+                        chat=bool(cli.option("chat")), system=cli.option("system"),
+                        thinking=bool(cli.option("thinking")))
+    for piece in stream:
+      if _STREAM.value:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    res = stream.result
+    if not _STREAM.value:
+      sys.stdout.write(res.text)
+    route = backend.route_info()
+  finally:
+    close()
+  t = res.timings
+  print(f"\n{cli.format_route(route)}", file=sys.stderr)
+  print(f"prefill {t['prefill_tokens']} tok at {t['prefill_tok_s']:.1f} tok/s, decode "
+        f"{t['decode_tokens']} tok at {t['decode_tok_s']:.1f} tok/s ({res.finish_reason})",
+        file=sys.stderr)
+  print(cli.format_hop_table(res.hop_summary()), file=sys.stderr)
+  if _OUTPUT_JSON.value:
+    out = res.to_dict()
+    out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)
+    with open(_OUTPUT_JSON.value, "w") as f:
+      json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+  cli.run(main)
