@@ -1,0 +1,75 @@
+r"""Interactive chat with a local or a split model; the KV prefix carries over between turns.
+
+    python scripts/chat.py --gguf=tiny
+    python scripts/chat.py --config=configs/tiny_local.py --config.max_new_tokens=32
+    python scripts/chat.py --gguf=m.gguf --layers=0:1 --listen=0.0.0.0:7000   # split
+
+Each turn prints how many tokens the backend had to compute: only the new user turn (plus the
+previous reply's last token), never the whole transcript again. Commands: /reset, /quit.
+Reads stdin line by line, so `echo hi | python scripts/chat.py --gguf=tiny` works too.
+"""
+
+import sys
+
+from ds4jax import cli
+from ds4jax.generate.loop import Generator
+from ds4jax.tokenizer import Tokenizer
+
+cli.define_run_flags(prompt=False)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cli.setup_logging()
+  cli.enable_compilation_cache(cli.option("cache_dir"))
+  backend, close = cli.build_backend()
+  try:
+    tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
+    gen = Generator(backend, tokenizer)
+    print(cli.format_route(backend.route_info()), file=sys.stderr)
+    new_chat = lambda: gen.chat(system=cli.option("system"), thinking=bool(cli.option("thinking")))
+    chat = new_chat()
+    interactive = sys.stdin.isatty()
+    while True:
+      try:
+        line = input("you> " if interactive else "")
+      except EOFError:
+        break
+      except KeyboardInterrupt:
+        print()
+        break
+      text = line.strip()
+      if not text:
+        continue
+      if text in ("/quit", "/exit"):
+        break
+      if text == "/reset":
+        chat.close()
+        chat = new_chat()
+        print("(new conversation)", file=sys.stderr)
+        continue
+      sys.stdout.write("assistant> ")
+      stream = chat.stream(text, max_new_tokens=int(cli.option("max_new_tokens")),
+                           sampling=cli.sampling_params())
+      try:
+        for piece in stream:
+          sys.stdout.write(piece)
+          sys.stdout.flush()
+      except KeyboardInterrupt:
+        # Ctrl-C stops this reply only; the conversation goes on without it.
+        stream.close()
+        print("\n(interrupted)", file=sys.stderr)
+        continue
+      res = stream.result
+      t = res.timings
+      print(f"\n[turn {len(chat.turns)}: computed {res.n_prefill_computed} of "
+            f"{len(res.prompt_tokens)} prompt tokens, {len(res.tokens)} new at "
+            f"{t['decode_tok_s']:.1f} tok/s, {res.finish_reason}]", file=sys.stderr)
+    chat.close()
+  finally:
+    close()
+
+
+if __name__ == "__main__":
+  cli.run(main)
