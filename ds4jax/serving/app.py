@@ -144,10 +144,12 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     # Run up to the first step (the prefill) before answering, so a prompt the model refuses
     # or a route lost during the prefill still gets a proper HTTP status, streaming or not.
     first: list[Any] = []
+    watch = _Watch(request)
     try:
       while True:
-        ev = await _next_or_gone(events, request)
+        ev = await _next_or_gone(events, watch)
         if ev is _GONE:
+          await events.aclose()
           metrics.count_request(endpoint, 499)
           return responses.Response(status_code=499)
         first.append(ev)
@@ -168,8 +170,9 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
       for ev in first:
         pieces, fin = _take(ev, pieces, fin)
       while True:
-        ev = await _next_or_gone(events, request)
+        ev = await _next_or_gone(events, watch)
         if ev is _GONE:
+          await events.aclose()
           metrics.count_request(endpoint, 499)
           return responses.Response(status_code=499)
         pieces, fin = _take(ev, pieces, fin)
@@ -247,18 +250,34 @@ async def _events(engine: Engine, work):
       yield ev
 
 
-async def _next_or_gone(events, request: fastapi.Request):
+class _Watch:
+  """Checks, at most every DISCONNECT_POLL_S, whether the client has disconnected."""
+
+  def __init__(self, request: fastapi.Request):
+    self.request = request
+    self.last = time.monotonic()
+
+  async def gone(self) -> bool:
+    now = time.monotonic()
+    if now - self.last < DISCONNECT_POLL_S:
+      return False
+    self.last = now
+    return await self.request.is_disconnected()
+
+
+async def _next_or_gone(events, watch: _Watch):
   """The next event, or _GONE (and `events` closed) once the client has disconnected."""
   task = asyncio.ensure_future(events.__anext__())
   try:
     while True:
       done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-      if done:
-        return task.result()
-      if await request.is_disconnected():
+      # Events can arrive faster than the poll period, so check the client on a clock.
+      if await watch.gone():
         task.cancel()  # engine.run sets the cancel flag; the thread closes the session
         await asyncio.wait({task})
         return _GONE
+      if done:
+        return task.result()
   except asyncio.CancelledError:
     task.cancel()
     raise
