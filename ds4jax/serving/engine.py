@@ -44,8 +44,11 @@ class RouteNotReady(Exception):
     self.waited_s = waited_s
 
 
-def missing_layers(reason: str, info: dict) -> list[int]:
-  """The uncovered layer indices, from `route_info()['missing_layers']` or the reason text."""
+def missing_layers(reason: str, info: dict, uncovered: Optional[list[int]] = None) -> list[int]:
+  """The uncovered layer indices: computed from the worker ranges when the backend allows,
+  else `route_info()['missing_layers']`, else parsed from the reason ('missing layer 17')."""
+  if uncovered is not None:
+    return uncovered
   got = info.get("missing_layers") if isinstance(info, dict) else None
   if got:
     return sorted(int(i) for i in got)
@@ -64,12 +67,20 @@ class RouteState:
   info: dict
   checked_at: float
   stale: bool = False
+  missing: list[int] = dataclasses.field(default_factory=list)
 
   def to_dict(self) -> dict[str, Any]:
-    return {"complete": self.complete, "reason": self.reason,
-            "missing_layers": missing_layers(self.reason, self.info),
+    info = self.info
+    return {"complete": self.complete,
+            "reason": "complete" if self.complete else self.reason,
+            "missing_layers": [] if self.complete else self.missing,
+            "workers": info.get("workers", []),
+            "route": info.get("route", info.get("stages", [])),
             "stale": self.stale, "age_s": round(time.monotonic() - self.checked_at, 3),
-            **{k: v for k, v in self.info.items() if k not in ("complete", "missing_layers")}}
+            "backend": {k: v for k, v in info.items() if k not in ("workers", "route", "stages")}}
+
+
+_RANGE_RE = re.compile(r"(\d+):(\d+)(\+output)?")
 
 
 class SessionTracker:
@@ -118,6 +129,20 @@ class SessionTracker:
   def route_info(self) -> dict:
     return self.backend.route_info()
 
+  def uncovered_layers(self, info: dict) -> Optional[list[int]]:
+    """Layers no ready worker (nor the coordinator) serves, for a Coordinator-like backend
+    (`n_layers`, `local` and `route_info()['workers'][i]['layers']` as 'A:B[+output]')."""
+    n_layers, local = getattr(self.backend, "n_layers", None), getattr(self.backend, "local", None)
+    workers = info.get("workers")
+    if not isinstance(n_layers, int) or local is None or not isinstance(workers, list):
+      return None
+    covered = set(range(local.start, local.end + 1))
+    for w in workers:
+      m = _RANGE_RE.fullmatch(str(w.get("layers", "")))
+      if m and w.get("ready", True):
+        covered.update(range(int(m.group(1)), int(m.group(2)) + 1))
+    return [i for i in range(n_layers) if i not in covered]
+
   def route_ready(self) -> tuple[bool, str]:
     fn = getattr(self.backend, "route_ready", None)
     if fn is None:  # a local backend holds the whole model
@@ -154,7 +179,8 @@ class Engine:
       info = dict(self.backend.route_info())
     except Exception as e:  # route_info is diagnostics; never fail health on it
       info = {"route_info_error": f"{type(e).__name__}: {e}"}
-    return RouteState(ok, reason, info, time.monotonic())
+    missing = missing_layers(reason, info, self.backend.uncovered_layers(info))
+    return RouteState(ok, reason, info, time.monotonic(), missing=missing)
 
   async def route_state(self, deadline_s: float = ROUTE_QUERY_DEADLINE_S) -> RouteState:
     """The route now, or the last known state (stale=True) if the backend is slow to say."""
@@ -181,7 +207,7 @@ class Engine:
         return state
       waited = time.monotonic() - t0
       if waited >= timeout:
-        raise RouteNotReady(state.reason, missing_layers(state.reason, state.info), waited)
+        raise RouteNotReady(state.reason, state.missing, waited)
       await asyncio.sleep(min(ROUTE_POLL_S, max(timeout - waited, 0.001)))
 
   # ---- generation ---------------------------------------------------------------------------

@@ -128,7 +128,7 @@ def test_route_wait_join_and_timeout(tok):
     ms, r = _get_ms(c, "/health")
     h = r.json()
     assert h["status"] == "waiting_for_route" and h["route"]["missing_layers"] == [2, 3]
-    assert "missing layers 2-3" in h["route"]["reason"] and h["route"]["workers"] == []
+    assert h["route"]["reason"] == "missing layer 2" and h["route"]["workers"] == []
     assert c.get("/ready").status_code == 503
 
     # A request made now waits; the worker joins within the timeout; the request completes.
@@ -143,7 +143,8 @@ def test_route_wait_join_and_timeout(tok):
       backend.join()
       r = fut.result(timeout=10)
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == _reference(tok, "hi", max_tokens=5).text
-    assert c.get("/health").json()["route"]["workers"][0]["layers"] == "2:output"
+    h = c.get("/health").json()
+    assert h["route"]["workers"][0]["layers"] == "2:3+output" and h["route"]["missing_layers"] == []
 
     # With no worker the request gets 503 naming the missing layers after the timeout.
     backend.leave()
@@ -154,7 +155,7 @@ def test_route_wait_join_and_timeout(tok):
     assert 1.5 <= waited < 4.0
     err = r.json()["error"]
     assert err["code"] == "route_incomplete" and err["missing_layers"] == [2, 3]
-    assert "missing layers 2-3" in err["message"]
+    assert "missing layer 2" in err["message"]
 
 
 def test_health_fast_while_generating_and_on_stuck_backend(tok):

@@ -2,7 +2,7 @@
 
 `FakeBackend` is a deterministic stand-in for the Coordinator: the next token is a hash of
 the whole transcript (so a session that lost or mixed state would produce different text),
-steps take `step_s` seconds, and the route is incomplete ("missing layers 2-3") until
+steps take `step_s` seconds, and the route is incomplete ("missing layer 2") until
 `join()` is called. It records every session it opens and closes.
 """
 
@@ -16,6 +16,7 @@ import time
 
 import uvicorn
 
+from ds4jax.config import LayerRange
 from ds4jax.generate.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
@@ -42,6 +43,7 @@ class FakeBackend:
                step_s: float = 0.002, fail_on_token: int | None = None, eos: bool = True):
     self.n_layers = n_layers
     self.coord_end = coord_end
+    self.local = LayerRange(0, coord_end)
     self.step_s = step_s
     self.fail_on_token = fail_on_token
     self.eos = eos
@@ -63,13 +65,14 @@ class FakeBackend:
   def route_ready(self):
     if self._ready.is_set():
       return True, "complete"
-    return False, f"missing layers {self.coord_end + 1}-{self.n_layers - 1}"
+    return False, f"missing layer {self.coord_end + 1}"
 
   def route_info(self) -> dict:
-    workers = ([{"host": "127.0.0.1:9", "layers": f"{self.coord_end + 1}:output"}]
+    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag.
+    workers = ([{"peer": "127.0.0.1:9", "ready": True,
+                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}]
                if self._ready.is_set() else [])
-    return {"complete": self._ready.is_set(), "workers": workers,
-            "coordinator": f"0:{self.coord_end}"}
+    return {"ready": self._ready.is_set(), "workers": workers}
 
   def new_session(self) -> str:
     with self._lock:
