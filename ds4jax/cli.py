@@ -15,6 +15,7 @@ import errno
 import logging
 import os
 import sys
+import time
 from typing import Any, Callable
 
 from absl import app, flags
@@ -38,6 +39,7 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
+  flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
   flags.DEFINE_string("cache_dir", None, "Where the tiny test models are built and cached.")
   flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.", lower_bound=1)
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
@@ -123,18 +125,71 @@ def build_backend():
     ranges = ("all",) if layers == "all" else tuple(layers.split(","))
     backend = local_backend(gguf, ranges=ranges, ctx_size=ctx_size, prefill_chunk=chunk)
     return backend, lambda: None
-  from ds4jax.bridge import coordinator as coord_lib  # deferred: the bridge is optional
+  return coordinator_backend(gguf, layers=option("layers", "0:0"), listen=listen,
+                             ctx_size=ctx_size, prefill_chunk=chunk,
+                             route_timeout=float(option("route_timeout", 60.0)),
+                             activation_dtype=option("activation_dtype", "f32"),
+                             key_file=option("key_file"))
+
+
+def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 4096,
+                        prefill_chunk: int = 256, route_timeout: float = 60.0,
+                        activation_dtype: str = "f32", key_file: str | None = None):
+  """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close)."""
+  from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
+  from ds4jax.config import LayerRange
+  from ds4jax.gguf import reader
+  from ds4jax.model.load import load_stage
+  from ds4jax.model.runner import StageRunner
+
   host, port = parse_hostport(listen)
-  backend = coord_lib.Coordinator.from_gguf(
-      gguf, layers=option("layers", "0:0"), host=host, port=port, ctx_size=ctx_size,
-      prefill_chunk=chunk, route_timeout=float(option("route_timeout", 60.0)),
-      activation_dtype=option("activation_dtype", "f32"))
-  return backend, backend.close
+  key = auth.load_key(key_file)
+  cfg = reader.read_config(gguf)
+  rng = LayerRange.parse(layers, cfg.n_layers)
+  runner = StageRunner(load_stage(gguf, rng), ctx_size=ctx_size,
+                       fingerprint=reader.fingerprint(gguf))
+  auth.warn_if_exposed(host, key)
+  try:
+    coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(
+        host=host, port=port, route_timeout=route_timeout, prefill_chunk=prefill_chunk,
+        activation_dtype=activation_dtype, key=key))
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
+    raise
+  return coord, coord.close
+
+
+def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
+                   say: Callable[[str], None] | None = None) -> None:
+  """Waits for a complete route, saying "waiting for route: missing layer N" periodically.
+
+  Raises the bridge's RouteUnavailable (a one-line error) after `timeout` seconds.
+  """
+  if not hasattr(backend, "route_ready"):
+    return
+  say = say or (lambda m: logging.getLogger("ds4jax").info("%s", m))
+  deadline = time.monotonic() + timeout
+  last, last_reason = -1e9, None
+  while True:
+    ok, reason = backend.route_ready()
+    if ok:
+      if last_reason is not None:
+        say("route ready")
+      return
+    now = time.monotonic()
+    if now >= deadline:
+      from ds4jax.bridge.errors import RouteUnavailable
+      raise RouteUnavailable(f"route unavailable: {reason} (waited {timeout:.0f}s for workers)")
+    if now - last >= every_s or reason != last_reason:
+      say(f"waiting for route: {reason}")
+      last, last_reason = now, reason
+    time.sleep(0.05)
 
 
 # --------------------------------------------------------------------------------- output
 def format_route(info: dict) -> str:
-  stages = info.get("stages", [])
+  stages = info.get("route", [])
   parts = [f"{s.get('layers', s.get('range', '?'))}@{s.get('host', '?')}" for s in stages]
   return "route: " + " -> ".join(parts)
 
@@ -157,7 +212,7 @@ def _one_line(e: BaseException) -> str:
   if isinstance(e, KeyError) and e.args:
     msg = str(e.args[0])
   elif isinstance(e, OSError) and e.errno == errno.EADDRINUSE:
-    msg = f"address already in use ({e.strerror or e}): pick another --listen port"
+    msg = f"address already in use: {e.filename or e}"
   elif isinstance(e, OSError) and e.strerror and e.filename:
     msg = f"{e.strerror}: {e.filename}"
   else:

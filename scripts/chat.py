@@ -25,6 +25,7 @@ def main(argv):
   cli.enable_compilation_cache(cli.option("cache_dir"))
   backend, close = cli.build_backend()
   try:
+    cli.wait_for_route(backend, float(cli.option("route_timeout")))
     tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
     gen = Generator(backend, tokenizer)
     print(cli.format_route(backend.route_info()), file=sys.stderr)

@@ -33,6 +33,7 @@ def main(argv):
     raise ValueError("give exactly one of --prompt and --prompt_tokens")
   backend, close = cli.build_backend()
   try:
+    cli.wait_for_route(backend, float(cli.option("route_timeout")))
     tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
     gen = Generator(backend, tokenizer)
     stream = gen.stream(prompt, prompt_tokens=prompt_tokens,

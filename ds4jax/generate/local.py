@@ -203,15 +203,18 @@ class LocalBackend:
 
   # --------------------------------------------------------------------------- routing
   def route_info(self) -> dict:
+    """Same keys as the coordinator's: ready, reason, route (one entry per stage, in order)."""
     return {
         "mode": "local",
-        "complete": True,
-        "missing": None,
+        "ready": True,
+        "reason": "",
         "n_layers": self.cfg.n_layers,
         "ctx_size": self.ctx_size,
-        "stages": [{"layers": r.layers.describe(), "range": str(r.layers), "host": "local"}
-                   for r in self.runners],
+        "route": [{"layers": r.layers.describe(), "host": "local"} for r in self.runners],
     }
+
+  def route_ready(self) -> tuple[bool, str]:
+    return True, ""
 
 
 def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
