@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 HF_KWARGS = dict(
-    vocab_size=128, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
+    vocab_size=320, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=4,
     num_attention_heads=4, num_key_value_heads=1, head_dim=32, partial_rotary_factor=8 / 32,
     q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=8, num_experts_per_tok=2,
     n_shared_experts=1, sliding_window=8, index_n_heads=8, index_head_dim=16, index_topk=3,
