@@ -161,10 +161,12 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
 
 
 def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
-                   say: Callable[[str], None] | None = None) -> None:
+                   say: Callable[[str], None] | None = None,
+                   poll: Callable[[], None] | None = None) -> None:
   """Waits for a complete route, saying "waiting for route: missing layer N" periodically.
 
-  Raises the bridge's RouteUnavailable (a one-line error) after `timeout` seconds.
+  Raises the bridge's RouteUnavailable (a one-line error) after `timeout` seconds. `poll`
+  runs on every check (e.g. to raise if a local worker process died).
   """
   if not hasattr(backend, "route_ready"):
     return
@@ -172,6 +174,8 @@ def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
   deadline = time.monotonic() + timeout
   last, last_reason = -1e9, None
   while True:
+    if poll is not None:
+      poll()
     ok, reason = backend.route_ready()
     if ok:
       if last_reason is not None:
@@ -264,16 +268,28 @@ def setup_logging() -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def enable_compilation_cache(cache_dir: str | None = None) -> str:
-  """Persists XLA compilations under the cache dir, so a second run starts in seconds.
-
-  Also exported as JAX_* environment variables, so child processes (workers) share it.
-  """
-  import jax
+def compilation_cache_env(cache_dir: str | None = None) -> str:
+  """Points JAX's persistent compilation cache at the cache dir via the environment, so this
+  process (before JAX starts) and every child process (workers) share it."""
   from ds4jax.testing.tiny import cache_root
   d = str(cache_root(cache_dir) / "xla")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = d
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  return d
+
+
+def enable_compilation_cache(cache_dir: str | None = None) -> str:
+  """Persists XLA compilations under the cache dir, so a second run starts in seconds."""
+  import jax
+  d = compilation_cache_env(cache_dir)
   jax.config.update("jax_compilation_cache_dir", d)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return d
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+  """An ephemeral port that is free right now (for starting workers before the listener)."""
+  import socket
+  with socket.socket() as s:
+    s.bind((host, 0))
+    return s.getsockname()[1]
