@@ -42,6 +42,10 @@ def _type_str(types) -> str:
   return "[".join(VT(t).name for t in types) + "]" * (len(types) - 1)
 
 
+# Messages numpy gives when gguf-py's views run past the end of the map.
+_SHORT_READ = ("cannot reshape", "larger dtype", "out of bounds", "not enough values to unpack")
+
+
 def _open_reader(path: str) -> gguf.GGUFReader:
   """gguf.GGUFReader with its failures turned into one-line GGUFErrors."""
   try:
@@ -55,14 +59,16 @@ def _open_reader(path: str) -> gguf.GGUFReader:
     raise NotGGUFError(f"{path}: not a GGUF file ({what})")
   try:
     return gguf.GGUFReader(path, "r")
-  except (IndexError, OverflowError) as e:
-    raise TruncatedError(f"{path}: truncated GGUF file ({size} bytes): header ends early ({e})") from None
-  except ValueError as e:
+  except (IndexError, ValueError) as e:
     msg = str(e)
-    if "reshape" in msg or "out of bounds" in msg:
-      raise TruncatedError(f"{path}: truncated GGUF file ({size} bytes): tensor data ends early") from None
+    # gguf-py reads through numpy views of the map; a short file surfaces as one of these.
+    if isinstance(e, IndexError) or any(s in msg for s in _SHORT_READ):
+      raise TruncatedError(f"{path}: truncated GGUF file ({size} bytes): it ends before the "
+                           f"header or tensor data it declares") from None
+    if "version" in msg:
+      raise GGUFError(f"{path}: unsupported GGUF version ({msg})") from None
     raise GGUFError(f"{path}: corrupt GGUF file: {msg}") from None
-  except (KeyError, MemoryError, UnicodeDecodeError) as e:
+  except (OverflowError, KeyError, MemoryError, UnicodeDecodeError) as e:
     raise GGUFError(f"{path}: corrupt GGUF file: {type(e).__name__}: {e}") from None
 
 
