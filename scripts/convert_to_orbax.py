@@ -1,0 +1,41 @@
+r"""Writes a layer slice of a ds4 GGUF, dequantised, as an orbax checkpoint directory.
+
+    python scripts/convert_to_orbax.py --gguf=model.gguf --layers=all --out=ckpt/ --dtype=bfloat16
+    python scripts/convert_to_orbax.py --gguf=tiny --layers=2:output --out=/tmp/tiny-2-out
+
+The directory then replaces the GGUF wherever a stage loads (`--gguf=DIR` in generate.py and
+worker.py, `load_stage(DIR, ...)`); any sub-range of the converted one can be served.
+"""
+
+import time
+
+from absl import flags
+
+from ds4jax import cli
+
+_GGUF = flags.DEFINE_string("gguf", None, "Input ds4 GGUF, or 'tiny'/'bench'.")
+_LAYERS = flags.DEFINE_string("layers", "all", "Slice to convert: all, A:B or A:output.")
+_OUT = flags.DEFINE_string("out", None, "Output checkpoint directory (must not exist).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
+_OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing checkpoint at --out.")
+_CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not _OUT.value:
+    raise ValueError("--out is required (the checkpoint directory to write)")
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
+  from ds4jax.checkpoints import orbax_io  # deferred: imports JAX
+  path = cli.resolve_gguf(_GGUF.value, _CACHE.value)
+  t0 = time.perf_counter()
+  m = orbax_io.save_stage_checkpoint(path, _LAYERS.value, _OUT.value, dtype=_DTYPE.value,
+                                     overwrite=_OVERWRITE.value)
+  print(f"wrote {_OUT.value} (layers {m['layers']}, {m['dtype']}, {len(m['params'])} arrays, "
+        f"fingerprint {m['fingerprint'][:16]}) in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+  cli.run(main)
