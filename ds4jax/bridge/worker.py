@@ -258,7 +258,10 @@ class Worker:
 def sample_result(logits_V: np.ndarray, h: dict[str, Any]) -> dict[str, Any]:
   """Samples the head stage's last logits row with the coordinator's parameters."""
   from ds4jax.generate import sampling  # numpy only; imported lazily to keep bridge light
-  params = sampling.SamplingParams.from_dict(field(h, "sampling", dict))
+  try:
+    params = sampling.SamplingParams.from_dict(field(h, "sampling", dict))
+  except (TypeError, ValueError) as e:  # wrong types from the wire, not a compute error
+    raise ProtocolError(f"bad sampling parameters: {e}") from None
   step = field(h, "step", int, lo=0)
   k = field(h, "top_logprobs", int, default=0, lo=0, hi=64)
   res: dict[str, Any] = {"kind": "token", "token": sampling.sample_token(logits_V, params, step)}
