@@ -11,6 +11,7 @@ test model, built once into the cache directory (`$DS4JAX_CACHE`, default ~/.cac
 
 from __future__ import annotations
 
+import collections.abc
 import errno
 import logging
 import os
@@ -55,9 +56,33 @@ def define_run_flags(*, prompt: bool = True) -> None:
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 
 
+_config_path: str | None = None
+
+
+def config() -> Any:
+  """The loaded --config (None without one); a missing or broken file is a one-line error."""
+  if "config" not in FLAGS:
+    return None
+  try:
+    cfg = FLAGS["config"].value
+  except Exception as e:  # config_flags defers some load errors to the first access
+    if _config_path and not os.path.isfile(_config_path):
+      raise FileNotFoundError(f"config file not found: {_config_path}") from None
+    raise ValueError(f"cannot load config file {_config_path}: {e.__cause__ or e}") from None
+  if type(cfg).__name__ == "_ErrorConfig":  # config_flags' placeholder for a failed load
+    if _config_path and not os.path.isfile(_config_path):
+      raise FileNotFoundError(f"config file not found: {_config_path}")
+    raise ValueError(f"cannot load config file {_config_path}")
+  if cfg is not None and not isinstance(cfg, collections.abc.Mapping) and not hasattr(
+      type(cfg), "keys"):
+    raise ValueError(f"config file {_config_path}: get_config() must return a ConfigDict, "
+                     f"got {type(cfg).__name__}")
+  return cfg
+
+
 def option(name: str, default: Any = None) -> Any:
   """A run option: explicit flag > --config(.field) > flag default (or `default`)."""
-  cfg = FLAGS["config"].value if "config" in FLAGS else None
+  cfg = config()
   if name in FLAGS and FLAGS[name].present:
     return FLAGS[name].value
   if cfg is not None and name in cfg:
@@ -237,10 +262,24 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 def parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but a bad flag is one line on stderr (exit 2), not a usage dump."""
+  global _config_path
+  for k, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      _config_path = a.split("=", 1)[1]
+    elif a == "--config" and k + 1 < len(argv):
+      _config_path = argv[k + 1]
   try:
     return FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+  except Exception as e:  # flags.Error, or whatever a broken config file raises on import
+    if _config_path and not os.path.isfile(_config_path):
+      msg = f"config file not found: {_config_path}"
+    elif isinstance(e, flags.Error) and "config" not in str(e).lower():
+      msg = _one_line(e)
+    elif _config_path:
+      msg = f"cannot load config file {_config_path}: {type(e).__name__}: {_one_line(e)}"
+    else:
+      msg = _one_line(e)
+    print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -254,6 +293,9 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     except _input_errors() as e:
       print(f"error: {_one_line(e)}", file=sys.stderr)
       sys.exit(2)
+    except KeyboardInterrupt:
+      print("interrupted", file=sys.stderr)
+      sys.exit(130)
 
   app.run(wrapped, flags_parser=parse_flags)
 

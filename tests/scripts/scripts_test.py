@@ -1,0 +1,136 @@
+"""The launch scripts as a user runs them: real processes, loopback only.
+
+All runs share the session's cache dir ($DS4JAX_CACHE), so the tiny GGUF is built once and
+XLA compilations are reused across scripts through the persistent compilation cache.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from ds4jax.tokenizer import Tokenizer
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def env(tiny_gguf, tiny_cache_dir):
+  e = dict(os.environ, DS4JAX_CACHE=tiny_cache_dir, JAX_PLATFORMS="cpu")
+  e.pop("DS4JAX_KEY", None)
+  return e
+
+
+def run(script, *args, env, timeout=300, stdin=None):
+  return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def assert_one_line_error(p, pattern):
+  assert p.returncode != 0, p.stdout + p.stderr
+  assert "Traceback" not in p.stderr, p.stderr
+  lines = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and pattern in lines[0], p.stderr
+
+
+# ---------------------------------------------------------------------------- errors
+def test_bad_flag_value(env):
+  p = run("generate.py", "--gguf=tiny", "--prompt=x", "--temperature=hot", env=env)
+  assert_one_line_error(p, "--temperature=hot")
+  assert p.stderr.strip().count("\n") == 0
+  p = run("generate.py", "--gguf=tiny", "--prompt=x", "--activation_dtype=f8", env=env)
+  assert_one_line_error(p, "activation_dtype")
+
+
+def test_missing_file(env, tmp_path):
+  p = run("generate.py", f"--gguf={tmp_path}/nope.gguf", "--prompt=x", env=env)
+  assert_one_line_error(p, "GGUF file not found")
+  p = run("generate.py", "--config=configs/nope.py", env=env)
+  assert_one_line_error(p, "nope.py")
+
+
+def test_port_in_use(env):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    port = s.getsockname()[1]
+    p = run("generate.py", "--gguf=tiny", "--layers=0:1", f"--listen=127.0.0.1:{port}",
+            "--prompt=x", env=env)
+  assert_one_line_error(p, "already in use")
+
+
+def test_route_timeout(env):
+  p = run("generate.py", "--gguf=tiny", "--layers=0:1", "--listen=127.0.0.1:0",
+          "--route_timeout=1.5", "--prompt=x", env=env)
+  assert_one_line_error(p, "route unavailable: missing layer 2")
+  assert "waiting for route: missing layer 2" in p.stderr
+
+
+# ------------------------------------------------------------------------ generate, chat
+def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
+  out = tmp_path / "out.json"
+  p = run("generate.py", "--config=configs/tiny_local.py", "--config.max_new_tokens=9",
+          "--max_new_tokens=5", f"--output_json={out}", "--config.prompt=Once upon a time",
+          env=env)
+  assert p.returncode == 0, p.stderr
+  d = json.loads(out.read_text())
+  for key in ("tokens", "text", "prefill_tok_s", "decode_tok_s", "route", "telemetry"):
+    assert key in d
+  assert len(d["tokens"]) == 5  # the plain flag beats --config.max_new_tokens
+  assert d["route"]["route"] == [{"layers": "0:3+output", "host": "local"}]
+  tok = Tokenizer.from_gguf(tiny_gguf)
+  assert d["prompt_tokens"] == tok.chat_prompt([("user", "Once upon a time")])
+  if d["finish_reason"] == "length":
+    assert d["text"] == tok.decode(d["tokens"])
+  assert p.stdout.startswith(d["text"])  # streamed to stdout, same text
+  assert len(d["telemetry"]) == 5 and d["telemetry"][0][0]["n_tokens"] == len(d["prompt_tokens"])
+
+
+def test_chat_reuses_prefix(env):
+  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=4", "--ctx_size=256",
+          stdin="Hello there\nAnd then?\n/quit\n", env=env)
+  assert p.returncode == 0, p.stderr
+  turns = [l for l in p.stderr.splitlines() if l.startswith("[turn ")]
+  assert len(turns) == 2, p.stderr
+  # "[turn 2: computed N of M prompt tokens, ...]": only the new turn is computed.
+  n, m = (int(x) for x in turns[1].split("computed ")[1].split(" prompt")[0].split(" of "))
+  assert 0 < n < m
+
+
+# ----------------------------------------------------------------------------------- demo
+def test_demo_split_matches_single_process(env):
+  p = run("demo.py", "--max_new_tokens=6", env=env, timeout=400)
+  assert p.returncode == 0, p.stdout + p.stderr
+  assert "PASS" in p.stdout
+  assert "route: 0:1@local -> 2:2@127.0.0.1:" in p.stderr
+  assert "3:output@127.0.0.1:" in p.stderr
+  assert "prefill ms" in p.stderr  # the per-hop table
+
+
+def test_demo_ctrl_c_stops_workers(env):
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py")], env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.monotonic() + 120
+    for line in proc.stderr:
+      if "started" in line or time.monotonic() > deadline:
+        break
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    assert len(kids) >= 2
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    gone, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive, alive
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
