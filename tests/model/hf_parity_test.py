@@ -16,8 +16,8 @@ from ds4jax.gguf.load import load_tensors
 
 TOL = 1e-4
 N_TOK = 64
-CHUNKS = (5, 7, 3, 11, 13, 25)
-N_PREFILL = 13
+CHUNKS = (7, 5, 1, 7, 5, 39)  # buckets 8 and 1 only: few compilations
+N_PREFILL = 7
 
 
 @pytest.fixture(scope="module")
