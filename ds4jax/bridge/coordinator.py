@@ -99,6 +99,21 @@ class Coordinator:
     log.info("coordinator for layers %s listening on %s:%d", self.local.describe(),
              *self.address)
 
+  @classmethod
+  def from_gguf(cls, path: str, *, layers: str = "0:0", ctx_size: int = 4096,
+                dtype: str = "float32", key_file: str | None = None, **options) -> "Coordinator":
+    """Loads layers (0:K, or 0:output for one process) of a GGUF and starts listening.
+
+    `options` are CoordinatorOptions fields. The pre-shared key comes from key_file or the
+    DS4JAX_KEY environment variable (never from a flag value).
+    """
+    from ds4jax.bridge.launch import load_runner  # deferred: imports JAX
+    if "key" not in options:
+      from ds4jax.bridge import auth
+      options["key"] = auth.load_key(key_file)
+    runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype)
+    return cls(runner, CoordinatorOptions(**options))
+
   # ------------------------------------------------------------------------------ lifecycle
   def close(self) -> None:
     self._stop.set()
@@ -260,11 +275,11 @@ class Coordinator:
                   "ready": l.ready, "ctx": l.ctx, "host": l.hello.get("host", "")}
                  for l in self._links.values()]
       hops = [] if plan is None else [self._links[h.wid] for h in plan]
+    stages = ([{"layers": str(self.local), "host": "local"}] +
+              [{"layers": str(l.layers), "host": l.peer} for l in hops])
     return {
         "ready": plan is not None, "reason": reason, "generation": self.generation,
-        "listen": f"{self.address[0]}:{self.address[1]}",
-        "route": ([{"layers": self.local.describe(), "host": "local"}] +
-                  [{"layers": l.layers.describe(), "host": l.peer} for l in hops]),
+        "listen": f"{self.address[0]}:{self.address[1]}", "route": stages, "stages": stages,
         "workers": workers, "sessions": len(self._sessions),
         "activation_dtype": self.opt.activation_dtype,
     }

@@ -1,0 +1,53 @@
+r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until it is up).
+
+    python scripts/worker.py --gguf=PATH --layers=A:B|A:output --coordinator=HOST:PORT
+
+With a pre-shared key, pass --key_file (or set DS4JAX_KEY); never the key itself. When the
+coordinator restarts, the worker drops its sessions and dials again on its own.
+"""
+
+import logging
+
+from absl import flags
+
+from ds4jax import cli
+
+_GGUF = flags.DEFINE_string("gguf", None, "Path of the GGUF, or 'tiny'/'bench' (test models).")
+_LAYERS = flags.DEFINE_string("layers", None, "Inclusive range A:B, or A:output with the head.")
+_COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator.")
+_CTX = flags.DEFINE_integer("ctx", 4096, "KV capacity per session, in tokens.", lower_bound=1)
+_SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction.",
+                                 lower_bound=1)
+_KEY_FILE = flags.DEFINE_string("key_file", None, "File with the pre-shared key "
+                                "(default: the DS4JAX_KEY environment variable).")
+_TLS_CA = flags.DEFINE_string("tls_ca", None, "Use TLS, verifying the coordinator with this CA.")
+_BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
+_BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
+_CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
+
+
+def main(argv):
+  del argv
+  cli.setup_logging()
+  from ds4jax.bridge import auth, launch
+  from ds4jax.bridge.worker import WorkerOptions
+  if not _LAYERS.value:
+    raise ValueError("--layers is required (A:B or A:output)")
+  if not _COORD.value:
+    raise ValueError("--coordinator is required (HOST:PORT)")
+  path = cli.resolve_gguf(_GGUF.value, _CACHE.value)
+  addr = cli.parse_hostport(_COORD.value)
+  if addr[1] == 0:
+    raise ValueError("--coordinator needs the coordinator's real port, not 0")
+  tls = auth.client_ssl_context(_TLS_CA.value) if _TLS_CA.value else None
+  opt = WorkerOptions(ctx=_CTX.value, max_sessions=_SESSIONS.value,
+                      key=auth.load_key(_KEY_FILE.value), tls=tls,
+                      backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
+  cli.enable_compilation_cache(_CACHE.value)
+  worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt)
+  logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
+  worker.run()
+
+
+if __name__ == "__main__":
+  cli.run(main)
