@@ -62,9 +62,10 @@ class WorkerLink:
     return f"worker#{self.wid}({self.peer} {self.layers.describe()})"
 
   # ------------------------------------------------------------------------------ requests
-  def request(self, header: dict[str, Any], payload, callback: Callback) -> int:
-    """Sends WORK; callback gets the RESULT frame, or an error. Returns the bytes sent;
-    raises LinkLost when the send fails."""
+  def request(self, header: dict[str, Any], payload, callback: Callback, *,
+              mtype: int = MsgType.WORK) -> int:
+    """Sends WORK (or another request type); callback gets the RESULT frame, or an error.
+    Returns the bytes sent; raises LinkLost when the send fails."""
     req = next(_req_ids)
     header = dict(header, req=req)
     with self._lock:
@@ -72,7 +73,7 @@ class WorkerLink:
         raise LinkLost(f"{self} is gone")
       self._pending[req] = _Pending(time.monotonic() + self.request_timeout, callback)
     try:
-      return self.ch.send(MsgType.WORK, header, payload)
+      return self.ch.send(mtype, header, payload)
     except LinkLost as e:
       with self._lock:
         self._pending.pop(req, None)  # the caller handles this request's failure

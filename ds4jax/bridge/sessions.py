@@ -87,6 +87,25 @@ class SessionStore:
       s.hashes.append(h)
     s.state = state
 
+  def get(self, sid: str) -> Session | None:
+    with self._lock:
+      return self._sessions.get(sid)
+
+  def install(self, sid: str, state, tokens) -> list[str]:
+    """Replaces (or adds) session sid with a restored state holding `tokens` (a session
+    snapshot); returns the ids evicted to make room."""
+    s = Session(sid, None)
+    self.commit(s, tokens, state)
+    with self._lock:
+      evicted: list[str] = []
+      self._sessions.pop(sid, None)
+      while len(self._sessions) >= self.limit:
+        old, _ = self._sessions.popitem(last=False)
+        evicted.append(old)
+        self.evicted += 1
+      self._sessions[sid] = s
+      return evicted
+
   def drop(self, sid: str) -> bool:
     with self._lock:
       return self._sessions.pop(sid, None) is not None

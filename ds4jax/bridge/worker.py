@@ -157,7 +157,8 @@ class Worker:
           continue
         if f.type == MsgType.PING:
           ch.send(MsgType.PONG, {"t": f.header.get("t", 0)})
-        elif f.type in (MsgType.WORK, MsgType.DROP):
+        elif f.type in (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE,
+                        MsgType.SNAPSHOT_LOAD):
           work.put((f, time.monotonic()))
         else:
           raise ProtocolError(f"unexpected {f.type.name} frame from the coordinator")
@@ -177,7 +178,10 @@ class Worker:
         continue
       req = f.header.get("req", -1)
       try:
-        header, payload = self._work(f, t_recv)
+        if f.type in (MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD):
+          header, payload = self._snapshot(f)
+        else:
+          header, payload = self._work(f, t_recv)
         ch.send(MsgType.RESULT, header, payload)
       except LinkLost:
         return
@@ -190,6 +194,11 @@ class Worker:
                                   "message": str(e), "traceback": tb})
         except LinkLost:
           return
+
+  def _snapshot(self, f: protocol.Frame) -> tuple[dict[str, Any], bytes]:
+    """Session snapshot save/load parts (in order with WORK, on the compute thread)."""
+    from ds4jax.checkpoints import snapshot_bridge  # deferred: only snapshots need it
+    return snapshot_bridge.handle_worker_frame(self, f)
 
   def _work(self, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], bytes]:
     t0 = time.monotonic()
