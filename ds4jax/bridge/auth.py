@@ -220,6 +220,21 @@ class _Link:
     except AuthError:
       pass
 
+  def drain(self, limit: int = 65536, quiet: float = 0.05):
+    """Reads and discards what the peer already sent (bounded), so that closing with unread
+    data does not send an RST that destroys our FAIL before the peer reads it."""
+    end = min(self.deadline, time.monotonic() + 0.5)
+    got = 0
+    try:
+      while got < limit and (left := end - time.monotonic()) > 0:
+        self.sock.settimeout(min(quiet, left))
+        data = self.sock.recv(min(4096, limit - got))
+        if not data:
+          return
+        got += len(data)
+    except OSError:  # includes the timeout that ends a quiet peer
+      pass
+
   def recv_exact(self, n: int) -> bytes:
     buf = bytearray(n)
     view = memoryview(buf)
@@ -283,6 +298,7 @@ def server_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
     except AuthError as e:
       if e.reason in (NO_AUTH, VERSION_MISMATCH, BAD_MESSAGE):
         link.fail(e.reason)
+        link.drain()  # the rest of what a keyless peer sent (its HELLO frame)
       raise
     nonce_s = secrets.token_bytes(NONCE_BYTES)
     link.send(CHALLENGE, nonce_s)

@@ -87,6 +87,9 @@ class MsgType(enum.IntEnum):
   PING = 8
   PONG = 9
   DROP = 10
+  # Session snapshots (ds4jax/checkpoints/snapshot_bridge.py), coordinator -> worker.
+  SNAPSHOT_SAVE = 11
+  SNAPSHOT_LOAD = 12
 
 
 class IdleTimeout(TimeoutError):
@@ -173,11 +176,12 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
   if n == 0:
     raise EOFError("peer closed the connection")
   deadline = time.monotonic() + frame_timeout
+  if n >= 4:
+    _check_magic(bytes(head[:4]))  # early: a foreign peer may send fewer than 16 bytes
   if n < HEADER.size:
     _recv_exact_into(sock, view[n:], deadline, "frame header")
   magic, version, mtype, _flags, hlen, plen = HEADER.unpack(head)
-  if magic != MAGIC:
-    raise ProtocolError(f"bad magic {bytes(magic)!r} (not a ds4jax bridge peer)")
+  _check_magic(magic)
   if hlen > MAX_HEADER:
     raise ProtocolError(f"control header length {hlen} exceeds the {MAX_HEADER} cap")
   if plen > max_payload:
@@ -203,6 +207,14 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
     payload.extend(bytes(min(got, plen - got)))
     _recv_exact_into(sock, memoryview(payload)[got:], deadline, "payload")
   return Frame(mtype, header, payload, version)
+
+
+def _check_magic(magic: bytes) -> None:
+  if magic == b"DS4A":  # auth.MAGIC: the peer runs the key handshake and we do not
+    raise ProtocolError("the peer expects a pre-shared key handshake: give both sides the "
+                        "same key (--key_file or $DS4JAX_KEY)")
+  if magic != MAGIC:
+    raise ProtocolError(f"bad magic {magic!r} (not a ds4jax bridge peer)")
 
 
 def _no_constant(name: str):

@@ -1,7 +1,5 @@
 """Tests for ds4jax.bridge.auth: key loading, the mutual HMAC handshake, TLS, bind checks."""
 
-import datetime
-import ipaddress
 import logging
 import os
 import socket
@@ -11,6 +9,7 @@ import time
 import pytest
 
 from ds4jax.bridge import auth
+from ds4jax.testing.certs import make_self_signed
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -342,30 +341,7 @@ def test_default_bind_host_is_loopback():
 
 
 def make_cert(tmp_path, name):
-  """A self-signed certificate for 127.0.0.1/localhost, written as PEM files."""
-  from cryptography import x509
-  from cryptography.hazmat.primitives import hashes, serialization
-  from cryptography.hazmat.primitives.asymmetric import ec
-  from cryptography.x509.oid import NameOID
-
-  key = ec.generate_private_key(ec.SECP256R1())
-  subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-  now = datetime.datetime.now(datetime.timezone.utc)
-  cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
-          .public_key(key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.SubjectAlternativeName(
-              [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-              critical=False)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(key, hashes.SHA256()))
-  certfile, keyfile = tmp_path / f"{name}.crt", tmp_path / f"{name}.key"
-  certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-  keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                        serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
-  return str(certfile), str(keyfile)
+  return make_self_signed(str(tmp_path), name)
 
 
 def tcp_pair(server_fn, client_fn):
