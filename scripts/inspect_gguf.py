@@ -11,7 +11,8 @@ from ds4jax.gguf import cli, summary
 _GGUF = flags.DEFINE_string("gguf", None, "A ds4 GGUF (full or split).", required=True)
 _SPLIT = flags.DEFINE_integer("split", 0, "Suggest a balanced split into N contiguous ranges.",
                               lower_bound=0)
-_LAYERS = flags.DEFINE_string("layers", None, "Also print the bytes of this slice (A:B, A:output, all).")
+_LAYERS = flags.DEFINE_string("layers", None,
+                              "Also print the bytes of this slice (A:B, A:output, all).")
 
 
 def main(argv):

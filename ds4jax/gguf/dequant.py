@@ -50,7 +50,8 @@ DEQUANT: dict[Q, Callable[[np.ndarray], np.ndarray]] = {
 SUPPORTED = frozenset(DEQUANT)
 
 
-def dequantize(data: np.ndarray, qtype: Q | int, ggml_dims: Sequence[int], name: str = "") -> np.ndarray:
+def dequantize(data: np.ndarray, qtype: Q | int, ggml_dims: Sequence[int],
+               name: str = "") -> np.ndarray:
   """Dequantises one tensor's data. `ggml_dims` are in GGUF order; the result is reversed."""
   qtype = Q(int(qtype))
   fn = DEQUANT.get(qtype)

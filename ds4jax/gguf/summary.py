@@ -25,7 +25,8 @@ def describe(path: str | os.PathLike | DS4File, *, split: int = 0,
   lines = [f"file: {f.path}", f"fingerprint: {f.fingerprint()}"]
   if f.held is not None:
     lines.append(f"split file holding layers {f.held.describe()}")
-  lines.append(f"tensors: {len(f.tensors)} ({', '.join(f'{k} {v}' for k, v in sorted(types.items()))})")
+  mix = ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
+  lines.append(f"tensors: {len(f.tensors)} ({mix})")
   lines.append("config:")
   for k, v in cfg.to_dict().items():
     if isinstance(v, tuple) and len(v) > 8:

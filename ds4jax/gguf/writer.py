@@ -149,7 +149,8 @@ def check_tensor(cfg: ModelConfig, name: str, value) -> tuple[names.TensorSpec, 
     want_bytes = gguf.quants.quant_shape_to_byte_shape(want, value.qtype)
     if tuple(value.data.shape) != tuple(want_bytes) or value.data.dtype != np.uint8:
       raise GGUFError(f"tensor {name!r}: raw {value.qtype.name} data has shape "
-                      f"{tuple(value.data.shape)} {value.data.dtype}, expected {tuple(want_bytes)} uint8")
+                      f"{tuple(value.data.shape)} {value.data.dtype}, "
+                      f"expected {tuple(want_bytes)} uint8")
   elif tuple(np.shape(value)) != want:
     raise GGUFError(f"tensor {name!r} has shape {tuple(np.shape(value))}, expected {want}")
   return spec, il

@@ -40,7 +40,8 @@ def plan_ranges(layer_bytes: Sequence[int], n_stages: int, *, embed_bytes: int =
     return prefix[j] - prefix[i] + extra
 
   inf = float("inf")
-  # best[k][j]: minimal max-cost covering layers 0..j-1 with stages 0..k; cut[k][j]: start of stage k.
+  # best[k][j]: minimal max-cost covering layers 0..j-1 with stages 0..k;
+  # cut[k][j]: where stage k starts in that optimum.
   best = [[inf] * (n + 1) for _ in range(n_stages)]
   cut = [[0] * (n + 1) for _ in range(n_stages)]
   for j in range(1, n + 1):

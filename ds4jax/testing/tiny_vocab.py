@@ -39,7 +39,8 @@ TOKEN_NORMAL, TOKEN_CONTROL = 1, 3
 
 # GPT-2-style pre-split for ASCII text: contractions, words with their leading space,
 # single digits, punctuation runs, whitespace.
-PRE_SPLIT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
+PRE_SPLIT = re.compile(
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\s+(?!\S)|\s+")
 
 CORPUS = """\
 The quick brown fox jumps over the lazy dog. A small model is a good model for a test, and
@@ -133,7 +134,8 @@ def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
 def build_vocab(vocab_size: int) -> TinyVocab:
   """Builds the deterministic vocabulary of exactly `vocab_size` tokens."""
   if vocab_size < MIN_VOCAB:
-    raise ValueError(f"vocab_size={vocab_size} is too small for the tiny vocab (need >= {MIN_VOCAB})")
+    raise ValueError(
+        f"vocab_size={vocab_size} is too small for the tiny vocab (need >= {MIN_VOCAB})")
   b2u = bytes_to_unicode()
   tokens = list(SPECIAL_TOKENS) + list(b2u)
   known = set(tokens)
