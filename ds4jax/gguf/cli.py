@@ -6,10 +6,23 @@ import logging
 import sys
 from typing import Callable
 
-from absl import app
+from absl import app, flags
 
 # Errors that mean "bad input" rather than "bug": they become one line on stderr, exit 2.
 INPUT_ERRORS = (ValueError, OSError, KeyError)
+
+
+def _fail(msg: str) -> None:
+  print(f"error: {msg.splitlines()[0] if msg else 'failed'}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad or missing flag reported on one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(str(e))
 
 
 def run(main: Callable[[list[str]], int | None]) -> None:
@@ -21,8 +34,6 @@ def run(main: Callable[[list[str]], int | None]) -> None:
     try:
       return main(argv)
     except INPUT_ERRORS as e:
-      msg = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-      print(f"error: {msg.splitlines()[0] if msg else type(e).__name__}", file=sys.stderr)
-      sys.exit(2)
+      _fail(str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e) or type(e).__name__)
 
-  app.run(wrapped)
+  app.run(wrapped, flags_parser=_parse_flags)

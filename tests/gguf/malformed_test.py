@@ -153,6 +153,8 @@ def test_scripts_bad_input(tiny_gguf, tmp_path, run_script):
       ("split_gguf.py", [f"--gguf={tiny_gguf}", "--layers=0:99", f"--out={out}"], "ends past the final"),
       ("split_gguf.py", [f"--gguf={tiny_gguf}", "--layers=a:b", f"--out={out}"], "'a' is not"),
       ("inspect_gguf.py", [f"--gguf={tiny_gguf}", "--split=9"], "cannot split 4 layers into 9"),
+      ("inspect_gguf.py", [f"--gguf={tiny_gguf}", "--split=abc"], "flag --split=abc"),
+      ("split_gguf.py", [f"--gguf={tiny_gguf}", "--layers=0:1"], "--out must have a value"),
   ]
   for script, args, needle in cases:
     _check_one_line_error(*run_script(script, *args), needle)
