@@ -45,7 +45,7 @@ def plan_route(n_layers: int, local: LayerRange, hops: Sequence[HopInfo],
     return ([], "") if local.end == last else (None, f"coordinator range {local} is invalid")
   rank = {s: i for i, s in enumerate(prefer)}
   cands = sorted(
-      (h for h in hops if h.layers.end < last or h.layers.has_output),
+      hops,
       key=lambda h: (rank.get(str(h.layers), len(rank)), h.wid))
   by_start: dict[int, list[HopInfo]] = {}
   for h in cands:
@@ -59,6 +59,9 @@ def plan_route(n_layers: int, local: LayerRange, hops: Sequence[HopInfo],
         continue
       if h.layers.has_output:
         return [h]
+      if h.layers.end >= last:  # reaches the end without the head: useless as a last hop
+        furthest[0] = max(furthest[0], last + 1)
+        continue
       rest = search(h.layers.end + 1, used | {h.wid})
       if rest is not None:
         return [h, *rest]

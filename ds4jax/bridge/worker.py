@@ -71,9 +71,17 @@ class Worker:
     self.host = socket.gethostname()
     self._stop = threading.Event()
     self.connections = 0  # successful ACCEPTs, for tests and logs
+    self._ch = None
 
   def stop(self) -> None:
     self._stop.set()
+
+  def abort(self) -> None:
+    """Stops and drops the live connection at once, like a crash (tests)."""
+    self._stop.set()
+    ch = self._ch
+    if ch is not None:
+      ch.close()
 
   # ------------------------------------------------------------------------------ dial loop
   def run(self) -> None:
@@ -143,6 +151,7 @@ class Worker:
   # ----------------------------------------------------------------------------- serving
   def _serve(self, ch: transport.Channel, hb: float) -> None:
     dead_after = max(3 * hb, 1.0) if hb > 0 else self.opt.dead_after
+    self._ch = ch
     work: queue.Queue = queue.Queue()
     compute = threading.Thread(target=self._compute_loop, args=(ch, work), daemon=True,
                                name="ds4jax-worker-compute")

@@ -1,0 +1,220 @@
+"""The bridge end to end in one process (threads, real loopback sockets) over a fake numpy
+stage whose outputs depend on every earlier token. Fast; the same behaviour with the real
+model and real processes is in e2e_test.py."""
+
+import contextlib
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.errors import HandshakeRefused, RouteUnavailable
+from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.config import LayerRange
+from ds4jax.generate.sampling import SamplingParams
+from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
+
+CFG = FakeConfig()
+GREEDY = SamplingParams()
+
+
+def free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def workers(addr, specs, cfg=CFG, **kw):
+  """Worker threads for the given ranges; yields (workers, errors list)."""
+  ws, threads, errors = [], [], []
+  for spec in specs:
+    rng = spec if isinstance(spec, LayerRange) else LayerRange.parse(spec, cfg.n_layers)
+    opt = WorkerOptions(**{"ctx": 64, "backoff_min": 0.05, "backoff_max": 0.2, **kw})
+    w = Worker(tuple(addr), fingerprint=cfg.fingerprint(), n_layers=cfg.n_layers,
+               vocab_size=cfg.vocab_size, layers=rng, options=opt,
+               load=lambda rng=rng: FakeRunner(cfg, rng, opt.ctx))
+
+    def run(w=w):
+      try:
+        w.run()
+      except Exception as e:
+        errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    ws.append(w)
+    threads.append(t)
+  try:
+    yield ws, errors
+  finally:
+    for w in ws:
+      w.abort()
+    for t in threads:
+      t.join(timeout=5)
+
+
+def coordinator(local="0:0", ctx=64, **kw):
+  opt = dict(port=0, route_timeout=5, prefill_chunk=3, heartbeat_s=0.2, request_timeout=5)
+  opt.update(kw)
+  return Coordinator(FakeRunner(CFG, LayerRange.parse(local, CFG.n_layers), ctx),
+                     CoordinatorOptions(**opt))
+
+
+def generate(coord, prompt, n, sid=None, check=True, dtype=None):
+  """Greedy generation; checks every logits row against one process when check."""
+  sid = sid or coord.new_session(dtype)
+  toks, rows = list(prompt), []
+  for step in range(n):
+    r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+    if check:
+      np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+    rows.append(r.logits_V)
+    toks.append(r.token)
+  return toks[len(prompt):], rows
+
+
+PROMPT = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
+
+
+@pytest.mark.parametrize("local,specs", [
+    ("0:output", []),
+    ("0:0", ["1:output"]),
+    ("0:1", ["2:output"]),
+    ("0:0", ["1:2", "3:output"]),
+    ("0:0", ["1:1", "2:2", "3:output"]),
+])
+def test_exact_split(local, specs):
+  with coordinator(local) as coord, workers(coord.address, specs):
+    if specs:
+      assert coord.wait_route(5)
+    out, _ = generate(coord, PROMPT, 8)
+    assert len(out) == 8
+
+
+def test_prefix_reuse_rewind_and_two_threads():
+  with coordinator() as coord, workers(coord.address, ["1:2", "3:output"]):
+    sid = coord.new_session()
+    r = coord.step(sid, PROMPT, GREEDY, 0)
+    assert r.n_computed == len(PROMPT)
+    r = coord.step(sid, PROMPT + [r.token, 7], GREEDY, 1, return_logits=True)
+    assert r.n_computed == 2
+    diverged = PROMPT[:4] + [11, 12]
+    r = coord.step(sid, diverged, GREEDY, 2, return_logits=True)
+    assert r.n_computed == 2  # rewound to the 4-token common prefix
+    np.testing.assert_array_equal(r.logits_V, full_logits(CFG, diverged)[-1])
+    results, errs = {}, []
+
+    def run(name, prompt):
+      try:
+        results[name] = generate(coord, prompt, 6)[0]
+      except Exception as e:  # surfaced below
+        errs.append(e)
+
+    ts = [threading.Thread(target=run, args=(i, PROMPT[i:] + [i])) for i in range(2)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    assert not errs and len(results) == 2
+
+
+def test_worker_eviction_is_rebuilt_from_cached_inputs():
+  with coordinator() as coord, workers(coord.address, ["1:2", "3:output"], max_sessions=1):
+    a, b = coord.new_session(), coord.new_session()
+    ta, tb = list(PROMPT), PROMPT[::-1]
+    for step in range(3):  # every step evicts the other session on both workers
+      for sid, toks in ((a, ta), (b, tb)):
+        r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+        np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+        toks.append(r.token)
+    assert any("rebuilt the KV" in e for e in coord.events)
+
+
+def test_spare_takes_over_without_changing_the_output():
+  with coordinator("0:output") as one:
+    ref, _ = generate(one, PROMPT, 10, check=False)
+  with coordinator() as coord, workers(coord.address, ["1:2", "3:output"]) as (ws, _):
+    sid = coord.new_session()
+    first, _ = generate(coord, PROMPT, 4, sid=sid)
+    with workers(coord.address, ["1:2"]):  # a spare joins, then the primary dies
+      deadline = time.monotonic() + 5
+      while len(coord.route_info()["workers"]) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+      ws[0].abort()
+      toks = PROMPT + first
+      for step in range(4, 10):
+        r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+        np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+        toks.append(r.token)
+    assert toks[len(PROMPT):] == ref
+    assert any("rebuilt the KV" in e for e in coord.events)
+
+
+def test_start_order_and_coordinator_restart():
+  port = free_port()
+  with workers(("127.0.0.1", port), ["1:output"]) as (ws, _):
+    time.sleep(0.3)  # the worker is already dialing when the coordinator starts
+    with coordinator(port=port) as coord:
+      out1, _ = generate(coord, PROMPT, 3)
+    with coordinator(port=port) as coord:  # a restart: the worker redials on its own
+      out2, _ = generate(coord, PROMPT, 3)
+    assert out1 == out2 and ws[0].connections == 2
+
+
+@pytest.mark.parametrize("kind,expect", [
+    ("version", "protocol version 99 is not supported"),
+    ("model", "model mismatch"),
+    ("range", "layer range 2:9 ends past the final model layer 3"),
+    ("head", "owns the output head but not the last layer 3"),
+    ("ctx", "worker context too small: worker=16 coordinator=64"),
+])
+def test_refusals_show_the_reason_on_both_sides(kind, expect):
+  cfg, spec, kw = CFG, "1:output", {}
+  if kind == "version":
+    kw["protocol_version"] = 99
+  elif kind == "model":
+    cfg = FakeConfig(seed=1)
+  elif kind == "range":
+    spec = LayerRange(2, 9)
+  elif kind == "head":
+    spec = LayerRange(1, 2, True)
+  else:
+    kw["ctx"] = 16
+  with coordinator() as coord, workers(coord.address, [spec], cfg=cfg, **kw) as (_, errors):
+    deadline = time.monotonic() + 5
+    while not errors and time.monotonic() < deadline:
+      time.sleep(0.02)
+    assert len(errors) == 1 and isinstance(errors[0], HandshakeRefused)
+    assert expect in errors[0].reason
+    assert any(expect in e for e in coord.events)
+    assert not coord.route_ready()[0]
+
+
+def test_route_unavailable_while_status_answers():
+  with coordinator(route_timeout=0.6) as coord, workers(coord.address, ["1:1"]):
+    sid = coord.new_session()
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(coord.route_info()))
+    t0 = time.monotonic()
+    t.start()
+    with pytest.raises(RouteUnavailable, match="unavailable: missing layer 2"):
+      coord.step(sid, PROMPT, GREEDY, 0)
+    t.join()
+    assert seen and seen[0]["ready"] is False and time.monotonic() - t0 >= 0.6
+    with workers(coord.address, ["2:output"]):  # the route comes back: same session works
+      generate(coord, PROMPT, 2, sid=sid)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "int8"])
+def test_lossy_wire_dtypes_finish(dtype):
+  with coordinator() as coord, workers(coord.address, ["1:2", "3:output"]):
+    ref, _ = generate(coord, PROMPT, 6)
+    out, _ = generate(coord, PROMPT, 6, check=False, dtype=dtype)
+    assert len(out) == 6
+    sid = coord.new_session(dtype)  # teacher-forced on the f32 transcript: comparable rows
+    toks = PROMPT + ref
+    r = coord.step(sid, toks, GREEDY, 0, return_logits=True)
+    d = float(np.abs(r.logits_V - full_logits(CFG, toks)[-1]).max())
+    assert 0 < d < 0.5
