@@ -134,6 +134,10 @@ class RssMonitor:
   """Samples this process's RSS every few ms; `growth` is peak minus the starting RSS."""
 
   def __init__(self):
+    # Code the targets load lazily on some frames (snapshot handling pulls in JAX, which a
+    # real worker has loaded anyway) is loaded first: the bound is about what input costs.
+    import ds4jax.checkpoints.snapshot_bridge  # noqa: F401
+    import ds4jax.generate.sampling  # noqa: F401
     self.proc = psutil.Process()
     self.base = self.peak = self.proc.memory_info().rss
     self._stop = threading.Event()
@@ -517,7 +521,7 @@ def test_fuzz_worker(logs):
     assert not bad_etypes, f"unvalidated fields reached code that raised: {bad_etypes[:5]}"
     assert wt.is_alive(), "the worker stopped"
     assert kinds["workfields"] > 1000 and replies >= kinds["workfields"]
-    assert kills > 200 and fc.dials == kills + 1 and kinds["slowloris"] >= 2
+    assert kills > 200 and fc.dials == kills + (sock is not None) and kinds["slowloris"] >= 2
 
     # Every hang-up was logged with its reason.
     def n_logged():
