@@ -49,6 +49,9 @@ class Fault:
   delay_s: float = 0.0
   p: float = 1.0  # per-frame probability (after_frames) or of firing at all (after_bytes)
   count: int | None = 1  # how many times it may fire; None = unlimited
+  # Count only frames of this protocol MsgType (after_frames = the Nth such frame). Reliable
+  # on the send side, where a frame's header reaches sendall in one piece.
+  frame_type: int | None = None
 
   def __post_init__(self):
     if self.kind not in KINDS:
@@ -88,6 +91,7 @@ class _Stream:
     self.frame_end = 0  # where the next frame starts; None while its header is incomplete
     self.head = bytearray()
     self.fired = [0] * len(faults)
+    self.typed = [0] * len(faults)  # frames of each fault's frame_type seen so far
     self.acts: list[tuple[int, float, Fault]] = []  # (start, end, fault)
     for i, f in enumerate(faults):
       if f.after_bytes is not None and self._roll(i):
@@ -105,12 +109,22 @@ class _Stream:
     end = at + (math.inf if f.length is None else f.length) if f.kind in _RANGED else at
     self.acts.append((at, end, f))
 
-  def _frame_start(self):
+  def _frame_start(self, peek: bytes):
     self.frame_idx += 1
     self.frame_end = None
     self.head.clear()
+    mtype = peek[5] if len(peek) > 5 else None  # the type byte of the fixed header
     for i, f in enumerate(self.faults):
-      if f.after_frames is not None and self.frame_idx >= f.after_frames and self._roll(i):
+      if f.after_frames is None:
+        continue
+      if f.frame_type is None:
+        index = self.frame_idx
+      elif mtype == f.frame_type:
+        index = self.typed[i]
+        self.typed[i] += 1
+      else:
+        continue
+      if index >= f.after_frames and self._roll(i):
         self._activate(i, self.pos + f.offset)
 
   def plan(self, data) -> list[tuple[int, int, str | None, Fault | None]]:
@@ -119,7 +133,7 @@ class _Stream:
     lo, n = 0, len(data)
     while lo < n:
       if self.frame_end is not None and self.pos == self.frame_end:
-        self._frame_start()
+        self._frame_start(bytes(data[lo:lo + self.head_size]))
       bounds = [n - lo]
       if self.frame_end is None:
         bounds.append(self.head_size - len(self.head))

@@ -235,3 +235,17 @@ def test_injector_wraps_only_selected_links():
 def test_fault_validation(kw, err):
   with pytest.raises(ValueError, match=err):
     Fault(**kw)
+
+
+def test_frame_type_filter_counts_only_that_type(pair):
+  a, b = pair
+  fa = faults.FaultySocket(a, [Fault("corrupt", after_frames=1, frame_type=protocol.MsgType.WORK)])
+  seq = [protocol.MsgType.PING, protocol.MsgType.WORK, protocol.MsgType.PING,
+         protocol.MsgType.WORK]
+  for t in seq:
+    protocol.send_frame(fa, t, {})
+  got = recv_n(b, 3)
+  assert [f.type for f in got] == seq[:3]
+  with pytest.raises(ProtocolError, match="bad magic"):
+    recv_n(b, 1)
+  assert len(fa.events) == 1
