@@ -1,6 +1,6 @@
 r"""Serves a ds4 GGUF over an OpenAI-compatible HTTP API, whole or as the coordinator of a split.
 
-    # One process, the built-in tiny model:
+    # The whole model here (no workers), the built-in tiny model:
     python scripts/serve.py --gguf=tiny --http=127.0.0.1:8000
     # Coordinator of a split: owns layers 0:1, workers dial in on :7000 for the rest.
     python scripts/serve.py --gguf=m.gguf --layers=0:1 --listen=0.0.0.0:7000 \
@@ -11,29 +11,26 @@ r"""Serves a ds4 GGUF over an OpenAI-compatible HTTP API, whole or as the coordi
     curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
 
-Once both sockets are bound it prints one line on stdout:
+The model runs in a child process (`ds4jax.serving.model_proc`) so that JAX compilation never
+stalls `/health`; `--in_process` keeps it in this one. Once both sockets are bound it prints
+one line on stdout:
 `serving http://HOST:PORT model=NAME listen=HOST:PORT|-` (with port 0, the real ports).
 See docs/serving.md.
 """
 
 import logging
 import os
+import signal
 import socket
 import sys
 
 from absl import flags
 
 from ds4jax import cli
+from ds4jax.serving import model_proc
 
-cli.define_run_flags(prompt=False)
-_HTTP = flags.DEFINE_string("http", "127.0.0.1:8000", "HOST:PORT for the HTTP API (port 0: any).")
-_MODEL_NAME = flags.DEFINE_string("model_name", None,
-                                  "The model id clients name (default: the GGUF's file name).")
-_MAX_CONCURRENCY = flags.DEFINE_integer("max_concurrency", 16,
-                                        "Requests generating at once; the rest queue.",
-                                        lower_bound=1)
-_LOG_LEVEL = flags.DEFINE_enum("http_log_level", "warning", ["debug", "info", "warning", "error"],
-                               "uvicorn's log level (access lines at info).")
+model_proc.define_flags()
+FLAGS = flags.FLAGS
 
 
 def _bind(spec: str) -> socket.socket:
@@ -46,6 +43,31 @@ def _bind(spec: str) -> socket.socket:
   return sock
 
 
+def _exit_cleanly(signum, frame):
+  raise SystemExit(0)
+
+
+def _in_process(gguf: str):
+  """(backend, tokenizer, listen, close) with the model in this process."""
+  from ds4jax.tokenizer import Tokenizer
+  cli.enable_compilation_cache(cli.option("cache_dir"))
+  backend, close = cli.build_backend()
+  address = getattr(backend, "address", None)
+  return backend, Tokenizer.from_gguf(gguf), f"{address[0]}:{address[1]}" if address else None, close
+
+
+def _child_process():
+  """(model process, None, listen, close): the model runs in `serving.model_proc`."""
+  from ds4jax.serving.remote import ModelProcess
+  model = ModelProcess(sys.argv[1:])
+  try:
+    ready = model.wait_ready()
+  except BaseException:
+    model.close()
+    raise
+  return model, None, ready.get("listen"), model.close
+
+
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -53,34 +75,31 @@ def main(argv):
   import uvicorn  # deferred: a bad flag should not pay for the import
 
   from ds4jax.serving.app import create_app
-  from ds4jax.tokenizer import Tokenizer
 
-  cli.enable_compilation_cache(cli.option("cache_dir"))
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
-  sock = _bind(_HTTP.value)  # before loading: a busy port fails in a second, not a minute
-  backend, close = cli.build_backend()
+  sock = _bind(FLAGS.http)  # before loading: a busy port fails in a second, not a minute
+  backend, tokenizer, listen, close = (_in_process(gguf) if FLAGS.in_process
+                                       else _child_process())
   try:
-    tokenizer = Tokenizer.from_gguf(gguf)
-    name = _MODEL_NAME.value or os.path.splitext(os.path.basename(gguf))[0]
-    app = create_app(backend, tokenizer, name,
-                     route_timeout=float(cli.option("route_timeout", 60.0)),
-                     max_concurrency=_MAX_CONCURRENCY.value,
+    name = FLAGS.model_name or os.path.splitext(os.path.basename(gguf))[0]
+    timeout = float(cli.option("route_timeout", 60.0))
+    app = create_app(backend, tokenizer, name, route_timeout=timeout,
+                     max_concurrency=FLAGS.max_concurrency,
                      default_max_tokens=int(cli.option("max_new_tokens", 256)))
     host, port = sock.getsockname()[:2]
-    address = getattr(backend, "address", None)
-    listen = f"{address[0]}:{address[1]}" if address else "-"
-    print(f"serving http://{host}:{port} model={name} listen={listen}", flush=True)
+    print(f"serving http://{host}:{port} model={name} listen={listen or '-'}", flush=True)
     ok, reason = backend.route_ready() if hasattr(backend, "route_ready") else (True, "")
     if not ok:
-      logging.info("waiting for workers: %s (requests wait up to %.0fs)", reason,
-                   float(cli.option("route_timeout", 60.0)))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=_LOG_LEVEL.value, lifespan="on",
+      logging.info("waiting for workers: %s (requests wait up to %.0fs)", reason, timeout)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=FLAGS.http_log_level, lifespan="on",
                                            timeout_graceful_shutdown=5))
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it against the handler it found:
+    # make that one a normal exit, so the model process is closed below and the status is 0.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     server.run(sockets=[sock])
   finally:
     close()
     sock.close()
-  sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -42,14 +42,30 @@ def _route_error_kind(exc: BaseException) -> bool:
   return type(exc).__name__ == "RouteUnavailable"
 
 
+class InProcess(SessionTracker):
+  """The model in the server's own process: a Backend plus what turns a job into work."""
+
+  def __init__(self, backend, tokenizer, generator_cls, serialize_steps: bool = False):
+    super().__init__(backend, serialize_steps=serialize_steps)
+    self.tokenizer = tokenizer
+    self.generator_cls = generator_cls
+
+  def n_open(self) -> int:
+    return len(self.open)
+
+  def make_work(self, job: GenerationJob):
+    return make_work(self, self.tokenizer, job, self.generator_cls)
+
+
 def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout: float = 60.0,
                max_concurrency: int = 16, default_max_tokens: int = 256,
                serialize_steps: bool = False, generator_cls=None) -> fastapi.FastAPI:
   """Builds the server around a `Backend` (LocalBackend or Coordinator) and its tokenizer.
 
   Args:
-    backend: a `ds4jax.generate.types.Backend`; wrapped to count sessions and record metrics.
-    tokenizer: the model's `Tokenizer`.
+    backend: a `ds4jax.generate.types.Backend` run in this process, or a
+      `serving.remote.ModelProcess` (the model in a child process; scripts/serve.py's default).
+    tokenizer: the model's `Tokenizer` (unused with a ModelProcess, which has its own).
     model_name: the id `/v1/models` lists and requests must name (or omit).
     route_timeout: seconds a request waits for a complete route before HTTP 503.
     max_concurrency: requests generating at once; the rest queue (see /metrics).
@@ -58,9 +74,12 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     generator_cls: `(backend, tokenizer) -> Generator`; defaults to `generate.loop.Generator`.
   """
   metrics = Metrics()
-  tracked = SessionTracker(backend, serialize_steps=serialize_steps, metrics=metrics)
-  if generator_cls is None:
-    from ds4jax.generate.loop import Generator as generator_cls
+  if hasattr(backend, "make_work"):
+    tracked = backend
+  else:
+    if generator_cls is None:
+      from ds4jax.generate.loop import Generator as generator_cls
+    tracked = InProcess(backend, tokenizer, generator_cls, serialize_steps)
   engine = Engine(tracked, route_timeout=route_timeout, max_concurrency=max_concurrency,
                   metrics=metrics)
   created = int(time.time())
@@ -93,7 +112,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
   async def health():
     state = await engine.route_state()
     return {"status": "ok" if state.complete else "waiting_for_route", "model": model_name,
-            "route": state.to_dict(), "sessions": len(tracked.open),
+            "route": state.to_dict(), "sessions": tracked.n_open(),
             "queue_depth": metrics.queue_depth, "active_requests": metrics.active,
             "route_timeout_s": engine.route_timeout}
 
@@ -108,7 +127,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     state = await engine.route_state()
     workers = state.info.get("workers") or []
     text = metrics.render(route_complete=state.complete, n_workers=len(workers),
-                          n_sessions=len(tracked.open))
+                          n_sessions=tracked.n_open())
     return responses.PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
   @app.get("/v1/models")
@@ -140,7 +159,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     finally:
       metrics.add_queue(-1)
     rid = schemas.new_id("chatcmpl" if chat else "cmpl")
-    events = _events(engine, make_work(tracked, tokenizer, job, generator_cls))
+    events = _events(engine, tracked.make_work(job), metrics)
     # Run up to the first step (the prefill) before answering, so a prompt the model refuses
     # or a route lost during the prefill still gets a proper HTTP status, streaming or not.
     first: list[Any] = []
@@ -243,10 +262,12 @@ def _generation_error(e: BaseException, endpoint: str, error_response):
 _GONE = object()
 
 
-async def _events(engine: Engine, work):
+async def _events(engine: Engine, work, metrics: Metrics):
   """A generation slot, then the work's events; the slot is released when this closes."""
   async with engine.slot():
     async for ev in engine.run(work):
+      if isinstance(ev, Stepped):
+        metrics.observe_step(ev.telemetry, ev.wall_s)
       yield ev
 
 

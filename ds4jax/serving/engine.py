@@ -90,9 +90,8 @@ class SessionTracker:
   `step` for backends that are not thread-safe; sessions still interleave token by token.
   """
 
-  def __init__(self, backend, serialize_steps: bool = False, metrics: Optional[Metrics] = None):
+  def __init__(self, backend, serialize_steps: bool = False):
     self.backend = backend
-    self.metrics = metrics
     self._lock = threading.Lock()
     self._step_lock = threading.Lock() if serialize_steps else None
     self.open: set[str] = set()
@@ -116,15 +115,10 @@ class SessionTracker:
           self.closed += 1
 
   def step(self, *args, **kw):
-    t0 = time.perf_counter()
     if self._step_lock is None:
-      res = self.backend.step(*args, **kw)
-    else:
-      with self._step_lock:
-        res = self.backend.step(*args, **kw)
-    if self.metrics is not None:
-      self.metrics.observe_step(res.telemetry, time.perf_counter() - t0)
-    return res
+      return self.backend.step(*args, **kw)
+    with self._step_lock:
+      return self.backend.step(*args, **kw)
 
   def route_info(self) -> dict:
     return self.backend.route_info()

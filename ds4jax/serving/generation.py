@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from typing import Any, Callable, Optional, Sequence
 
 from ds4jax.generate.sampling import SamplingParams
@@ -37,6 +38,8 @@ class GenerationJob:
 @dataclasses.dataclass(frozen=True)
 class Stepped:
   n: int  # steps done so far in this request
+  wall_s: float = 0.0  # this step's wall time
+  telemetry: tuple = ()  # its HopTelemetry (or dicts with the same fields)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +76,9 @@ class _StepHook:
   def step(self, *args, **kw):
     if self._cancel.is_set():
       raise Cancelled()
+    t0 = time.perf_counter()
     res = self._backend.step(*args, **kw)
-    self._on_step(res)
+    self._on_step(res, time.perf_counter() - t0)
     return res
 
   def route_info(self) -> dict:
@@ -94,9 +98,9 @@ def make_work(backend, tokenizer, job: GenerationJob, generator_cls):
   def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
     steps = [0]
 
-    def on_step(_res):
+    def on_step(res, wall_s):
       steps[0] += 1
-      emit(Stepped(steps[0]))
+      emit(Stepped(steps[0], wall_s, tuple(res.telemetry or ())))
 
     gen = generator_cls(_StepHook(backend, cancel, on_step), tokenizer)
     kw: dict[str, Any] = dict(max_new_tokens=job.max_tokens, sampling=job.sampling,

@@ -102,11 +102,13 @@ class Metrics:
       self._recent.append((now, 1))
       self._steps.observe(wall_s)
       for hop in telemetry or ():
-        key = (str(hop.stage), str(hop.host))
+        # HopTelemetry in process, its dict from the model process.
+        hop = hop if isinstance(hop, dict) else hop.to_dict()
+        key = (str(hop["stage"]), str(hop["host"]))
         h = self._hops.get(key)
         if h is None:
           h = self._hops[key] = _Histogram(LATENCY_BUCKETS)
-        h.observe(float(hop.compute_s) + float(hop.queue_s))
+        h.observe(float(hop.get("compute_s", 0.0)) + float(hop.get("queue_s", 0.0)))
 
   def observe_duration(self, endpoint: str, seconds: float) -> None:
     with self._lock:

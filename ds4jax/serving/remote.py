@@ -1,0 +1,190 @@
+"""The server side of the model process (see model_proc.py for the why and the wire format).
+
+`ModelProcess` starts `python -m ds4jax.serving.model_proc`, keeps the latest route snapshot it
+pushes (so route queries cost a dict read, never a model call), and turns each request into a
+`work(cancel, emit)` function for `Engine.run` that forwards the model's events.
+
+    model = ModelProcess(["--gguf=m.gguf", "--layers=0:1", "--listen=0.0.0.0:7000"])
+    ready = model.wait_ready(timeout=600)        # {"listen": "0.0.0.0:7000"}
+    app = create_app(model, None, "m")
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any, Callable, Optional, Sequence
+
+from ds4jax.bridge.errors import RouteUnavailable
+from ds4jax.serving import generation
+
+log = logging.getLogger("ds4jax.serving")
+
+_EXIT = object()
+
+
+class ModelProcessError(ChildProcessError):
+  """The model process failed to start, or exited."""
+
+
+def _job_to_dict(job: generation.GenerationJob) -> dict[str, Any]:
+  return {"prompt": job.prompt, "messages": job.messages, "max_tokens": job.max_tokens,
+          "sampling": job.sampling.to_dict(), "stop": list(job.stop)}
+
+
+def _event(d: dict[str, Any]):
+  kind = d["type"]
+  if kind == "stepped":
+    return generation.Stepped(d["n"], d["wall_s"], tuple(d["telemetry"]))
+  if kind == "piece":
+    return generation.Piece(d["text"])
+  return generation.Finished(d["finish_reason"], d["prompt_tokens"], d["completion_tokens"],
+                             d["timings"])
+
+
+def _error(kind: str, message: str) -> Exception:
+  if kind == "route":
+    return RouteUnavailable(message)
+  if kind == "value":
+    return ValueError(message)
+  return RuntimeError(message)
+
+
+class ModelProcess:
+  """A child process running the model; quacks like the server's in-process backend."""
+
+  def __init__(self, args: Sequence[str], *, env: Optional[dict[str, str]] = None):
+    ours, theirs = socket.socketpair()
+    cmd = [sys.executable, "-m", "ds4jax.serving.model_proc", f"--fd={theirs.fileno()}", *args]
+    # The child's stdout/stderr are the server's: its log lines show up with the server's.
+    self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env or dict(os.environ))
+    theirs.close()
+    self.conn = ours
+    self._send_lock = threading.Lock()
+    self._queues: dict[str, queue.Queue] = {}
+    self._ids = itertools.count(1)
+    self._ready = threading.Event()
+    self._ready_msg: dict[str, Any] = {}
+    self._route: dict[str, Any] = {"ok": False, "reason": "model process starting", "info": {},
+                                   "missing": None, "sessions": 0}
+    self.exited: Optional[str] = None
+    threading.Thread(target=self._read_loop, daemon=True, name="model-proc-reader").start()
+
+  # ---- lifecycle ----------------------------------------------------------------------------
+
+  def wait_ready(self, timeout: Optional[float] = None) -> dict[str, Any]:
+    """Blocks until the model is loaded (and listening); ModelProcessError if it died."""
+    self._ready.wait(timeout)
+    if self.exited:
+      raise ModelProcessError(self.exited)
+    if not self._ready.is_set():
+      raise ModelProcessError(f"the model process was not ready after {timeout:.0f}s")
+    return dict(self._ready_msg)
+
+  def close(self, timeout: float = 10.0) -> None:
+    try:
+      self._send({"op": "shutdown"})
+    except OSError:
+      pass
+    try:
+      self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.terminate()
+      try:
+        self.proc.wait(5)
+      except subprocess.TimeoutExpired:
+        self.proc.kill()
+        self.proc.wait()
+    self.conn.close()
+
+  def _send(self, msg: dict[str, Any]) -> None:
+    data = (json.dumps(msg) + "\n").encode()
+    with self._send_lock:
+      self.conn.sendall(data)
+
+  def _read_loop(self) -> None:
+    reader = self.conn.makefile("rb")
+    try:
+      for line in reader:
+        msg = json.loads(line)
+        op = msg.get("op")
+        if op == "route":
+          self._route = msg
+        elif op == "ready":
+          self._ready_msg = msg
+          self._ready.set()
+        elif op == "failed":
+          self.exited = msg.get("message", "the model process failed")
+        elif op in ("event", "error", "done"):
+          q = self._queues.get(msg["rid"])
+          if q is not None:
+            q.put(msg)
+    except (OSError, ValueError) as e:
+      log.error("model process link failed: %s", e)
+    code = self.proc.wait()
+    self.exited = self.exited or f"the model process exited (code {code})"
+    self._route = {"ok": False, "reason": self.exited, "info": {}, "missing": None,
+                   "sessions": 0}
+    self._ready.set()
+    for q in list(self._queues.values()):
+      q.put(_EXIT)
+
+  # ---- what Engine and the app use ------------------------------------------------------------
+
+  def route_ready(self) -> tuple[bool, str]:
+    r = self._route
+    return bool(r["ok"]), str(r["reason"])
+
+  def route_info(self) -> dict:
+    return dict(self._route.get("info") or {})
+
+  def uncovered_layers(self, info: dict) -> Optional[list[int]]:
+    return self._route.get("missing")
+
+  def n_open(self) -> int:
+    return int(self._route.get("sessions", 0))
+
+  def make_work(self, job: generation.GenerationJob) -> Callable:
+    """The `work(cancel, emit)` function that runs `job` in the model process."""
+
+    def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
+      if self.exited:
+        raise ModelProcessError(self.exited)
+      rid = f"r{next(self._ids)}"
+      q: queue.Queue = queue.Queue()
+      self._queues[rid] = q
+      cancelled = False
+      try:
+        self._send({"op": "generate", "rid": rid, "job": _job_to_dict(job)})
+        while True:
+          try:
+            msg = q.get(timeout=0.05)
+          except queue.Empty:
+            msg = None
+          if cancel.is_set() and not cancelled:
+            self._send({"op": "cancel", "rid": rid})
+            cancelled = True
+          if msg is None:
+            continue
+          if msg is _EXIT:
+            raise ModelProcessError(self.exited or "the model process exited")
+          if msg["op"] == "done":
+            return
+          if msg["op"] == "error":
+            raise _error(msg["kind"], msg["message"])
+          if not cancelled:
+            emit(_event(msg["ev"]))
+      finally:
+        self._queues.pop(rid, None)
+
+    return work
+
+
+__all__ = ["ModelProcess", "ModelProcessError"]
