@@ -163,6 +163,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close)."""
   from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
   from ds4jax.config import LayerRange
+  from ds4jax.generate.local import heartbeat
   from ds4jax.gguf import reader
   from ds4jax.model.load import load_stage
   from ds4jax.model.runner import StageRunner
@@ -171,8 +172,9 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   key = auth.load_key(key_file)
   cfg = reader.read_config(gguf)
   rng = LayerRange.parse(layers, cfg.n_layers)
-  runner = StageRunner(load_stage(gguf, rng), ctx_size=ctx_size,
-                       fingerprint=reader.fingerprint(gguf))
+  with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
+    stage = load_stage(gguf, rng)
+  runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=reader.fingerprint(gguf))
   auth.warn_if_exposed(host, key)
   try:
     coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(

@@ -15,6 +15,7 @@ diverges rewinds to the common prefix with `truncate` instead of starting again 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -46,6 +47,25 @@ class _Session:
   states: list[Any] | None
   # The token ids the states hold, in order; len == every state's pos.
   tokens: list[int]
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every_s: float = 5.0):
+  """Logs "<what>: 12s" every `every_s` seconds until the block ends (long GGUF loads)."""
+  done = threading.Event()
+  t0 = time.perf_counter()
+
+  def beat():
+    while not done.wait(every_s):
+      log.info("%s: %.0fs", what, time.perf_counter() - t0)
+
+  t = threading.Thread(target=beat, daemon=True, name="ds4jax-heartbeat")
+  t.start()
+  try:
+    yield
+  finally:
+    done.set()
+    t.join()
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -106,7 +126,9 @@ class LocalBackend:
     for spec in ranges:
       layers = LayerRange.parse(spec, cfg.n_layers)
       t0 = time.perf_counter()
-      stage = load_stage(path, layers, dtype=dtype)
+      with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)} "
+                     f"({os.path.getsize(path) / 2**30:.2f} GiB file)"):
+        stage = load_stage(path, layers, dtype=dtype)
       runners.append(StageRunner(stage, ctx_size=ctx_size))
       log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
                time.perf_counter() - t0)
@@ -230,4 +252,4 @@ def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
     raise ValueError(f"the stages end at layer {expect - 1}, the model has {n_layers} layers")
 
 
-__all__ = ["LocalBackend", "SessionError", "common_prefix"]
+__all__ = ["LocalBackend", "SessionError", "common_prefix", "heartbeat"]

@@ -115,3 +115,15 @@ def test_refusals():
     LocalBackend([PrefixRunner(LayerRange.parse("0:1", 4)), PrefixRunner(LayerRange.parse("3:output", 4))])
   with pytest.raises(ValueError, match="head"):
     LocalBackend([PrefixRunner(LayerRange.parse("0:3", 4))])
+
+
+def test_heartbeat_logs_while_the_block_runs(caplog):
+  import time
+  from ds4jax.generate.local import heartbeat
+  with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
+    with heartbeat("loading things", every_s=0.05):
+      time.sleep(0.3)
+    n = caplog.text.count("loading things:")
+    time.sleep(0.15)
+  assert n >= 2
+  assert caplog.text.count("loading things:") == n  # stopped with the block
