@@ -1,0 +1,133 @@
+"""One benchmark configuration in a fresh process (so its peak RSS and compiles are its own).
+
+    python -m ds4jax.bench.child SPEC.json OUT.json
+
+SPEC keys: mode ('single' | 'split' | 'hf'), gguf, ranges (split: the coordinator's range
+first, then one per worker), ctx, prompt_lens, decode_tokens, seed, chunk, cache_dir,
+log_dir, floor_rounds. OUT gets the measurements; last-position logits go next to it as .npy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ds4jax.bench import measure
+
+log = logging.getLogger("ds4jax.bench")
+
+
+def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+  from ds4jax.bridge.launch import load_runner
+  from ds4jax.generate.local import LocalBackend
+  t0 = time.perf_counter()
+  runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"])
+  backend = LocalBackend([runner], prefill_chunk=spec["chunk"])
+  load_s = time.perf_counter() - t0
+  res = measure.bench_backend(backend, ids, prompt_lens=spec["prompt_lens"],
+                              decode_tokens=spec["decode_tokens"], warm_len=spec["chunk"],
+                              keep_logits=True)
+  res["load_s"] = load_s
+  res["memory"] = {"process_peak_rss_mb": measure.peak_rss_mb()}
+  res["stages"] = ["all"]
+  return res
+
+
+def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+  from ds4jax.bench.probe import HopProbe
+  from ds4jax.bench.tcp_floor import measure_floor
+  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.launch import load_runner
+  from ds4jax.local_cluster import LocalWorkers
+
+  probe = HopProbe().install()
+  if spec.get("log_dir"):
+    pathlib.Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
+  coord_range, worker_ranges = spec["ranges"][0], spec["ranges"][1:]
+  t0 = time.perf_counter()
+  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"])
+  # Generous deadlines: a worker compiling on a loaded 2-core machine is slow, not dead.
+  coord = Coordinator(runner, CoordinatorOptions(
+      port=0, prefill_chunk=spec["chunk"], request_timeout=1800.0, route_timeout=900.0,
+      heartbeat_s=2.0))
+  workers = LocalWorkers(spec["gguf"], worker_ranges, coordinator=coord.address,
+                         ctx_size=spec["ctx"], cache_dir=spec.get("cache_dir"),
+                         log_dir=spec.get("log_dir"))
+  try:
+    workers.start()
+    deadline = time.monotonic() + 900
+    while not coord.route_ready()[0]:
+      workers.check()
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"route incomplete after 900 s: {coord.route_ready()[1]}")
+      time.sleep(0.2)
+    load_s = time.perf_counter() - t0
+    route = coord.route_info()
+    stage_order = [s["layers"] for s in route["route"]]
+    tel: list[list[dict]] = []
+    res = measure.bench_backend(
+        coord, ids, prompt_lens=spec["prompt_lens"], decode_tokens=spec["decode_tokens"],
+        warm_len=spec["chunk"], decode_context=probe.recording,
+        on_decode_step=lambda i, r, dt: tel.append([h.to_dict() for h in r.telemetry]))
+    hops = measure.summarize_hops(probe.records, probe.encode_s,
+                                  spec["decode_tokens"], stage_order[1:])
+    floors = measure_floor([(h["bytes_in"], h["bytes_out"]) for h in hops],
+                           rounds=spec.get("floor_rounds", 200))
+    for h, fl in zip(hops, floors):
+      h["tcp_floor_rtt_s"] = fl["rtt_s_median"]
+    local = [t[0]["compute_s"] for t in tel]
+    res.update(load_s=load_s, stages=stage_order, hops=hops,
+               coordinator_compute_s=float(np.median(local)) if local else 0.0)
+    workers.check()
+    res["memory"] = {
+        "coordinator_peak_rss_mb": measure.peak_rss_mb(),
+        "workers": [{"layers": r, "pid": p.pid, "peak_rss_mb": measure.peak_rss_mb(p.pid)}
+                    for r, p in zip(worker_ranges, workers.procs)],
+    }
+    return res
+  finally:
+    workers.stop()
+    coord.close()
+
+
+def run_hf(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+  from ds4jax.bench import hf
+  t0 = time.perf_counter()
+  model = hf.hf_model_from_gguf(spec["gguf"])
+  load_s = time.perf_counter() - t0
+  res = hf.measure_hf(model, ids, prompt_lens=spec["prompt_lens"],
+                      decode_tokens=spec["decode_tokens"])
+  res["logits"] = res.pop("last_logits")
+  res["load_s"] = load_s
+  res["memory"] = {"process_peak_rss_mb": measure.peak_rss_mb()}
+  return res
+
+
+def main(argv: list[str]) -> None:
+  spec_path, out_path = argv[1], pathlib.Path(argv[2])
+  spec = json.loads(pathlib.Path(spec_path).read_text())
+  logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S")
+  for name in ("jax", "gguf", "absl"):
+    logging.getLogger(name).setLevel(logging.WARNING)
+  from ds4jax.gguf.reader import read_config
+  cfg = read_config(spec["gguf"])
+  ids = measure.prompt_ids(cfg.vocab_size, max(spec["prompt_lens"]), spec.get("seed", 0))
+  if spec["mode"] != "hf":
+    from ds4jax import cli
+    cli.enable_compilation_cache(spec.get("cache_dir"))
+  run = {"single": run_single, "split": run_split, "hf": run_hf}[spec["mode"]]
+  res = run(spec, ids)
+  for n, row in res.pop("logits", {}).items():
+    np.save(out_path.with_suffix(f".logits{n}.npy"), row)
+  res["env_after"] = measure.env_info()
+  out_path.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+  main(sys.argv)

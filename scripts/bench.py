@@ -1,0 +1,163 @@
+r"""Benchmarks ds4jax in one run on this machine: single process, split over 1..N local
+workers (real processes on loopback), the per-hop cost against raw TCP, peak memory, and HF
+transformers eager on the same weights. Writes JSON and markdown tables.
+
+    python scripts/bench.py --preset=bench --prompt_lens=512,4096 --decode_tokens=32 \
+        --workers=1,2,3 --out_json=bench.json --out_md=bench.md
+    # smallest run (CI smoke test):
+    python scripts/bench.py --preset=tiny --prompt_lens=16 --decode_tokens=2 --workers=1 \
+        --chunk=16 --skip_hf --out_json=/tmp/b.json
+
+Every configuration runs in a fresh process (ds4jax/bench/child.py), one after the other.
+"""
+
+import datetime
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from absl import flags
+
+from ds4jax import cli
+from ds4jax.bench import report
+from ds4jax.bench.measure import env_info
+
+_PRESET = flags.DEFINE_enum("preset", "bench", ["tiny", "bench"], "Built-in test model.")
+_GGUF = flags.DEFINE_string("gguf", None, "A GGUF path instead of --preset.")
+_LENS = flags.DEFINE_list("prompt_lens", ["512", "4096"], "Prompt lengths to prefill.")
+_DECODE = flags.DEFINE_integer("decode_tokens", 32, "Greedy decode steps (after the first "
+                               "prompt length).", lower_bound=1)
+_WORKERS = flags.DEFINE_list("workers", ["1", "2", "3"], "Worker counts for the split runs.")
+_SKIP_HF = flags.DEFINE_boolean("skip_hf", False, "Do not run HF transformers.")
+_OUT_JSON = flags.DEFINE_string("out_json", None, "Write the results here (JSON).")
+_OUT_MD = flags.DEFINE_string("out_md", None, "Write the markdown tables here.")
+_CHUNK = flags.DEFINE_integer("chunk", 256, "Prefill chunk (a power of two).", lower_bound=1)
+_SEED = flags.DEFINE_integer("seed", 0, "Prompt token seed.")
+_FLOOR_ROUNDS = flags.DEFINE_integer("floor_rounds", 200, "Raw TCP round trips per size.",
+                                     lower_bound=1)
+_COLD = flags.DEFINE_boolean("cold_compile", False, "Use an empty XLA cache (compile times "
+                             "from scratch) instead of the shared persistent one.")
+_CACHE = flags.DEFINE_string("cache_dir", None, "ds4jax cache dir (test models, XLA cache).")
+_CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
+
+
+def _ints(values, name):
+  try:
+    out = [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--{name} must be comma-separated integers, got {values}") from None
+  if not out or min(out) < 1:
+    raise ValueError(f"--{name} must be positive integers, got {values}")
+  return out
+
+
+def _cpu_model() -> str:
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    for line in out.splitlines():
+      if line.startswith("Model name:"):
+        return line.split(":", 1)[1].strip()
+  except (OSError, subprocess.SubprocessError):
+    pass
+  return "unknown"
+
+
+def _run_child(spec: dict, workdir: pathlib.Path, name: str) -> dict:
+  spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.json"
+  spec_path.write_text(json.dumps(spec))
+  print(f"bench: running {name} ...", file=sys.stderr, flush=True)
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "ds4jax.bench.child", str(spec_path),
+                         str(out_path)], stdin=subprocess.DEVNULL, stdout=sys.stderr,
+                        timeout=_CHILD_TIMEOUT.value)
+  if proc.returncode != 0 or not out_path.exists():
+    raise RuntimeError(f"benchmark configuration {name} failed (exit {proc.returncode})")
+  print(f"bench: {name} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
+  return json.loads(out_path.read_text())
+
+
+def _logits(workdir: pathlib.Path, name: str, n: int):
+  p = workdir / f"{name}.logits{n}.npy"
+  return np.load(p) if p.exists() else None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  lens = _ints(_LENS.value, "prompt_lens")
+  workers = _ints(_WORKERS.value, "workers")
+  if _CHUNK.value & (_CHUNK.value - 1):
+    raise ValueError(f"--chunk must be a power of two, got {_CHUNK.value}")
+  gguf = cli.resolve_gguf(_GGUF.value or _PRESET.value, _CACHE.value)
+  from ds4jax.gguf.reader import read_config
+  cfg = read_config(gguf)
+  ctx = max(lens) + _DECODE.value + 8
+  if ctx > cfg.context_length:
+    raise ValueError(f"prompt + decode ({ctx} tokens) exceeds the model context "
+                     f"{cfg.context_length}")
+  if max(workers) + 1 > cfg.n_layers:
+    raise ValueError(f"--workers={max(workers)} needs {max(workers) + 1} stages, the model has "
+                     f"{cfg.n_layers} layers")
+  workdir = pathlib.Path(tempfile.mkdtemp(prefix="ds4jax-bench-"))
+  cache_dir = str(workdir / "cache") if _COLD.value else _CACHE.value
+  base = {"gguf": gguf, "ctx": ctx, "prompt_lens": lens, "decode_tokens": _DECODE.value,
+          "seed": _SEED.value, "chunk": _CHUNK.value, "cache_dir": cache_dir,
+          "floor_rounds": _FLOOR_ROUNDS.value}
+  results = {
+      "command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
+      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
+                  "loadavg_before": env_info()["loadavg"]},
+      "model": {"preset": _GGUF.value or _PRESET.value, "gguf": gguf, "n_layers": cfg.n_layers,
+                "d_model": cfg.d_model, "n_hc": cfg.n_hc, "vocab_size": cfg.vocab_size,
+                "activation_row_bytes": 4 * cfg.n_hc * cfg.d_model},
+      "settings": {"prompt_lens": lens, "decode_tokens": _DECODE.value, "workers": workers,
+                   "chunk": _CHUNK.value, "ctx": ctx, "cold_compile": _COLD.value,
+                   "seed": _SEED.value},
+  }
+  try:
+    results["single"] = _run_child(dict(base, mode="single"), workdir, "single")
+    results["split"] = {}
+    for n in workers:
+      ranges = report.split_ranges(cfg.n_layers, n + 1)
+      spec = dict(base, mode="split", ranges=ranges, log_dir=str(workdir / f"logs-{n}"))
+      results["split"][str(n)] = _run_child(spec, workdir, f"split{n}")
+    from ds4jax.bench.hf import hf_available
+    if _SKIP_HF.value:
+      results["hf"] = {"skipped": "--skip_hf"}
+    elif not hf_available():
+      results["hf"] = {"skipped": "transformers with DeepseekV4ForCausalLM is not installed"}
+    else:
+      results["hf"] = _run_child(dict(base, mode="hf"), workdir, "hf")
+    parity = {}
+    single_toks = results["single"]["decode"]["tokens_out"]
+    for n, sp in results["split"].items():
+      parity[f"split {n} worker(s): greedy decode tokens identical to single process"] = (
+          sp["decode"]["tokens_out"] == single_toks)
+    for L in lens:
+      a, b = _logits(workdir, "single", L), _logits(workdir, "hf", L)
+      if a is not None and b is not None:
+        parity[f"HF vs ds4jax last logits, {L}-token prompt"] = (
+            f"max |diff| {float(np.abs(a - b).max()):.2e}, same argmax: "
+            f"{bool(a.argmax() == b.argmax())}")
+    results["parity"] = parity
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  results["machine"]["loadavg_after"] = env_info()["loadavg"]
+  report.evaluate(results)
+  md = report.to_markdown(results)
+  if _OUT_JSON.value:
+    pathlib.Path(_OUT_JSON.value).write_text(json.dumps(results, indent=1))
+  if _OUT_MD.value:
+    pathlib.Path(_OUT_MD.value).write_text(md)
+  print(md)
+
+
+if __name__ == "__main__":
+  cli.run(main)
