@@ -31,7 +31,8 @@ def slice_range(f: DS4File, layers: LayerRange | str, output: bool | None) -> La
 
 def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "all", *,
                  output: bool | None = None, progress: bool = True,
-                 fill_optional: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
+                 fill_optional: bool = True,
+                 release: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
   """Loads one slice's tensors.
 
   Args:
@@ -41,6 +42,7 @@ def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "
     progress: log a line every few seconds while loading.
     fill_optional: give absent optional tensors (the router bias) as zeros, so every
       parameter of the stage has an array.
+    release: drop each tensor's mapped pages once it is dequantised (see DS4File.release).
   Returns:
     (cfg, {gguf_name: array}), arrays in numpy orientation: float32, int32 for tid2eid.
     `token_embd` is included only when the slice starts at layer 0.
@@ -54,6 +56,8 @@ def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "
   done = 0
   for e in entries:
     out[e.name] = dequant.dequantize_tensor(f.tensor(e.name))
+    if release:
+      f.release(e.name)
     done += f.nbytes(e.name)
     now = time.monotonic()
     if progress and now - last >= PROGRESS_EVERY_S:

@@ -8,9 +8,12 @@ tensor data: `gguf.GGUFReader` maps the file and tensor `.data` are views into t
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
+import mmap
 import os
+import threading
 from typing import Any
 
 import numpy as np
@@ -134,11 +137,9 @@ def read_config(path_or_reader, **overrides) -> ModelConfig:
   """ModelConfig from a GGUF path, `gguf.GGUFReader` or `DS4File`, with exact type checks."""
   if isinstance(path_or_reader, DS4File):
     return path_or_reader.cfg.replace(**overrides) if overrides else path_or_reader.cfg
-  if isinstance(path_or_reader, gguf.GGUFReader):
-    reader, path = path_or_reader, ""
-  else:
-    path = os.fspath(path_or_reader)
-    reader = _open_reader(path)
+  if not isinstance(path_or_reader, gguf.GGUFReader):
+    return read_config(open_gguf(path_or_reader), **overrides)
+  reader, path = path_or_reader, ""
   check_architecture(reader, path)
   meta = read_metadata(reader, path)
   try:
@@ -216,6 +217,18 @@ class DS4File:
       return layers.resolve(self.cfg.n_layers)
     return LayerRange.parse(layers, self.cfg.n_layers)
 
+  def release(self, name: str) -> None:
+    """Drops a tensor's pages from this process's map (they stay in the page cache), so the
+    bytes of a loaded slice do not linger in RSS next to their dequantised copies."""
+    mm = getattr(self.reader.data, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    t = self.tensor(name)
+    start = int(t.data_offset) // mmap.PAGESIZE * mmap.PAGESIZE
+    end = min(int(t.data_offset) + int(t.n_bytes), len(mm))
+    if end > start:
+      mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
   def nbytes(self, name: str) -> int:
     return int(self.tensor(name).n_bytes)
 
@@ -247,9 +260,37 @@ class DS4File:
     return h.hexdigest()
 
 
-def open_gguf(path: str | os.PathLike) -> DS4File:
-  """Opens and validates a ds4 GGUF header (see module docstring)."""
-  return DS4File(path)
+# Parsing a real header takes seconds (gguf-py builds one numpy view per vocab string), and
+# config, fingerprint and loader all open the same file: keep the last few open.
+_CACHE: collections.OrderedDict = collections.OrderedDict()
+_CACHE_SIZE = 4
+_CACHE_LOCK = threading.Lock()
+
+
+def open_gguf(path: str | os.PathLike, *, cache: bool = True) -> DS4File:
+  """Opens and validates a ds4 GGUF header (see module docstring).
+
+  With `cache`, a file already open (same path, inode, size and mtime) is reused.
+  """
+  path = os.fspath(path)
+  if not cache:
+    return DS4File(path)
+  try:
+    st = os.stat(path)
+  except OSError as e:
+    raise GGUFError(f"{path}: cannot open: {e.strerror or e}") from None
+  key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+  with _CACHE_LOCK:
+    f = _CACHE.get(key)
+    if f is not None:
+      _CACHE.move_to_end(key)
+      return f
+  f = DS4File(path)
+  with _CACHE_LOCK:
+    _CACHE[key] = f
+    while len(_CACHE) > _CACHE_SIZE:
+      _CACHE.popitem(last=False)
+  return f
 
 
 def fingerprint(path: str | os.PathLike | DS4File) -> str:

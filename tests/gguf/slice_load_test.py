@@ -128,3 +128,15 @@ def test_pro_like_schedule_from_metadata(tmp_path):
   assert "blk.3.attn_compressor_kv.weight" not in ts
   assert "blk.1.ffn_gate_tid2eid.weight" in ts
   assert cfg == ModelConfig.tiny(compress_ratios=(16, 16, 4, 0), n_hash_layers=2)
+
+
+def test_open_cache_sees_rewritten_files(tmp_path):
+  from ds4jax.testing import tiny
+  p = tiny.make_tiny_gguf(tmp_path / "c.gguf", seed=1)
+  f1 = reader.open_gguf(p)
+  assert reader.open_gguf(p) is f1 and reader.open_gguf(p, cache=False) is not f1
+  a = load.load_tensors(p, "0:0", progress=False)[1]["blk.0.attn_q_a.weight"]
+  tiny.make_tiny_gguf(p, seed=2)  # same size, new bytes
+  assert reader.open_gguf(p) is not f1
+  b = load.load_tensors(p, "0:0", progress=False)[1]["blk.0.attn_q_a.weight"]
+  assert not np.array_equal(a, b)
