@@ -53,11 +53,28 @@ def hadamard(n: int) -> np.ndarray:
   return (h / np.sqrt(n)).astype(np.float32)
 
 
+def wht(x, xp=jnp):
+  """Sylvester-ordered Walsh-Hadamard transform over the last axis, divided by sqrt(n).
+
+  Butterflies (log2 n stages of a+b, a-b) in f32, so a constant row maps exactly to one
+  non-zero, as in ds4; a matmul would leave rounding noise that FP4 then amplifies.
+  """
+  n = x.shape[-1]
+  if n & (n - 1):
+    raise ValueError(f"Hadamard size must be a power of two, got {n}")
+  lead = x.shape[:-1]
+  h = 1
+  while h < n:
+    y = x.reshape(lead + (n // (2 * h), 2, h))
+    a, b = y[..., 0, :], y[..., 1, :]
+    x = xp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
+    h *= 2
+  return x * xp.float32(1.0 / np.sqrt(n))
+
+
 def fp4_indexer_roundtrip(x_TH, block: int = 32):
   """Hadamard rotation then FP4-E2M1 round trip of indexer vectors x: [..., dI]."""
-  n = x_TH.shape[-1]
-  x = jnp.einsum("...i,ji->...j", x_TH.astype(jnp.float32), jnp.asarray(hadamard(n)),
-                 precision="highest")
+  x = wht(x_TH.astype(jnp.float32))
   blk = _blocked(x, block)
   amax = jnp.maximum(jnp.max(jnp.abs(blk), axis=-1, keepdims=True), FP4_MAX * 2.0 ** -126)
   scale = _ceil_log2_pow2(amax / FP4_MAX, jnp)
@@ -96,9 +113,7 @@ def fp8_kv_roundtrip_ref(x: np.ndarray, rope_dim: int, block: int = 64) -> np.nd
 
 
 def fp4_indexer_roundtrip_ref(x: np.ndarray, block: int = 32) -> np.ndarray:
-  x = np.asarray(x, np.float64)
-  h = hadamard(x.shape[-1]).astype(np.float64)
-  x = (x @ h.T).astype(np.float32).astype(np.float64)
+  x = wht(np.asarray(x, np.float32), np).astype(np.float64)
   blk = _blocked(x, block)
   amax = np.maximum(np.abs(blk).max(-1, keepdims=True), FP4_MAX * 2.0 ** -126)
   scale = _ceil_log2_pow2(np.float32(amax / FP4_MAX).astype(np.float64), np)
