@@ -21,15 +21,17 @@ from ds4jax.gguf.reader import DS4File, open_gguf
 PROGRESS_EVERY_S = 5.0
 
 
-def slice_range(f: DS4File, layers: LayerRange | str, output: bool | None) -> LayerRange:
-  """Resolves `layers`; `output` (if not None) overrides whether the head is included."""
-  rng = f.resolve(layers)
+def slice_range(f: DS4File, layers: LayerRange | str | None,
+                output: bool | None) -> LayerRange:
+  """Resolves `layers` (None: the slice a split file holds, else all); `output` (if not None)
+  overrides whether the head is included."""
+  rng = f.held if layers is None and f.held is not None else f.resolve(layers or "all")
   if output is not None:
     rng = LayerRange(rng.start, rng.end, bool(output))
   return rng
 
 
-def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "all", *,
+def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str | None = None, *,
                  output: bool | None = None, progress: bool = True,
                  fill_optional: bool = True,
                  release: bool = True) -> tuple[ModelConfig, dict[str, np.ndarray]]:
@@ -37,7 +39,8 @@ def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str = "
 
   Args:
     path: a full or split ds4 GGUF (or an open `DS4File`).
-    layers: "A:B", "A:output", "all" (ds4's inclusive syntax) or a LayerRange.
+    layers: "A:B", "A:output", "all" (ds4's inclusive syntax) or a LayerRange; None means
+      the slice a split file holds, or "all" for a full file.
     output: include the head (`output*` tensors); None means "if the range says output".
     progress: log a line every few seconds while loading.
     fill_optional: give absent optional tensors (the router bias) as zeros, so every

@@ -79,6 +79,7 @@ def test_split_file_loads_identically(tiny_gguf, tmp_path, spec):
     np.testing.assert_array_equal(full[1][k], part[1][k])
   sf = reader.open_gguf(out)
   assert sf.held == rng
+  assert load.load_tensors(out, progress=False)[1].keys() == full[1].keys()  # default: held
   assert reader.fingerprint(out) == reader.fingerprint(tiny_gguf)
   # Only the slice's tensors are in the split file.
   assert set(sf.tensors) == set(load.load_tensors(tiny_gguf, spec, progress=False,
