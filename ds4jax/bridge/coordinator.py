@@ -58,7 +58,7 @@ class CoordinatorOptions:
   tls: Any = None
   wrap: Callable | None = None
   replay_cache_mb: float = 256.0  # per session; 0 disables targeted KV rebuilds
-  prefer: Sequence[str] = ()  # ranges to try first when planning ("1:2", "3:output")
+  pin: Sequence[str] = ()  # if set, only workers with these ranges ("1:2", "3:output")
   max_recoveries: int = 3
 
 
@@ -80,6 +80,8 @@ class Coordinator:
     if self.local.start != 0:
       raise ValueError(f"the coordinator's range must start at layer 0, got {self.local}")
     self.dead_after = opt.dead_after or max(3 * opt.heartbeat_s, 1.0)
+    from ds4jax.bridge import auth  # stdlib only
+    self.bind_warning = auth.warn_if_exposed(opt.host, opt.key)
     self._lsock = transport.listen(opt.host, opt.port)
     self.address = self._lsock.getsockname()[:2]
     self._links: dict[int, WorkerLink] = {}
@@ -246,7 +248,14 @@ class Coordinator:
   def _plan_locked(self):
     hops = [route_mod.HopInfo(l.wid, l.layers, l.peer) for l in self._links.values()
             if l.ready and l.alive]
-    return route_mod.plan_route(self.n_layers, self.local, hops, self.opt.prefer)
+    return route_mod.plan_route(self.n_layers, self.local, hops, self.opt.pin)
+
+  def pin(self, ranges: Sequence[str]) -> None:
+    """Restricts routes to workers with these ranges (empty: any); takes effect at once."""
+    with self._cv:
+      self.opt.pin = tuple(ranges)
+      self.generation += 1
+      self._cv.notify_all()
 
   def route_ready(self) -> tuple[bool, str]:
     with self._cv:

@@ -125,7 +125,7 @@ class WorkerLink:
     """Heartbeat and deadlines; called periodically by the coordinator's monitor."""
     if not self.alive:
       return
-    silent = now - self.ch.last_recv
+    silent = self.ch.silent_for(now)
     if silent > self.dead_after:
       self.fail(DeadlineExceeded(f"{self} sent nothing for {silent:.1f}s "
                                  f"(heartbeat deadline {self.dead_after:.1f}s)"))
@@ -138,7 +138,10 @@ class WorkerLink:
       return
     if now - self._last_ping >= self.heartbeat_s:
       self._last_ping = now
-      self.send(MsgType.PING, {"t": round(now, 3)})
+      try:
+        self.ch.try_send(MsgType.PING, {"t": round(now, 3)})
+      except LinkLost as e:
+        self.fail(e)
 
   def fail(self, err: BaseException) -> None:
     """Marks the link dead (once), closes it and fails every pending request with err."""

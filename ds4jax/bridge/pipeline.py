@@ -140,8 +140,9 @@ class Pass:
       desc = h.get("x")
       tensors.check_desc(desc)
     except ProtocolError as e:
-      hop.fail(LinkLost(str(e)))  # a peer that breaks the protocol is dropped
-      self._settle(e)
+      err = LinkLost(f"{hop}: {e}")  # a peer that breaks the protocol is dropped; recover
+      hop.fail(err)
+      self._settle(err)
       return
     except Exception as e:
       self._settle(e)

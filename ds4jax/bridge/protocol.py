@@ -156,8 +156,11 @@ def _recv_exact_into(sock, view: memoryview, deadline: float, what: str) -> None
 
 
 def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
-               max_payload: int = MAX_PAYLOAD) -> Frame:
+               max_payload: int = MAX_PAYLOAD, on_start=None) -> Frame:
   """Receives one frame. The socket's own timeout (if any) only bounds single calls.
+
+  `on_start()` runs when the frame's first bytes arrive (liveness: a peer streaming a large
+  frame is alive; the frame deadline bounds it).
 
   Raises:
     IdleTimeout: no byte arrived within idle_timeout (None waits forever; callers never pass
@@ -176,6 +179,8 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
   if n == 0:
     raise EOFError("peer closed the connection")
   deadline = time.monotonic() + frame_timeout
+  if on_start is not None:
+    on_start()
   if n >= 4:
     _check_magic(bytes(head[:4]))  # early: a foreign peer may send fewer than 16 bytes
   if n < HEADER.size:

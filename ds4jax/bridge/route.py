@@ -24,15 +24,16 @@ class HopInfo:
 
 
 def plan_route(n_layers: int, local: LayerRange, hops: Sequence[HopInfo],
-               prefer: Sequence[str] = ()) -> tuple[list[HopInfo] | None, str]:
+               pin: Sequence[str] = ()) -> tuple[list[HopInfo] | None, str]:
   """Finds a contiguous chain from local.end + 1 to the last layer, ending at the head.
 
   Args:
     n_layers: layers in the model.
     local: the coordinator's slice (must start at 0).
     hops: candidate workers.
-    prefer: range strings ('1:2', '3:output') tried before anything else, in order (to pin a
-      chain); otherwise earlier-registered workers win and later ones stand by as spares.
+    pin: if given, only workers whose range string ('1:2', '3:output') is listed are used
+      (operators and tests pin a chain this way). Among candidates, earlier-registered
+      workers win and later ones stand by as spares.
 
   Returns:
     (route, '') or (None, reason), reason naming the first layer nothing can serve
@@ -43,10 +44,9 @@ def plan_route(n_layers: int, local: LayerRange, hops: Sequence[HopInfo],
   last = n_layers - 1
   if local.has_output:
     return ([], "") if local.end == last else (None, f"coordinator range {local} is invalid")
-  rank = {s: i for i, s in enumerate(prefer)}
-  cands = sorted(
-      hops,
-      key=lambda h: (rank.get(str(h.layers), len(rank)), h.wid))
+  pinned = set(pin)
+  cands = sorted((h for h in hops if not pinned or str(h.layers) in pinned),
+                 key=lambda h: h.wid)
   by_start: dict[int, list[HopInfo]] = {}
   for h in cands:
     by_start.setdefault(h.layers.start, []).append(h)

@@ -85,6 +85,7 @@ class Channel:
     self.bytes_out = 0
     self.bytes_in = 0
     self.last_recv = time.monotonic()
+    self.in_frame = False  # a frame is arriving: the peer is alive (frame_timeout bounds it)
     self.closed = False
 
   def send(self, mtype: int, header: dict[str, Any], payload=b"", *,
@@ -99,12 +100,39 @@ class Channel:
       self.bytes_out += n
       return n
 
+  def try_send(self, mtype: int, header: dict[str, Any]) -> bool:
+    """Sends a small control frame unless another send is in progress (heartbeats: a busy
+    link is a live link, and the monitor must never block behind a large send)."""
+    if not self._send_lock.acquire(blocking=False):
+      return False
+    try:
+      if self.closed:
+        raise LinkLost(f"link to {self.peer} is closed")
+      try:
+        self.bytes_out += protocol.send_frame(self.sock, mtype, header)
+      except OSError as e:
+        raise LinkLost(f"send to {self.peer} failed: {e}") from None
+      return True
+    finally:
+      self._send_lock.release()
+
   def recv(self, idle_timeout: float | None) -> protocol.Frame:
-    f = protocol.recv_frame(self.sock, idle_timeout=idle_timeout,
-                            frame_timeout=self.frame_timeout, max_payload=self.max_payload)
+    def started():
+      self.in_frame = True
+      self.last_recv = time.monotonic()
+    try:
+      f = protocol.recv_frame(self.sock, idle_timeout=idle_timeout,
+                              frame_timeout=self.frame_timeout, max_payload=self.max_payload,
+                              on_start=started)
+    finally:
+      self.in_frame = False
     self.bytes_in += f.nbytes
     self.last_recv = time.monotonic()
     return f
+
+  def silent_for(self, now: float) -> float:
+    """Seconds since the last frame began or ended (0 while one is arriving)."""
+    return 0.0 if self.in_frame else now - self.last_recv
 
   def close(self) -> None:
     self.closed = True

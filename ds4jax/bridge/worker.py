@@ -161,7 +161,7 @@ class Worker:
         try:
           f = ch.recv(idle_timeout=min(hb, 1.0) if hb > 0 else 1.0)
         except protocol.IdleTimeout:
-          if time.monotonic() - ch.last_recv > dead_after:
+          if ch.silent_for(time.monotonic()) > dead_after:
             raise LinkLost(f"no frame from the coordinator for {dead_after:.1f}s") from None
           continue
         if f.type == MsgType.PING:

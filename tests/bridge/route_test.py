@@ -23,13 +23,15 @@ def test_missing_layer_names_the_first_gap():
   assert r is None and "output head" in why
 
 
-def test_backtracks_and_prefers_earlier_workers_and_pins():
+def test_backtracks_spares_and_pins():
   hops = [H(1, "3:4"), H(2, "3:5"), H(3, "6:output"), H(4, "3:5")]
   r, _ = plan_route(8, LayerRange(0, 2), hops)  # 3:4 leads nowhere: backtrack to 3:5
   assert [h.wid for h in r] == [2, 3]
   r, _ = plan_route(8, LayerRange(0, 2), hops[1:][::-1])  # the spare (4) waits
   assert [h.wid for h in r] == [2, 3]
-  r, _ = plan_route(8, LayerRange(0, 2), hops + [H(5, "3:output")], prefer=["3:4", "3:output"])
-  assert [h.wid for h in r] == [5]  # a preferred range that cannot complete is skipped
+  r, _ = plan_route(8, LayerRange(0, 2), hops + [H(5, "3:output")], pin=["3:4", "3:output"])
+  assert [h.wid for h in r] == [5]  # a pinned range that cannot complete is skipped
+  r, why = plan_route(8, LayerRange(0, 2), hops, pin=["3:4", "5:output"])
+  assert r is None and why == "missing layer 5"
   r, _ = plan_route(8, LayerRange(0, 2), hops + [H(5, "3:output")])
   assert [h.wid for h in r] == [2, 3]
