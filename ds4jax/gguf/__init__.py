@@ -1,0 +1,12 @@
+"""ds4 GGUF files: the name table, validated reading, dequantisation, slice loading, writing.
+
+- `names`: the one GGUF-name -> parameter-path table (docs/design.md §2).
+- `reader`: `open_gguf`, `read_config`, `fingerprint` over gguf-py's memory-mapped reader.
+- `dequant`: GGML types -> numpy through gguf-py, bit-exact.
+- `load`: `load_tensors(path, layers)` reads only a slice's tensors.
+- `split`, `writer`, `summary`: split files, ds4-layout writing, `inspect_gguf` text.
+- `errors`: the one-line `GGUFError`s.
+
+Submodules are imported explicitly (`from ds4jax.gguf import load`), so importing the package
+stays cheap.
+"""
