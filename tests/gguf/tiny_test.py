@@ -184,3 +184,15 @@ def test_write_gguf_rejects_bad_tensors(tmp_path):
     writer.write_gguf(tmp_path / "x.gguf", cfg, bad)
   with pytest.raises(GGUFError, match="unknown type policy"):
     writer.write_gguf(tmp_path / "x.gguf", cfg, ts, types="int4")
+
+
+@pytest.mark.parametrize("experts,gate_up,down", [("q4", Q.Q4_K, Q.Q4_K), ("q8", Q.Q8_0, Q.Q8_0)])
+def test_expert_recipes(tmp_path, experts, gate_up, down):
+  p = tiny.make_tiny_gguf(tmp_path / "e.gguf", experts=experts, n_layers=2,
+                          compress_ratios=(0, 4))
+  f = reader.open_gguf(p)
+  assert f.tensor("blk.1.ffn_gate_exps.weight").tensor_type == gate_up
+  assert f.tensor("blk.1.ffn_down_exps.weight").tensor_type == down
+  _, ts = load.load_tensors(f, "1:1", progress=False)
+  a = ts["blk.1.ffn_up_exps.weight"]
+  assert a.shape == (8, 256, 256) and abs(a.std() - 1 / 16) < 0.25 / 16
