@@ -185,8 +185,10 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
     _check_magic(bytes(head[:4]))  # early: a foreign peer may send fewer than 16 bytes
   if n < HEADER.size:
     _recv_exact_into(sock, view[n:], deadline, "frame header")
-  magic, version, mtype, _flags, hlen, plen = HEADER.unpack(head)
+  magic, version, mtype, flags, hlen, plen = HEADER.unpack(head)
   _check_magic(magic)
+  if flags:
+    raise ProtocolError(f"reserved header flags are {flags:#06x}, not 0 (a newer peer?)")
   if hlen > MAX_HEADER:
     raise ProtocolError(f"control header length {hlen} exceeds the {MAX_HEADER} cap")
   if plen > max_payload:
