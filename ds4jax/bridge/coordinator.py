@@ -50,6 +50,9 @@ class CoordinatorOptions:
   heartbeat_s: float = 1.0  # PING idle links this often
   dead_after: float = 0.0  # silence that kills a link; 0 -> max(3 heartbeats, 1 s)
   handshake_timeout: float = 10.0
+  # Connections in TLS/auth/HELLO at once (one thread each); more are closed at once, so a
+  # flood of silent peers cannot exhaust threads or memory.
+  max_handshakes: int = 64
   frame_timeout: float = 30.0
   prefill_chunk: int = 256
   window: int = 0  # chunks in flight; 0 -> hops + 2, clamped to [2, 8]
@@ -91,6 +94,7 @@ class Coordinator:
     self._sessions: dict[str, CoordSession] = {}
     self._compute_lock = threading.Lock()
     self._stop = threading.Event()
+    self._admitting = threading.BoundedSemaphore(max(1, opt.max_handshakes))
     self.events: list[str] = []  # warnings a user should see (recoveries, refusals)
     self._threads = [threading.Thread(target=self._accept_loop, daemon=True,
                                       name="ds4jax-accept"),
@@ -148,8 +152,24 @@ class Coordinator:
         sock, addr = transport.accept(self._lsock, self.opt.wrap)
       except (TimeoutError, OSError):
         continue
-      threading.Thread(target=self._admit, args=(sock, addr), daemon=True,
-                       name="ds4jax-admit").start()
+      if not self._admitting.acquire(blocking=False):
+        log.warning("rejected connection from %s:%d: %d handshakes already in progress",
+                    addr[0], addr[1], self.opt.max_handshakes)
+        sock.close()
+        continue
+      try:
+        threading.Thread(target=self._admit_slot, args=(sock, addr), daemon=True,
+                         name="ds4jax-admit").start()
+      except RuntimeError as e:  # cannot start a thread: refuse this peer, keep accepting
+        self._admitting.release()
+        log.warning("rejected connection from %s:%d: %s", addr[0], addr[1], e)
+        sock.close()
+
+  def _admit_slot(self, sock, addr) -> None:
+    try:
+      self._admit(sock, addr)
+    finally:
+      self._admitting.release()
 
   def _admit(self, sock, addr) -> None:
     peer = f"{addr[0]}:{addr[1]}"

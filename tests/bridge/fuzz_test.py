@@ -138,7 +138,7 @@ def test_fuzz_coordinator(logs):
     rss = RssMonitor()
     t0 = time.monotonic()
     hold_s = opts.handshake_timeout + opts.frame_timeout
-    ports, max_case_s, kinds = {}, {}, {}
+    ports, max_case_s, kinds, done = {}, {}, {}, 0
     with cf.ThreadPoolExecutor(8) as quick, cf.ThreadPoolExecutor(16) as slow:
       futs = {}
       for i, kind, data, hold in coord_cases(N_COORD, SEED):
@@ -148,7 +148,8 @@ def test_fuzz_coordinator(logs):
       for fut in cf.as_completed(futs):
         i, kind = futs[fut]
         port, dt = fut.result()
-        ports[port] = (i, kind)
+        ports[port] = (i, kind)  # ephemeral ports get reused: `done` counts the cases
+        done += 1
         max_case_s[kind] = max(max_case_s.get(kind, 0.0), dt)
     fuzz_s = time.monotonic() - t0
     stop.set()
@@ -179,11 +180,11 @@ def test_fuzz_coordinator(logs):
       res = coord.step(sid, toks, SamplingParams(), k)
       assert res.token == greedy_next(CFG, toks)
       toks.append(res.token)
-    print(f"\ncoordinator fuzz: {len(ports)} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
+    print(f"\ncoordinator fuzz: {done} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
           f"{growth / 2**20:.1f} MiB, max seconds per case by kind "
           f"{ {k: round(v, 2) for k, v in max_case_s.items()} }, legit steps meanwhile "
           f"{steps[0]}")
-    assert len(ports) == N_COORD
+    assert done == N_COORD
   finally:
     legit.stop()
     if newcomer is not None:
@@ -201,11 +202,13 @@ def auth_msg(mtype, body=b"", reason=0) -> bytes:
   return auth._PREFIX.pack(auth.MAGIC, auth.VERSION, mtype, reason) + body
 
 
-def auth_case(m: Mutator):
-  """(kind, interact(sock), hold): a hostile client side of the key handshake."""
+def auth_case(m: Mutator, i: int):
+  """(kind, interact(sock), hold): a hostile client side of the key handshake. What runs
+  on the pool threads draws from its own per-case generator, so cases stay reproducible."""
+  m, pick = Mutator(f"{SEED}:auth:{i}"), m
   hello_msg = auth_msg(auth.HELLO, m.rng.randbytes(32))
-  kind = m.rng.choice(["garbage", "bitflip", "truncated", "keyless", "badproof", "flipproof",
-                       "replyjunk", "authedgarbage", "slowloris"])
+  kind = pick.rng.choice(["garbage", "bitflip", "truncated", "keyless", "badproof",
+                          "flipproof", "replyjunk", "authedgarbage", "slowloris"])
 
   def send(data):
     return lambda s: s.sendall(data)
@@ -274,16 +277,17 @@ def test_fuzz_keyed_coordinator_handshake(logs):
     m = Mutator(SEED + 7)
     t0 = time.monotonic()
     rss = RssMonitor()
-    ports, kinds = {}, {}
+    ports, kinds, done = {}, {}, 0
     with cf.ThreadPoolExecutor(8) as pool:
       futs = {}
       for i in range(N_AUTH):
-        kind, interact, hold = auth_case(m)
+        kind, interact, hold = auth_case(m, i)
         kinds[kind] = kinds.get(kind, 0) + 1
         futs[pool.submit(run_auth_case, coord.address, interact, hold, 1.0)] = (i, kind)
       for fut in cf.as_completed(futs):
         port, _ = fut.result()
-        ports[port] = futs[fut]
+        ports[port] = futs[fut]  # ephemeral ports get reused: `done` counts the cases
+        done += 1
     growth = rss.stop()
     elapsed = time.monotonic() - t0
     missing = [ports[p] for p in ports if p not in logged_ports(logs.messages)]
@@ -295,8 +299,39 @@ def test_fuzz_keyed_coordinator_handshake(logs):
       res = coord.step(sid, toks, SamplingParams(), k)
       assert res.token == greedy_next(CFG, toks)
       toks.append(res.token)
-    print(f"\nkeyed coordinator handshake fuzz: {len(ports)} cases {kinds}, {elapsed:.1f}s, "
+    assert done == N_AUTH
+    print(f"\nkeyed coordinator handshake fuzz: {done} cases {kinds}, {elapsed:.1f}s, "
           f"max RSS growth {growth / 2**20:.1f} MiB")
   finally:
     legit.stop()
+    coord.close()
+
+
+def test_flood_of_silent_peers_is_bounded_and_recovers(logs):
+  """More silent connections than handshake slots: the surplus is refused at once (logged),
+  threads stay bounded, and a legitimate worker joins once the slots time out."""
+  opts = CoordinatorOptions(handshake_timeout=0.5, heartbeat_s=0.2, max_handshakes=8)
+  coord = Coordinator(FakeRunner(CFG, LOCAL, ctx_size=CTX), opts)
+  socks, worker = [], None
+  try:
+    threads0 = threading.active_count()
+    t0 = time.monotonic()
+    for _ in range(40):
+      socks.append(socket.create_connection(coord.address, timeout=2))
+    time.sleep(0.25)
+    assert threading.active_count() <= threads0 + 8 + 2
+    early = sum(drain_until_eof(s, time.monotonic() + 0.01) for s in socks)
+    assert time.monotonic() - t0 < opts.handshake_timeout
+    assert early >= 30, f"only {early} of the surplus peers were refused at once"
+    assert all(drain_until_eof(s, t0 + 3.0) for s in socks), "a silent peer was never cut off"
+    assert sum("handshakes already in progress" in m for m in logs.messages) >= 30
+    worker, _ = start_fake_worker(coord.address, CFG, REMOTE, CTX)
+    coord.wait_route(5)
+    sid = coord.new_session()
+    assert coord.step(sid, [1, 2], SamplingParams(), 0).token == greedy_next(CFG, [1, 2])
+  finally:
+    for s in socks:
+      s.close()
+    if worker is not None:
+      worker.stop()
     coord.close()
