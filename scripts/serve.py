@@ -76,8 +76,8 @@ def main(argv):
 
   from ds4jax.serving.app import create_app
 
+  sock = _bind(FLAGS.http)  # first: a busy port fails in a second, not after a model load
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
-  sock = _bind(FLAGS.http)  # before loading: a busy port fails in a second, not a minute
   backend, tokenizer, listen, close = (_in_process(gguf) if FLAGS.in_process
                                        else _child_process())
   try:

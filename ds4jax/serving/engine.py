@@ -178,6 +178,10 @@ class Engine:
 
   async def route_state(self, deadline_s: float = ROUTE_QUERY_DEADLINE_S) -> RouteState:
     """The route now, or the last known state (stale=True) if the backend is slow to say."""
+    if getattr(self.backend, "route_is_cached", False):
+      # A snapshot read (the model process pushes it): no thread hop needed.
+      self._route = self._query_route()
+      return self._route
     fut = self._route_future
     if fut is None or fut.done():
       fut = self._route_future = self._route_pool.submit(self._query_route)

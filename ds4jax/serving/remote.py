@@ -60,6 +60,9 @@ def _error(kind: str, message: str) -> Exception:
 class ModelProcess:
   """A child process running the model; quacks like the server's in-process backend."""
 
+  # route_ready/route_info/uncovered_layers read the pushed snapshot: instant, never blocking.
+  route_is_cached = True
+
   def __init__(self, args: Sequence[str], *, env: Optional[dict[str, str]] = None):
     ours, theirs = socket.socketpair()
     cmd = [sys.executable, "-m", "ds4jax.serving.model_proc", f"--fd={theirs.fileno()}", *args]
