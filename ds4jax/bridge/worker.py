@@ -139,6 +139,8 @@ class Worker:
     if f.type != MsgType.ACCEPT:
       raise ProtocolError(f"expected ACCEPT or REFUSE, got {f.type.name}")
     hb = field(f.header, "heartbeat_s", float)
+    if not 0.0 <= hb <= 300.0:  # a huge value would switch off our dead-coordinator check
+      raise ProtocolError(f"ACCEPT heartbeat_s={hb} is outside [0, 300]")
     self.connections += 1
     if self.runner is None:
       t0 = time.monotonic()

@@ -244,3 +244,21 @@ def test_fuzz_worker(logs):
       sock.close()
     fc.close()
     wt.join(10)
+
+
+def test_accept_with_absurd_heartbeat_is_refused_by_the_worker(logs):
+  """A heartbeat of 1e308 s would switch off the worker's dead-coordinator check."""
+  fc = FakeCoordinator()
+  w, wt = start_fake_worker(fc.addr, CFG, REMOTE, CTX)
+  try:
+    sock = fc.accept()
+    protocol.send_frame(sock, MsgType.ACCEPT, dict(ACCEPT, heartbeat_s=1e308))
+    assert react(sock, time.monotonic() + 3, is_ready)[0] == "closed"
+    sock.close()
+    wait_for(lambda: any("heartbeat_s=1e+308 is outside" in msg for msg in logs.messages), 3,
+             "the reason to be logged")
+    fc.accept().close()  # and it dials again
+  finally:
+    w.stop()
+    fc.close()
+    wt.join(10)
