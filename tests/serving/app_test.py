@@ -12,7 +12,6 @@ import openai
 import pytest
 
 from ds4jax.generate.loop import Generator
-from ds4jax.generate.sampling import SamplingParams
 from ds4jax.serving.app import create_app
 
 from serving_fakes import FakeBackend, serve_in_thread, tiny_tokenizer
