@@ -63,6 +63,7 @@ class CoordinatorOptions:
   replay_cache_mb: float = 256.0  # per session; 0 disables targeted KV rebuilds
   pin: Sequence[str] = ()  # if set, only workers with these ranges ("1:2", "3:output")
   max_recoveries: int = 3
+  warmup: bool = False  # compile the local decode/chunk shapes in the background at start
 
 
 class Coordinator:
@@ -100,6 +101,9 @@ class Coordinator:
                                       name="ds4jax-accept"),
                      threading.Thread(target=self._monitor_loop, daemon=True,
                                       name="ds4jax-monitor")]
+    if opt.warmup:
+      self._threads.append(threading.Thread(target=self._warmup, daemon=True,
+                                            name="ds4jax-warmup"))
     for t in self._threads:
       t.start()
     log.info("coordinator for layers %s listening on %s:%d", self.local.describe(),
@@ -196,7 +200,7 @@ class Coordinator:
           return
         self._links[wid] = link
       ch.send(MsgType.ACCEPT, {"worker_id": wid, "heartbeat_s": self.opt.heartbeat_s,
-                               "ctx": self.ctx})
+                               "ctx": self.ctx, "prefill_chunk": self.opt.prefill_chunk})
       log.info("accepted %r", link)
       link.reader.start()
     except Exception as e:  # anything a peer does before admission only costs its link
@@ -376,6 +380,11 @@ class Coordinator:
   def local_truncate(self, state, pos: int):
     with self._compute_lock:
       return self.runner.truncate(state, pos)
+
+  def _warmup(self) -> None:
+    from ds4jax.bridge.worker import warmup
+    with self._compute_lock:  # the first step waits for it instead of compiling twice
+      warmup(self.runner, (1, self.opt.prefill_chunk))
 
   def window(self, n_hops: int) -> int:
     return self.opt.window or min(max(n_hops + 2, 2), 8)

@@ -44,6 +44,9 @@ class WorkerOptions:
   # Used until ACCEPT tells the coordinator's heartbeat; dead after this long without a frame.
   dead_after: float = 10.0
   protocol_version: int = protocol.PROTOCOL_VERSION  # tests speak other versions
+  # Compile the decode and prefill-chunk shapes before READY, so first requests do not pay
+  # for compilation against their deadlines.
+  warmup: bool = True
 
 
 class Worker:
@@ -72,6 +75,8 @@ class Worker:
     self._stop = threading.Event()
     self.connections = 0  # successful ACCEPTs, for tests and logs
     self._ch = None
+    self._chunk = 0
+    self._fatal: BaseException | None = None
 
   def stop(self) -> None:
     self._stop.set()
@@ -116,6 +121,8 @@ class Worker:
         except OSError:
           pass
       n = self.sessions.clear()
+      if self._fatal is not None:
+        raise self._fatal
       if not self._stop.is_set():
         log.warning("dropped %d session(s); redialing %s:%d", n, *self.addr)
         self._stop.wait(delay * (0.5 + random.random()))
@@ -142,13 +149,22 @@ class Worker:
     if not 0.0 <= hb <= 300.0:  # a huge value would switch off our dead-coordinator check
       raise ProtocolError(f"ACCEPT heartbeat_s={hb} is outside [0, 300]")
     self.connections += 1
+    self._chunk = field(f.header, "prefill_chunk", int, default=0, lo=0, hi=1 << 20)
+    return hb
+
+  def _prepare(self, ch: transport.Channel) -> None:
+    """Loads the slice (once) and compiles its shapes, then says READY. Runs on the compute
+    thread, so the reader keeps answering heartbeats meanwhile."""
     if self.runner is None:
       t0 = time.monotonic()
       self.runner = self._load()
       log.info("loaded layers %s in %.1fs", self.layers.describe(), time.monotonic() - t0)
+    if self.opt.warmup:
+      t0 = time.monotonic()
+      warmup(self.runner, (1, self._chunk))
+      log.info("compiled chunk shapes in %.1fs", time.monotonic() - t0)
     ch.send(MsgType.READY, {})
     log.info("serving layers %s for coordinator %s", self.layers.describe(), ch.peer)
-    return hb
 
   # ----------------------------------------------------------------------------- serving
   def _serve(self, ch: transport.Channel, hb: float) -> None:
@@ -179,6 +195,16 @@ class Worker:
       compute.join(timeout=30)
 
   def _compute_loop(self, ch: transport.Channel, work: queue.Queue) -> None:
+    try:
+      self._prepare(ch)
+    except LinkLost:
+      return
+    except Exception as e:  # a slice that cannot load: say why, drop the link, stop
+      log.error("cannot serve layers %s: %s: %s", self.layers.describe(), type(e).__name__, e)
+      self._fatal = e
+      self._stop.set()
+      ch.close()
+      return
     while True:
       item = work.get()
       if item is None:
@@ -273,6 +299,15 @@ class Worker:
         "compute_s": t2 - t1, "bytes_in": f.nbytes, "bytes_out": len(payload),
         "pos0": pos0, "n": n}]
     return res, payload
+
+
+def warmup(runner, sizes) -> None:
+  """Runs each chunk size once on a scratch state (compiles its shapes; state discarded)."""
+  for t in sorted(set(min(int(s), runner.ctx_size) for s in sizes if s)):
+    hc = None
+    if not runner.layers.embeds:
+      hc = np.zeros((t, runner.cfg.n_hc, runner.cfg.d_model), np.float32)
+    runner.forward(runner.init_state(), np.zeros((t,), np.int32), hc, 0)
 
 
 def sample_result(logits_V: np.ndarray, h: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,15 @@ def free_port():
     return s.getsockname()[1]
 
 
+def _die_with_parent():
+  """Linux: a worker gets SIGTERM if pytest dies, so no orphan keeps dialing."""
+  try:
+    import ctypes
+    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
 @dataclasses.dataclass
 class Cluster:
   gguf: str
@@ -59,7 +68,8 @@ class Cluster:
            f"--coordinator=127.0.0.1:{self.port}", f"--ctx={CTX}", "--backoff_min=0.1",
            "--backoff_max=1.0", f"--cache_dir={self.cache}", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                         preexec_fn=_die_with_parent)
     p.logfile = log.name
     self.procs[name] = p
     return p
@@ -67,7 +77,7 @@ class Cluster:
   def start_coordinator(self):
     self.coord = Coordinator.from_gguf(
         self.gguf, layers="0:0", ctx_size=CTX, port=self.port, prefill_chunk=CHUNK,
-        heartbeat_s=HEARTBEAT, route_timeout=120.0, request_timeout=120.0)
+        heartbeat_s=HEARTBEAT, route_timeout=120.0, request_timeout=120.0, warmup=True)
 
   def logs(self) -> str:
     out = []
