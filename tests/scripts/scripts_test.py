@@ -77,8 +77,7 @@ def test_route_timeout(env):
 def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
   out = tmp_path / "out.json"
   p = run("generate.py", "--config=configs/tiny_local.py", "--config.max_new_tokens=9",
-          "--max_new_tokens=5", f"--output_json={out}", "--config.prompt=Once upon a time",
-          env=env)
+          "--max_new_tokens=5", f"--output_json={out}", env=env)
   assert p.returncode == 0, p.stderr
   d = json.loads(out.read_text())
   for key in ("tokens", "text", "prefill_tok_s", "decode_tok_s", "route", "telemetry"):
@@ -86,7 +85,7 @@ def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
   assert len(d["tokens"]) == 5  # the plain flag beats --config.max_new_tokens
   assert d["route"]["route"] == [{"layers": "0:3+output", "host": "local"}]
   tok = Tokenizer.from_gguf(tiny_gguf)
-  assert d["prompt_tokens"] == tok.chat_prompt([("user", "Once upon a time")])
+  assert d["prompt_tokens"] == tok.chat_prompt([("user", "Hello, world")])
   if d["finish_reason"] == "length":
     assert d["text"] == tok.decode(d["tokens"])
   assert p.stdout.startswith(d["text"])  # streamed to stdout, same text
@@ -94,8 +93,9 @@ def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
 
 
 def test_chat_reuses_prefix(env):
-  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=4", "--ctx_size=256",
-          stdin="Hello there\nAnd then?\n/quit\n", env=env)
+  # ctx 512 and this first prompt reuse the compilations of the other scripts (XLA cache).
+  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=4", "--ctx_size=512",
+          stdin="Hello, world\nAnd then?\n/quit\n", env=env)
   assert p.returncode == 0, p.stderr
   turns = [l for l in p.stderr.splitlines() if l.startswith("[turn ")]
   assert len(turns) == 2, p.stderr
