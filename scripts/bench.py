@@ -114,7 +114,7 @@ def main(argv):
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
       "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
                   "loadavg_before": env_info()["loadavg"]},
-      "model": {"preset": _GGUF.value or _PRESET.value, "gguf": gguf, "n_layers": cfg.n_layers,
+      "model": {"preset": os.path.basename(_GGUF.value) if _GGUF.value else _PRESET.value, "gguf": gguf, "n_layers": cfg.n_layers,
                 "d_model": cfg.d_model, "n_hc": cfg.n_hc, "vocab_size": cfg.vocab_size,
                 "activation_row_bytes": 4 * cfg.n_hc * cfg.d_model},
       "settings": {"prompt_lens": lens, "decode_tokens": _DECODE.value, "workers": workers,

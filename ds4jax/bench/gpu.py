@@ -1,0 +1,89 @@
+"""The decode floor on an accelerator: weight bytes read per token / measured memory bandwidth.
+
+    python -m ds4jax.bench.gpu bandwidth            # prints GB/s of a device copy
+    python -m ds4jax.bench.gpu floor A.json [B.json ...] [--gbs=N]
+
+`floor` reads scripts/bench.py result files and prints a markdown table: decode ms/token
+(single process and split) against the floor, where the bytes per token are every weight the
+step reads: all non-expert tensors, the k routed experts a token uses (k/E of the expert
+tensors), one embedding row and the head; float32 as loaded. The KV state read is left out
+(short contexts), so the floor is a lower bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def hbm_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 10) -> float:
+  """GB/s of `y = x + 1` over a float32 array (one read and one write per element)."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.zeros((n_bytes // 4,), jnp.float32)
+  f = jax.jit(lambda a: a + 1.0)
+  jax.block_until_ready(f(x))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(x))
+    times.append(time.perf_counter() - t0)
+  return 2 * n_bytes / float(np.median(times)) / 1e9
+
+
+def decode_weight_bytes(gguf: str, bytes_per_value: int = 4) -> int:
+  """Weight bytes one decode step reads for the whole model (see the module docstring)."""
+  from ds4jax.config import LayerRange
+  from ds4jax.gguf import names
+  from ds4jax.gguf.reader import read_config
+  cfg = read_config(gguf)
+  total = 0.0
+  for name in names.ds4_tensor_names(cfg, LayerRange.parse("all", cfg.n_layers)):
+    spec, il = names.lookup(name)
+    shape = spec.numpy_shape(cfg, il)
+    n = float(np.prod(shape))
+    if name == "token_embd.weight":
+      n = shape[-1]  # one row
+    elif name.endswith("tid2eid.weight"):
+      n = cfg.n_experts_used
+    elif spec.is_expert:
+      n *= min(1.0, cfg.n_experts_used / cfg.n_experts)
+    total += n
+  return int(total * bytes_per_value)
+
+
+def floor_table(paths: list[str], gbs: float) -> str:
+  out = ["| model | configuration | decode ms/token | weight MB/token | floor ms/token | "
+         "floor / measured |", "|---|---|---|---|---|---|"]
+  for p in paths:
+    res = json.loads(open(p).read())
+    wb = decode_weight_bytes(res["model"]["gguf"])
+    floor_ms = 1e3 * wb / (gbs * 1e9)
+    rows = [("single process", res["single"])]
+    rows += [(f"split, {n} worker(s)", sp) for n, sp in sorted(res.get("split", {}).items())]
+    for name, r in rows:
+      ms = r["decode"]["ms_per_token_median"]
+      out.append(f"| {res['model']['preset']} | {name} | {ms:.2f} | {wb / 1e6:.1f} | "
+                 f"{floor_ms:.3f} | {floor_ms / ms:.3f} |")
+  return "\n".join(out)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) >= 2 and argv[1] == "bandwidth":
+    print(f"{hbm_bandwidth_gbs():.1f}")
+    return
+  if len(argv) >= 3 and argv[1] == "floor":
+    gbs = [float(a.split("=", 1)[1]) for a in argv[2:] if a.startswith("--gbs=")]
+    paths = [a for a in argv[2:] if not a.startswith("--gbs=")]
+    print(floor_table(paths, gbs[0] if gbs else hbm_bandwidth_gbs()))
+    return
+  print("usage: python -m ds4jax.bench.gpu bandwidth | floor RESULT.json ... [--gbs=N]",
+        file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  main(sys.argv)

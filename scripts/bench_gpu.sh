@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# ds4jax on one GPU: the `bench` preset and a larger model that fills much of the card, each
+# single-process and as a 1-worker split on the same machine (both processes share the GPU),
+# prefill/decode tok/s, and the decode step against its floor (weight bytes / measured HBM
+# bandwidth). Needs a venv with jax[cuda] and ds4jax installed (pip install -e .).
+#
+#   bash scripts/bench_gpu.sh            # results under $OUT (default /tmp/ds4jax-gpu-bench)
+#
+# Knobs (environment): OUT, LARGE_LAYERS (4), LARGE_EXPERTS (32), DECODE (64), LENS (512,4096).
+# The large model has Flash's attention shapes (d_model 4096, 64 heads of 512) and 32 experts
+# of 2048: about 0.95e9 parameters per layer, 3.8 GB per layer as float32 on the device. The
+# default 4 layers (~15 GB) keeps generation + two loads inside a 15-minute device slot;
+# LARGE_LAYERS=16 fills an 80 GB card (both split processes share it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/ds4jax-gpu-bench}
+LARGE_LAYERS=${LARGE_LAYERS:-4}
+LARGE_EXPERTS=${LARGE_EXPERTS:-32}
+DECODE=${DECODE:-64}
+LENS=${LENS:-512,4096}
+mkdir -p "$OUT"
+# Two processes share one GPU in the split: no up-front grab of 75% of its memory each.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python -c "import jax; d = jax.devices()[0]; assert d.platform == 'gpu', d; print(d.device_kind)"
+GBS=$(python -m ds4jax.bench.gpu bandwidth)
+echo "measured device copy bandwidth: $GBS GB/s" | tee -a "$OUT/gpu.txt"
+
+python scripts/bench.py --preset=bench --prompt_lens="$LENS" --decode_tokens="$DECODE" \
+  --workers=1 --skip_hf --out_json="$OUT/bench.json" --out_md="$OUT/bench.md"
+
+LARGE="$OUT/large-${LARGE_LAYERS}l-${LARGE_EXPERTS}e.gguf"
+if [ ! -f "$LARGE" ]; then
+  python - "$LARGE" "$LARGE_LAYERS" "$LARGE_EXPERTS" <<'EOF'
+import sys
+from ds4jax.testing.tiny import make_tiny_gguf
+path, n_layers, n_experts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ratios = tuple((0, 0) + (4, 128) * n_layers)[:n_layers]
+# Q8_0 experts: gguf-py dequantises them fast (IQ2 would dominate the load time).
+make_tiny_gguf(path, "bench", experts="q8", n_layers=n_layers, d_model=4096, vocab_size=32768,
+               n_heads=64, head_dim=512, rope_dim=64, q_lora_rank=1024, o_groups=8,
+               o_lora_rank=1024, n_experts=n_experts, n_experts_used=6, expert_ff=2048,
+               n_hash_layers=2, compress_ratios=ratios, index_heads=64, index_head_dim=128,
+               index_topk=512, context_length=8192)
+print(path)
+EOF
+fi
+python scripts/bench.py --gguf="$LARGE" --prompt_lens="$LENS" --decode_tokens="$DECODE" \
+  --workers=1 --skip_hf --out_json="$OUT/large.json" --out_md="$OUT/large.md"
+
+python -m ds4jax.bench.gpu floor "$OUT/bench.json" "$OUT/large.json" --gbs="$GBS" \
+  | tee "$OUT/floor.md"
+echo "results in $OUT"
