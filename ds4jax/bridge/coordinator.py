@@ -64,6 +64,7 @@ class CoordinatorOptions:
   pin: Sequence[str] = ()  # if set, only workers with these ranges ("1:2", "3:output")
   max_recoveries: int = 3
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
+  max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
 
 
 class Coordinator:
@@ -96,6 +97,7 @@ class Coordinator:
     self._compute_lock = threading.Lock()
     self._stop = threading.Event()
     self._admitting = threading.BoundedSemaphore(max(1, opt.max_handshakes))
+    self.last_step: dict[str, Any] = {}
     self.events: list[str] = []  # warnings a user should see (recoveries, refusals)
     self._threads = [threading.Thread(target=self._accept_loop, daemon=True,
                                       name="ds4jax-accept"),
@@ -314,7 +316,7 @@ class Coordinator:
         "ready": plan is not None, "reason": reason, "generation": self.generation,
         "listen": f"{self.address[0]}:{self.address[1]}", "route": stages, "stages": stages,
         "workers": workers, "sessions": len(self._sessions),
-        "activation_dtype": self.opt.activation_dtype,
+        "activation_dtype": self.opt.activation_dtype, "last_step": self.last_step,
     }
 
   # -------------------------------------------------------------------------------- backend
@@ -325,6 +327,21 @@ class Coordinator:
     sid = secrets.token_hex(8)
     self._sessions[sid] = CoordSession(sid, dtype, int(self.opt.replay_cache_mb * 2**20))
     return sid
+
+  def _evict_idle(self, keep: str) -> None:
+    """Keeps at most max_sessions sessions' local KV: the least recently used idle session
+    forgets its state (its id stays valid; its next step recomputes from position 0)."""
+    live = [s for s in list(self._sessions.values())
+            if s.local_state is not None and s.sid != keep]
+    extra = len(live) + 1 - self.opt.max_sessions
+    for s in sorted(live, key=lambda s: s.last_used)[:max(extra, 0)]:
+      if s.lock.acquire(blocking=False):  # a session mid-step is not idle
+        try:
+          s.reset()
+          log.info("evicted the local KV of idle session %s (max_sessions=%d)", s.sid,
+                   self.opt.max_sessions)
+        finally:
+          s.lock.release()
 
   def close_session(self, sid: str) -> None:
     sess = self._sessions.pop(sid, None)
@@ -350,11 +367,17 @@ class Coordinator:
       raise ValueError(f"token ids must be in [0, {self.vocab_size})")
     stepper = Stepper(self, sess)
     with sess.lock:
+      sess.last_used = time.monotonic()
+      self._evict_idle(keep=sid)
       recoveries = 0
       while True:
         hops = self.wait_route()
         try:
-          return stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
+          res = stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
+          wire = sum(t.bytes_in + t.bytes_out for t in res.telemetry)
+          self.last_step = {"sid": sid, "n_computed": res.n_computed, "wire_bytes": wire,
+                            "wire_bytes_per_token": wire / max(res.n_computed, 1)}
+          return res
         except LinkLost as e:
           recoveries += 1
           if recoveries > self.opt.max_recoveries:

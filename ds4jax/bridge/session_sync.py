@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ds4jax.bridge import protocol, tensors
-from ds4jax.bridge.errors import ProtocolError
+from ds4jax.bridge.errors import LinkLost, ProtocolError
 from ds4jax.bridge.pipeline import Chunk, Pass, chunks_of
 from ds4jax.generate import sampling as sampling_mod
 from ds4jax.generate.types import HopTelemetry, StepResult
@@ -50,6 +50,7 @@ class CoordSession:
     self.cache: dict[int, list[_Entry]] = {}  # layer start -> its inputs from position 0
     self.cache_bytes = 0
     self.cache_cap = cache_cap
+    self.last_used = 0.0
     self._cache_lock = threading.Lock()
 
   # ------------------------------------------------------------------------------ timeline
@@ -175,17 +176,16 @@ class Stepper:
       ps.submit(c, desc, x)
     ps.wait()
     f = chunks[-1].result
-    h = f.header
-    if h.get("kind") != "token":
-      raise ProtocolError(f"the final hop returned {h.get('kind')!r}, not a token")
-    logits_V = None
-    if return_logits:
-      logits_V = tensors.decode(h.get("logits"), f.payload)
-    logprobs = [(int(i), float(lp)) for i, lp in h.get("logprobs", [])]
+    try:
+      token, logprobs, logits_V = _final_reply(f, coord.vocab_size, return_logits)
+    except ProtocolError as e:  # a peer that breaks the protocol is dropped; recover
+      err = LinkLost(f"{hops[-1]}: {e}")
+      hops[-1].fail(err)
+      raise err from None
     tel = [HopTelemetry(str(coord.local), "local", local_s, 0.0, 0, 0, len(new))]
     tel += [HopTelemetry(str(hop.layers), hop.peer, st.compute_s, st.queue_s, st.bytes_in,
                          st.bytes_out, st.n_tokens) for hop, st in zip(hops, ps.stats)]
-    return StepResult(int(h["token"]), logprobs, logits_V, tel, len(new))
+    return StepResult(token, logprobs, logits_V, tel, len(new))
 
   # ------------------------------------------------------------------------------ helpers
   def _local(self, c: Chunk):
@@ -228,3 +228,18 @@ class Stepper:
     ps.wait()
     coord._event(f"session {sess.sid}: rebuilt the KV of {hop!r} by replaying positions "
                  f"{lo}..{hi} through that stage only")
+
+
+def _final_reply(f, vocab_size: int, return_logits: bool):
+  """(token, logprobs, logits_V | None) of the final hop's reply, every field checked."""
+  h = f.header
+  if h.get("kind") != "token":
+    raise ProtocolError(f"the final hop returned {h.get('kind')!r}, not a token")
+  token = protocol.field(h, "token", int, lo=0, hi=vocab_size - 1)
+  raw = protocol.field(h, "logprobs", list, default=[])
+  if not all(isinstance(p, list) and len(p) == 2 and type(p[0]) is int  # noqa: E721
+             and 0 <= p[0] < vocab_size and isinstance(p[1], (int, float))
+             and not isinstance(p[1], bool) for p in raw):
+    raise ProtocolError("the final hop returned malformed logprobs")
+  logits_V = tensors.decode(h.get("logits"), f.payload) if return_logits else None
+  return token, [(p[0], float(p[1])) for p in raw], logits_V

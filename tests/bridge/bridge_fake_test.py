@@ -218,3 +218,53 @@ def test_lossy_wire_dtypes_finish(dtype):
     r = coord.step(sid, toks, GREEDY, 0, return_logits=True)
     d = float(np.abs(r.logits_V - full_logits(CFG, toks)[-1]).max())
     assert 0 < d < 0.5
+
+
+def test_head_samples_with_coordinator_params_and_returns_logprobs():
+  from ds4jax.generate import sampling
+  params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7)
+  with coordinator() as coord, workers(coord.address, ["1:2", "3:output"]):
+    sid, toks = coord.new_session(), list(PROMPT)
+    for step in range(6):
+      r = coord.step(sid, toks, params, step, top_logprobs=3)
+      logits = full_logits(CFG, toks)[-1]
+      assert r.token == sampling.sample_token(logits, params, step)
+      assert r.logits_V is None
+      assert [i for i, _ in r.logprobs] == [i for i, _ in sampling.top_logprobs(logits, 3)]
+      np.testing.assert_allclose([lp for _, lp in r.logprobs],
+                                 [lp for _, lp in sampling.top_logprobs(logits, 3)], rtol=1e-12)
+      toks.append(r.token)
+    info = coord.route_info()
+    assert info["last_step"]["n_computed"] == 1 and info["last_step"]["wire_bytes"] > 0
+
+
+def test_no_replacement_fails_clearly_then_the_session_recovers():
+  with coordinator("0:output") as one:
+    ref, _ = generate(one, PROMPT, 6, check=False)
+  with coordinator(route_timeout=0.5) as coord, \
+      workers(coord.address, ["1:2", "3:output"]) as (ws, _):
+    sid = coord.new_session()
+    first, _ = generate(coord, PROMPT, 3, sid=sid)
+    ws[1].abort()
+    with pytest.raises(RouteUnavailable, match="missing layer 3"):
+      coord.step(sid, PROMPT + first, GREEDY, 3)
+    with workers(coord.address, ["3:output"]):
+      coord.opt.route_timeout = 5
+      toks = PROMPT + first
+      for step in range(3, 6):
+        r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+        np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+        toks.append(r.token)
+    assert toks[len(PROMPT):] == ref
+
+
+def test_coordinator_session_limit_evicts_idle_local_state():
+  with coordinator(max_sessions=1) as coord, workers(coord.address, ["1:output"]):
+    a, b = coord.new_session(), coord.new_session()
+    ta, tb = list(PROMPT), PROMPT[::-1]
+    for step in range(3):
+      for sid, toks in ((a, ta), (b, tb)):
+        r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+        np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+        assert r.n_computed == len(toks)  # the other session evicted it: from 0 again
+        toks.append(r.token)
