@@ -167,3 +167,82 @@ def hf_to_gguf(hf_model_or_state_dict: Any, hf_config: Any, path: str | os.PathL
   cfg = config_from_hf(hf_config)
   return write_gguf(path, cfg, tensors_from_hf(sd, cfg), types=types, tokenizer=tokenizer,
                     name="ds4jax-from-hf")
+
+
+# ------------------------------------------------------------------------ GGUF -> HF (oracle)
+def hf_config_from_cfg(cfg: ModelConfig):
+  """A transformers DeepseekV4Config with cfg's dims and schedule (for HF cross-checks)."""
+  import transformers
+
+  hca = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r not in (0, 4)})
+  if len(hca) > 1:
+    raise ValueError(f"HF supports one HCA ratio, the config has {hca}")
+  if len(set(cfg.swiglu_clamp[:cfg.n_layers])) != 1:
+    raise ValueError("HF supports one SwiGLU clamp for every layer")
+  kind = {0: "sliding_attention", 4: "compressed_sparse_attention"}
+  hcfg = transformers.DeepseekV4Config(
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, moe_intermediate_size=cfg.expert_ff,
+      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+      num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+      partial_rotary_factor=cfg.rope_dim / cfg.head_dim, q_lora_rank=cfg.q_lora_rank,
+      o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, n_routed_experts=cfg.n_experts,
+      num_experts_per_tok=cfg.n_experts_used, n_shared_experts=cfg.n_shared_experts,
+      sliding_window=cfg.window, index_n_heads=cfg.index_heads,
+      index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk, hc_mult=cfg.n_hc,
+      hc_sinkhorn_iters=cfg.sinkhorn_iters, hc_eps=cfg.hc_eps, rms_norm_eps=cfg.rms_eps,
+      swiglu_limit=cfg.swiglu_clamp[0], routed_scaling_factor=cfg.routed_scale,
+      norm_topk_prob=cfg.norm_topk_prob, max_position_embeddings=cfg.context_length,
+      rope_theta=cfg.rope_base, compress_rope_theta=cfg.compress_rope_base,
+      layer_types=[kind.get(r, "heavily_compressed_attention")
+                   for r in cfg.compress_ratios[:cfg.n_layers]],
+      compress_rates={"compressed_sparse_attention": 4,
+                      "heavily_compressed_attention": hca[0] if hca else 128},
+      mlp_layer_types=["hash_moe" if cfg.is_hash_layer(il) else "moe"
+                       for il in range(cfg.n_layers)],
+      rope_parameters={"rope_type": "yarn", "factor": cfg.yarn_factor,
+                       "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow,
+                       "original_max_position_embeddings": cfg.yarn_orig_ctx},
+      num_nextn_predict_layers=0)
+  hcfg._attn_implementation = "eager"
+  return hcfg
+
+
+def hf_state_dict_from_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
+  """A torch state dict for DeepseekV4ForCausalLM from dequantised whole-model tensors."""
+  import torch
+
+  inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
+  inv_layer = {v: k for k, v in _LAYER_MAP.items()}
+  sd = {}
+  for name, arr in tensors.items():
+    if name in inv_global:
+      sd[inv_global[name]] = torch.from_numpy(np.asarray(arr, np.float32).copy())
+      continue
+    _, il, suffix = name.split(".", 2)
+    if suffix in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
+      continue
+    hf = f"model.layers.{il}.{inv_layer[suffix]}"
+    if suffix == "exp_probs_b.bias" and cfg.is_hash_layer(int(il)):
+      continue
+    dtype = np.int64 if suffix == "ffn_gate_tid2eid.weight" else np.float32
+    sd[hf] = torch.from_numpy(np.asarray(arr, dtype).copy())
+  for il in range(cfg.n_layers):
+    gate, up = tensors[f"blk.{il}.ffn_gate_exps.weight"], tensors[f"blk.{il}.ffn_up_exps.weight"]
+    sd[f"model.layers.{il}.mlp.experts.gate_up_proj"] = torch.from_numpy(
+        np.concatenate([gate, up], axis=1).astype(np.float32))
+  return sd
+
+
+def hf_model_from_gguf(path: str | os.PathLike):
+  """A float32 eval-mode HF DeepseekV4ForCausalLM holding a GGUF's dequantised weights."""
+  import transformers
+  from ds4jax.gguf.load import load_tensors
+
+  cfg, tensors = load_tensors(path, "all")
+  model = transformers.DeepseekV4ForCausalLM(hf_config_from_cfg(cfg)).eval().float()
+  missing, unexpected = model.load_state_dict(hf_state_dict_from_tensors(tensors, cfg),
+                                              strict=False)
+  missing = [k for k in missing if not k.endswith("e_score_correction_bias")]
+  if missing or unexpected:
+    raise ValueError(f"HF state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+  return model

@@ -71,3 +71,14 @@ def test_parity_is_sensitive_to_indexer_selection(hf_tiny, ids, hf_oneshot):
   err_pos = np.abs(got - hf_oneshot).max(-1)
   assert err_pos[:15].max() <= TOL  # fewer than 4 visible entries: nothing is pruned yet
   assert err_pos.max() > 100 * TOL
+
+
+def test_quantised_fixture_matches_hf(tiny_gguf):
+  """The ds4-mix tiny fixture (Q8_0/IQ2_XXS/Q2_K, D=256, HCA 16), dequantised into HF via
+  `convert.hf_model_from_gguf`, against ds4jax loading the same file."""
+  import torch
+  from ds4jax.convert import hf_model_from_gguf
+  ids = np.random.default_rng(2).integers(0, 512, 40)
+  with torch.no_grad():
+    want = hf_model_from_gguf(tiny_gguf)(torch.as_tensor(ids[None])).logits[0].numpy()
+  _assert_close(ds4jax.load_model(tiny_gguf, ctx_size=64, max_chunk=64).logits(ids), want)
