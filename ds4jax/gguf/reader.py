@@ -156,9 +156,14 @@ class DS4File:
     self.reader = _open_reader(self.path)
     self.cfg = self._read_config()
     self.tensors: dict[str, Any] = {t.name: t for t in self.reader.tensors}
+    # A split file says which slice it holds: the loader's default slice, and clearer errors.
+    self.held: LayerRange | None = None
     held = self.metadata(LAYERS_KEY)
-    # A split file says which slice it holds; used only to make errors clearer.
-    self.held: LayerRange | None = LayerRange.parse(held, self.cfg.n_layers) if held else None
+    if held is not None:
+      try:
+        self.held = LayerRange.parse(str(held), self.cfg.n_layers)
+      except ValueError as e:
+        raise MetadataError(f"{self.path}: GGUF metadata key {LAYERS_KEY!r}: {e}") from None
 
   def _read_config(self) -> ModelConfig:
     check_architecture(self.reader, self.path)

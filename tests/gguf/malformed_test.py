@@ -182,3 +182,9 @@ def test_scripts_work(tiny_gguf, tmp_path, run_script):
   assert rc == 0, se
   assert open(tmp_path / "m.gguf", "rb").read() == open(
       tiny.make_tiny_gguf(tmp_path / "m2.gguf", seed=1), "rb").read()
+
+
+def test_bad_split_layers_key(tiny_gguf, tmp_path, rewrite):
+  p = rewrite(tiny_gguf, tmp_path / "l.gguf", meta={"ds4jax.layers": ("2:9", VT.STRING)})
+  with pytest.raises(errors.MetadataError, match="'ds4jax.layers': layer range 2:9 ends past"):
+    reader.open_gguf(p)
