@@ -28,6 +28,8 @@ def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_ca
   assert "same tokens: True" in outputs
   assert "max |Δlogit| over" in outputs
   assert "KiB/token" in outputs
+  assert "same tokens over the bridge: True" in outputs
+  assert "route: 0:1@local -> 2:2@127.0.0.1:" in outputs
   # Both figures rendered.
   pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(pngs) == 2
