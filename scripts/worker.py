@@ -7,6 +7,9 @@ coordinator restarts, the worker drops its sessions and dials again on its own.
 """
 
 import logging
+import os
+import threading
+import time
 
 from absl import flags
 
@@ -24,11 +27,26 @@ _TLS_CA = flags.DEFINE_string("tls_ca", None, "Use TLS, verifying the coordinato
 _BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
 _BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
 _CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
+_WITH_PARENT = flags.DEFINE_boolean("exit_with_parent", False,
+                                    "Exit when the launching process dies (tests, launchers).")
+
+
+def _exit_with_parent() -> None:
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(0.5)
+    os._exit(3)  # orphaned: nobody will stop us otherwise
+
+  threading.Thread(target=watch, daemon=True, name="parent-watch").start()
 
 
 def main(argv):
   del argv
   cli.setup_logging()
+  if _WITH_PARENT.value:
+    _exit_with_parent()
   from ds4jax.bridge import auth, launch
   from ds4jax.bridge.worker import WorkerOptions
   if not _LAYERS.value:

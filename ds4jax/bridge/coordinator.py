@@ -30,11 +30,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ds4jax.bridge import protocol, route as route_mod, tensors, transport
-from ds4jax.bridge.errors import (BridgeError, LinkLost, ProtocolError, RemoteError,
-                                  RouteUnavailable)
+from ds4jax.bridge import admission, protocol, route as route_mod, tensors, transport
+from ds4jax.bridge.errors import LinkLost, ProtocolError, RemoteError, RouteUnavailable
 from ds4jax.bridge.links import WorkerLink
-from ds4jax.bridge.protocol import MsgType, field
+from ds4jax.bridge.protocol import MsgType
 from ds4jax.bridge.session_sync import CoordSession, Stepper
 from ds4jax.config import LayerRange
 
@@ -214,39 +213,8 @@ class Coordinator:
 
   def check_hello(self, f: protocol.Frame) -> tuple[str, LayerRange | None]:
     """('', range) to accept, or (reason, None): the exact text both sides show."""
-    h = f.header
-    version = h.get("protocol", f.version)
-    if version != protocol.PROTOCOL_VERSION or f.version != protocol.PROTOCOL_VERSION:
-      return (f"protocol version {version} is not supported (this coordinator speaks "
-              f"{protocol.PROTOCOL_VERSION})"), None
-    fp = field(h, "fingerprint", str)
-    if fp != self.fingerprint:
-      return (f"model mismatch: worker fingerprint {fp[:16]} != coordinator "
-              f"{str(self.fingerprint)[:16]} (a different GGUF)"), None
-    n = field(h, "n_layers", int)
-    if n != self.n_layers:
-      return f"model mismatch: worker has {n} layers, coordinator {self.n_layers}", None
-    start, end = field(h, "start", int, lo=0), field(h, "end", int)
-    has_output = field(h, "has_output", bool)
-    last = self.n_layers - 1
-    desc = f"{start}:{'output' if has_output else end}"
-    if start > last:
-      return f"layer range {desc} starts past the final model layer {last}", None
-    if end > last:
-      return f"layer range {desc} ends past the final model layer {last}", None
-    if end < start:
-      return f"layer range {desc} ends before it starts", None
-    if has_output and end != last:
-      return f"layer range {desc} owns the output head but not the last layer {last}", None
-    if start <= self.local.end:
-      return f"layer range {desc} overlaps the coordinator's layers {self.local}", None
-    ctx = field(h, "ctx", int, lo=0)
-    if ctx < self.ctx:
-      return f"worker context too small: worker={ctx} coordinator={self.ctx}", None
-    dtypes = field(h, "dtypes", list)
-    if "f32" not in dtypes:
-      return "worker does not support f32 activations", None
-    return "", LayerRange(start, end, has_output)
+    return admission.check_hello(f, fingerprint=self.fingerprint, n_layers=self.n_layers,
+                                 local=self.local, ctx=self.ctx)
 
   def _on_link_change(self, link: WorkerLink, err: BaseException | None) -> None:
     with self._cv:

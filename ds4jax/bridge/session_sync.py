@@ -19,8 +19,6 @@ import dataclasses
 import threading
 from typing import Any
 
-import numpy as np
-
 from ds4jax.bridge import protocol, tensors
 from ds4jax.bridge.errors import LinkLost, ProtocolError
 from ds4jax.bridge.pipeline import Chunk, Pass, chunks_of

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge import launch
-from ds4jax.bridge.coordinator import Coordinator
+from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.errors import HandshakeRefused
 from ds4jax.bridge.worker import Worker, WorkerOptions
 from ds4jax.generate.sampling import SamplingParams
@@ -42,15 +42,6 @@ def free_port():
     return s.getsockname()[1]
 
 
-def _die_with_parent():
-  """Linux: a worker gets SIGTERM if pytest dies, so no orphan keeps dialing."""
-  try:
-    import ctypes
-    ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-
-
 @dataclasses.dataclass
 class Cluster:
   gguf: str
@@ -58,6 +49,7 @@ class Cluster:
   logdir: str
   cache: str
   coord: Coordinator | None = None
+  runner: object = None
   procs: dict = dataclasses.field(default_factory=dict)
 
   def start_worker(self, spec, *extra, gguf=None, name=None):
@@ -66,18 +58,20 @@ class Cluster:
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "worker.py"),
            f"--gguf={gguf or self.gguf}", f"--layers={spec}",
            f"--coordinator=127.0.0.1:{self.port}", f"--ctx={CTX}", "--backoff_min=0.1",
-           "--backoff_max=1.0", f"--cache_dir={self.cache}", *extra]
+           "--backoff_max=1.0", f"--cache_dir={self.cache}", "--exit_with_parent", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                         preexec_fn=_die_with_parent)
+    p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     p.logfile = log.name
     self.procs[name] = p
     return p
 
   def start_coordinator(self):
-    self.coord = Coordinator.from_gguf(
-        self.gguf, layers="0:0", ctx_size=CTX, port=self.port, prefill_chunk=CHUNK,
-        heartbeat_s=HEARTBEAT, route_timeout=120.0, request_timeout=120.0, warmup=True)
+    if self.runner is None:
+      self.runner = launch.load_runner(self.gguf, "0:0", ctx_size=CTX)
+    # A restart reuses the loaded (and compiled) runner: only the bridge restarts.
+    self.coord = Coordinator(self.runner, CoordinatorOptions(
+        port=self.port, prefill_chunk=CHUNK, heartbeat_s=HEARTBEAT, route_timeout=120.0,
+        request_timeout=120.0, warmup=True))
 
   def logs(self) -> str:
     out = []
