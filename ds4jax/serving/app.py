@@ -58,7 +58,7 @@ class InProcess(SessionTracker):
 
 
 def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout: float = 60.0,
-               max_concurrency: int = 16, default_max_tokens: int = 256,
+               max_concurrency: int = 8, default_max_tokens: int = 256,
                serialize_steps: bool = False, generator_cls=None) -> fastapi.FastAPI:
   """Builds the server around a `Backend` (LocalBackend or Coordinator) and its tokenizer.
 

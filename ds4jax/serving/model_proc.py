@@ -45,8 +45,10 @@ def define_flags() -> None:
   cli.define_run_flags(prompt=False)
   flags.DEFINE_string("http", "127.0.0.1:8000", "HOST:PORT for the HTTP API (port 0: any).")
   flags.DEFINE_string("model_name", None, "The model id clients name (default: the GGUF's name).")
-  flags.DEFINE_integer("max_concurrency", 16, "Requests generating at once; the rest queue.",
-                       lower_bound=1)
+  # 8 matches the session caches of LocalBackend and of workers (--max_sessions): more live
+  # sessions than a worker keeps makes it evict and rebuild KV on every step.
+  flags.DEFINE_integer("max_concurrency", 8, "Requests generating at once; the rest queue. "
+                       "Keep it <= the workers' --max_sessions.", lower_bound=1)
   flags.DEFINE_enum("http_log_level", "warning", ["debug", "info", "warning", "error"],
                     "uvicorn's log level (access lines at info).")
   flags.DEFINE_boolean("in_process", False, "Run the model inside the HTTP server's process "

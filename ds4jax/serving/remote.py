@@ -28,6 +28,9 @@ from ds4jax.serving import generation
 log = logging.getLogger("ds4jax.serving")
 
 _EXIT = object()
+# How often a waiting request checks its cancel flag (a client that left); short enough to free
+# the session within a step or two, long enough that idle waits cost the server nothing.
+CANCEL_POLL_S = 0.2
 
 
 class ModelProcessError(ChildProcessError):
@@ -168,7 +171,7 @@ class ModelProcess:
         self._send({"op": "generate", "rid": rid, "job": _job_to_dict(job)})
         while True:
           try:
-            msg = q.get(timeout=0.05)
+            msg = q.get(timeout=CANCEL_POLL_S)
           except queue.Empty:
             msg = None
           if cancel.is_set() and not cancelled:
