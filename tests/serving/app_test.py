@@ -36,7 +36,7 @@ def _reference(tok, prompt=None, messages=None, max_tokens=16, stop=()):
 @pytest.fixture
 def server(tok):
   backend = FakeBackend()
-  app = create_app(backend, tok, MODEL, route_timeout=1.0)
+  app = create_app(backend, tok, MODEL, route_timeout=1.0, max_concurrency=10)
   with serve_in_thread(app) as url:
     yield backend, url
 
@@ -179,8 +179,13 @@ def test_health_fast_while_generating_and_on_stuck_backend(tok):
       assert all(f.result(timeout=20).status_code == 200 for f in futs)
 
 
-def test_ten_concurrent_streams_equal_sequential(server, tok):
-  backend, url = server
+def test_ten_concurrent_streams_equal_sequential(tok):
+  backend = FakeBackend(step_s=0.02)
+  with serve_in_thread(create_app(backend, tok, MODEL, max_concurrency=10)) as url:
+    _ten_streams(backend, url, tok)
+
+
+def _ten_streams(backend, url, tok):
   client = _client(url)
   prompts = [f"request number {i}:" for i in range(10)]
   refs = [_reference(tok, p, max_tokens=20).text for p in prompts]
@@ -190,9 +195,22 @@ def test_ten_concurrent_streams_equal_sequential(server, tok):
                                   stream=True)
     return "".join(c.choices[0].text for c in s if c.choices)
 
+  peak = []
+
+  def watch():
+    with httpx.Client(base_url=url, timeout=10) as c:
+      while not done.is_set():
+        peak.append(c.get("/health").json()["sessions"])
+
+  done = threading.Event()
+  watcher = threading.Thread(target=watch)
+  watcher.start()
   with concurrent.futures.ThreadPoolExecutor(10) as pool:
     got = list(pool.map(run, prompts))
+  done.set()
+  watcher.join()
   assert got == refs
+  assert max(peak) >= 5, "the requests overlapped"
   assert len(backend.closed) == 10 and not backend.open
 
 

@@ -98,7 +98,7 @@ def split(tiny_gguf, tiny_cache_dir, tmp_path_factory):
   server = Proc([_script("serve.py"), f"--gguf={tiny_gguf}", "--layers=0:1",
                  "--listen=127.0.0.1:0", "--http=127.0.0.1:0", f"--ctx_size={CTX}",
                  f"--route_timeout={ROUTE_TIMEOUT_S}", f"--cache_dir={tiny_cache_dir}",
-                 "--model_name=tiny"], logs / "serve.log")
+                 "--model_name=tiny", "--max_concurrency=10"], logs / "serve.log")
   procs = {"server": server}
   try:
     line = server.wait_line("serving ", START_TIMEOUT_S)
@@ -113,7 +113,7 @@ def split(tiny_gguf, tiny_cache_dir, tmp_path_factory):
 
     def start_worker():
       procs["worker"] = Proc([_script("worker.py"), f"--gguf={tiny_gguf}", "--layers=2:output",
-                              f"--coordinator={listen}", f"--ctx={CTX}",
+                              f"--coordinator={listen}", f"--ctx={CTX}", "--max_sessions=10",
                               f"--cache_dir={tiny_cache_dir}"], logs / "worker.log")
 
     yield dict(url=url, start_worker=start_worker, procs=procs, ref_json=ref_json, logs=logs)
