@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 
 import numpy as np
 
@@ -43,11 +44,13 @@ def _weights(cfg: FakeConfig, tag: str, shape) -> np.ndarray:
 class FakeRunner:
   """forward(state, tokens_T, hc_TCD | None, pos0) -> (hc_TCD or logits_TV, state)."""
 
-  def __init__(self, cfg: FakeConfig, layers: LayerRange, ctx_size: int = 64):
+  def __init__(self, cfg: FakeConfig, layers: LayerRange, ctx_size: int = 64,
+               delay_s: float = 0.0):
     self.cfg = cfg
     self.layers = layers.resolve(cfg.n_layers) if layers.end < 0 else layers
     self.ctx_size = ctx_size
     self.fingerprint = cfg.fingerprint()
+    self.delay_s = delay_s  # per forward call: makes pipelining measurable in tests
     C, D = cfg.n_hc, cfg.d_model
     self.embed_VCD = _weights(cfg, "embed", (cfg.vocab_size, C, D))
     self.w = {il: _weights(cfg, f"blk{il}", (D, D)) for il in self.layers.layers()}
@@ -71,6 +74,8 @@ class FakeRunner:
       raise ValueError(f"positions {pos0}..{pos0 + T} exceed ctx {self.ctx_size}")
     if (hc_TCD is None) != self.layers.embeds:
       raise ValueError("hc_TCD must be None exactly when the stage embeds")
+    if self.delay_s:
+      time.sleep(self.delay_s)
     mem = state.mem_LSCD.copy()
     outs = []
     for t in range(T):
