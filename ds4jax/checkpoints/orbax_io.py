@@ -194,7 +194,8 @@ def stored_range(m: dict[str, Any]) -> LayerRange:
 
 
 def check_range(m: dict[str, Any], want: LayerRange, where: str = "") -> None:
-  """Refuses a slice the checkpoint cannot serve (layers, embedding or head missing)."""
+  """Refuses a slice the checkpoint cannot serve (layers or head missing; a checkpoint that
+  starts at 0 holds the embedding)."""
   have = stored_range(m)
   where = where or "checkpoint"
   if want.start < have.start or want.end > have.end:
@@ -202,8 +203,6 @@ def check_range(m: dict[str, Any], want: LayerRange, where: str = "") -> None:
   if want.has_output and not have.has_output:
     raise CheckpointError(f"{where} holds layers {have} without the output head, cannot serve "
                           f"{want}")
-  if want.embeds and not have.embeds:
-    raise CheckpointError(f"{where} does not hold the token embedding needed by {want}")
 
 
 def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype=None,
