@@ -8,6 +8,7 @@ exist, not even abstractly.
 
 from __future__ import annotations
 
+import os
 from typing import Mapping
 
 import jax.numpy as jnp
@@ -74,10 +75,17 @@ def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
   return nnx.merge(graphdef, nnx.from_flat_state(filled))
 
 
-def load_stage(path, layers: LayerRange | str = "all", *, dtype="float32") -> Stage:
-  """Loads the slice `layers` of a ds4 GGUF (only its tensors are read and dequantised)."""
+def load_stage(path, layers: LayerRange | str = "all", *, dtype=None) -> Stage:
+  """Loads the slice `layers` of a ds4 GGUF (only its tensors are read and dequantised), or
+  restores it from an orbax checkpoint directory (scripts/convert_to_orbax.py).
+
+  dtype: None means float32 for a GGUF and the stored dtype for a checkpoint.
+  """
+  if os.path.isdir(path):
+    from ds4jax.checkpoints.orbax_io import load_stage_checkpoint  # deferred: imports orbax
+    return load_stage_checkpoint(path, layers, dtype=dtype)
   from ds4jax.gguf.load import load_tensors  # deferred: the gguf package imports lazily
   cfg, tensors = load_tensors(path, layers)
   rng = (LayerRange.parse(layers, cfg.n_layers) if isinstance(layers, str)
          else layers.resolve(cfg.n_layers))
-  return stage_from_tensors(cfg, rng, tensors, dtype=dtype)
+  return stage_from_tensors(cfg, rng, tensors, dtype=dtype or "float32")
