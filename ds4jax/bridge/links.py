@@ -65,7 +65,8 @@ class WorkerLink:
   def request(self, header: dict[str, Any], payload, callback: Callback, *,
               mtype: int = MsgType.WORK) -> int:
     """Sends WORK (or another request type); callback gets the RESULT frame, or an error.
-    Returns the bytes sent; raises LinkLost when the send fails."""
+    Returns the bytes sent; raises LinkLost when the send fails (unless the callback has
+    already been given the error by a concurrent fail())."""
     req = next(_req_ids)
     header = dict(header, req=req)
     with self._lock:
@@ -76,9 +77,11 @@ class WorkerLink:
       return self.ch.send(mtype, header, payload)
     except LinkLost as e:
       with self._lock:
-        self._pending.pop(req, None)  # the caller handles this request's failure
+        mine = self._pending.pop(req, None) is not None
       self.fail(e)
-      raise
+      if not mine:  # a concurrent fail() already gave the callback its error: not twice
+        return 0
+      raise  # the caller handles this request's failure
 
   def send(self, mtype: int, header: dict[str, Any]) -> None:
     try:

@@ -124,21 +124,24 @@ class Pass:
       if h.get("hash_after") != protocol.hash_hex(chunk.hash_after):
         raise ProtocolError(f"{hop} returned prefix hash {h.get('hash_after')!r}, expected "
                             f"{protocol.hash_hex(chunk.hash_after)}")
+      last = i == len(self.hops) - 1
+      if not last:  # checked before on_done caches the activations
+        if h.get("kind") != "hidden":
+          raise ProtocolError(f"{hop} returned {h.get('kind')!r} where activations were "
+                              "expected")
+        desc = h.get("x")
+        tensors.check_desc(desc)
       st = self.stats[i]
       st.bytes_out += f.nbytes
       st.n_tokens += len(chunk.tokens)
-      for t in h.get("telemetry", [])[:1]:
-        st.compute_s += float(t.get("compute_s", 0.0))
-        st.queue_s += float(t.get("queue_s", 0.0))
+      compute_s, queue_s = _telemetry(h)
+      st.compute_s += compute_s
+      st.queue_s += queue_s
       self.on_done(i, chunk, f)
-      if i == len(self.hops) - 1:
+      if last:
         chunk.result = f
         self._settle(None)
         return
-      if h.get("kind") != "hidden":
-        raise ProtocolError(f"{hop} returned {h.get('kind')!r} where activations were expected")
-      desc = h.get("x")
-      tensors.check_desc(desc)
     except ProtocolError as e:
       err = LinkLost(f"{hop}: {e}")  # a peer that breaks the protocol is dropped; recover
       hop.fail(err)
@@ -148,6 +151,19 @@ class Pass:
       self._settle(e)
       return
     self._send(i + 1, chunk, desc, f.payload)
+
+
+def _telemetry(h: dict[str, Any]) -> tuple[float, float]:
+  """(compute_s, queue_s) from a reply's first telemetry entry; ProtocolError if malformed."""
+  tel = h.get("telemetry", [])
+  if not isinstance(tel, list) or (tel and not isinstance(tel[0], dict)):
+    raise ProtocolError("malformed telemetry")
+  if not tel:
+    return 0.0, 0.0
+  vals = (tel[0].get("compute_s", 0.0), tel[0].get("queue_s", 0.0))
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+    raise ProtocolError("malformed telemetry")
+  return float(vals[0]), float(vals[1])
 
 
 def chunks_of(tokens: Sequence[int], pos0: int, hash0: int, size: int, final_want: str,
