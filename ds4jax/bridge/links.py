@@ -112,7 +112,7 @@ class WorkerLink:
   def _complete(self, f: protocol.Frame) -> None:
     req = f.header.get("req")
     with self._lock:
-      p = self._pending.pop(req, None) if isinstance(req, int) else None
+      p = self._pending.pop(req, None) if type(req) is int else None  # not True == 1
     if p is None:
       raise ProtocolError(f"reply to unknown request {req!r}")
     if f.type == MsgType.ERROR:
