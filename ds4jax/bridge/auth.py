@@ -420,6 +420,8 @@ def secure_client(sock: socket.socket, *, key: bytes | None = None,
 
 
 def _tls(sock, timeout: float, wrap):
+  # CPython's do_handshake treats the socket timeout as one deadline for the whole
+  # handshake, so a peer trickling its ClientHello is cut off in time (auth_test checks it).
   old = sock.gettimeout()
   sock.settimeout(timeout)
   try:

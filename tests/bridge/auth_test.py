@@ -432,3 +432,22 @@ def test_tls_context_errors(tmp_path):
     auth.server_ssl_context(str(bad))
   with pytest.raises(ValueError, match="does not exist"):
     auth.client_ssl_context(str(tmp_path / "nope.pem"))
+
+
+def test_tls_handshake_has_an_overall_deadline(certs):
+  """A client that trickles its ClientHello a byte at a time is cut off at the deadline."""
+  (certfile, keyfile), _ = certs
+  sctx = auth.server_ssl_context(certfile, keyfile)
+
+  def trickler(c):
+    for b in b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 100:
+      try:
+        c.sendall(bytes([b]))
+      except OSError:
+        return
+      time.sleep(0.1)
+
+  t0 = time.monotonic()
+  s, _ = tcp_pair(lambda s: auth.secure_server(s, ssl_ctx=sctx, timeout=0.5), trickler)
+  assert_auth_error(s, auth.TIMEOUT)
+  assert time.monotonic() - t0 < 3.0
