@@ -11,6 +11,11 @@ Reads stdin line by line, so `echo hi | python scripts/chat.py --gguf=tiny` work
 
 import sys
 
+try:
+  import readline  # noqa: F401  (line editing and history for input())
+except ImportError:
+  pass
+
 from ds4jax import cli
 from ds4jax.generate.loop import Generator
 from ds4jax.tokenizer import Tokenizer

@@ -158,15 +158,18 @@ class Generator:
         closed at the end.
     """
     ids = self.prompt_ids(prompt, prompt_tokens, chat=chat, system=system, thinking=thinking)
+    # Checked here, not on the first next(), so a bad call fails where it is made.
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(stop, str):
+      stop = [stop]
+    if any(not s for s in stop):
+      raise ValueError("stop strings must be non-empty")
     return TextStream(self._run(ids, max_new_tokens, sampling, stop, stop_tokens, top_logprobs,
                                 sid))
 
   def _run(self, transcript: list[int], max_new_tokens: int, sampling, stop, stop_tokens,
            top_logprobs: int, sid: str | None):
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if any(not s for s in stop):
-      raise ValueError("stop strings must be non-empty")
     params = (sampling or SamplingParams()).to_params()
     end_ids = {self.tokenizer.eos_id, *map(int, stop_tokens)}
     own_session = sid is None

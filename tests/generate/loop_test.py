@@ -102,3 +102,15 @@ def test_chat_session_reuses_the_kv_prefix(tiny_tokenizer):
   # The second turn's logits equal a fresh one-shot run on the same transcript.
   fresh = Generator(backend, tok).generate(prompt_tokens=r2.prompt_tokens, max_new_tokens=5)
   assert fresh.tokens == r2.tokens
+
+
+def test_bad_arguments_fail_at_the_call(tiny_tokenizer):
+  gen = Generator(ScriptBackend([5]), tiny_tokenizer)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    gen.stream("x", max_new_tokens=0)
+  with pytest.raises(ValueError, match="non-empty"):
+    gen.stream("x", stop=[""])
+  # A single stop string is accepted as a string.
+  script = [8 + b for b in b"abc"]
+  res = Generator(ScriptBackend(script), tiny_tokenizer).generate("x", max_new_tokens=3, stop="b")
+  assert res.text == "a" and res.finish_reason == "stop"
