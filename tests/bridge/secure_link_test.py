@@ -179,3 +179,13 @@ def test_tls_with_key_generates_and_untrusted_cert_is_refused(cluster, caplog, t
   wait_logged(caplog, "ds4jax.bridge.worker", "certificate verify failed")
   wait_logged(caplog, "ds4jax.bridge.coordinator", "TLS failed")
   assert len(coord.route_info()["workers"]) == 1
+
+
+def test_coordinator_warns_when_exposed_without_a_key(cluster, caplog):
+  caplog.set_level(logging.WARNING, logger="ds4jax.bridge")
+  coordinator, _ = cluster
+  assert coordinator().bind_warning is None  # default: loopback
+  assert coordinator(host="0.0.0.0", key=KEY).bind_warning is None
+  exposed = coordinator(host="0.0.0.0")
+  assert "every interface without a key" in exposed.bind_warning
+  assert any("without a key" in r.getMessage() for r in caplog.records)
