@@ -16,11 +16,14 @@ try:
 except ImportError:
   pass
 
+from absl import flags
+
 from ds4jax import cli
 from ds4jax.generate.loop import Generator
 from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags(prompt=False)
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 
 
 def main(argv):

@@ -22,6 +22,7 @@ from ds4jax.generate.sampling import SamplingParams
 from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _WORKERS = flags.DEFINE_list("workers", ["2:2", "3:output"], "Worker ranges, in route order.")
 _CHECK = flags.DEFINE_boolean("check", True, "Compare with a single-process run.")
 flags.FLAGS.set_default("gguf", "tiny")

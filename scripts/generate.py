@@ -19,6 +19,7 @@ from ds4jax.generate.loop import Generator
 from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write tokens, text, speed, route, telemetry.")
 _STREAM = flags.DEFINE_boolean("stream", True, "Print text as it is generated.")
 
