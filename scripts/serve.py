@@ -30,6 +30,8 @@ from ds4jax import cli
 from ds4jax.serving import model_proc
 
 model_proc.define_flags()
+flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(model_proc)
 FLAGS = flags.FLAGS
 
 
