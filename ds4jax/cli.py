@@ -103,6 +103,10 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
   if not spec:
     raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
   if os.path.exists(spec):
+    if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
+      from ds4jax.checkpoints.orbax_io import read_manifest
+      read_manifest(spec)  # a one-line error if it is not one
+      return spec
     if not os.path.isfile(spec):
       raise ValueError(f"--gguf={spec} is not a file")
     return spec
@@ -164,17 +168,17 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
   from ds4jax.config import LayerRange
   from ds4jax.generate.local import heartbeat
-  from ds4jax.gguf import reader
+  from ds4jax.checkpoints.orbax_io import model_info
   from ds4jax.model.load import load_stage
   from ds4jax.model.runner import StageRunner
 
   host, port = parse_hostport(listen)
   key = auth.load_key(key_file)
-  cfg = reader.read_config(gguf)
+  cfg, fingerprint = model_info(gguf)  # a GGUF or an orbax checkpoint directory
   rng = LayerRange.parse(layers, cfg.n_layers)
   with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
     stage = load_stage(gguf, rng)
-  runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=reader.fingerprint(gguf))
+  runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint)
   auth.warn_if_exposed(host, key)
   try:
     coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(

@@ -6,18 +6,19 @@ from __future__ import annotations
 from ds4jax.config import LayerRange, LayerRangeError
 
 
-def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int, dtype: str = "float32",
-                max_chunk: int = 256):
-  """A StageRunner for `layers` of the GGUF at path, carrying the model fingerprint."""
-  from ds4jax.gguf.reader import fingerprint, read_config
+def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
+                dtype: str | None = None, max_chunk: int = 256):
+  """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
+  the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint."""
+  from ds4jax.checkpoints.orbax_io import model_info
   from ds4jax.model.load import load_stage
   from ds4jax.model.runner import StageRunner
-  cfg = read_config(path)
+  cfg, fp = model_info(path)
   rng = layers if isinstance(layers, LayerRange) else LayerRange.parse(layers, cfg.n_layers)
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
   return StageRunner(load_stage(path, rng, dtype=dtype), ctx_size=ctx, max_chunk=max_chunk,
-                     fingerprint=fingerprint(path))
+                     fingerprint=fp)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -30,15 +31,15 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
     return LayerRange(rng.start, n_layers - 1 if rng.end < 0 else rng.end, rng.has_output)
 
 
-def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dtype="float32",
+def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dtype=None,
                      options=None):
   """A Worker for `layers` of the GGUF: HELLO needs only metadata; weights load on ACCEPT."""
   from ds4jax.bridge.worker import Worker, WorkerOptions
-  from ds4jax.gguf.reader import fingerprint, read_config
-  cfg = read_config(path)
+  from ds4jax.checkpoints.orbax_io import model_info
+  cfg, fp = model_info(path)  # a GGUF or an orbax checkpoint directory
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
   rng = requested_range(layers, cfg.n_layers)
-  return Worker(coordinator, fingerprint=fingerprint(path), n_layers=cfg.n_layers,
+  return Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
                 vocab_size=cfg.vocab_size, layers=rng, options=opt,
                 load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype))

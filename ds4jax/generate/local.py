@@ -112,16 +112,20 @@ class LocalBackend:
 
   @classmethod
   def from_gguf(cls, path: str | os.PathLike, *, ranges: Sequence[str] = ("all",),
-                ctx_size: int = 4096, dtype: str = "float32", **kw) -> "LocalBackend":
-    """Loads `ranges` (e.g. `("0:1", "2:output")`) of a GGUF, each into its own runner."""
-    from ds4jax.gguf.reader import read_config  # deferred: model loading is heavy
+                ctx_size: int = 4096, dtype: str | None = None, **kw) -> "LocalBackend":
+    """Loads `ranges` (e.g. `("0:1", "2:output")`) of a GGUF, each into its own runner.
+
+    `path` may also be an orbax checkpoint directory (scripts/convert_to_orbax.py); dtype None
+    is float32 for a GGUF and the stored dtype for a checkpoint.
+    """
+    from ds4jax.checkpoints.orbax_io import model_info  # deferred: model loading is heavy
     from ds4jax.model.load import load_stage
     from ds4jax.model.runner import StageRunner
 
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
       raise FileNotFoundError(f"GGUF file not found: {path}")
-    cfg = read_config(path)
+    cfg, fingerprint = model_info(path)
     runners = []
     for spec in ranges:
       layers = LayerRange.parse(spec, cfg.n_layers)
@@ -129,7 +133,7 @@ class LocalBackend:
       with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)} "
                      f"({os.path.getsize(path) / 2**30:.2f} GiB file)"):
         stage = load_stage(path, layers, dtype=dtype)
-      runners.append(StageRunner(stage, ctx_size=ctx_size))
+      runners.append(StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint))
       log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
                time.perf_counter() - t0)
     return cls(runners, **kw)

@@ -78,6 +78,6 @@ def load_model(path, layers: str = "all", dtype: str = "float32", *, ctx_size: i
   """Loads `layers` of a ds4 GGUF for notebooks; see the module docstring."""
   stage = load_stage(path, layers, dtype=dtype)
   ctx = min(int(ctx_size), int(stage.cfg.context_length))
-  from ds4jax.gguf.reader import fingerprint
+  from ds4jax.checkpoints.orbax_io import model_info  # a GGUF or a checkpoint directory
   return Model(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,
-                           fingerprint=fingerprint(path)))
+                           fingerprint=model_info(path)[1]))

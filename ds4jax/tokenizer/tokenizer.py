@@ -153,6 +153,9 @@ class Tokenizer:
     import gguf  # deferred: the tokenizer is usable without a GGUF on disk
 
     path = os.fspath(path)
+    if os.path.isdir(path):  # an orbax checkpoint directory keeps its GGUF's vocab
+      from ds4jax.checkpoints.orbax_io import tokenizer_from_checkpoint
+      return tokenizer_from_checkpoint(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
