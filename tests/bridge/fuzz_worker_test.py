@@ -182,10 +182,13 @@ def test_fuzz_worker(logs):
       # Afterwards the worker must hang up, or show it is alive: READY after an ACCEPT, the
       # reply to a WORK, or (after garbage) the PONG to a PING sent behind it.
       until = is_ready if phase == "pre" else is_reply if kind == "workfields" else is_pong(i)
+      # Cut inside the frame (else: stall past the deadline). Drawn before sending, so a
+      # send that fails cannot shift the generator.
+      cut = hold and kind != "slowloris" and m.rng.random() < 0.7
       try:
         sock.sendall(data)
-        if hold and kind != "slowloris" and m.rng.random() < 0.7:
-          sock.shutdown(socket.SHUT_WR)  # cut inside the frame (else: stall past the deadline)
+        if cut:
+          sock.shutdown(socket.SHUT_WR)
         if until not in (is_ready, is_reply) and not hold:
           sock.sendall(frame(MsgType.PING, {"t": i}))
       except OSError:
