@@ -146,18 +146,17 @@ class _Stream:
       k = min(bounds)
       kind, fault = None, None
       for start, end, f in self.acts:
-        if f.kind in _RANGED and start <= self.pos < end:
-          kind, fault = f.kind, f
-          break
         if f.kind not in _RANGED and start == self.pos:
           out.append((lo, lo, f.kind, f))  # a point event before these bytes
+        elif f.kind in _RANGED and start <= self.pos < end and fault is None:
+          kind, fault = f.kind, f  # the first ranged fault covering these bytes applies
       out.append((lo, lo + k, kind, fault))
       self._track(data[lo:lo + k])
+      old, self.pos, lo = self.pos, self.pos + k, lo + k
+      # Keep ranged faults that reach past the new position and point events still ahead.
       self.acts = [a for a in self.acts
-                   if not (a[2].kind not in _RANGED and a[0] == self.pos) and a[1] > self.pos]
-      self.pos += k
-      self.acts = [a for a in self.acts if a[1] > self.pos or a[0] >= self.pos]
-      lo += k
+                   if (a[2].kind in _RANGED and a[1] > self.pos)
+                   or (a[2].kind not in _RANGED and a[0] > old)]
     return out
 
   def _track(self, chunk):

@@ -249,3 +249,15 @@ def test_frame_type_filter_counts_only_that_type(pair):
   with pytest.raises(ProtocolError, match="bad magic"):
     recv_n(b, 1)
   assert len(fa.events) == 1
+
+
+def test_point_and_range_faults_at_the_same_byte(pair):
+  """A delay at the byte where a corruption starts fires too (neither hides the other)."""
+  a, b = pair
+  fa = faults.FaultySocket(a, [Fault("corrupt", after_bytes=4, length=3),
+                               Fault("delay", after_bytes=4, delay_s=0.01),
+                               Fault("truncate", after_bytes=6)])
+  fa.sendall(b"abcdefgh")
+  got = b.recv(100)
+  assert got[:4] == b"abcd" and len(got) == 6 and got[4:] != b"ef"
+  assert [e[1] for e in fa.events] == ["delay", "corrupt", "truncate"]
