@@ -189,3 +189,37 @@ def test_coordinator_warns_when_exposed_without_a_key(cluster, caplog):
   exposed = coordinator(host="0.0.0.0")
   assert "every interface without a key" in exposed.bind_warning
   assert any("without a key" in r.getMessage() for r in caplog.records)
+
+
+def test_replayed_coordinator_handshake_refused_by_the_worker(cluster, caplog):
+  """An impostor coordinator replays what the real one sent: the worker refuses, logs why,
+  and tells the impostor (FAIL with the replay code)."""
+  caplog.set_level(logging.INFO, logger="ds4jax.bridge")
+  coordinator, worker = cluster
+  tap = Recorder()
+  coord = coordinator(key=KEY, wrap=tap)
+  worker(coord, key=KEY)
+  coord.wait_route(5)
+  captured = bytes(tap.sent)  # CHALLENGE(40) + WELCOME(72) + ACCEPT frame ...
+  assert captured[40:44] == auth.MAGIC
+  impostor = socket.create_server(("127.0.0.1", 0))
+  impostor.settimeout(5)
+
+  class Addr:  # the worker fixture dials coord.address
+    address = impostor.getsockname()[:2]
+
+  worker(Addr, key=KEY)
+  s, _ = impostor.accept()
+  try:
+    s.settimeout(5)
+    s.recv(40)  # the worker's fresh HELLO
+    s.sendall(captured[:40])
+    s.recv(72)  # its PROOF for the replayed challenge
+    s.sendall(captured[40:112])
+    reply = s.recv(8)
+  finally:
+    s.close()
+    impostor.close()
+  _, _, mtype, code = auth._PREFIX.unpack(reply)
+  assert mtype == auth.FAIL and auth._CODE_REASONS[code] == auth.REPLAY
+  wait_logged(caplog, "ds4jax.bridge.worker", "replayed/stale")
