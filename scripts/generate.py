@@ -7,6 +7,9 @@ r"""Generates from a prompt, whole model in one process or as the coordinator of
     # Coordinator of a split: owns layers 0:1 and waits for workers to dial in.
     python scripts/generate.py --gguf=m.gguf --layers=0:1 --listen=0.0.0.0:7000 \
         --prompt_tokens=0,17,42 --max_new_tokens=32 --output_json=out.json
+    # Save the session (transcript + every stage's KV) and continue it later, on any route:
+    python scripts/generate.py --gguf=tiny --prompt="Hello" --save_session=/tmp/s1
+    python scripts/generate.py --gguf=tiny --load_session=/tmp/s1 --max_new_tokens=16
 """
 
 import json
@@ -22,6 +25,10 @@ cli.define_run_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write tokens, text, speed, route, telemetry.")
 _STREAM = flags.DEFINE_boolean("stream", True, "Print text as it is generated.")
+_SAVE = flags.DEFINE_string("save_session", None, "After generating, save the session "
+                            "(transcript and every stage's KV state) to this directory.")
+_LOAD = flags.DEFINE_string("load_session", None, "Restore a saved session and continue it; a "
+                            "--prompt (a new user turn with --chat) or --prompt_tokens is appended.")
 
 
 def main(argv):
@@ -30,14 +37,20 @@ def main(argv):
   cli.setup_logging()
   cli.enable_compilation_cache(cli.option("cache_dir"))
   prompt, prompt_tokens = cli.option("prompt"), cli.parse_tokens(cli.option("prompt_tokens"))
-  if (prompt is None) == (prompt_tokens is None):
+  if prompt is not None and prompt_tokens is not None:
     raise ValueError("give exactly one of --prompt and --prompt_tokens")
+  if prompt is None and prompt_tokens is None and not _LOAD.value:
+    raise ValueError("give exactly one of --prompt and --prompt_tokens (or --load_session)")
   backend, close = cli.build_backend()
   try:
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
     tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
     gen = Generator(backend, tokenizer)
-    stream = gen.stream(prompt, prompt_tokens=prompt_tokens,
+    sid = backend.new_session()
+    if _LOAD.value:  # the restored transcript, then the new prompt (if any)
+      prompt_tokens = _restore(backend, sid, _LOAD.value, tokenizer, prompt, prompt_tokens)
+      prompt = None
+    stream = gen.stream(prompt, prompt_tokens=prompt_tokens, sid=sid,
                         max_new_tokens=int(cli.option("max_new_tokens")),
                         sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
                         chat=bool(cli.option("chat")), system=cli.option("system"),
@@ -49,6 +62,12 @@ def main(argv):
     res = stream.result
     if not _STREAM.value:
       sys.stdout.write(res.text)
+    if _SAVE.value:
+      from ds4jax.checkpoints import snapshots
+      m = snapshots.save_session(backend, sid, _SAVE.value, overwrite=True,
+                                 transcript=res.prompt_tokens + res.tokens)
+      print(f"\nsaved session: {len(m['tokens'])} tokens ({m['n_kv']} with KV state) to "
+            f"{_SAVE.value}", file=sys.stderr)
     route = backend.route_info()
   finally:
     close()
@@ -63,6 +82,19 @@ def main(argv):
     out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
+
+
+def _restore(backend, sid, path, tokenizer, prompt, prompt_tokens) -> list[int]:
+  from ds4jax.checkpoints import snapshots
+  ids = snapshots.load_session(backend, sid, path)
+  print(f"restored session: {len(ids)} tokens from {path}", file=sys.stderr)
+  if prompt_tokens is not None:
+    return ids + list(prompt_tokens)
+  if prompt is not None:
+    if cli.option("chat"):
+      return ids + tokenizer.user_turn(prompt, thinking=bool(cli.option("thinking")))
+    return ids + tokenizer.encode(prompt)
+  return ids
 
 
 if __name__ == "__main__":
