@@ -17,6 +17,7 @@ against its manifest sha256, so a corrupt checkpoint is refused rather than comp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,6 +74,18 @@ def _sha256(arr: np.ndarray) -> str:
   return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Mutes orbax's per-file INFO lines (absl logging) for the duration of a save/restore."""
+  from absl import logging as absl_logging
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(min(level, absl_logging.WARNING))  # higher = more verbose
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
+
+
 def _config_from_dict(d: dict) -> ModelConfig:
   kw = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
   return ModelConfig(**kw)
@@ -115,7 +128,7 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
   }
   out.mkdir(parents=True)
   import orbax.checkpoint as ocp  # deferred: heavy, and only needed here
-  with ocp.PyTreeCheckpointer() as ckpt:
+  with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
     ckpt.save(out / "params", args=ocp.args.PyTreeSave(_nest(flat)))
   tok = _tokenizer_dict(f)
   if tok is not None:
@@ -251,7 +264,7 @@ def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype
   tree = _nest(target)
   import orbax.checkpoint as ocp  # deferred: heavy
   try:
-    with ocp.PyTreeCheckpointer() as ckpt:
+    with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
       restored = ckpt.restore(
           pathlib.Path(path).absolute() / "params",
           args=ocp.args.PyTreeRestore(
