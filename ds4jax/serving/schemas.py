@@ -123,6 +123,13 @@ class CompletionRequest(_Sampling):
         raise ValueError("token ids must be non-negative integers")
     return v
 
+  @pydantic.field_validator("logprobs")
+  @classmethod
+  def _no_logprobs(cls, v):
+    if v:
+      raise ValueError("logprobs are not supported yet")
+    return v
+
   @pydantic.field_validator("echo")
   @classmethod
   def _no_echo(cls, v):
@@ -170,6 +177,13 @@ class ChatCompletionRequest(_Sampling):
   max_completion_tokens: Optional[int] = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
   logprobs: bool = False
   top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+  @pydantic.field_validator("logprobs", "top_logprobs")
+  @classmethod
+  def _no_logprobs(cls, v):
+    if v:
+      raise ValueError("logprobs are not supported yet")
+    return v
 
   def max_new_tokens(self, default: int) -> int:
     return self.max_completion_tokens or self.max_tokens or default

@@ -80,9 +80,12 @@ def test_request_validation():
   assert c.max_new_tokens(99) == 5
   for bad in [dict(prompt=[-1]), dict(prompt="x", top_p=0), dict(prompt="x", stop=["a"] * 5),
               dict(prompt="x", echo=True), dict(prompt="x", frequency_penalty=0.5),
-              dict(prompt="x", logit_bias={"1": 2.0}), dict(prompt=[])]:
+              dict(prompt="x", logit_bias={"1": 2.0}), dict(prompt=[]), dict(prompt="x", logprobs=2)]:
     with pytest.raises(ValueError):
       schemas.CompletionRequest(**bad)
+  with pytest.raises(ValueError, match="logprobs are not supported"):
+    schemas.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], logprobs=True)
+  assert schemas.CompletionRequest(prompt="x", logprobs=0).logprobs == 0
 
 
 def test_job_and_events_round_trip_the_wire_format():
