@@ -150,9 +150,12 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
       return error_response(404, f"model {body.model!r} not found; this server serves "
                             f"{model_name!r}", "invalid_request_error", "model_not_found",
                             endpoint=endpoint)
+    watch = _Watch(request)
     metrics.add_queue(1)
     try:
-      await engine.wait_route()
+      if await engine.wait_route(gone=watch.gone) is None:
+        metrics.count_request(endpoint, 499)  # the client left while waiting for the route
+        return responses.Response(status_code=499)
     except RouteNotReady as e:
       return error_response(503, str(e), "service_unavailable", "route_incomplete",
                             endpoint=endpoint, missing_layers=e.missing_layers)
@@ -163,7 +166,6 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     # Run up to the first step (the prefill) before answering, so a prompt the model refuses
     # or a route lost during the prefill still gets a proper HTTP status, streaming or not.
     first: list[Any] = []
-    watch = _Watch(request)
     try:
       while True:
         ev = await _next_or_gone(events, watch)

@@ -194,11 +194,16 @@ class Engine:
                                time.monotonic())
     return self._route
 
-  async def wait_route(self, timeout: Optional[float] = None) -> RouteState:
-    """Polls the route until it is complete; RouteNotReady once `timeout` seconds pass."""
+  async def wait_route(self, timeout: Optional[float] = None, gone=None) -> Optional[RouteState]:
+    """Polls the route until it is complete; RouteNotReady once `timeout` seconds pass.
+
+    `gone` is an async predicate (the client disconnected): then it returns None at once.
+    """
     timeout = self.route_timeout if timeout is None else timeout
     t0 = time.monotonic()
     while True:
+      if gone is not None and await gone():
+        return None
       # Requests may wait longer on a slow route query than /health does.
       state = await self.route_state(deadline_s=1.0)
       if state.complete and not state.stale:

@@ -293,3 +293,20 @@ def test_disconnect_non_streaming_frees_session(tok):
       time.sleep(0.02)
     assert not backend.open and len(backend.closed) == 1
     assert backend.steps < 200
+
+
+def test_client_leaving_during_route_wait_is_dropped(tok):
+  backend = FakeBackend(ready=False)
+  with serve_in_thread(create_app(backend, tok, MODEL, route_timeout=30)) as url:
+    with httpx.Client(base_url=url, timeout=0.5) as c:
+      with pytest.raises(httpx.ReadTimeout):
+        c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
+    with httpx.Client(base_url=url, timeout=10) as c:
+      deadline = time.monotonic() + 3
+      while c.get("/health").json()["queue_depth"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+      assert c.get("/health").json()["queue_depth"] == 0
+      backend.join()
+      time.sleep(0.3)
+      assert backend.steps == 0 and not backend.closed, "nothing runs for a client that left"
+      assert 'status="499"' in c.get("/metrics").text
