@@ -167,7 +167,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close)."""
   from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
   from ds4jax.config import LayerRange
-  from ds4jax.generate.local import heartbeat
+  from ds4jax.generate.progress import heartbeat
   from ds4jax.checkpoints.orbax_io import model_info
   from ds4jax.model.load import load_stage
   from ds4jax.model.runner import StageRunner

@@ -15,7 +15,6 @@ diverges rewinds to the common prefix with `truncate` instead of starting again 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 
 from ds4jax.config import LayerRange
 from ds4jax.generate import sampling as sampling_lib
+from ds4jax.generate.progress import heartbeat
 from ds4jax.generate.types import HopTelemetry, StepResult
 
 log = logging.getLogger("ds4jax.generate")
@@ -47,25 +47,6 @@ class _Session:
   states: list[Any] | None
   # The token ids the states hold, in order; len == every state's pos.
   tokens: list[int]
-
-
-@contextlib.contextmanager
-def heartbeat(what: str, every_s: float = 5.0):
-  """Logs "<what>: 12s" every `every_s` seconds until the block ends (long GGUF loads)."""
-  done = threading.Event()
-  t0 = time.perf_counter()
-
-  def beat():
-    while not done.wait(every_s):
-      log.info("%s: %.0fs", what, time.perf_counter() - t0)
-
-  t = threading.Thread(target=beat, daemon=True, name="ds4jax-heartbeat")
-  t.start()
-  try:
-    yield
-  finally:
-    done.set()
-    t.join()
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -90,6 +71,9 @@ class LocalBackend:
       that drops its state (and re-prefills if used again).
     progress_every_s: period of the "prefill i/n tokens" log line on long prompts.
   """
+
+  # The Generator adds no prefill heartbeat of its own: `_prefill` logs chunk progress.
+  reports_prefill_progress = True
 
   def __init__(self, runners, *, prefill_chunk: int = 256, max_sessions: int = 8,
                progress_every_s: float = 2.0):
@@ -256,4 +240,4 @@ def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
     raise ValueError(f"the stages end at layer {expect - 1}, the model has {n_layers} layers")
 
 
-__all__ = ["LocalBackend", "SessionError", "common_prefix", "heartbeat"]
+__all__ = ["LocalBackend", "SessionError", "common_prefix"]

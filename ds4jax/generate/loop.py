@@ -26,6 +26,7 @@ import dataclasses
 import time
 from typing import Any, Iterator, Sequence
 
+from ds4jax.generate.progress import heartbeat
 from ds4jax.generate.sampling import SamplingMethod, SamplingParams
 from ds4jax.generate.types import Backend, HopTelemetry
 
@@ -103,6 +104,9 @@ class TextStream:
 
 class Generator:
   """Generation over a `Backend` with a `Tokenizer`."""
+
+  # Period of the "prefilling N prompt tokens: 12s" line for backends without their own.
+  progress_every_s = 5.0
 
   def __init__(self, backend: Backend, tokenizer):
     self.backend = backend
@@ -187,7 +191,12 @@ class Generator:
     t_first = t0
     try:
       for i in range(max_new_tokens):
-        res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
+        if i == 0 and not getattr(self.backend, "reports_prefill_progress", False):
+          # One step runs the whole prompt: say it is alive if that takes a while.
+          with heartbeat(f"prefilling {len(transcript)} prompt tokens", self.progress_every_s):
+            res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
+        else:
+          res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
         if i == 0:
           t_first, n_prefill = time.perf_counter(), res.n_computed
         telemetry.append(res.telemetry)

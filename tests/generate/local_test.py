@@ -119,7 +119,7 @@ def test_refusals():
 
 def test_heartbeat_logs_while_the_block_runs(caplog):
   import time
-  from ds4jax.generate.local import heartbeat
+  from ds4jax.generate.progress import heartbeat
   with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
     with heartbeat("loading things", every_s=0.05):
       time.sleep(0.3)

@@ -114,3 +114,20 @@ def test_bad_arguments_fail_at_the_call(tiny_tokenizer):
   script = [8 + b for b in b"abc"]
   res = Generator(ScriptBackend(script), tiny_tokenizer).generate("x", max_new_tokens=3, stop="b")
   assert res.text == "a" and res.finish_reason == "stop"
+
+
+def test_slow_prefill_logs_progress(tiny_tokenizer, caplog):
+  import logging
+  import time
+
+  class Slow(ScriptBackend):
+    def step(self, *a, **kw):
+      time.sleep(0.25)
+      return super().step(*a, **kw)
+
+  gen = Generator(Slow([8 + 97, 8 + 98]), tiny_tokenizer)
+  gen.progress_every_s = 0.1
+  with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
+    gen.generate(prompt_tokens=[0, 5, 6], max_new_tokens=2)
+  lines = [r.message for r in caplog.records if "prefilling 3 prompt tokens" in r.message]
+  assert 1 <= len(lines) <= 3  # during the first (prefill) step only
