@@ -301,9 +301,23 @@ def run(main: Callable[[list[str]], int | None]) -> None:
       sys.exit(2)
     except KeyboardInterrupt:
       print("interrupted", file=sys.stderr)
-      sys.exit(130)
+      hard_exit(130)
 
   app.run(wrapped, flags_parser=parse_flags)
+
+
+def hard_exit(code: int) -> None:
+  """Exits now, skipping interpreter teardown, after stopping any local worker processes.
+
+  After Ctrl-C, XLA may still be running a computation or a compilation on its own threads;
+  a normal shutdown can then crash in native code, so the exit skips finalization.
+  """
+  cluster = sys.modules.get("ds4jax.local_cluster")
+  if cluster is not None:
+    cluster.stop_all()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def setup_logging() -> None:

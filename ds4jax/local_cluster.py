@@ -138,7 +138,10 @@ def _install_handlers() -> None:
 
   def on_signal(signum, frame):
     stop_all()
-    raise SystemExit(128 + signum)
+    # Skip interpreter teardown: XLA threads may be mid-computation (see cli.hard_exit).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
   for sig in (signal.SIGTERM, signal.SIGHUP):
     try:

@@ -114,20 +114,27 @@ def test_demo_split_matches_single_process(env):
   assert "prefill ms" in p.stderr  # the per-hop table
 
 
-def test_demo_ctrl_c_stops_workers(env):
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py")], env=env, cwd=REPO,
+@pytest.mark.parametrize("when", ["started", "prompt:"])
+def test_demo_ctrl_c_stops_workers(env, when):
+  """Ctrl-C while the workers load, and during the generation: exit 130, workers reaped."""
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"),
+                           "--max_new_tokens=400"], env=env, cwd=REPO,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   try:
-    deadline = time.monotonic() + 120
+    err = []
+    deadline = time.monotonic() + 200
     for line in proc.stderr:
-      if "started" in line or time.monotonic() > deadline:
+      err.append(line)
+      if when in line or time.monotonic() > deadline:
         break
+    assert when in err[-1], "".join(err)
     kids = psutil.Process(proc.pid).children(recursive=True)
     assert len(kids) >= 2
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
-    assert proc.returncode != 0
+    rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, "".join(err) + rest
+    assert "interrupted" in rest and "Traceback" not in rest and "Fatal" not in rest, rest
     gone, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive, alive
   finally:
