@@ -177,7 +177,13 @@ class LocalBackend:
         sess.states = [r.truncate(s, keep) for r, s in zip(self.runners, sess.states)]
         sess.tokens = sess.tokens[:keep]
       suffix = transcript[keep:]
-      logits_V, hops = self._prefill(sess, suffix)
+      try:
+        logits_V, hops = self._prefill(sess, suffix)
+      except BaseException:
+        # Interrupted or failed mid-chunk (Ctrl-C in a chat, a bad shape): the stages may
+        # disagree about their position and a donated state may be gone. Start over next time.
+        sess.states, sess.tokens = None, []
+        raise
     token = sampling_lib.sample_token(logits_V, params, step)
     lps = sampling_lib.top_logprobs(logits_V, top_logprobs) if top_logprobs > 0 else []
     return StepResult(token=token, logprobs=lps, logits_V=logits_V if return_logits else None,

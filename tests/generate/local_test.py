@@ -127,3 +127,21 @@ def test_heartbeat_logs_while_the_block_runs(caplog):
     time.sleep(0.15)
   assert n >= 2
   assert caplog.text.count("loading things:") == n  # stopped with the block
+
+
+def test_interrupted_prefill_resets_the_session():
+  b, (r0, r1) = _backend(("0:1", "2:output"))
+  sid = b.new_session()
+  b.step(sid, [0, 1, 2], GREEDY, 0)
+  real = r1.forward
+
+  def boom(*a):
+    raise KeyboardInterrupt
+
+  r1.forward = boom  # stage 0 advances, stage 1 never does
+  with pytest.raises(KeyboardInterrupt):
+    b.step(sid, [0, 1, 2, 3, 4], GREEDY, 1)
+  r1.forward = real
+  res = b.step(sid, [0, 1, 2, 3, 4], GREEDY, 1, return_logits=True)
+  assert res.n_computed == 5  # rebuilt from 0, consistent again
+  np.testing.assert_array_equal(res.logits_V, reference_logits([0, 1, 2, 3, 4]))
