@@ -16,7 +16,7 @@ from flax import nnx
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import ops, qat
-from ds4jax.model.compressor import Compressor
+from ds4jax.model.compressor import Compressor, gather_entries, patch_entries
 from ds4jax.model.decode_state import LayerState
 from ds4jax.model.indexer import Indexer
 from ds4jax.model.norms import RMSNorm
@@ -60,31 +60,36 @@ class Attention(nnx.Module):
     if self.qat:
       kv_TH = qat.fp8_kv_roundtrip(kv_TH, self.rope_dim)
 
-    # Raw rows: write the chunk, then read positions pos0-W+1 .. pos0+T-1 (buffer row W + p).
-    kv_SH = jax.lax.dynamic_update_slice(st.kv, kv_TH.astype(st.kv.dtype), (w + pos0, 0))
-    st = st.replace(kv=kv_SH)
-    win_SH = jax.lax.dynamic_slice(kv_SH, (pos0 + 1, 0), (w - 1 + t, h)).astype(jnp.float32)
+    # Everything below reads the old buffers; the writes come last (see _store).
+    # Raw rows: positions pos0-W+1 .. pos0-1 from the buffer (row W + p), then the chunk.
+    kv_TH = kv_TH.astype(st.kv.dtype)
+    past_SH = jax.lax.dynamic_slice(st.kv, (pos0 + 1, 0), (w - 1, h))
+    win_SH = jnp.concatenate([past_SH, kv_TH], axis=0).astype(jnp.float32)
     s_pos_S = pos0 - (w - 1) + jnp.arange(w - 1 + t, dtype=jnp.int32)
     win_ok_TS = ((s_pos_S[None, :] >= 0) & (s_pos_S[None, :] <= pos_T[:, None])
                  & (s_pos_S[None, :] > pos_T[:, None] - w))
     logits_TNS = jnp.einsum("TNH,SH->TNS", q_TNH, win_SH, precision=ops.HIGHEST)
     logits_TNS = jnp.where(win_ok_TS[:, None, :], logits_TNS, -jnp.inf)
     parts = [(logits_TNS, "TNS,SH->TNH", win_SH)]
+    writes = [("kv", kv_TH, w + pos0)]
 
     if self.compressor is not None:
-      a, g, e_WH = self.compressor(x_TD, pos0, st.comp_a, st.comp_g, st.comp)
-      st = st.replace(comp_a=a, comp_g=g, comp=e_WH)
+      m = self.ratio
+      e_NH, a_TX, g_TX = self.compressor(x_TD, pos0, st.comp_a, st.comp_g)
+      writes += [("comp", e_NH, pos0 // m), ("comp_a", a_TX, m + pos0),
+                 ("comp_g", g_TX, m + pos0)]
       if self.indexer is not None:
-        sel_TK, valid_TK, ia, ig, keys = self.indexer(
+        sel_TK, valid_TK, (k_NI, ia_TX, ig_TX) = self.indexer(
             x_TD, qr_TR, pos0, st.idx_a, st.idx_g, st.idx_keys)
-        st = st.replace(idx_a=ia, idx_g=ig, idx_keys=keys)
-        ent_TKH = e_WH[sel_TK].astype(jnp.float32)
+        writes += [("idx_keys", k_NI, pos0 // 4), ("idx_a", ia_TX, 4 + pos0),
+                   ("idx_g", ig_TX, 4 + pos0)]
+        ent_TKH = gather_entries(st.comp, e_NH, pos0 // m, sel_TK)
         logits_TNK = jnp.einsum("TNH,TKH->TNK", q_TNH, ent_TKH, precision=ops.HIGHEST)
         logits_TNK = jnp.where(valid_TK[:, None, :], logits_TNK, -jnp.inf)
         parts.append((logits_TNK, "TNK,TKH->TNH", ent_TKH))
       else:
-        ent_WH = e_WH.astype(jnp.float32)
-        vis_TW = jnp.arange(ent_WH.shape[0])[None, :] < ((pos_T + 1) // self.ratio)[:, None]
+        ent_WH = patch_entries(st.comp, e_NH, pos0 // m)
+        vis_TW = jnp.arange(ent_WH.shape[0])[None, :] < ((pos_T + 1) // m)[:, None]
         logits_TNW = jnp.einsum("TNH,WH->TNW", q_TNH, ent_WH, precision=ops.HIGHEST)
         logits_TNW = jnp.where(vis_TW[:, None, :], logits_TNW, -jnp.inf)
         parts.append((logits_TNW, "TNW,WH->TNH", ent_WH))
@@ -102,6 +107,7 @@ class Attention(nnx.Module):
                                  precision=ops.HIGHEST)
       start += size
     o_TNH = self.rope(o_TNH, pos_T, inverse=True)
+    st = _store(st, writes, o_TNH)
 
     # Grouped output LoRA: heads split into G groups of N/G consecutive heads.
     g = self.o_groups
@@ -109,3 +115,20 @@ class Attention(nnx.Module):
     o_a_GRI = self.o_a[...].reshape(g, -1, (n // g) * h)
     z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, o_a_GRI)
     return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...]), st
+
+
+def _store(st: LayerState, writes, o_TNH) -> LayerState:
+  """Writes the chunk's rows and entries into the state buffers.
+
+  XLA updates a donated buffer in place only if every read of the old buffer is ordered
+  before the write; otherwise it copies the whole buffer (every step, the full context).
+  All reads of this layer's state feed the attention output, so each written value is made
+  to depend on it through `d - d` (zero for finite d; XLA keeps float x - x).
+  """
+  d = jnp.tanh(o_TNH[0, 0, 0])
+  zero = d - d
+  new = {}
+  for name, rows, start in writes:
+    buf = getattr(st, name)
+    new[name] = jax.lax.dynamic_update_slice(buf, (rows + zero).astype(buf.dtype), (start, 0))
+  return st.replace(**new)

@@ -41,51 +41,76 @@ class Compressor(nnx.Module):
     self.norm = RMSNorm(cfg, dim=self.width)
     self.rope = RoPE(cfg, layer_idx=layer_idx, kind="compress")
 
-  def __call__(self, x_TD, pos0, a_SX, g_SX, e_WH):
-    """Consumes a chunk and returns the updated (a_SX, g_SX, e_WH) buffers.
+  def __call__(self, x_TD, pos0, a_SX, g_SX):
+    """Pools the windows a chunk can complete; reads the state, writes nothing.
 
     Args:
       x_TD: [T, D] normalised attention input of positions pos0 .. pos0+T-1.
       pos0: traced int32 scalar, absolute position of row 0.
       a_SX, g_SX: [rows, c*H'] position-indexed projections and biased gates (row m + p).
-      e_WH: [entries, H'] compressed entries.
+
+    Returns:
+      (e_NH, a_TX, g_TX): entries of windows w0 .. w0+n-1 (w0 = pos0 // m, n = T//m + 1), to
+      be stored at w0 (`patch_entries` shows them to readers first), and the chunk's rows, to
+      be stored at row m + pos0. Entries of still-incomplete windows are garbage but stay
+      invisible (w >= floor((t+1)/m)) and are rewritten once their window completes.
 
     Pipeline:
-      1. project the chunk and write its rows at m + pos0;
-      2. slice the rows of the T//m + 1 windows starting at w0 = pos0 // m (plus, for ratio 4,
-         the window before) and reshape to [n_win, m, c*H'];
-      3. gather the candidates, softmax over them per channel, pool;
-      4. RMSNorm, RoPE at w*m, optional QAT rounding; write entries w0 .. w0+n_win-1.
-    Entries of windows that are still incomplete are written too; they stay invisible
-    (w >= floor((t+1)/m)) and are rewritten once the window completes.
+      1. project the chunk;
+      2. read the rows of windows w0-1 (ratio 4 only) .. w0+n-1 from the buffers, with the
+         chunk's own rows substituted;
+      3. gather the candidates [n, K, H'], softmax over them per channel, pool;
+      4. RMSNorm, RoPE at w*m, optional QAT rounding.
     """
     m, hw = self.ratio, self.width
     t = x_TD.shape[0]
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
-    a_TX = ops.einsum("TD,XD->TX", x_TD, self.kv[...])
-    g_TX = ops.einsum("TD,XD->TX", x_TD, self.gate[...]) + self.ape[...][pos_T % m]
-    a_SX = jax.lax.dynamic_update_slice(a_SX, a_TX.astype(a_SX.dtype), (m + pos0, 0))
-    g_SX = jax.lax.dynamic_update_slice(g_SX, g_TX.astype(g_SX.dtype), (m + pos0, 0))
+    a_TX = ops.einsum("TD,XD->TX", x_TD, self.kv[...]).astype(a_SX.dtype)
+    g_TX = (ops.einsum("TD,XD->TX", x_TD, self.gate[...])
+            + self.ape[...][pos_T % m]).astype(g_SX.dtype)
 
     n_win = t // m + 1
     w0 = pos0 // m
+    first = w0 - 1 if self.overlap else w0
+    rows = (n_win + (1 if self.overlap else 0)) * m
+    row_pos_S = first * m + jnp.arange(rows, dtype=jnp.int32)
+    in_chunk_S = (row_pos_S >= pos0) & (row_pos_S < pos0 + t)
+    src_S = jnp.clip(row_pos_S - pos0, 0, t - 1)
+
+    def window_rows(buf_SX, new_TX):
+      old_SX = jax.lax.dynamic_slice(buf_SX, (m + first * m, 0), (rows, buf_SX.shape[1]))
+      return jnp.where(in_chunk_S[:, None], new_TX[src_S], old_SX).astype(jnp.float32)
+
+    a_RX, g_RX = window_rows(a_SX, a_TX), window_rows(g_SX, g_TX)
     if self.overlap:
-      rows = (n_win + 1) * m  # starts at window w0 - 1 (buffer row w0*m)
-      a_NMX = jax.lax.dynamic_slice(a_SX, (w0 * m, 0), (rows, 2 * hw)).reshape(n_win + 1, m, -1)
-      g_NMX = jax.lax.dynamic_slice(g_SX, (w0 * m, 0), (rows, 2 * hw)).reshape(n_win + 1, m, -1)
+      a_NMX = a_RX.reshape(n_win + 1, m, 2 * hw)
+      g_NMX = g_RX.reshape(n_win + 1, m, 2 * hw)
       a_NKH = jnp.concatenate([a_NMX[:-1, :, :hw], a_NMX[1:, :, hw:]], axis=1)
       g_NKH = jnp.concatenate([g_NMX[:-1, :, :hw], g_NMX[1:, :, hw:]], axis=1)
     else:
-      rows = n_win * m
-      a_NKH = jax.lax.dynamic_slice(a_SX, ((w0 + 1) * m, 0), (rows, hw)).reshape(n_win, m, hw)
-      g_NKH = jax.lax.dynamic_slice(g_SX, ((w0 + 1) * m, 0), (rows, hw)).reshape(n_win, m, hw)
-    probs_NKH = jax.nn.softmax(g_NKH.astype(jnp.float32), axis=1)
-    pooled_NH = jnp.sum(probs_NKH * a_NKH.astype(jnp.float32), axis=1)
+      a_NKH, g_NKH = a_RX.reshape(n_win, m, hw), g_RX.reshape(n_win, m, hw)
+    probs_NKH = jax.nn.softmax(g_NKH, axis=1)
+    pooled_NH = jnp.sum(probs_NKH * a_NKH, axis=1)
     win_pos_N = (w0 + jnp.arange(n_win, dtype=jnp.int32)) * m
     e_NH = self.rope(self.norm(pooled_NH), win_pos_N)
     if self.rounding == "fp8":
       e_NH = qat.fp8_kv_roundtrip(e_NH, self.rope_dim)
     elif self.rounding == "fp4":
       e_NH = qat.fp4_indexer_roundtrip(e_NH)
-    e_WH = jax.lax.dynamic_update_slice(e_WH, e_NH.astype(e_WH.dtype), (w0, 0))
-    return a_SX, g_SX, e_WH
+    return e_NH, a_TX, g_TX
+
+
+def patch_entries(e_WH, e_NH, w0):
+  """The entries buffer as it reads after storing e_NH at w0, without writing it: f32 [W, H]."""
+  k_W = jnp.arange(e_WH.shape[0], dtype=jnp.int32) - w0
+  new_W = (k_W >= 0) & (k_W < e_NH.shape[0])
+  return jnp.where(new_W[:, None], e_NH[jnp.clip(k_W, 0, e_NH.shape[0] - 1)],
+                   e_WH.astype(jnp.float32))
+
+
+def gather_entries(e_WH, e_NH, w0, sel_TK):
+  """Entries sel_TK of the patched buffer (see patch_entries): f32 [T, K, H]."""
+  k_TK = sel_TK - w0
+  new_TK = (k_TK >= 0) & (k_TK < e_NH.shape[0])
+  return jnp.where(new_TK[..., None], e_NH[jnp.clip(k_TK, 0, e_NH.shape[0] - 1)],
+                   e_WH[sel_TK].astype(jnp.float32))

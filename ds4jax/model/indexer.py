@@ -14,7 +14,7 @@ from flax import nnx
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import ops, qat
-from ds4jax.model.compressor import Compressor
+from ds4jax.model.compressor import Compressor, patch_entries
 from ds4jax.model.rope import RoPE
 
 
@@ -32,31 +32,32 @@ class Indexer(nnx.Module):
     self.rope = RoPE(cfg, layer_idx=layer_idx, kind="compress")
 
   def __call__(self, x_TD, qr_TR, pos0, ia_SX, ig_SX, keys_WI):
-    """Updates the indexer compressor and selects compressed windows per query.
+    """Selects compressed windows per query; reads the state, writes nothing.
 
     Args:
       x_TD: [T, D] normalised attention input; qr_TR: [T, Rq] normalised q-LoRA latent.
       pos0: traced int32 scalar; ia_SX, ig_SX, keys_WI: the indexer's state buffers.
 
     Returns:
-      (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], ia_SX, ig_SX, keys_WI),
-      K = min(K_I, number of key slots).
+      (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], (k_NI, ia_TX, ig_TX)) with
+      K = min(K_I, number of key slots); the last triple is what the caller stores (new keys
+      at window pos0 // 4, rows at 4 + pos0).
     """
     t = x_TD.shape[0]
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
-    ia_SX, ig_SX, keys_WI = self.compressor(x_TD, pos0, ia_SX, ig_SX, keys_WI)
+    k_NI, ia_TX, ig_TX = self.compressor(x_TD, pos0, ia_SX, ig_SX)
+    keys_WI = patch_entries(keys_WI, k_NI, pos0 // 4)
     q_TNI = ops.einsum("TR,XR->TX", qr_TR, self.q_b[...]).reshape(t, self.n_heads, self.head_dim)
     q_TNI = self.rope(q_TNI, pos_T)
     if self.qat:
       q_TNI = qat.fp4_indexer_roundtrip(q_TNI)
     omega_TN = ops.einsum("TD,ND->TN", x_TD, self.proj[...])
     omega_TN = omega_TN * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
-    dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI.astype(jnp.float32),
-                          precision=ops.HIGHEST)
+    dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI, precision=ops.HIGHEST)
     score_TW = jnp.einsum("TN,TNW->TW", omega_TN, jax.nn.relu(dots_TNW), precision=ops.HIGHEST)
     n_slots = keys_WI.shape[0]
     visible_TW = jnp.arange(n_slots)[None, :] < ((pos_T + 1) // 4)[:, None]
     score_TW = jnp.where(visible_TW, score_TW, -jnp.inf)
     k = min(self.topk, n_slots)
     top_TK, sel_TK = jax.lax.top_k(score_TW, k)
-    return sel_TK.astype(jnp.int32), top_TK > -jnp.inf, ia_SX, ig_SX, keys_WI
+    return sel_TK.astype(jnp.int32), top_TK > -jnp.inf, (k_NI, ia_TX, ig_TX)
