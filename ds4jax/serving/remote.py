@@ -81,6 +81,7 @@ class ModelProcess:
     self._route: dict[str, Any] = {"ok": False, "reason": "model process starting", "info": {},
                                    "missing": None, "sessions": 0}
     self.exited: Optional[str] = None
+    self._closing = False
     threading.Thread(target=self._read_loop, daemon=True, name="model-proc-reader").start()
 
   # ---- lifecycle ----------------------------------------------------------------------------
@@ -95,6 +96,7 @@ class ModelProcess:
     return dict(self._ready_msg)
 
   def close(self, timeout: float = 10.0) -> None:
+    self._closing = True
     try:
       self._send({"op": "shutdown"})
     except OSError:
@@ -136,6 +138,8 @@ class ModelProcess:
       log.error("model process link failed: %s", e)
     code = self.proc.wait()
     self.exited = self.exited or f"the model process exited (code {code})"
+    if self._ready.is_set() and not self._closing:  # it died while serving: requests now wait, then get 503
+      log.error("%s; requests will get 503 until the server is restarted", self.exited)
     self._route = {"ok": False, "reason": self.exited, "info": {}, "missing": None,
                    "sessions": 0}
     self._ready.set()
