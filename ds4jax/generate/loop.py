@@ -187,10 +187,12 @@ class Generator:
     telemetry: list[list[HopTelemetry]] = []
     logprobs: list[list[tuple[int, float]]] = []
     finish, n_prefill, cut = "length", 0, False
+    # Backend time only: what the consumer does between pieces is not the model's speed.
+    prefill_s = decode_s = 0.0
     t0 = time.perf_counter()
-    t_first = t0
     try:
       for i in range(max_new_tokens):
+        t_step = time.perf_counter()
         if i == 0 and not getattr(self.backend, "reports_prefill_progress", False):
           # One step runs the whole prompt: say it is alive if that takes a while.
           with heartbeat(f"prefilling {len(transcript)} prompt tokens", self.progress_every_s):
@@ -198,7 +200,9 @@ class Generator:
         else:
           res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
         if i == 0:
-          t_first, n_prefill = time.perf_counter(), res.n_computed
+          prefill_s, n_prefill = time.perf_counter() - t_step, res.n_computed
+        else:
+          decode_s += time.perf_counter() - t_step
         telemetry.append(res.telemetry)
         if top_logprobs:
           logprobs.append(res.logprobs)
@@ -230,7 +234,6 @@ class Generator:
       yield text[emitted:]
     t_end = time.perf_counter()
     n_decode = len(tokens) - 1
-    prefill_s, decode_s = t_first - t0, t_end - t_first
     timings = {
         "prefill_s": prefill_s,
         "decode_s": decode_s,
