@@ -2,6 +2,8 @@ r"""Writes a layer slice of a ds4 GGUF, dequantised, as an orbax checkpoint dire
 
     python scripts/convert_to_orbax.py --gguf=model.gguf --layers=all --out=ckpt/ --dtype=bfloat16
     python scripts/convert_to_orbax.py --gguf=tiny --layers=2:output --out=/tmp/tiny-2-out
+    # Then time loading the slice from the GGUF and from the checkpoint (3 alternating runs):
+    python scripts/convert_to_orbax.py --gguf=bench --out=/tmp/bench-ckpt --compare_load=3
 
 The directory then replaces the GGUF wherever a stage loads (`--gguf=DIR` in generate.py and
 worker.py, `load_stage(DIR, ...)`); any sub-range of the converted one can be served.
@@ -19,6 +21,8 @@ _OUT = flags.DEFINE_string("out", None, "Output checkpoint directory (must not e
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
 _OVERWRITE = flags.DEFINE_boolean("overwrite", False, "Replace an existing checkpoint at --out.")
 _CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
+_COMPARE = flags.DEFINE_integer("compare_load", 0, "After converting, time this many loads of "
+                                "the slice from the GGUF and from the checkpoint.", lower_bound=0)
 
 
 def main(argv):
@@ -35,6 +39,15 @@ def main(argv):
                                      overwrite=_OVERWRITE.value)
   print(f"wrote {_OUT.value} (layers {m['layers']}, {m['dtype']}, {len(m['params'])} arrays, "
         f"fingerprint {m['fingerprint'][:16]}) in {time.perf_counter() - t0:.1f}s")
+  times = {"gguf": [], "orbax": []}
+  for _ in range(_COMPARE.value):  # alternating, so machine load hits both alike
+    times["gguf"].append(orbax_io.timed_load(path, m["layers"], dtype=m["dtype"])[1])
+    times["orbax"].append(orbax_io.timed_load(_OUT.value, m["layers"])[1])
+  if _COMPARE.value:
+    g, o = (sorted(v)[len(v) // 2] for v in (times["gguf"], times["orbax"]))
+    print(f"load layers {m['layers']} (median of {_COMPARE.value}): GGUF {g:.2f}s, orbax {o:.2f}s "
+          f"({g / o:.1f}x); GGUF runs {', '.join(f'{t:.2f}' for t in times['gguf'])}; orbax runs "
+          f"{', '.join(f'{t:.2f}' for t in times['orbax'])}")
 
 
 if __name__ == "__main__":
