@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
@@ -254,7 +255,7 @@ class CoordinatorAdapter:
     with sess.lock:
       n = len(sess.tokens)
       if sess.local_state is None:
-        raise SnapshotError(f"session {sid} holds no state (never stepped)")
+        raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
       with c._compute_lock:
         got, blobs = stage_state.export_stage(c.runner, sess.local_state)
       if got != n:
@@ -279,3 +280,5 @@ class CoordinatorAdapter:
       sess.local_state = local
       sess.append(tokens)
       sess.held = {hop.wid: len(tokens) for hop in hops}
+      sess.last_used = time.monotonic()
+    c._evict_idle(keep=sid)  # the restored state counts against max_sessions
