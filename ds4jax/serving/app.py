@@ -86,7 +86,9 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
 
   @contextlib.asynccontextmanager
   async def lifespan(_app):
+    lag = asyncio.ensure_future(_watch_loop_lag(metrics))
     yield
+    lag.cancel()
     engine.close()
 
   app = fastapi.FastAPI(title="ds4jax", version="0.1.0", lifespan=lifespan)
@@ -228,6 +230,15 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     return await serve(request, body, job, "/v1/chat/completions", chat=True)
 
   return app
+
+
+async def _watch_loop_lag(metrics: Metrics, period_s: float = 0.02) -> None:
+  """Records how late the event loop wakes up: what any request (health included) would wait
+  before the server even looks at it. Large values mean something blocks the loop."""
+  while True:
+    t0 = time.perf_counter()
+    await asyncio.sleep(period_s)
+    metrics.observe_loop_lag(max(0.0, time.perf_counter() - t0 - period_s))
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:

@@ -71,6 +71,8 @@ class Metrics:
     self._steps = _Histogram(LATENCY_BUCKETS)
     self._durations: dict[tuple[str], _Histogram] = {}
     self._recent = collections.deque()  # (time, n_tokens) within RATE_WINDOW_S
+    self._loop_lag = _Histogram(LATENCY_BUCKETS)
+    self.loop_lag_max = 0.0
 
   # ---- recording ----------------------------------------------------------------------------
 
@@ -109,6 +111,11 @@ class Metrics:
         if h is None:
           h = self._hops[key] = _Histogram(LATENCY_BUCKETS)
         h.observe(float(hop.get("compute_s", 0.0)) + float(hop.get("queue_s", 0.0)))
+
+  def observe_loop_lag(self, seconds: float) -> None:
+    with self._lock:
+      self._loop_lag.observe(seconds)
+      self.loop_lag_max = max(self.loop_lag_max, seconds)
 
   def observe_duration(self, endpoint: str, seconds: float) -> None:
     with self._lock:
@@ -162,6 +169,11 @@ class Metrics:
            "Per-hop latency (queue + compute) of one step, by stage and host.")
       for key, h in sorted(self._hops.items()):
         out.extend(h.lines("ds4jax_hop_latency_seconds", ("stage", "host"), key))
+      head("ds4jax_event_loop_lag_seconds", "histogram",
+           "How late the HTTP event loop wakes up (what every request waits first).")
+      out.extend(self._loop_lag.lines("ds4jax_event_loop_lag_seconds", (), ()))
+      head("ds4jax_event_loop_lag_max_seconds", "gauge", "The largest event loop lag seen.")
+      out.append(f"ds4jax_event_loop_lag_max_seconds {self.loop_lag_max!r}")
       head("ds4jax_request_duration_seconds", "histogram", "Request wall time by endpoint.")
       for key, h in sorted(self._durations.items()):
         out.extend(h.lines("ds4jax_request_duration_seconds", ("endpoint",), key))
