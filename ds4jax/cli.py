@@ -174,6 +174,8 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
 
   host, port = parse_hostport(listen)
   key = auth.load_key(key_file)
+  if port:
+    check_port_free(host, port)  # before a possibly long model load, not after
   cfg, fingerprint = model_info(gguf)  # a GGUF or an orbax checkpoint directory
   rng = LayerRange.parse(layers, cfg.n_layers)
   with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
@@ -189,6 +191,19 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
       raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
     raise
   return coord, coord.close
+
+
+def check_port_free(host: str, port: int) -> None:
+  """Raises a one-line error if HOST:PORT cannot be listened on right now."""
+  import socket
+  with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
+      raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
 def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
