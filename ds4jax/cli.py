@@ -49,6 +49,8 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
   flags.DEFINE_boolean("thinking", False, "Chat format with <think> instead of </think>.")
   flags.DEFINE_string("system", None, "A system prompt for the chat format.")
+  flags.DEFINE_boolean("warmup", False, "Run a 2-token generation first, so reported speeds "
+                       "exclude XLA compilation.")
   if prompt:
     flags.DEFINE_string("prompt", None, "Text prompt.")
     flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")

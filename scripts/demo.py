@@ -34,6 +34,8 @@ flags.FLAGS.set_default("ctx_size", 512)
 flags.FLAGS.set_default("prefill_chunk", 16)
 flags.FLAGS.set_default("max_new_tokens", 16)
 flags.FLAGS.set_default("prompt", "Hello, world")
+# The per-hop table then shows steady-state times, not compilation.
+flags.FLAGS.set_default("warmup", True)
 
 
 def say(msg: str) -> None:
@@ -82,6 +84,9 @@ def main(argv):
               thinking=bool(cli.option("thinking")), stop=list(cli.option("stop") or []))
     prompt = None if kw["prompt_tokens"] else cli.option("prompt")
     say(f"prompt: {prompt!r}" if prompt is not None else f"prompt tokens: {kw['prompt_tokens']}")
+    if cli.option("warmup"):
+      say("warming up (compiling the prefill and decode shapes) ...")
+      Generator(coord, tokenizer).generate(prompt, **dict(kw, max_new_tokens=2))
     stream = Generator(coord, tokenizer).stream(prompt, **kw)
     sys.stdout.write("--- split generation ---\n")
     for piece in stream:
