@@ -46,6 +46,11 @@ def main(argv):
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
     tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
     gen = Generator(backend, tokenizer)
+    if cli.option("warmup") and not _LOAD.value:
+      # A throwaway 2-token run compiles the prefill and decode shapes (own session).
+      gen.generate(prompt, prompt_tokens=prompt_tokens, max_new_tokens=2,
+                   chat=bool(cli.option("chat")), system=cli.option("system"),
+                   thinking=bool(cli.option("thinking")))
     sid = backend.new_session()
     if _LOAD.value:  # the restored transcript, then the new prompt (if any)
       prompt_tokens = _restore(backend, sid, _LOAD.value, tokenizer, prompt, prompt_tokens)
