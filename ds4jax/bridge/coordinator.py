@@ -122,6 +122,7 @@ class Coordinator:
     if "key" not in options:
       from ds4jax.bridge import auth
       options["key"] = auth.load_key(key_file)
+    options.setdefault("warmup", True)  # compile while workers join, not on the first token
     runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype)
     return cls(runner, CoordinatorOptions(**options))
 
@@ -181,8 +182,9 @@ class Coordinator:
     try:
       sock = transport.secure_server(sock, key=self.opt.key, tls=self.opt.tls,
                                      timeout=self.opt.handshake_timeout)
-      ch = transport.Channel(sock, peer, frame_timeout=self.opt.frame_timeout)
-      f = ch.recv(idle_timeout=self.opt.handshake_timeout)
+      # HELLO carries no payload: until admission a peer cannot make us buffer any.
+      ch = transport.Channel(sock, peer, frame_timeout=self.opt.frame_timeout, max_payload=0)
+      f = ch.recv(idle_timeout=self.opt.handshake_timeout, any_version=True)
       if f.type != MsgType.HELLO:
         raise ProtocolError(f"expected HELLO, got {f.type.name}")
       reason, layers = self.check_hello(f)
@@ -192,6 +194,7 @@ class Coordinator:
         ch.close()
         return
       wid = next(self._wids)
+      ch.max_payload = protocol.MAX_PAYLOAD
       link = WorkerLink(wid, ch, f.header, layers, heartbeat_s=self.opt.heartbeat_s,
                         dead_after=self.dead_after, request_timeout=self.opt.request_timeout,
                         on_change=self._on_link_change)

@@ -156,11 +156,14 @@ def _recv_exact_into(sock, view: memoryview, deadline: float, what: str) -> None
 
 
 def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
-               max_payload: int = MAX_PAYLOAD, on_start=None) -> Frame:
+               max_payload: int = MAX_PAYLOAD, on_start=None, any_version: bool = False,
+               ) -> Frame:
   """Receives one frame. The socket's own timeout (if any) only bounds single calls.
 
   `on_start()` runs when the frame's first bytes arrive (liveness: a peer streaming a large
-  frame is alive; the frame deadline bounds it).
+  frame is alive; the frame deadline bounds it). A frame of another protocol version is a
+  ProtocolError unless `any_version` (the coordinator reads a HELLO of any version, to
+  refuse it with a reason).
 
   Raises:
     IdleTimeout: no byte arrived within idle_timeout (None waits forever; callers never pass
@@ -189,6 +192,9 @@ def recv_frame(sock, *, idle_timeout: float | None, frame_timeout: float = 30.0,
   _check_magic(magic)
   if flags:
     raise ProtocolError(f"reserved header flags are {flags:#06x}, not 0 (a newer peer?)")
+  if version != PROTOCOL_VERSION and not any_version:
+    raise ProtocolError(f"peer speaks protocol version {version}, this side "
+                        f"{PROTOCOL_VERSION}")
   if hlen > MAX_HEADER:
     raise ProtocolError(f"control header length {hlen} exceeds the {MAX_HEADER} cap")
   if plen > max_payload:

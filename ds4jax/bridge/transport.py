@@ -116,14 +116,14 @@ class Channel:
     finally:
       self._send_lock.release()
 
-  def recv(self, idle_timeout: float | None) -> protocol.Frame:
+  def recv(self, idle_timeout: float | None, *, any_version: bool = False) -> protocol.Frame:
     def started():
       self.in_frame = True
       self.last_recv = time.monotonic()
     try:
       f = protocol.recv_frame(self.sock, idle_timeout=idle_timeout,
                               frame_timeout=self.frame_timeout, max_payload=self.max_payload,
-                              on_start=started)
+                              on_start=started, any_version=any_version)
     finally:
       self.in_frame = False
     self.bytes_in += f.nbytes

@@ -138,7 +138,9 @@ class Worker:
 
   def _handshake(self, ch: transport.Channel) -> float:
     ch.send(MsgType.HELLO, self.hello(), version=self.opt.protocol_version)
+    ch.max_payload, cap = 0, ch.max_payload  # ACCEPT/REFUSE carry no payload
     f = ch.recv(idle_timeout=self.opt.connect_timeout + 5)
+    ch.max_payload = cap
     if f.type == MsgType.REFUSE:
       reason = str(f.header.get("reason", "no reason given"))
       log.error("coordinator refused this worker: %s", reason)

@@ -95,3 +95,22 @@ def test_large_payload_still_arrives_intact():
     b.close()
   assert f.header == {"k": 1} and bytes(f.payload) == payload
   assert f.nbytes == len(protocol.encode_header(f.type, f.header, len(payload))) + len(payload)
+
+
+def test_other_protocol_versions_are_refused_unless_asked_for():
+  data = head(version=2) + b"{}"
+  with pytest.raises(ProtocolError, match="protocol version 2, this side 1"):
+    recv(data)
+  a, b = socket.socketpair()
+  try:
+    a.sendall(data)
+    assert protocol.recv_frame(b, idle_timeout=1, any_version=True).version == 2
+  finally:
+    a.close()
+    b.close()
+
+
+def test_payload_cap_zero_refuses_any_payload():
+  with pytest.raises(ProtocolError, match="exceeds the 0 cap"):
+    recv(head(plen=1) + b"{}x", max_payload=0)
+  assert recv(head() + b"{}", max_payload=0).header == {}
