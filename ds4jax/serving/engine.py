@@ -238,6 +238,8 @@ class Engine:
 
     An exception in `work` is re-raised here. Leaving the iteration early (client gone,
     task cancelled) sets `cancel`; `work` must then return promptly and free its session.
+    A `work` with `start(emit, fail, done)` and `cancel()` runs without a thread: it calls
+    back from its own thread (the model process's reader).
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
@@ -258,8 +260,12 @@ class Engine:
       finally:
         put(done)
 
-    thread = threading.Thread(target=target, name="generate", daemon=True)
-    thread.start()
+    start = getattr(work, "start", None)
+    if start is not None:
+      # Event-driven work (the model process): its reader thread calls back, no thread here.
+      start(put, lambda e: put(_Failure(e)), lambda: put(done))
+    else:
+      threading.Thread(target=target, name="generate", daemon=True).start()
     try:
       while True:
         item = await queue.get()
@@ -270,6 +276,8 @@ class Engine:
         yield item
     finally:
       cancel.set()
+      if start is not None:
+        work.cancel()
 
 
 @dataclasses.dataclass

@@ -74,7 +74,7 @@ class ModelProcess:
     theirs.close()
     self.conn = ours
     self._send_lock = threading.Lock()
-    self._queues: dict[str, queue.Queue] = {}
+    self._handlers: dict[str, Callable] = {}
     self._ids = itertools.count(1)
     self._ready = threading.Event()
     self._ready_msg: dict[str, Any] = {}
@@ -131,9 +131,9 @@ class ModelProcess:
         elif op == "failed":
           self.exited = msg.get("message", "the model process failed")
         elif op in ("event", "error", "done"):
-          q = self._queues.get(msg["rid"])
-          if q is not None:
-            q.put(msg)
+          handler = self._handlers.get(msg["rid"])
+          if handler is not None:
+            handler(msg)
     except (OSError, ValueError) as e:
       log.error("model process link failed: %s", e)
     code = self.proc.wait()
@@ -143,8 +143,8 @@ class ModelProcess:
     self._route = {"ok": False, "reason": self.exited, "info": {}, "missing": None,
                    "sessions": 0}
     self._ready.set()
-    for q in list(self._queues.values()):
-      q.put(_EXIT)
+    for handler in list(self._handlers.values()):
+      handler(_EXIT)
 
   # ---- what Engine and the app use ------------------------------------------------------------
 
@@ -161,40 +161,83 @@ class ModelProcess:
   def n_open(self) -> int:
     return int(self._route.get("sessions", 0))
 
-  def make_work(self, job: generation.GenerationJob) -> Callable:
-    """The `work(cancel, emit)` function that runs `job` in the model process."""
+  def make_work(self, job: generation.GenerationJob) -> "_RemoteJob":
+    """The job as event-driven work for `Engine.run` (see `_RemoteJob`)."""
+    return _RemoteJob(self, job)
 
-    def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
-      if self.exited:
-        raise ModelProcessError(self.exited)
-      rid = f"r{next(self._ids)}"
-      q: queue.Queue = queue.Queue()
-      self._queues[rid] = q
-      cancelled = False
+
+class _RemoteJob:
+  """One request in the model process. No thread of its own: the reader thread delivers its
+  events through the callbacks given to `start`, so many concurrent requests cost the server
+  no extra threads (and no GIL contention next to the event loop)."""
+
+  def __init__(self, model: ModelProcess, job: generation.GenerationJob):
+    self.model = model
+    self.job = job
+    self.rid = f"r{next(model._ids)}"
+    self._cancelled = False
+    self._finished = False
+
+  def start(self, emit: Callable, fail: Callable, done: Callable) -> None:
+    model = self.model
+
+    def on_message(msg) -> None:
+      if self._finished:
+        return
+      if msg is _EXIT:
+        self._finish()
+        fail(ModelProcessError(model.exited or "the model process exited"))
+        done()
+      elif msg["op"] == "done":
+        self._finish()
+        done()
+      elif msg["op"] == "error":
+        self._finish()
+        fail(_error(msg["kind"], msg["message"]))
+        done()
+      elif not self._cancelled:
+        emit(_event(msg["ev"]))
+
+    if model.exited:
+      fail(ModelProcessError(model.exited))
+      done()
+      return
+    model._handlers[self.rid] = on_message
+    try:
+      model._send({"op": "generate", "rid": self.rid, "job": _job_to_dict(self.job)})
+    except OSError as e:
+      self._finish()
+      fail(ModelProcessError(f"the model process is gone: {e}"))
+      done()
+
+  def _finish(self) -> None:
+    self._finished = True
+    self.model._handlers.pop(self.rid, None)
+
+  def cancel(self) -> None:
+    """Stops the generation (the model process frees its session); idempotent."""
+    if self._cancelled or self._finished:
+      return
+    self._cancelled = True
+    try:
+      self.model._send({"op": "cancel", "rid": self.rid})
+    except OSError:
+      pass
+
+  # A plain `work(cancel, emit)` too, for callers that run it in a thread.
+  def __call__(self, cancel, emit) -> None:
+    box: queue.Queue = queue.Queue()
+    self.start(emit, lambda e: box.put(e), lambda: box.put(None))
+    while True:
       try:
-        self._send({"op": "generate", "rid": rid, "job": _job_to_dict(job)})
-        while True:
-          try:
-            msg = q.get(timeout=CANCEL_POLL_S)
-          except queue.Empty:
-            msg = None
-          if cancel.is_set() and not cancelled:
-            self._send({"op": "cancel", "rid": rid})
-            cancelled = True
-          if msg is None:
-            continue
-          if msg is _EXIT:
-            raise ModelProcessError(self.exited or "the model process exited")
-          if msg["op"] == "done":
-            return
-          if msg["op"] == "error":
-            raise _error(msg["kind"], msg["message"])
-          if not cancelled:
-            emit(_event(msg["ev"]))
-      finally:
-        self._queues.pop(rid, None)
-
-    return work
+        item = box.get(timeout=CANCEL_POLL_S)
+      except queue.Empty:
+        if cancel.is_set():
+          self.cancel()
+        continue
+      if item is None:
+        return
+      raise item
 
 
 __all__ = ["ModelProcess", "ModelProcessError"]
