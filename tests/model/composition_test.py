@@ -81,3 +81,17 @@ def test_decode_does_not_recompile(tiny, ids):
   assert traces == 2  # one prefill bucket, one decode shape
   assert runner.n_traces == traces
   assert runner._step._cache_size() == traces
+
+
+def test_decode_updates_state_in_place(tiny):
+  """No state-sized copy in the compiled decode step: the donated buffers are updated in
+  place, so a step costs O(new rows), not O(context)."""
+  import re
+  import jax
+  runner = _runner(tiny, "all")
+  state = runner.init_state()
+  txt = runner._step.lower(runner.params, state, np.zeros((1,), np.int32), None,
+                           np.int32(1)).compile().as_text()
+  shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree.leaves(state) if x.ndim == 2}
+  copied = set(re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]+\} copy\(", txt))
+  assert len(shapes) >= 4 and not shapes & copied
