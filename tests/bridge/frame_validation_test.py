@@ -114,3 +114,40 @@ def test_payload_cap_zero_refuses_any_payload():
   with pytest.raises(ProtocolError, match="exceeds the 0 cap"):
     recv(head(plen=1) + b"{}x", max_payload=0)
   assert recv(head() + b"{}", max_payload=0).header == {}
+
+
+# Property: whatever bytes arrive, the reader returns a frame or raises one of its own
+# errors (never an IndexError/TypeError/RecursionError from the parsing code).
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from ds4jax.bridge import auth  # noqa: E402
+
+_prefixes = st.sampled_from([b"", protocol.MAGIC, head()[:6], head(), head(hlen=3),
+                             head(plen=4), head(hlen=2**16, plen=2**31)])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(prefix=_prefixes, body=st.binary(max_size=300))
+def test_any_bytes_give_a_frame_or_a_protocol_error(prefix, body):
+  try:
+    f = recv(prefix + body, frame_timeout=0.2)
+  except (ProtocolError, EOFError, protocol.IdleTimeout):
+    return
+  assert isinstance(f.header, dict) and f.type in protocol.MsgType
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=200) | st.builds(lambda b: auth.MAGIC + b"\x01\x01\x00\x00" + b,
+                                                 st.binary(max_size=120)))
+def test_any_bytes_fail_the_key_handshake_with_a_reason(data):
+  a, b = socket.socketpair()
+  try:
+    a.sendall(data)
+    a.shutdown(socket.SHUT_WR)
+    with pytest.raises(auth.AuthError) as e:
+      auth.server_handshake(b, b"k" * 32, timeout=0.5)
+    assert e.value.reason in (auth.NO_AUTH, auth.CLOSED, auth.BAD_MESSAGE, auth.REPLAY,
+                              auth.WRONG_KEY, auth.VERSION_MISMATCH, auth.TIMEOUT)
+  finally:
+    a.close()
+    b.close()
