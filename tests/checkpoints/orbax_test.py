@@ -23,10 +23,24 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 TOKENS = np.array([0, 17, 42, 300, 5, 9, 123, 77, 400, 2, 3], np.int32)
 
 
-def logits(stage):
-  r = StageRunner(stage, ctx_size=32, max_chunk=16)
-  out, _ = r.forward(r.init_state(), TOKENS, None, 0)
-  return out
+def logits(*stages, hc=None):
+  """Logits of each stage from ONE compiled program (one runner, its params swapped): equal
+  outputs then mean equal parameters, not two compilations that happen to agree."""
+  r = StageRunner(stages[0], ctx_size=32, max_chunk=16)
+  outs = []
+  for st in stages:
+    r.params = nnx.split(st)[1]
+    outs.append(r.forward(r.init_state(), TOKENS, hc, 0)[0])
+  assert r.n_traces == 1
+  return outs
+
+
+def assert_same_params(a, b):
+  fa, fb = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
+  assert [p for p, _ in fa] == [p for p, _ in fb]
+  for (p, va), (_, vb) in zip(fa, fb):
+    x, y = np.asarray(va.get_value()), np.asarray(vb.get_value())
+    assert x.dtype == y.dtype and np.array_equal(x, y), p
 
 
 def n_params(stage) -> int:
@@ -34,12 +48,13 @@ def n_params(stage) -> int:
 
 
 def test_restore_is_bit_identical_to_the_gguf(tiny_gguf, tiny_ckpt):
-  a = logits(load_stage(tiny_gguf, "all"))
-  b = logits(orbax_io.load_stage_checkpoint(tiny_ckpt))
-  assert a.dtype == b.dtype == np.float32
-  assert np.array_equal(a, b)
+  ref = load_stage(tiny_gguf, "all")
+  got = orbax_io.load_stage_checkpoint(tiny_ckpt)
+  assert_same_params(ref, got)
   # load_stage accepts the directory in place of the GGUF.
-  assert np.array_equal(a, logits(load_stage(tiny_ckpt, "all")))
+  a, b, c = logits(ref, got, load_stage(tiny_ckpt, "all"))
+  assert a.dtype == b.dtype == np.float32 and a.shape == (len(TOKENS), 512)
+  assert np.array_equal(a, b) and np.array_equal(a, c)
 
 
 def test_bfloat16_checkpoint_matches_bfloat16_gguf_load(tiny_gguf, tmp_path):
@@ -47,11 +62,7 @@ def test_bfloat16_checkpoint_matches_bfloat16_gguf_load(tiny_gguf, tmp_path):
   m = orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", d, dtype="bfloat16")
   assert m["dtype"] == "bfloat16"
   st = orbax_io.load_stage_checkpoint(d)
-  ref = load_stage(tiny_gguf, "0:1", dtype="bfloat16")
-  for (pa, va), (pb, vb) in zip(nnx.to_flat_state(nnx.state(ref)),
-                                nnx.to_flat_state(nnx.state(st))):
-    assert pa == pb and va.get_value().dtype == vb.get_value().dtype
-    assert np.array_equal(np.asarray(va.get_value()), np.asarray(vb.get_value())), pa
+  assert_same_params(load_stage(tiny_gguf, "0:1", dtype="bfloat16"), st)
   with pytest.raises(CheckpointError, match="holds bfloat16 parameters, asked for float32"):
     orbax_io.load_stage_checkpoint(d, dtype="float32")
 
@@ -61,13 +72,10 @@ def test_sub_range_restore_holds_only_the_slice(tiny_gguf, tiny_ckpt):
   ref = load_stage(tiny_gguf, "2:output")
   assert part.layers == LayerRange(2, 3, True) and part.embed is None and len(part.blocks) == 2
   assert n_params(part) == n_params(ref)
+  assert_same_params(ref, part)
   hc = np.random.default_rng(0).standard_normal((len(TOKENS), 4, 256)).astype(np.float32)
-
-  def run(stage):
-    r = StageRunner(stage, ctx_size=32, max_chunk=16)
-    return r.forward(r.init_state(), TOKENS, hc, 0)[0]
-
-  assert np.array_equal(run(part), run(ref))
+  a, b = logits(ref, part, hc=hc)
+  assert np.array_equal(a, b)
 
 
 def test_checkpoint_refuses_mismatches(tiny_ckpt, tmp_path, tiny_gguf):
