@@ -1,8 +1,9 @@
 """The server side of the model process (see model_proc.py for the why and the wire format).
 
 `ModelProcess` starts `python -m ds4jax.serving.model_proc`, keeps the latest route snapshot it
-pushes (so route queries cost a dict read, never a model call), and turns each request into a
-`work(cancel, emit)` function for `Engine.run` that forwards the model's events.
+pushes (so route queries cost a dict read, never a model call), and turns each request into
+event-driven work for `Engine.run` (`start(emit, fail, done)` / `cancel()`), fed by the one
+thread that reads the model process's messages.
 
     model = ModelProcess(["--gguf=m.gguf", "--layers=0:1", "--listen=0.0.0.0:7000"])
     ready = model.wait_ready(timeout=600)        # {"listen": "0.0.0.0:7000"}
@@ -15,7 +16,6 @@ import itertools
 import json
 import logging
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -28,9 +28,6 @@ from ds4jax.serving import generation
 log = logging.getLogger("ds4jax.serving")
 
 _EXIT = object()
-# How often a waiting request checks its cancel flag (a client that left); short enough to free
-# the session within a step or two, long enough that idle waits cost the server nothing.
-CANCEL_POLL_S = 0.2
 
 
 class ModelProcessError(ChildProcessError):
@@ -66,13 +63,18 @@ class ModelProcess:
   # route_ready/route_info/uncovered_layers read the pushed snapshot: instant, never blocking.
   route_is_cached = True
 
-  def __init__(self, args: Sequence[str], *, env: Optional[dict[str, str]] = None):
-    ours, theirs = socket.socketpair()
-    cmd = [sys.executable, "-m", "ds4jax.serving.model_proc", f"--fd={theirs.fileno()}", *args]
-    # The child's stdout/stderr are the server's: its log lines show up with the server's.
-    self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env or dict(os.environ))
-    theirs.close()
-    self.conn = ours
+  def __init__(self, args: Sequence[str], *, env: Optional[dict[str, str]] = None,
+               _attach: Optional[tuple[socket.socket, Any]] = None):
+    if _attach is not None:  # tests: (socket, process-like) of a model server run elsewhere
+      self.conn, self.proc = _attach
+    else:
+      ours, theirs = socket.socketpair()
+      cmd = [sys.executable, "-m", "ds4jax.serving.model_proc", f"--fd={theirs.fileno()}",
+             *args]
+      # The child's stdout/stderr are the server's: its log lines show up with the server's.
+      self.proc = subprocess.Popen(cmd, pass_fds=[theirs.fileno()], env=env or dict(os.environ))
+      theirs.close()
+      self.conn = ours
     self._send_lock = threading.Lock()
     self._handlers: dict[str, Callable] = {}
     self._ids = itertools.count(1)
@@ -223,21 +225,6 @@ class _RemoteJob:
       self.model._send({"op": "cancel", "rid": self.rid})
     except OSError:
       pass
-
-  # A plain `work(cancel, emit)` too, for callers that run it in a thread.
-  def __call__(self, cancel, emit) -> None:
-    box: queue.Queue = queue.Queue()
-    self.start(emit, lambda e: box.put(e), lambda: box.put(None))
-    while True:
-      try:
-        item = box.get(timeout=CANCEL_POLL_S)
-      except queue.Empty:
-        if cancel.is_set():
-          self.cancel()
-        continue
-      if item is None:
-        return
-      raise item
 
 
 __all__ = ["ModelProcess", "ModelProcessError"]
