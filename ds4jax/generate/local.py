@@ -220,13 +220,15 @@ class LocalBackend:
   # --------------------------------------------------------------------------- routing
   def route_info(self) -> dict:
     """Same keys as the coordinator's: ready, reason, route (one entry per stage, in order)."""
+    stages = [{"layers": str(r.layers), "host": "local"} for r in self.runners]
     return {
         "mode": "local",
         "ready": True,
         "reason": "",
         "n_layers": self.cfg.n_layers,
         "ctx_size": self.ctx_size,
-        "route": [{"layers": r.layers.describe(), "host": "local"} for r in self.runners],
+        "route": stages,
+        "stages": stages,
     }
 
   def route_ready(self) -> tuple[bool, str]:

@@ -86,7 +86,7 @@ def test_in_process_split_equals_single_stage():
     assert a.token == c.token
     assert [h.stage for h in c.telemetry] == ["0:0", "1:2", "3:output"]
     ids = ids + [a.token]
-  assert [r["layers"] for r in split.route_info()["route"]] == ["0:0", "1:2", "3:3+output"]
+  assert [r["layers"] for r in split.route_info()["route"]] == ["0:0", "1:2", "3:output"]
 
 
 def test_sessions_are_independent_and_evicted_state_is_rebuilt():

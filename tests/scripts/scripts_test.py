@@ -83,7 +83,7 @@ def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
   for key in ("tokens", "text", "prefill_tok_s", "decode_tok_s", "route", "telemetry"):
     assert key in d
   assert len(d["tokens"]) == 5  # the plain flag beats --config.max_new_tokens
-  assert d["route"]["route"] == [{"layers": "0:3+output", "host": "local"}]
+  assert d["route"]["route"] == [{"layers": "0:output", "host": "local"}]
   tok = Tokenizer.from_gguf(tiny_gguf)
   assert d["prompt_tokens"] == tok.chat_prompt([("user", "Hello, world")])
   if d["finish_reason"] == "length":
@@ -102,6 +102,31 @@ def test_chat_reuses_prefix(env):
   # "[turn 2: computed N of M prompt tokens, ...]": only the new turn is computed.
   n, m = (int(x) for x in turns[1].split("computed ")[1].split(" prompt")[0].split(" of "))
   assert 0 < n < m
+
+
+def test_generate_as_coordinator_matches_one_process(env, tmp_path, tiny_gguf):
+  """generate.py --listen with two worker processes dialing in = generate.py in one process."""
+  from ds4jax import cli
+  from ds4jax.local_cluster import LocalWorkers
+  common = ["--gguf=tiny", "--prompt_tokens=0,2,80,312,116,119,52,335", "--max_new_tokens=6",
+            "--ctx_size=512", "--prefill_chunk=16"]
+  p = run("generate.py", *common, f"--output_json={tmp_path}/one.json", env=env)
+  assert p.returncode == 0, p.stderr
+  port = cli.free_port()
+  with LocalWorkers(tiny_gguf, ["2:2", "3:output"], ("127.0.0.1", port), ctx_size=512,
+                    cache_dir=env["DS4JAX_CACHE"]):
+    p = run("generate.py", *common, "--layers=0:1", f"--listen=127.0.0.1:{port}",
+            f"--output_json={tmp_path}/split.json", env=env)
+  assert p.returncode == 0, p.stderr
+  one = json.loads((tmp_path / "one.json").read_text())
+  split = json.loads((tmp_path / "split.json").read_text())
+  assert split["tokens"] == one["tokens"] and split["text"] == one["text"]
+  hops = split["route"]["route"]
+  assert [h["layers"] for h in hops] == ["0:1", "2:2", "3:output"]
+  assert hops[0]["host"] == "local" and all(h["host"].startswith("127.0.0.1:") for h in hops[1:])
+  # Telemetry of every step names the three hops, with bytes on the wire for the workers.
+  assert all(len(step) == 3 for step in split["telemetry"])
+  assert all(h["bytes_in"] > 0 for h in split["hops"][1:])
 
 
 # ----------------------------------------------------------------------------------- demo
