@@ -75,12 +75,15 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
         coord, ids, prompt_lens=spec["prompt_lens"], decode_tokens=spec["decode_tokens"],
         warm_len=spec["chunk"], decode_context=probe.recording,
         on_decode_step=lambda i, r, dt: tel.append([h.to_dict() for h in r.telemetry]))
+    step_s = res["decode"]["ms_per_token_median"] / 1e3  # a hop idles this long minus its RTT
     hops = measure.summarize_hops(probe.records, probe.encode_s,
                                   spec["decode_tokens"], stage_order[1:])
     floors = measure_floor([(h["bytes_in"], h["bytes_out"]) for h in hops],
-                           rounds=spec.get("floor_rounds", 200))
+                           rounds=spec.get("floor_rounds", 200),
+                           gaps_s=[max(step_s - h["rtt_s"], 1e-3) for h in hops])
     for h, fl in zip(hops, floors):
       h["tcp_floor_rtt_s"] = fl["rtt_s_median"]
+      h["tcp_floor_after_gap_s"] = fl["rtt_s_median_after_gap"]
     local = [t[0]["compute_s"] for t in tel]
     res.update(load_s=load_s, stages=stage_order, hops=hops,
                coordinator_compute_s=float(np.median(local)) if local else 0.0)

@@ -146,7 +146,8 @@ def to_markdown(results: dict[str, Any]) -> str:
 
   out.append("\n### Per decode token, per hop (medians; ms unless noted)\n")
   hdr = ["workers", "hop", "compute", "serialize", "wire", "queue", "round trip",
-         "added (RTT - compute)", "raw TCP RTT", "added / TCP", "bytes to hop", "bytes back"]
+         "added (RTT - compute)", "raw TCP RTT", "added / TCP", "raw TCP RTT after idle gap",
+         "bytes to hop", "bytes back"]
   out.append("| " + " | ".join(hdr) + " |")
   out.append("|" + "---|" * len(hdr))
   for n, sp in sorted(results.get("split", {}).items(), key=lambda kv: int(kv[0])):
@@ -156,9 +157,10 @@ def to_markdown(results: dict[str, Any]) -> str:
           n, f"`{h['layers']}`", _f(1e3 * h["compute_s"], 2), ser, _f(1e3 * h["wire_s"], 3),
           _f(1e3 * h["queue_s"], 3), _f(1e3 * h["rtt_s"], 2), _f(1e3 * h["added_s"], 3),
           _f(1e3 * h["tcp_floor_rtt_s"], 3), _f(h.get("added_over_floor"), 1),
+          _f(1e3 * h["tcp_floor_after_gap_s"], 3) if "tcp_floor_after_gap_s" in h else "n/a",
           str(h["bytes_in"]), str(h["bytes_out"])]) + " |")
     out.append(f"| {n} | coordinator `{sp['stages'][0]}` | "
-               f"{_f(1e3 * sp['coordinator_compute_s'], 2)} | | | | | | | | | |")
+               f"{_f(1e3 * sp['coordinator_compute_s'], 2)} |" + " |" * (len(hdr) - 3))
 
   out.append("\n### Peak memory (VmHWM)\n")
   out.append("| process | layers | peak RSS MB | / single process |")

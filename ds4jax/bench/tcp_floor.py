@@ -54,9 +54,14 @@ def serve() -> None:
       conn.close()
 
 
-def measure_floor(sizes: Sequence[tuple[int, int]], *, rounds: int = 200, warmup: int = 20
-                  ) -> list[dict]:
-  """Median (and p10/p90) round trip in seconds for each (request bytes, reply bytes)."""
+def measure_floor(sizes: Sequence[tuple[int, int]], *, rounds: int = 200, warmup: int = 20,
+                  gaps_s: Sequence[float] | None = None) -> list[dict]:
+  """Median (and p10/p90) round trip in seconds for each (request bytes, reply bytes).
+
+  Back to back, both processes stay on a CPU. With `gaps_s` (one per size) each size is
+  measured again with the client idle for that long between round trips, as a decode hop is
+  (the peer sleeps in recv while the other stages compute): `rtt_s_median_after_gap`.
+  """
   proc = subprocess.Popen([sys.executable, "-m", "ds4jax.bench.tcp_floor"],
                           stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
   try:
@@ -64,22 +69,35 @@ def measure_floor(sizes: Sequence[tuple[int, int]], *, rounds: int = 200, warmup
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     out = []
-    for n_in, n_out in sizes:
+    for k, (n_in, n_out) in enumerate(sizes):
       n_in, n_out = max(0, int(n_in) - _REQ.size), int(n_out)
       msg = _REQ.pack(n_in, n_out) + bytes(n_in)
       buf = bytearray(max(n_out, 1))
       view = memoryview(buf)
-      rtt = []
-      for i in range(warmup + rounds):
-        t0 = time.perf_counter()
-        sock.sendall(msg)
-        _recv_exact(sock, view, n_out)
-        if i >= warmup:
-          rtt.append(time.perf_counter() - t0)
-      out.append({"bytes_in": n_in + _REQ.size, "bytes_out": n_out, "rounds": rounds,
-                  "rtt_s_median": float(np.median(rtt)),
-                  "rtt_s_p10": float(np.percentile(rtt, 10)),
-                  "rtt_s_p90": float(np.percentile(rtt, 90))})
+
+      def trips(n, gap):
+        rtt = []
+        for i in range(warmup + n):
+          if gap:
+            time.sleep(gap)
+          t0 = time.perf_counter()
+          sock.sendall(msg)
+          _recv_exact(sock, view, n_out)
+          if i >= warmup:
+            rtt.append(time.perf_counter() - t0)
+        return rtt
+
+      rtt = trips(rounds, 0.0)
+      row = {"bytes_in": n_in + _REQ.size, "bytes_out": n_out, "rounds": rounds,
+             "rtt_s_median": float(np.median(rtt)),
+             "rtt_s_p10": float(np.percentile(rtt, 10)),
+             "rtt_s_p90": float(np.percentile(rtt, 90))}
+      if gaps_s:
+        gap = float(gaps_s[k])
+        # Bounded: at most ~2 s of sleeping per size.
+        n = max(10, min(rounds, int(2.0 / max(gap, 1e-3))))
+        row.update(gap_s=gap, rtt_s_median_after_gap=float(np.median(trips(n, gap))))
+      out.append(row)
     sock.close()
     return out
   finally:
