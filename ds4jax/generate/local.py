@@ -114,8 +114,8 @@ class LocalBackend:
     for spec in ranges:
       layers = LayerRange.parse(spec, cfg.n_layers)
       t0 = time.perf_counter()
-      with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)} "
-                     f"({os.path.getsize(path) / 2**30:.2f} GiB file)"):
+      size = f" ({os.path.getsize(path) / 2**30:.2f} GiB file)" if os.path.isfile(path) else ""
+      with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)}{size}"):
         stage = load_stage(path, layers, dtype=dtype)
       runners.append(StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint))
       log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
