@@ -62,6 +62,8 @@ def main(argv):
                       key=auth.load_key(_KEY_FILE.value), tls=tls,
                       backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
+  import jax  # deferred: flag errors stay fast
+  logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt)
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
   worker.run()
