@@ -130,7 +130,7 @@ def test_saving_requires_a_prefix_transcript(local, tmp_path):
 def test_worker_refuses_bad_snapshot_requests(make_runner, snap):
   """Over the bridge: wrong prefix hash, position count, range or payload size are refused
   by the worker (a clear remote message) and the link keeps serving."""
-  route = Route(make_runner, "0:2", ["3:output"])
+  route = Route(make_runner, "0:1", ["2:output"])
   try:
     c = route.coord
     sid = c.new_session()
@@ -147,20 +147,20 @@ def test_worker_refuses_bad_snapshot_requests(make_runner, snap):
     m = snapshots.read_manifest(snap)
     # Blobs of the wrong layers for this worker.
     with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves"):
-      snapshot_bridge.push(hop, sid, PROMPT, snapshots.read_layers(snap, m, [2, 3]))
+      snapshot_bridge.push(hop, sid, PROMPT, snapshots.read_layers(snap, m, [1, 2, 3]))
     # A size that does not match this stage's layout.
-    blobs = snapshots.read_layers(snap, m, [3])
+    blobs = snapshots.read_layers(snap, m, [2, 3])
     blobs[3].data += b"\0" * 8
     with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this stage's state"):
       snapshot_bridge.push(hop, sid, PROMPT, blobs)
     # A range the worker does not serve.
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves 3:output"):
-      snapshot_bridge._call(hop, MsgType.SNAPSHOT_SAVE, {"sid": sid, "n": n, "layers": "2:3",
+    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves 2:output"):
+      snapshot_bridge._call(hop, MsgType.SNAPSHOT_SAVE, {"sid": sid, "n": n, "layers": "1:3",
                                                          "hash": protocol.hash_hex(good_hash),
                                                          "part": 0})
     # The worker still holds the session and the route still serves it.
     blobs = snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash)
-    assert sorted(blobs) == [3]
+    assert sorted(blobs) == [2, 3]
     assert c.step(sid, PROMPT + [7], SamplingParams(), 1).n_computed == 1
   finally:
     route.close()
