@@ -39,6 +39,7 @@ def check_hello(f: protocol.Frame, *, fingerprint: str, n_layers: int, local: La
   wctx = field(h, "ctx", int, lo=0)
   if wctx < ctx:
     return f"worker context too small: worker={wctx} coordinator={ctx}", None
+  field(h, "max_sessions", int, default=0, lo=0)  # the worker's session slots (residency)
   dtypes = field(h, "dtypes", list)
   if "f32" not in dtypes:
     return "worker does not support f32 activations", None

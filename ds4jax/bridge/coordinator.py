@@ -20,6 +20,7 @@ and continues. Without the cache (over its cap) the session rewinds far enough t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -61,7 +62,8 @@ class CoordinatorOptions:
   wrap: Callable | None = None
   replay_cache_mb: float = 256.0  # per session; 0 disables targeted KV rebuilds
   pin: Sequence[str] = ()  # if set, only workers with these ranges ("1:2", "3:output")
-  max_recoveries: int = 3
+  max_recoveries: int = 3  # lost links survived per step
+  max_mismatches: int = 16  # PrefixMismatch rebuilds per step (a worker that lost the KV)
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
   max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
 
@@ -278,7 +280,8 @@ class Coordinator:
     with self._cv:
       plan, reason = self._plan_locked()
       workers = [{"id": l.wid, "peer": l.peer, "layers": l.layers.describe(),
-                  "ready": l.ready, "ctx": l.ctx, "host": l.hello.get("host", "")}
+                  "ready": l.ready, "ctx": l.ctx, "host": l.hello.get("host", ""),
+                  "sessions": len(l.residency), "max_sessions": l.residency.capacity}
                  for l in self._links.values()]
       hops = [] if plan is None else [self._links[h.wid] for h in plan]
     stages = ([{"layers": str(self.local), "host": "local"}] +
@@ -323,6 +326,7 @@ class Coordinator:
     for link in links:
       if link.ready:
         link.send(MsgType.DROP, {"sid": sid})
+        link.residency.forget(sid)
 
   def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
            top_logprobs: int = 0, return_logits: bool = False):
@@ -340,11 +344,12 @@ class Coordinator:
     with sess.lock:
       sess.last_used = time.monotonic()
       self._evict_idle(keep=sid)
-      recoveries = 0
+      recoveries = mismatches = 0
       while True:
         hops = self.wait_route()
         try:
-          res = stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
+          with self._leases(sess, hops):
+            res = stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
           wire = sum(t.bytes_in + t.bytes_out for t in res.telemetry)
           self.last_step = {"sid": sid, "n_computed": res.n_computed, "wire_bytes": wire,
                             "wire_bytes_per_token": wire / max(res.n_computed, 1)}
@@ -356,11 +361,44 @@ class Coordinator:
           self._event(f"session {sid} step {step}: {e}; waiting up to "
                       f"{self.opt.route_timeout:.0f}s for a worker to take over")
         except RemoteError as e:
-          if e.etype != "PrefixMismatch" or recoveries >= self.opt.max_recoveries:
+          # A worker that lost the session (evicted it itself, e.g. after a snapshot restore
+          # filled its slots) is rebuilt. Leases make this rare, so a bound that legitimate
+          # churn does not reach still stops a peer that keeps answering PrefixMismatch.
+          mismatches += 1
+          if e.etype != "PrefixMismatch" or mismatches > self.opt.max_mismatches:
             raise
-          recoveries += 1
           sess.held.pop(getattr(e, "wid", -1), None)
           self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
+
+  @contextlib.contextmanager
+  def _leases(self, sess: CoordSession, hops):
+    """Leases sess's session slot on every hop for one step (see residency.py): the worker
+    never evicts a session mid-step, and steps beyond a worker's capacity queue."""
+    deadline = time.monotonic() + self.opt.route_timeout
+    held = []
+    try:
+      for hop in sorted(hops, key=lambda h: (h.layers.start, h.wid)):  # one global order
+        fresh, evicted = hop.residency.lease(sess.sid, deadline, repr(hop))
+        held.append(hop)
+        for victim in evicted:  # before our WORK, on the same ordered link
+          hop.send(MsgType.DROP, {"sid": victim})
+          self._forget_held(victim, hop.wid)
+        if fresh:
+          sess.held.pop(hop.wid, None)
+      yield
+    finally:
+      for hop in held:
+        hop.residency.release(sess.sid)
+
+  def _forget_held(self, sid: str, wid: int) -> None:
+    """Best effort: the evicted session's record stops claiming positions on worker wid (if
+    it is stepping elsewhere right now, its next lease on wid reports it fresh anyway)."""
+    s = self._sessions.get(sid)
+    if s is not None and s.lock.acquire(blocking=False):
+      try:
+        s.held.pop(wid, None)
+      finally:
+        s.lock.release()
 
   # --------------------------------------------------------------------- local stage helpers
   def local_forward(self, state, tokens: list[int], pos0: int):

@@ -19,6 +19,7 @@ from ds4jax.bridge import protocol, transport
 from ds4jax.bridge.errors import (BridgeError, DeadlineExceeded, LinkLost, ProtocolError,
                                   RemoteError)
 from ds4jax.bridge.protocol import MsgType
+from ds4jax.bridge.residency import Residency
 from ds4jax.config import LayerRange
 
 log = logging.getLogger("ds4jax.bridge.coordinator")
@@ -46,6 +47,8 @@ class WorkerLink:
     self.peer = ch.peer
     self.ctx = int(hello["ctx"])
     self.dtypes = tuple(hello.get("dtypes", ("f32",)))
+    # The worker's session slots (HELLO max_sessions; 0 = not announced, the worker evicts).
+    self.residency = Residency(int(hello.get("max_sessions", 0)))
     self.heartbeat_s = heartbeat_s
     self.dead_after = dead_after
     self.request_timeout = request_timeout
@@ -155,6 +158,7 @@ class WorkerLink:
       pending, self._pending = self._pending, {}
     log.warning("dropping %s: %s", self, err)
     self.ch.close()
+    self.residency.close(err)
     for p in pending.values():
       try:
         p.callback(None, err)

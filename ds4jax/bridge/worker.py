@@ -134,6 +134,7 @@ class Worker:
         "n_layers": self.n_layers, "start": self.layers.start, "end": self.layers.end,
         "has_output": self.layers.has_output, "ctx": self.opt.ctx,
         "dtypes": list(tensors.WIRE_DTYPES), "caps": list(CAPABILITIES), "host": self.host,
+        "max_sessions": self.opt.max_sessions,
     }
 
   def _handshake(self, ch: transport.Channel) -> float:

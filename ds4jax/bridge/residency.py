@@ -1,0 +1,101 @@
+"""Which sessions a worker holds, as the coordinator sees it: the worker's KV slots, leased.
+
+A worker keeps at most `max_sessions` sessions (it says how many in HELLO). Left alone it
+would evict the least recently used one itself, and with more active sessions than slots two
+sessions could evict each other forever (each rebuild evicts the other: livelock). So the
+coordinator decides instead. Before a step sends work to a hop it *leases* the session's slot
+on that hop:
+
+  * the session is resident: the lease marks it active;
+  * there is a free slot: the session takes it (it holds nothing there yet: `fresh`);
+  * every slot is taken: the least recently used *idle* session is evicted here (the caller
+    sends DROP for it first, on the same ordered link, so the worker never evicts on its own);
+  * every slot is held by an active session: the step waits until one finishes.
+
+The resident set is a superset of what the worker really holds (a session enters it before
+its first WORK and leaves it only when DROP goes out), so the worker never has to evict, and
+an active session is never evicted: every leased step runs to its end, so sessions beyond the
+capacity queue and progress is guaranteed. Leases on several hops are taken in route order
+(ascending layer start), the same total order for every session, so waits never form a cycle.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+from ds4jax.bridge.errors import LinkLost, RouteUnavailable
+
+
+class Residency:
+  """The resident sessions of one worker link. capacity 0: unknown (the worker evicts)."""
+
+  def __init__(self, capacity: int):
+    self.capacity = int(capacity)
+    self._active: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
+    self._cv = threading.Condition()
+    self._closed: BaseException | None = None
+    self.evictions = 0  # sessions evicted here to make room (tests, logs)
+    self.waits = 0  # leases that had to wait for an active session to finish
+
+  def __len__(self) -> int:
+    with self._cv:
+      return len(self._active)
+
+  def __contains__(self, sid: str) -> bool:
+    with self._cv:
+      return sid in self._active
+
+  def lease(self, sid: str, deadline: float, what: str = "worker") -> tuple[bool, list[str]]:
+    """Marks sid active here; returns (fresh, evicted ids). `fresh`: sid was not resident,
+    so the worker holds none of its positions. The caller must DROP the evicted ids before
+    sending sid's work. Raises LinkLost if the link dies while waiting, RouteUnavailable
+    past the deadline."""
+    with self._cv:
+      waited = False
+      while True:
+        if self._closed is not None:
+          raise LinkLost(f"{what}: {self._closed}")
+        if sid in self._active:
+          self._active[sid] += 1
+          self._active.move_to_end(sid)
+          return False, []
+        need = len(self._active) + 1 - self.capacity if self.capacity > 0 else 0
+        idle = [s for s, n in self._active.items() if n == 0]  # LRU first
+        if need <= len(idle):
+          evicted = idle[:max(need, 0)]
+          for victim in evicted:
+            del self._active[victim]
+          self.evictions += len(evicted)
+          self._active[sid] = 1
+          return True, evicted
+        if not waited:
+          waited, self.waits = True, self.waits + 1
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise RouteUnavailable(
+              f"{what} is busy: all {self.capacity} of its session slots are in use by "
+              "active steps")
+        self._cv.wait(min(left, 0.5))
+
+  def release(self, sid: str) -> None:
+    """Ends one lease of sid (it stays resident, now idle if no other lease holds it)."""
+    with self._cv:
+      n = self._active.get(sid)
+      if n:
+        self._active[sid] = n - 1
+      self._cv.notify_all()
+
+  def forget(self, sid: str) -> None:
+    """sid was dropped on the worker (close_session)."""
+    with self._cv:
+      if self._active.get(sid, 0) == 0:
+        self._active.pop(sid, None)
+      self._cv.notify_all()
+
+  def close(self, err: BaseException) -> None:
+    """The link is gone: every waiter raises."""
+    with self._cv:
+      self._closed = err
+      self._cv.notify_all()
