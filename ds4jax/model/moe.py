@@ -16,6 +16,15 @@ from ds4jax.config import ModelConfig
 from ds4jax.model import ops
 
 
+# Rows per block of the grouped (sorted) expert path.
+GROUP_BLOCK = 64
+
+
+def _grouped_rows(n_pairs: int, n_experts: int, block: int = GROUP_BLOCK) -> int:
+  """Static row bound of the grouped path: every expert's pairs padded to whole blocks."""
+  return -(-(n_pairs + n_experts * (block - 1)) // block) * block
+
+
 def swiglu(g, u, limit: float):
   """silu(min(g, limit)) * clip(u, -limit, limit), in f32."""
   return jax.nn.silu(jnp.minimum(g, limit)) * jnp.clip(u, -limit, limit)
@@ -78,14 +87,10 @@ class MoE(nnx.Module):
               self.down_exps[...], e, keepdims=False))
         routed.append(acc_D)
       routed_TD = jnp.stack(routed)
-    elif t * self.k <= self.n_experts:
-      # Few tokens: gather only the chosen experts' weights.
-      g_TKF = ops.einsum("TD,TKFD->TKF", x_TD, self.gate_exps[...][idx_TK])
-      u_TKF = ops.einsum("TD,TKFD->TKF", x_TD, self.up_exps[...][idx_TK])
-      h_TKF = swiglu(g_TKF, u_TKF, self.limit) * w_TK[:, :, None]
-      routed_TD = ops.einsum("TKF,TKDF->TD", h_TKF, self.down_exps[...][idx_TK])
+    elif _grouped_rows(t * self.k, self.n_experts) < t * self.n_experts:
+      routed_TD = self._grouped(x_TD, idx_TK, w_TK)
     else:
-      # Many tokens: run every expert densely and zero the unchosen ones.
+      # Few tokens per expert: every expert on every token, unchosen ones weighted 0.
       comb_TE = jnp.sum(jax.nn.one_hot(idx_TK, self.n_experts, dtype=jnp.float32)
                         * w_TK[:, :, None], axis=1)
       g_TEF = ops.einsum("TD,EFD->TEF", x_TD, self.gate_exps[...])
@@ -96,3 +101,51 @@ class MoE(nnx.Module):
     su_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_up[...])
     shared_TD = ops.einsum("TF,DF->TD", swiglu(sg_TF, su_TF, self.limit), self.shared_down[...])
     return routed_TD + shared_TD
+
+  def _grouped(self, x_TD, idx_TK, w_TK, block: int = GROUP_BLOCK):
+    """Routed experts for many tokens: (token, expert) pairs sorted by expert, each expert's
+    rows padded to whole blocks, one [block, D] matmul chain per block in a rolled loop.
+
+    Pipeline:
+      1. P = T*k pairs; rank of each pair within its expert (stable sort by expert);
+      2. row of pair p = expert offset (padded to blocks) + rank; static bound on rows;
+      3. gather token rows [n_blocks, block, D] (padding rows read a zero row);
+      4. per block: SwiGLU expert of that block, weighted rows;
+      5. scatter-add rows back to tokens.
+    """
+    t, d = x_TD.shape
+    e_n, k = self.n_experts, self.k
+    e_P = idx_TK.reshape(-1)
+    tok_P = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+    w_P = w_TK.reshape(-1)
+    n_pairs = t * k
+    count_E = jnp.zeros((e_n,), jnp.int32).at[e_P].add(1)
+    padded_E = (count_E + block - 1) // block * block
+    start_E = jnp.cumsum(padded_E) - padded_E
+    first_E = jnp.cumsum(count_E) - count_E  # first sorted index of each expert
+    order_P = jnp.argsort(e_P, stable=True)
+    rank_P = jnp.zeros((n_pairs,), jnp.int32).at[order_P].set(
+        jnp.arange(n_pairs, dtype=jnp.int32) - first_E[e_P[order_P]])
+    row_P = start_E[e_P] + rank_P
+    n_rows = _grouped_rows(n_pairs, e_n, block)
+    row_tok = jnp.full((n_rows,), t, jnp.int32).at[row_P].set(tok_P)
+    row_w = jnp.zeros((n_rows,), jnp.float32).at[row_P].set(w_P)
+    n_blocks = n_rows // block
+    block_start = jnp.arange(n_blocks, dtype=jnp.int32) * block
+    block_e = jnp.clip(jnp.searchsorted(start_E + padded_E, block_start, side="right"), 0,
+                       e_n - 1).astype(jnp.int32)
+    x_pad = jnp.concatenate([x_TD.astype(jnp.float32), jnp.zeros((1, d), jnp.float32)])
+    xb_NBD = x_pad[row_tok].reshape(n_blocks, block, d)
+    wb_NB = row_w.reshape(n_blocks, block)
+    gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
+
+    def one_block(args):
+      xb_BD, e, wb_B = args
+      g_BF = ops.einsum("BD,FD->BF", xb_BD, jax.lax.dynamic_index_in_dim(gate_EFD, e, 0, False))
+      u_BF = ops.einsum("BD,FD->BF", xb_BD, jax.lax.dynamic_index_in_dim(up_EFD, e, 0, False))
+      h_BF = swiglu(g_BF, u_BF, self.limit) * wb_B[:, None]
+      return ops.einsum("BF,DF->BD", h_BF, jax.lax.dynamic_index_in_dim(down_EDF, e, 0, False))
+
+    y_NBD = jax.lax.map(one_block, (xb_NBD, block_e, wb_NB))
+    out_TD = jnp.zeros((t + 1, d), jnp.float32).at[row_tok].add(y_NBD.reshape(n_rows, d))
+    return out_TD[:t]

@@ -129,3 +129,35 @@ def test_bf16_tracks_f32(tiny):
   rel_T = np.abs(b16 - f32).max(-1) / np.abs(f32).max()
   assert 0 < np.median(rel_T) < 0.03
   assert (b16.argmax(-1) == f32.argmax(-1)).mean() >= 0.8
+
+
+@pytest.mark.parametrize("t", [1, 3, 8, 200])
+@pytest.mark.parametrize("il", [0, 3])
+def test_moe_paths_match_dense_reference(t, il):
+  """Per-token expert slices (T*k <= 32), dense (few tokens) and grouped-by-expert (many
+  tokens) all equal a float64 numpy MoE, hash-routed (layer 0) or biased top-k (layer 3)."""
+  from ds4jax.model.moe import MoE
+  cfg = ModelConfig.bench()
+  moe = MoE(cfg, layer_idx=il, rngs=nnx.Rngs(il))
+  moe.bias[...] = 0.3 * jax.random.normal(jax.random.key(5), (cfg.n_experts,))
+  x = np.asarray(jax.random.normal(jax.random.key(t), (t, cfg.d_model)))
+  tok = np.arange(t) * 7 % cfg.vocab_size
+  got = np.asarray(jax.jit(lambda x, tok: moe(x, tok))(x, tok))
+  p = lambda n: np.asarray(getattr(moe, n)[...], np.float64)  # noqa: E731
+  score = np.sqrt(np.log1p(np.exp(x @ p("gate").T)))
+  if il < cfg.n_hash_layers:
+    idx = np.asarray(moe.tid2eid[...])[tok]
+  else:
+    idx = np.argsort(-(score + p("bias")), axis=-1, kind="stable")[:, :cfg.n_experts_used]
+  w = np.take_along_axis(score, idx, -1)
+  w = 1.5 * w / w.sum(-1, keepdims=True)
+  silu = lambda z: z / (1 + np.exp(-z))  # noqa: E731
+  want = np.zeros((t, cfg.d_model))
+  for i in range(t):
+    for j, e in enumerate(idx[i]):
+      g = np.minimum(p("gate_exps")[e] @ x[i], 10.0)
+      u = np.clip(p("up_exps")[e] @ x[i], -10.0, 10.0)
+      want[i] += w[i, j] * (p("down_exps")[e] @ (silu(g) * u))
+    g = np.minimum(p("shared_gate") @ x[i], 10.0)
+    want[i] += p("shared_down") @ (silu(g) * np.clip(p("shared_up") @ x[i], -10.0, 10.0))
+  np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max())
