@@ -260,12 +260,15 @@ class CoordinatorAdapter:
         got, blobs = stage_state.export_stage(c.runner, sess.local_state)
       if got != n:
         raise SnapshotError(f"the coordinator's stage holds {got} positions, the session {n}")
-      for hop in c.wait_route():
-        held = sess.held.get(hop.wid, 0)
-        if held != n:
-          raise SnapshotError(f"{hop!r} holds {held} of the session's {n} positions (a worker "
-                              "was replaced since the last step): step the session, then save")
-        blobs.update(pull(hop, self.cfg, sid, n, sess.hashes[n]))
+      hops = c.wait_route()
+      with c._leases(sess, hops):  # the workers' session slots (bridge/residency.py)
+        for hop in hops:
+          held = sess.held.get(hop.wid, 0)
+          if held != n:
+            raise SnapshotError(f"{hop!r} holds {held} of the session's {n} positions (a "
+                                "worker was replaced or evicted it since the last step): step "
+                                "the session, then save")
+          blobs.update(pull(hop, self.cfg, sid, n, sess.hashes[n]))
       return list(sess.tokens), blobs
 
   def restore(self, sid: str, tokens: list[int], read: Callable) -> None:
@@ -275,8 +278,9 @@ class CoordinatorAdapter:
       local = stage_state.import_stage(c.runner, len(tokens), read(c.local.layers()),
                                        where=f"stage {c.local}")
       sess.reset()  # a failed push below leaves a clean session (the next step recomputes)
-      for hop in hops:
-        push(hop, sid, tokens, read(hop.layers.layers()))
+      with c._leases(sess, hops):  # a slot on each worker, evicting an idle session if full
+        for hop in hops:
+          push(hop, sid, tokens, read(hop.layers.layers()))
       sess.local_state = local
       sess.append(tokens)
       sess.held = {hop.wid: len(tokens) for hop in hops}
