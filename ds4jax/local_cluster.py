@@ -5,14 +5,13 @@
 
 Each worker is `python scripts/worker.py` in its own process group, with its log in a file.
 They are stopped (SIGTERM, then SIGKILL) when the block exits, at interpreter exit, on
-SIGTERM/SIGHUP to this process, and, on Linux, by the kernel if this process dies without
-cleaning up (PR_SET_PDEATHSIG), so no worker outlives the process that started it.
+SIGTERM/SIGHUP to this process, and by themselves if this process dies without cleaning up
+(`--exit_with_parent`), so no worker outlives the process that started it.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
 import os
 import pathlib
 import signal
@@ -31,15 +30,6 @@ _LIVE: "weakref.WeakSet[LocalWorkers]" = weakref.WeakSet()
 
 class WorkerDied(RuntimeError):
   """A worker process exited while it was expected to serve."""
-
-
-def _die_with_parent() -> None:
-  """preexec_fn: ask the kernel to SIGTERM this child when its parent exits (Linux)."""
-  try:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-  except OSError:
-    pass
 
 
 class LocalWorkers:
@@ -66,15 +56,18 @@ class LocalWorkers:
     host, port = self.coordinator
     for rng in self.ranges:
       log = self.log_dir / f"worker-{rng.replace(':', '_')}.log"
+      # --exit_with_parent: the worker watches its parent and exits if orphaned. (No
+      # preexec_fn: running Python between fork and exec is unsafe with JAX's threads.)
       args = [sys.executable, str(WORKER_SCRIPT), f"--gguf={self.gguf}", f"--layers={rng}",
-              f"--coordinator={host}:{port}", f"--ctx={self.ctx_size}", *self.extra_args]
+              f"--coordinator={host}:{port}", f"--ctx={self.ctx_size}", "--exit_with_parent",
+              *self.extra_args]
       if self.cache_dir:
         args.append(f"--cache_dir={self.cache_dir}")
+      env = dict(os.environ, DS4JAX_PARENT_PID=str(os.getpid()))
       with open(log, "wb") as f:
         self.procs.append(subprocess.Popen(
             args, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO),
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None))
+            env=env, start_new_session=True))
       self.logs.append(log)
     return self
 

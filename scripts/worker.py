@@ -32,7 +32,9 @@ _WITH_PARENT = flags.DEFINE_boolean("exit_with_parent", False,
 
 
 def _exit_with_parent() -> None:
-  parent = os.getppid()
+  # A launcher may name itself: a parent that died while we were still importing is then
+  # noticed too (os.getppid() alone would already be the reaper's pid).
+  parent = int(os.environ.get("DS4JAX_PARENT_PID", "0")) or os.getppid()
 
   def watch():
     while os.getppid() == parent:

@@ -166,3 +166,24 @@ def test_demo_ctrl_c_stops_workers(env, when):
     if proc.poll() is None:
       proc.kill()
       proc.wait()
+
+
+def test_demo_killed_hard_leaves_no_workers(env):
+  """SIGKILL gives the demo no chance to clean up: the orphaned workers exit by themselves."""
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py")], env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    for line in proc.stderr:
+      if "started" in line:
+        break
+    kids = psutil.Process(proc.pid).children(recursive=True)
+    assert len(kids) >= 2
+    proc.kill()
+    proc.wait(timeout=30)
+    # They notice within a second of reaching main(); imports can take long on a busy machine.
+    gone, alive = psutil.wait_procs(kids, timeout=90)
+    assert not alive, alive
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
