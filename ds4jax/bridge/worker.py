@@ -90,7 +90,8 @@ class Worker:
 
   # ------------------------------------------------------------------------------ dial loop
   def run(self) -> None:
-    """Serves until stop(); raises HandshakeRefused when the coordinator refuses this worker."""
+    """Serves until stop(); raises HandshakeRefused when the coordinator refuses this worker
+    or the key/certificate check fails (final: redialing cannot fix it; see final_reason)."""
     delay = self.opt.backoff_min
     while not self._stop.is_set():
       try:
@@ -111,10 +112,15 @@ class Worker:
         self._serve(ch, hb)
       except HandshakeRefused:
         raise
-      except (OSError, EOFError, ProtocolError, LinkLost) as e:
-        log.warning("link to coordinator lost: %s", e)
-      except Exception as e:  # auth failures and the like: log, back off, redial
-        log.warning("connection to coordinator failed: %s: %s", type(e).__name__, e)
+      except Exception as e:  # auth failures, lost links and the like
+        reason = final_reason(e)
+        if reason is not None:  # redialing cannot fix a wrong key or certificate: stop
+          log.error("coordinator %s:%d rejected this worker: %s", *self.addr, reason)
+          raise HandshakeRefused(reason) from None
+        if isinstance(e, (OSError, EOFError, ProtocolError, LinkLost)):
+          log.warning("link to coordinator lost: %s", e)
+        else:  # log, back off, redial
+          log.warning("connection to coordinator failed: %s: %s", type(e).__name__, e)
       finally:
         try:
           sock.close()
@@ -302,6 +308,23 @@ class Worker:
         "compute_s": t2 - t1, "bytes_in": f.nbytes, "bytes_out": len(payload),
         "pos0": pos0, "n": n}]
     return res, payload
+
+
+def final_reason(e: BaseException) -> str | None:
+  """The reason when a failed connection attempt cannot succeed by redialing (a key or
+  certificate the coordinator rejects, or the reverse), else None (refused connection,
+  coordinator restarting, a broken link: keep redialing with backoff)."""
+  from ds4jax.bridge import auth  # stdlib only
+  if isinstance(e, auth.AuthError):
+    if e.reason in (auth.WRONG_KEY, auth.NO_AUTH, auth.VERSION_MISMATCH):
+      return str(e)
+    if e.reason == "TLS failed" and "CERTIFICATE_VERIFY_FAILED" in str(e).upper().replace(
+        " ", "_"):
+      return str(e)
+    return None
+  if isinstance(e, ProtocolError) and "expects a pre-shared key handshake" in str(e):
+    return f"auth failed: {e}"  # we have no key, the coordinator wants one
+  return None
 
 
 def warmup(runner, sizes) -> None:
