@@ -44,6 +44,10 @@ _FLOOR_ROUNDS = flags.DEFINE_integer("floor_rounds", 200, "Raw TCP round trips p
 _COLD = flags.DEFINE_boolean("cold_compile", False, "Use an empty XLA cache (compile times "
                              "from scratch) instead of the shared persistent one.")
 _CACHE = flags.DEFINE_string("cache_dir", None, "ds4jax cache dir (test models, XLA cache).")
+_PAIRED = flags.DEFINE_integer("paired_rounds", 4, "Split runs also decode against a "
+                               "one-process reference loaded in the coordinator's process, in "
+                               "this many alternating rounds (a load-drift-proof ratio); 0: off.",
+                               lower_bound=0)
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
 
 
@@ -108,7 +112,7 @@ def main(argv):
   cache_dir = str(workdir / "cache") if _COLD.value else _CACHE.value
   base = {"gguf": gguf, "ctx": ctx, "prompt_lens": lens, "decode_tokens": _DECODE.value,
           "seed": _SEED.value, "chunk": _CHUNK.value, "cache_dir": cache_dir,
-          "floor_rounds": _FLOOR_ROUNDS.value}
+          "floor_rounds": _FLOOR_ROUNDS.value, "paired_rounds": _PAIRED.value}
   results = {
       "command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -119,7 +123,7 @@ def main(argv):
                 "activation_row_bytes": 4 * cfg.n_hc * cfg.d_model},
       "settings": {"prompt_lens": lens, "decode_tokens": _DECODE.value, "workers": workers,
                    "chunk": _CHUNK.value, "ctx": ctx, "cold_compile": _COLD.value,
-                   "seed": _SEED.value},
+                   "seed": _SEED.value, "paired_rounds": _PAIRED.value},
   }
   try:
     results["single"] = _run_child(dict(base, mode="single"), workdir, "single")
@@ -140,6 +144,9 @@ def main(argv):
     for n, sp in results["split"].items():
       parity[f"split {n} worker(s): greedy decode tokens identical to single process"] = (
           sp["decode"]["tokens_out"] == single_toks)
+      if "paired" in sp:
+        parity[f"split {n} worker(s), paired rounds: tokens identical to the reference"] = (
+            sp["paired"]["same_tokens"])
     for L in lens:
       a, b = _logits(workdir, "single", L), _logits(workdir, "hf", L)
       if a is not None and b is not None:

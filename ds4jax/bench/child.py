@@ -93,6 +93,14 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
         "workers": [{"layers": r, "pid": p.pid, "peak_rss_mb": measure.peak_rss_mb(p.pid)}
                     for r, p in zip(worker_ranges, workers.procs)],
     }
+    if spec.get("paired_rounds", 0):
+      # Memory is read above: the reference model below must not count in the coordinator.
+      from ds4jax.generate.local import LocalBackend
+      ref = LocalBackend([load_runner(spec["gguf"], "all", ctx_size=spec["ctx"],
+                                      max_chunk=spec["chunk"])], prefill_chunk=spec["chunk"])
+      res["paired"] = measure.paired_decode(
+          coord, ref, ids, prompt_len=spec["prompt_lens"][0], rounds=spec["paired_rounds"],
+          steps=max(1, spec["decode_tokens"] // spec["paired_rounds"]))
     return res
   finally:
     workers.stop()

@@ -170,3 +170,36 @@ def env_info() -> dict[str, Any]:
   except OSError:
     load = (float("nan"),) * 3
   return {"loadavg": [round(x, 2) for x in load], "cpus": os.cpu_count()}
+
+
+def paired_decode(split, local, ids: Sequence[int], *, prompt_len: int, rounds: int,
+                  steps: int) -> dict[str, Any]:
+  """Split vs one-process decode measured in alternating rounds in the same process.
+
+  On a shared machine the load drifts over the minutes between two configurations; rounds of
+  `steps` decode steps alternating between the two backends see the same load, so their ratio
+  is far less noisy than the ratio of two separate runs.
+  """
+  sess = []
+  for b in (split, local):
+    sid = b.new_session()
+    tr = list(ids[:prompt_len])
+    res = b.step(sid, tr, GREEDY, 0)
+    tr.append(res.token)
+    res = b.step(sid, tr, GREEDY, 1)  # one untimed decode step (first-call effects)
+    tr.append(res.token)
+    sess.append([b, sid, tr])
+  times: list[list[float]] = [[], []]
+  for _ in range(rounds):
+    for k, (b, sid, tr) in enumerate(sess):
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        res = b.step(sid, tr, GREEDY, len(tr))
+        times[k].append(time.perf_counter() - t0)
+        tr.append(res.token)
+  for b, sid, _ in sess:
+    b.close_session(sid)
+  split_ms, local_ms = (1e3 * float(np.median(t)) for t in times)
+  return {"rounds": rounds, "steps_per_round": steps, "split_ms_per_token": split_ms,
+          "single_ms_per_token": local_ms, "ratio_decode": local_ms / split_ms,
+          "same_tokens": sess[0][2] == sess[1][2]}
