@@ -82,3 +82,15 @@ def test_quantised_fixture_matches_hf(tiny_gguf):
   with torch.no_grad():
     want = hf_model_from_gguf(tiny_gguf)(torch.as_tensor(ids[None])).logits[0].numpy()
   _assert_close(ds4jax.load_model(tiny_gguf, ctx_size=64, max_chunk=64).logits(ids), want)
+
+
+def test_long_input_is_split_and_context_fills_exactly(hf_tiny, ids, hf_oneshot):
+  """ctx_size = 64 = the number of tokens, max_chunk 16: the runner splits a 61-token prefill
+  into 16-row pieces, and the last 3 tokens run in a padded bucket of 4 that reaches past the
+  context end (buffer slack keeps the writes from clamping)."""
+  small = ds4jax.load_model(hf_tiny[1], ctx_size=N_TOK, max_chunk=16)
+  s = small.session()
+  got = np.concatenate([s.prefill(ids[:61]), s.prefill(ids[61:])])
+  _assert_close(got, hf_oneshot)
+  with pytest.raises(ValueError, match="exceeds ctx_size"):
+    s.decode(1)
