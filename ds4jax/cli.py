@@ -41,6 +41,9 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
   flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
+  flags.DEFINE_string("tls_cert", None, "With --listen: serve the bridge over TLS with this "
+                      "PEM certificate (workers verify it: scripts/worker.py --tls_ca).")
+  flags.DEFINE_string("tls_key", None, "The PEM private key of --tls_cert (if not in it).")
   flags.DEFINE_string("cache_dir", None, "Where the tiny test models are built and cached.")
   flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.", lower_bound=1)
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
@@ -160,13 +163,17 @@ def build_backend():
                              ctx_size=ctx_size, prefill_chunk=chunk,
                              route_timeout=float(option("route_timeout", 60.0)),
                              activation_dtype=option("activation_dtype", "f32"),
-                             key_file=option("key_file"))
+                             key_file=option("key_file"), tls_cert=option("tls_cert"),
+                             tls_key=option("tls_key"))
 
 
 def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 4096,
                         prefill_chunk: int = 256, route_timeout: float = 60.0,
-                        activation_dtype: str = "f32", key_file: str | None = None):
-  """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close)."""
+                        activation_dtype: str = "f32", key_file: str | None = None,
+                        tls_cert: str | None = None, tls_key: str | None = None):
+  """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
+
+  tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
   from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
   from ds4jax.config import LayerRange
   from ds4jax.generate.progress import heartbeat
@@ -176,6 +183,9 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
 
   host, port = parse_hostport(listen)
   key = auth.load_key(key_file)
+  if tls_key and not tls_cert:
+    raise ValueError("--tls_key needs --tls_cert")
+  tls = auth.server_ssl_context(tls_cert, tls_key) if tls_cert else None  # fail before loading
   if port:
     check_port_free(host, port)  # before a possibly long model load, not after
   cfg, fingerprint = model_info(gguf)  # a GGUF or an orbax checkpoint directory
@@ -187,7 +197,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   try:
     coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(
         host=host, port=port, route_timeout=route_timeout, prefill_chunk=prefill_chunk,
-        activation_dtype=activation_dtype, key=key))
+        activation_dtype=activation_dtype, key=key, tls=tls))
   except OSError as e:
     if e.errno == errno.EADDRINUSE:
       raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None

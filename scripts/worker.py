@@ -2,7 +2,9 @@ r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until 
 
     python scripts/worker.py --gguf=PATH --layers=A:B|A:output --coordinator=HOST:PORT
 
-With a pre-shared key, pass --key_file (or set DS4JAX_KEY); never the key itself. When the
+With a pre-shared key, pass --key_file (or set DS4JAX_KEY); never the key itself. For TLS,
+--tls_ca=CA.pem (the coordinator runs with --tls_cert/--tls_key). A rejected key or
+certificate, or a refused HELLO, exits with status 2 and the reason. When the
 coordinator restarts, the worker drops its sessions and dials again on its own.
 """
 
@@ -23,7 +25,15 @@ _SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU ev
                                  lower_bound=1)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "File with the pre-shared key "
                                 "(default: the DS4JAX_KEY environment variable).")
-_TLS_CA = flags.DEFINE_string("tls_ca", None, "Use TLS, verifying the coordinator with this CA.")
+_TLS_CA = flags.DEFINE_string("tls_ca", None, "Use TLS, verifying the coordinator's certificate "
+                               "with this CA file (PEM; a self-signed certificate is its own CA).")
+_TLS = flags.DEFINE_boolean("tls", False, "Use TLS, verifying the coordinator with the system "
+                            "CA store (implied by --tls_ca and --tls_insecure).")
+_TLS_INSECURE = flags.DEFINE_boolean("tls_insecure", False, "Use TLS without verifying the "
+                                     "coordinator's certificate (encrypted, not authenticated: "
+                                     "pair it with a key).")
+_TLS_NAME = flags.DEFINE_string("tls_server_name", None, "The name to verify in the "
+                                "coordinator's certificate (default: the --coordinator host).")
 _BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
 _BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
 _CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
@@ -59,9 +69,14 @@ def main(argv):
   addr = cli.parse_hostport(_COORD.value)
   if addr[1] == 0:
     raise ValueError("--coordinator needs the coordinator's real port, not 0")
-  tls = auth.client_ssl_context(_TLS_CA.value) if _TLS_CA.value else None
+  if _TLS_INSECURE.value and _TLS_CA.value:
+    raise ValueError("--tls_insecure skips the verification that --tls_ca asks for: pick one")
+  tls = None
+  if _TLS.value or _TLS_CA.value or _TLS_INSECURE.value or _TLS_NAME.value:
+    tls = auth.client_ssl_context(_TLS_CA.value, insecure=_TLS_INSECURE.value)
   opt = WorkerOptions(ctx=_CTX.value, max_sessions=_SESSIONS.value,
                       key=auth.load_key(_KEY_FILE.value), tls=tls,
+                      tls_server_name=_TLS_NAME.value,
                       backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
   import jax  # deferred: flag errors stay fast

@@ -35,7 +35,8 @@ class WorkerOptions:
   ctx: int = 4096
   max_sessions: int = 8
   key: bytes | None = None
-  tls: Any = None
+  tls: Any = None  # ssl.SSLContext (auth.client_ssl_context)
+  tls_server_name: str | None = None  # checked against the certificate; default: the host
   wrap: Callable | None = None
   connect_timeout: float = 5.0
   backoff_min: float = 0.2
@@ -103,7 +104,7 @@ class Worker:
         continue
       try:
         sock = transport.secure_client(sock, key=self.opt.key, tls=self.opt.tls,
-                                       server_hostname=self.addr[0],
+                                       server_hostname=self.opt.tls_server_name or self.addr[0],
                                        timeout=self.opt.connect_timeout)
         ch = transport.Channel(sock, f"{self.addr[0]}:{self.addr[1]}",
                                frame_timeout=self.opt.frame_timeout)
