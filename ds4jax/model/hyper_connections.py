@@ -52,9 +52,9 @@ class HyperConnection(nnx.Module):
     c = self.n_hc
     mu_TM = _mix(x_TCD, self.fn[...], self.rms_eps)
     base_M, scale_3 = self.base[...], self.scale[...]
-    pre_TC = jax.nn.sigmoid(mu_TM[:, :c] * scale_3[0] + base_M[:c]) + self.hc_eps
-    post_TC = 2.0 * jax.nn.sigmoid(mu_TM[:, c:2 * c] * scale_3[1] + base_M[c:2 * c])
-    logits_TCC = (mu_TM[:, 2 * c:] * scale_3[2] + base_M[2 * c:]).reshape(-1, c, c)
+    pre_TC = jax.nn.sigmoid(mu_TM[:, :c] * scale_3[0] + base_M[None, :c]) + self.hc_eps
+    post_TC = 2.0 * jax.nn.sigmoid(mu_TM[:, c:2 * c] * scale_3[1] + base_M[None, c:2 * c])
+    logits_TCC = (mu_TM[:, 2 * c:] * scale_3[2] + base_M[None, 2 * c:]).reshape(-1, c, c)
     comb_TCC = sinkhorn(logits_TCC, self.iters, self.hc_eps)
     y_TD = jnp.einsum("TC,TCD->TD", pre_TC, x_TCD.astype(jnp.float32), precision=ops.HIGHEST)
     return y_TD, post_TC, comb_TCC
@@ -83,6 +83,6 @@ class Head(nnx.Module):
   def __call__(self, x_TCD):
     """x: [T, C, D] -> logits f32 [T, V]."""
     mu_TC = _mix(x_TCD, self.hc_fn[...], self.rms_eps)
-    pre_TC = jax.nn.sigmoid(mu_TC * self.hc_scale[...][0] + self.hc_base[...]) + self.hc_eps
+    pre_TC = jax.nn.sigmoid(mu_TC * self.hc_scale[...][0] + self.hc_base[...][None, :]) + self.hc_eps
     h_TD = jnp.einsum("TC,TCD->TD", pre_TC, x_TCD.astype(jnp.float32), precision=ops.HIGHEST)
     return ops.einsum("TD,VD->TV", self.norm(h_TD), self.out[...])

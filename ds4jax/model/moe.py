@@ -60,7 +60,7 @@ class MoE(nnx.Module):
     if self.is_hash:
       idx_TK = self.tid2eid[...][tokens_T]
     else:
-      _, idx_TK = jax.lax.top_k(p_TE + self.bias[...], self.k)
+      _, idx_TK = jax.lax.top_k(p_TE + self.bias[...][None, :], self.k)
     w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
     if self.norm_topk:
       w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)

@@ -20,4 +20,5 @@ class RMSNorm(nnx.Module):
 
   def __call__(self, x):
     """x: [..., dim] -> f32 [..., dim]."""
-    return ops.rms(x, self.eps) * self.scale[...]
+    scale = self.scale[...]
+    return ops.rms(x, self.eps) * scale.reshape((1,) * (x.ndim - 1) + scale.shape)
