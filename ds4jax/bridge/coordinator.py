@@ -16,11 +16,14 @@ Recovery: a hop that drops mid-step is removed; the step waits up to `route_time
 worker covering its range (new or spare), rebuilds that hop's KV from the coordinator's
 cached activations (its inputs at that layer, relayed earlier) so only that stage recomputes,
 and continues. Without the cache (over its cap) the session rewinds far enough to recompute.
+
+Worker KV slots: each step leases its session's slot on every hop (`residency.py`), evicting
+idle sessions with DROP and queueing beyond a worker's `max_sessions`, so concurrent sessions
+never evict each other mid-step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -31,7 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ds4jax.bridge import admission, protocol, route as route_mod, tensors, transport
+from ds4jax.bridge import (admission, protocol, residency, route as route_mod, tensors,
+                           transport)
 from ds4jax.bridge.errors import LinkLost, ProtocolError, RemoteError, RouteUnavailable
 from ds4jax.bridge.links import WorkerLink
 from ds4jax.bridge.protocol import MsgType
@@ -370,35 +374,11 @@ class Coordinator:
           sess.held.pop(getattr(e, "wid", -1), None)
           self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
 
-  @contextlib.contextmanager
   def _leases(self, sess: CoordSession, hops):
     """Leases sess's session slot on every hop for one step (see residency.py): the worker
     never evicts a session mid-step, and steps beyond a worker's capacity queue."""
-    deadline = time.monotonic() + self.opt.route_timeout
-    held = []
-    try:
-      for hop in sorted(hops, key=lambda h: (h.layers.start, h.wid)):  # one global order
-        fresh, evicted = hop.residency.lease(sess.sid, deadline, repr(hop))
-        held.append(hop)
-        for victim in evicted:  # before our WORK, on the same ordered link
-          hop.send(MsgType.DROP, {"sid": victim})
-          self._forget_held(victim, hop.wid)
-        if fresh:
-          sess.held.pop(hop.wid, None)
-      yield
-    finally:
-      for hop in held:
-        hop.residency.release(sess.sid)
-
-  def _forget_held(self, sid: str, wid: int) -> None:
-    """Best effort: the evicted session's record stops claiming positions on worker wid (if
-    it is stepping elsewhere right now, its next lease on wid reports it fresh anyway)."""
-    s = self._sessions.get(sid)
-    if s is not None and s.lock.acquire(blocking=False):
-      try:
-        s.held.pop(wid, None)
-      finally:
-        s.lock.release()
+    return residency.leases(sess, hops, time.monotonic() + self.opt.route_timeout,
+                            self._sessions)
 
   # --------------------------------------------------------------------- local stage helpers
   def local_forward(self, state, tokens: list[int], pos0: int):

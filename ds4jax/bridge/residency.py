@@ -22,10 +22,12 @@ capacity queue and progress is guaranteed. Leases on several hops are taken in r
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 
 from ds4jax.bridge.errors import LinkLost, RouteUnavailable
+from ds4jax.bridge.protocol import MsgType
 
 
 class Residency:
@@ -99,3 +101,36 @@ class Residency:
     with self._cv:
       self._closed = err
       self._cv.notify_all()
+
+
+@contextlib.contextmanager
+def leases(sess, hops, deadline: float, sessions: dict):
+  """Holds sess's lease on every hop (WorkerLinks) for the duration of one step.
+
+  Evicted sessions get DROP before our WORK (same ordered link) and, when they are idle, their
+  record (`sessions[sid].held`) stops claiming positions there. A hop where sess is fresh
+  holds none of its positions, whatever the record said."""
+  held = []
+  try:
+    for hop in sorted(hops, key=lambda h: (h.layers.start, h.wid)):  # one global order
+      fresh, evicted = hop.residency.lease(sess.sid, deadline, repr(hop))
+      held.append(hop)
+      for victim in evicted:
+        hop.send(MsgType.DROP, {"sid": victim})
+        _forget_held(sessions.get(victim), hop.wid)
+      if fresh:
+        sess.held.pop(hop.wid, None)
+    yield
+  finally:
+    for hop in held:
+      hop.residency.release(sess.sid)
+
+
+def _forget_held(s, wid: int) -> None:
+  """Best effort: if the evicted session is stepping elsewhere right now, its next lease on
+  wid reports it fresh anyway."""
+  if s is not None and s.lock.acquire(blocking=False):
+    try:
+      s.held.pop(wid, None)
+    finally:
+      s.lock.release()
