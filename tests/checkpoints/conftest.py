@@ -25,8 +25,11 @@ def make_runner(tiny_ckpt):
   fp = orbax_io.read_manifest(tiny_ckpt)["fingerprint"]
 
   @functools.lru_cache(maxsize=None)
-  def make(layers: str, ctx: int = CTX, max_chunk: int = 16):
+  def cached(layers: str, ctx: int, max_chunk: int):
     stage = orbax_io.load_stage_checkpoint(tiny_ckpt, layers)
     return StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk, fingerprint=fp)
+
+  def make(layers: str, ctx: int = CTX, max_chunk: int = 16):
+    return cached(layers, ctx, max_chunk)  # one key however it is called: compile once
 
   return make

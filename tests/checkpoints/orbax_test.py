@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -24,14 +25,20 @@ TOKENS = np.array([0, 17, 42, 300, 5, 9, 123, 77, 400, 2, 3], np.int32)
 
 
 def logits(*stages, hc=None):
-  """Logits of each stage from ONE compiled program (one runner, its params swapped): equal
-  outputs then mean equal parameters, not two compilations that happen to agree."""
-  r = StageRunner(stages[0], ctx_size=32, max_chunk=16)
-  outs = []
-  for st in stages:
-    r.params = nnx.split(st)[1]
-    outs.append(r.forward(r.init_state(), TOKENS, hc, 0)[0])
-  assert r.n_traces == 1
+  """Logits of each stage from ONE compiled program (the stage's pure apply, jitted once and
+  fed each stage's parameters): equal outputs then come from equal parameters."""
+  graphdef = nnx.split(stages[0])[0]
+  runner = StageRunner(stages[0], ctx_size=32, max_chunk=16)  # only for init_state
+  traces = []
+
+  @jax.jit
+  def apply(params, state, tokens_T, hc_TCD):
+    traces.append(1)
+    out, _ = nnx.merge(graphdef, params)(state, tokens_T, hc_TCD, jnp.int32(len(TOKENS)))
+    return out
+
+  outs = [np.asarray(apply(nnx.split(st)[1], runner.init_state(), TOKENS, hc)) for st in stages]
+  assert len(traces) == 1
   return outs
 
 
@@ -52,9 +59,16 @@ def test_restore_is_bit_identical_to_the_gguf(tiny_gguf, tiny_ckpt):
   got = orbax_io.load_stage_checkpoint(tiny_ckpt)
   assert_same_params(ref, got)
   # load_stage accepts the directory in place of the GGUF.
-  a, b, c = logits(ref, got, load_stage(tiny_ckpt, "all"))
+  # Sensitivity: one weight row off by 1e-3 changes the logits of the same program.
+  bumped = load_stage(tiny_ckpt, "all")
+  w = bumped.blocks[1].attn.q_a
+  w.set_value(w.get_value().at[0].add(1e-3))
+  assert not np.array_equal(np.asarray(nnx.state(bumped)["blocks"][1]["attn"]["q_a"].get_value()),
+                            np.asarray(nnx.state(got)["blocks"][1]["attn"]["q_a"].get_value()))
+  a, b, c, d = logits(ref, got, load_stage(tiny_ckpt, "all"), bumped)
   assert a.dtype == b.dtype == np.float32 and a.shape == (len(TOKENS), 512)
   assert np.array_equal(a, b) and np.array_equal(a, c)
+  assert not np.array_equal(a, d)
 
 
 def test_bfloat16_checkpoint_matches_bfloat16_gguf_load(tiny_gguf, tmp_path):
