@@ -83,6 +83,9 @@ def test_split_decodes_the_same_tokens_as_one_process(smoke):
   res, _, _ = smoke
   assert res["split"]["1"]["decode"]["tokens_out"] == res["single"]["decode"]["tokens_out"]
   assert all(v is True for k, v in res["parity"].items() if "identical" in k)
+  paired = res["split"]["1"]["paired"]  # the in-process one-process reference, alternating
+  assert paired["same_tokens"] is True
+  assert _positive(paired["split_ms_per_token"]) and _positive(paired["single_ms_per_token"])
 
 
 def test_markdown_has_the_tables(smoke):
