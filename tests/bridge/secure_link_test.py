@@ -14,6 +14,7 @@ import pytest
 
 from ds4jax.bridge import auth
 from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.errors import HandshakeRefused
 from ds4jax.bridge.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.generate.sampling import SamplingParams
@@ -66,8 +67,17 @@ def cluster():
     w = Worker(coord.address, fingerprint=CFG.fingerprint(), n_layers=CFG.n_layers,
                vocab_size=CFG.vocab_size, layers=REMOTE,
                load=lambda: FakeRunner(CFG, REMOTE, ctx_size=CTX), options=o)
-    t = threading.Thread(target=w.run, daemon=True)
+    w.refusal = None
+
+    def run():
+      try:
+        w.run()
+      except HandshakeRefused as e:  # final: a rejected key or certificate stops the worker
+        w.refusal = e
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
+    w.thread = t
     made.append((w, t))
     return w
 
@@ -111,10 +121,12 @@ def test_wrong_key_refused_and_logged_on_both_sides(cluster, caplog):
   caplog.set_level(logging.INFO, logger="ds4jax.bridge")
   coordinator, worker = cluster
   coord = coordinator(key=KEY)
-  worker(coord, key=WRONG)
+  w = worker(coord, key=WRONG)
   msg = wait_logged(caplog, "ds4jax.bridge.coordinator", "wrong key")
   assert "rejected connection from 127.0.0.1:" in msg
   wait_logged(caplog, "ds4jax.bridge.worker", "auth failed: wrong key")
+  w.thread.join(5)  # redialing cannot fix a wrong key: the worker stops with the reason
+  assert "wrong key" in str(w.refusal)
   assert not coord.route_ready()[0] and coord.route_info()["workers"] == []
 
 
@@ -122,9 +134,11 @@ def test_missing_key_refused_and_logged_on_both_sides(cluster, caplog):
   caplog.set_level(logging.INFO, logger="ds4jax.bridge")
   coordinator, worker = cluster
   coord = coordinator(key=KEY)
-  worker(coord)  # no key: it sends HELLO straight away
+  w = worker(coord)  # no key: it sends HELLO straight away
   wait_logged(caplog, "ds4jax.bridge.coordinator", "peer sent no auth")
   wait_logged(caplog, "ds4jax.bridge.worker", "expects a pre-shared key handshake")
+  w.thread.join(5)
+  assert "expects a pre-shared key handshake" in str(w.refusal)
   assert coord.route_info()["workers"] == []
 
 

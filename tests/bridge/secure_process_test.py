@@ -65,9 +65,12 @@ def spawn(coord):
     p.wait(10)
 
 
-def stop_and_read(p) -> str:
-  p.kill()
-  return p.communicate(timeout=10)[1]
+def exit_and_read(p) -> str:
+  """A rejected key is final: the worker process exits by itself, with status 1 (this
+  script does not map HandshakeRefused to scripts/worker.py's 2), printing the reason."""
+  err = p.communicate(timeout=20)[1]
+  assert p.returncode == 1, (p.returncode, err[-2000:])
+  return err
 
 
 def wait_logged(caplog, text, timeout=20.0):
@@ -102,7 +105,7 @@ def test_wrong_key_process_refused_and_logged_on_both_sides(coord, spawn, caplog
   caplog.set_level(logging.WARNING, logger="ds4jax.bridge")
   p = spawn(env_key="another-key-another-key")
   wait_logged(caplog, "wrong key")
-  err = stop_and_read(p)
+  err = exit_and_read(p)
   assert "auth failed: wrong key" in err, err[-2000:]
   assert coord.route_info()["workers"] == []
 
@@ -111,6 +114,6 @@ def test_keyless_process_refused_and_logged_on_both_sides(coord, spawn, caplog):
   caplog.set_level(logging.WARNING, logger="ds4jax.bridge")
   p = spawn()
   wait_logged(caplog, "peer sent no auth")
-  err = stop_and_read(p)
+  err = exit_and_read(p)
   assert "expects a pre-shared key handshake" in err, err[-2000:]
   assert coord.route_info()["workers"] == []
