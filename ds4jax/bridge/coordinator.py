@@ -158,7 +158,10 @@ class Coordinator:
 
   # ------------------------------------------------------------------------------ admission
   def _accept_loop(self) -> None:
-    self._lsock.settimeout(0.5)
+    try:
+      self._lsock.settimeout(0.5)
+    except OSError:  # close() ran before this thread started
+      return
     while not self._stop.is_set():
       try:
         sock, addr = transport.accept(self._lsock, self.opt.wrap)
