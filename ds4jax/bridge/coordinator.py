@@ -68,6 +68,9 @@ class CoordinatorOptions:
   pin: Sequence[str] = ()  # if set, only workers with these ranges ("1:2", "3:output")
   max_recoveries: int = 3  # lost links survived per step
   max_mismatches: int = 16  # PrefixMismatch rebuilds per step (a worker that lost the KV)
+  # A full worker evicts a session idle this briefly (mid-generation) only after the waiting
+  # step waited this long: residency.py.
+  lease_grace_s: float = 0.1
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
   max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
 
@@ -207,6 +210,7 @@ class Coordinator:
       link = WorkerLink(wid, ch, f.header, layers, heartbeat_s=self.opt.heartbeat_s,
                         dead_after=self.dead_after, request_timeout=self.opt.request_timeout,
                         on_change=self._on_link_change)
+      link.residency.grace_s = self.opt.lease_grace_s
       with self._cv:
         if self._stop.is_set():
           ch.close()

@@ -9,7 +9,9 @@ on that hop:
   * the session is resident: the lease marks it active;
   * there is a free slot: the session takes it (it holds nothing there yet: `fresh`);
   * every slot is taken: the least recently used *idle* session is evicted here (the caller
-    sends DROP for it first, on the same ordered link, so the worker never evicts on its own);
+    sends DROP for it first, on the same ordered link, so the worker never evicts on its own).
+    A session idle for less than `grace_s` is probably between two steps of a generation, so
+    it is evicted only once the new step has waited `grace_s` (fewer rebuilds, no starvation);
   * every slot is held by an active session: the step waits until one finishes.
 
 The resident set is a superset of what the worker really holds (a session enters it before
@@ -33,8 +35,13 @@ from ds4jax.bridge.protocol import MsgType
 class Residency:
   """The resident sessions of one worker link. capacity 0: unknown (the worker evicts)."""
 
-  def __init__(self, capacity: int):
+  def __init__(self, capacity: int, grace_s: float = 0.0):
     self.capacity = int(capacity)
+    # A session idle for less than grace_s is between two steps of a running generation;
+    # evicting it would cost a rebuild on its very next step. A full worker evicts such a
+    # session only once the waiting step has itself waited grace_s (so nobody starves).
+    self.grace_s = float(grace_s)
+    self._idle_since: dict[str, float] = {}
     self._active: collections.OrderedDict[str, int] = collections.OrderedDict()  # LRU first
     self._cv = threading.Condition()
     self._closed: BaseException | None = None
@@ -55,6 +62,7 @@ class Residency:
     sending sid's work. Raises LinkLost if the link dies while waiting, RouteUnavailable
     past the deadline."""
     with self._cv:
+      t0 = time.monotonic()
       waited = False
       while True:
         if self._closed is not None:
@@ -62,24 +70,34 @@ class Residency:
         if sid in self._active:
           self._active[sid] += 1
           self._active.move_to_end(sid)
+          self._idle_since.pop(sid, None)
           return False, []
+        now = time.monotonic()
         need = len(self._active) + 1 - self.capacity if self.capacity > 0 else 0
         idle = [s for s, n in self._active.items() if n == 0]  # LRU first
-        if need <= len(idle):
-          evicted = idle[:max(need, 0)]
+        wake = now + 0.5
+        if now - t0 < self.grace_s:  # still patient: only sessions idle for grace_s
+          ripe = [s for s in idle if now - self._idle_since.get(s, 0.0) >= self.grace_s]
+          wake = min([wake, t0 + self.grace_s] +
+                     [self._idle_since.get(s, 0.0) + self.grace_s for s in idle])
+        else:
+          ripe = idle
+        if need <= len(ripe):
+          evicted = ripe[:max(need, 0)]
           for victim in evicted:
             del self._active[victim]
+            self._idle_since.pop(victim, None)
           self.evictions += len(evicted)
           self._active[sid] = 1
           return True, evicted
         if not waited:
           waited, self.waits = True, self.waits + 1
-        left = deadline - time.monotonic()
+        left = deadline - now
         if left <= 0:
           raise RouteUnavailable(
               f"{what} is busy: all {self.capacity} of its session slots are in use by "
               "active steps")
-        self._cv.wait(min(left, 0.5))
+        self._cv.wait(max(min(left, wake - now), 0.001))
 
   def release(self, sid: str) -> None:
     """Ends one lease of sid (it stays resident, now idle if no other lease holds it)."""
@@ -87,6 +105,8 @@ class Residency:
       n = self._active.get(sid)
       if n:
         self._active[sid] = n - 1
+        if n == 1:
+          self._idle_since[sid] = time.monotonic()
       self._cv.notify_all()
 
   def forget(self, sid: str) -> None:
@@ -94,6 +114,7 @@ class Residency:
     with self._cv:
       if self._active.get(sid, 0) == 0:
         self._active.pop(sid, None)
+        self._idle_since.pop(sid, None)
       self._cv.notify_all()
 
   def close(self, err: BaseException) -> None:

@@ -152,3 +152,17 @@ def test_residency_lease_evicts_idle_lru_and_waits_for_active():
   assert r.lease("d", time.monotonic() + 5) == (True, ["b"])
   assert r.lease("c", 1e18) == (False, [])  # resident: a second lease of the same session
   assert "a" not in r and len(r) == 2
+
+
+def test_residency_grace_spares_a_session_between_steps_but_not_forever():
+  r = Residency(1, grace_s=0.3)
+  r.lease("a", 1e18)
+  r.release("a")  # a is between two steps of its generation
+  t0 = time.monotonic()
+  assert r.lease("b", time.monotonic() + 5) == (True, ["a"])  # evicted only after the grace
+  assert 0.25 <= time.monotonic() - t0 < 2.0 and r.waits == 1
+  r.release("b")
+  time.sleep(0.35)  # b has been idle for the grace: evicted at once
+  t0 = time.monotonic()
+  assert r.lease("c", time.monotonic() + 5) == (True, ["b"])
+  assert time.monotonic() - t0 < 0.2 and r.waits == 1
