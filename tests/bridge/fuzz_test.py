@@ -181,7 +181,7 @@ def test_fuzz_coordinator(logs):
       assert res.token == greedy_next(CFG, toks)
       toks.append(res.token)
     print(f"\ncoordinator fuzz: {done} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
-          f"{growth / 2**20:.1f} MiB, max seconds per case by kind "
+          f"{growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB), max seconds per case by kind "
           f"{ {k: round(v, 2) for k, v in max_case_s.items()} }, legit steps meanwhile "
           f"{steps[0]}")
     assert done == N_COORD

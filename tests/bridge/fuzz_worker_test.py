@@ -239,7 +239,7 @@ def test_fuzz_worker(logs):
     assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
     print(f"\nworker fuzz: {N_WORKER} cases {kinds}, {kills} hang-ups and redials, {replies} "
           f"error/result replies, {fuzz_s:.1f}s, max {max_case_s:.2f}s per case, max RSS "
-          f"growth {growth / 2**20:.1f} MiB; seconds by kind "
+          f"growth {growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB); seconds by kind "
           f"{ {k: round(v, 1) for k, v in time_by_kind.items()} }")
   finally:
     w.stop()
