@@ -1,0 +1,2 @@
+"""Orbax stage checkpoints (`orbax_io`) and topology-neutral session snapshots (`snapshots`,
+`stage_state`, and `snapshot_bridge` for the split route); see docs/design.md §7."""

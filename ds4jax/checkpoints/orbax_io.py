@@ -123,7 +123,8 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
   manifest = {
       "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(f),
       "layers": str(rng), "start": rng.start, "end": rng.end, "has_output": rng.has_output,
-      "n_layers": cfg.n_layers, "dtype": _dtype_name(dtype), "config": cfg.to_dict(), "source": os.path.basename(f.path),
+      "n_layers": cfg.n_layers, "dtype": _dtype_name(dtype), "config": cfg.to_dict(),
+      "source": os.path.basename(f.path),
       "params": params, "tokenizer": None,
   }
   out.mkdir(parents=True)

@@ -209,7 +209,8 @@ class _LocalAdapter:
       for r, st in zip(b.runners, sess.states):
         n, part = stage_state.export_stage(r, st)
         if n != len(sess.tokens):
-          raise SnapshotError(f"stage {r.layers} holds {n} positions, the session {len(sess.tokens)}")
+          raise SnapshotError(
+              f"stage {r.layers} holds {n} positions, the session {len(sess.tokens)}")
         blobs.update(part)
       return list(sess.tokens), blobs
 

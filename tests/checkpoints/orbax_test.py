@@ -2,7 +2,6 @@
 slice, and a corrupt or mismatched checkpoint is refused with a clear error."""
 
 import json
-import os
 import pathlib
 import shutil
 import subprocess

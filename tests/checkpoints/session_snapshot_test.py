@@ -8,7 +8,6 @@ range compiles once).
 """
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import pytest
 from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.worker import Worker, WorkerOptions
 from ds4jax.checkpoints import snapshots
-from ds4jax.config import LayerRange
 from ds4jax.generate.local import LocalBackend
 from ds4jax.generate.sampling import SamplingParams
 
