@@ -11,6 +11,9 @@ _PROMPT = flags.DEFINE_integer("prompt", 512, "prompt tokens (one-shot prefill)"
 _DECODE = flags.DEFINE_integer("decode", 64, "single-token decode steps")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ds4jax compute dtype")
 _HF = flags.DEFINE_bool("hf", True, "also run HF transformers on the same weights")
+_HF_THREADS = flags.DEFINE_list(
+    "hf_threads", ["1"], "torch thread counts to run HF with (on a shared 2-core CPU torch's "
+    "intra-op threads thrash: 1 thread is ~8x faster there)")
 
 
 def main(argv):
@@ -33,10 +36,14 @@ def main(argv):
     sys.exit(1)
   rows = [ours]
   if _HF.value:
-    rows.append(bench.bench_hf(path, ours["ids"], n_prompt=_PROMPT.value, n_decode=_DECODE.value))
-  print(f"{'impl':8s} {'dtype':9s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'compile s':>10s}")
+    for th in _HF_THREADS.value:
+      r = bench.bench_hf(path, ours["ids"], n_prompt=_PROMPT.value, n_decode=_DECODE.value,
+                         threads=int(th))
+      r["impl"] = f"hf/{th}thr"
+      rows.append(r)
+  print(f"{'impl':9s} {'dtype':9s} {'prefill tok/s':>14s} {'decode tok/s':>13s} {'compile s':>10s}")
   for r in rows:
-    print(f"{r['impl']:8s} {r['dtype']:9s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
+    print(f"{r['impl']:9s} {r['dtype']:9s} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} "
           f"{r['compile_s']:10.1f}")
   if _HF.value:
     d = np.abs(rows[0]["logits"] - rows[1]["logits"])
