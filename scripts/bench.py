@@ -46,7 +46,8 @@ _COLD = flags.DEFINE_boolean("cold_compile", False, "Use an empty XLA cache (com
 _CACHE = flags.DEFINE_string("cache_dir", None, "ds4jax cache dir (test models, XLA cache).")
 _PAIRED = flags.DEFINE_integer("paired_rounds", 4, "Split runs also decode against a "
                                "one-process reference loaded in the coordinator's process, in "
-                               "this many alternating rounds (a load-drift-proof ratio); 0: off.",
+                               "this many alternating rounds (same load for both; the loaded "
+                               "reference slows the split ~10%, see docs); 0: off.",
                                lower_bound=0)
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
 
