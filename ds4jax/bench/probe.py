@@ -41,16 +41,15 @@ class HopProbe:
 
     def request(link, header, payload, callback):
       rec: dict[str, Any] = {"layers": str(link.layers), "n": int(header.get("n", 0)),
-                             "want": header.get("want"), "t_start": time.perf_counter()}
+                             "want": header.get("w"), "t_start": time.perf_counter()}
 
       def on_reply(f, err):
         rec["t_reply"] = time.perf_counter()
         if f is not None:
           rec["bytes_out"] = int(f.nbytes)
-          tel = (f.header.get("telemetry") or [{}])[0]
-          for key in ("compute_s", "queue_s", "serialize_s"):
-            if key in tel:
-              rec[key] = float(tel[key])
+          tel = f.header.get("t")  # [compute_us, queue_us] (protocol v2)
+          if isinstance(tel, list) and len(tel) == 2:
+            rec["compute_s"], rec["queue_s"] = tel[0] * 1e-6, tel[1] * 1e-6
         callback(f, err)
 
       n = orig_request(link, header, payload, on_reply)

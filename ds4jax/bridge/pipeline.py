@@ -96,15 +96,16 @@ class Pass:
   def _send(self, i: int, chunk: Chunk, desc, x) -> None:
     hop = self.hops[i]
     last = i == len(self.hops) - 1
+    # Short keys (protocol.py documents them): this header rides on every decode token.
     h: dict[str, Any] = {
-        "sid": self.sid, "pos0": chunk.pos0, "n": len(chunk.tokens),
-        "hash_before": protocol.hash_hex(chunk.hash_before),
-        "hash_after": protocol.hash_hex(chunk.hash_after),
-        "layers": str(hop.layers), "want": chunk.want if last else "out",
-        "out_dtype": self.out_dtype,
+        "sid": self.sid, "p": chunk.pos0, "n": len(chunk.tokens),
+        "hb": protocol.hash_hex(chunk.hash_before), "ha": protocol.hash_hex(chunk.hash_after),
+        "L": str(hop.layers), "w": chunk.want if last else "out",
     }
+    if self.out_dtype != "f32":
+      h["od"] = self.out_dtype
     if desc is not None:
-      h["x"] = desc
+      h["x"] = protocol.pack_desc(desc)
     if last and chunk.want == "out":
       h.update(self.extra)
     payload = protocol.tokens_to_bytes(chunk.tokens) + bytes(x)
@@ -121,8 +122,8 @@ class Pass:
     hop = self.hops[i]
     h = f.header
     try:
-      if h.get("hash_after") != protocol.hash_hex(chunk.hash_after):
-        raise ProtocolError(f"{hop} returned prefix hash {h.get('hash_after')!r}, expected "
+      if h.get("ha") != protocol.hash_hex(chunk.hash_after):
+        raise ProtocolError(f"{hop} returned prefix hash {h.get('ha')!r}, expected "
                             f"{protocol.hash_hex(chunk.hash_after)}")
       last = i == len(self.hops) - 1
       if not last:  # checked before on_done caches the activations
@@ -154,16 +155,13 @@ class Pass:
 
 
 def _telemetry(h: dict[str, Any]) -> tuple[float, float]:
-  """(compute_s, queue_s) from a reply's first telemetry entry; ProtocolError if malformed."""
-  tel = h.get("telemetry", [])
-  if not isinstance(tel, list) or (tel and not isinstance(tel[0], dict)):
+  """(compute_s, queue_s) from a reply's "t": [compute_us, queue_us]; ProtocolError if
+  malformed (absent: zeros)."""
+  tel = h.get("t", [0, 0])
+  if (not isinstance(tel, list) or len(tel) != 2
+      or not all(type(v) is int and 0 <= v < 1 << 48 for v in tel)):  # noqa: E721
     raise ProtocolError("malformed telemetry")
-  if not tel:
-    return 0.0, 0.0
-  vals = (tel[0].get("compute_s", 0.0), tel[0].get("queue_s", 0.0))
-  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
-    raise ProtocolError("malformed telemetry")
-  return float(vals[0]), float(vals[1])
+  return tel[0] * 1e-6, tel[1] * 1e-6
 
 
 def chunks_of(tokens: Sequence[int], pos0: int, hash0: int, size: int, final_want: str,

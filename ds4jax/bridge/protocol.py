@@ -61,7 +61,7 @@ import numpy as np
 from ds4jax.bridge.errors import ProtocolError
 
 MAGIC = b"DS4J"
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 HEADER = struct.Struct("!4sBBHII")
 MAX_HEADER = 64 * 1024
 # Default payload cap: a 4096-token f32 chunk of Flash hyper-connection state is 256 MiB.
@@ -278,6 +278,18 @@ def parse_hash(s: Any, key: str) -> int:
     return int(s, 16)
   except ValueError:
     raise ProtocolError(f"header field {key!r} must be a 16-digit hex hash") from None
+
+
+def pack_desc(desc: dict[str, Any]) -> list[Any]:
+  """A WORK frame's compact tensor descriptor: [dtype, *shape]."""
+  return [desc["dtype"], *desc["shape"]]
+
+
+def unpack_desc(x: Any) -> dict[str, Any]:
+  """The descriptor dict of a compact [dtype, *shape] (tensors.check_desc validates it)."""
+  if not isinstance(x, list) or len(x) < 2:
+    raise ProtocolError("tensor descriptor must be a list [dtype, *shape]")
+  return {"dtype": x[0], "shape": x[1:]}
 
 
 def tokens_to_bytes(tokens: Sequence[int]) -> bytes:

@@ -156,8 +156,7 @@ class Stepper:
       return StepResult(res["token"], res.get("logprobs", []),
                         logits_V if return_logits else None, tel, len(new))
 
-    extra = {"sampling": sampling.to_dict(), "step": int(step), "top_logprobs": int(top_logprobs),
-             "return_logits": bool(return_logits)}
+    extra = _sampling_fields(sampling, step, top_logprobs, return_logits)
     ps = Pass(sess.sid, hops, window=coord.window(len(hops)), extra=extra, out_dtype=dtype,
               on_done=lambda i, c, f: self._hop_done(hops, i, c, f))
     for c in chunks:
@@ -226,6 +225,24 @@ class Stepper:
     ps.wait()
     coord._event(f"session {sess.sid}: rebuilt the KV of {hop!r} by replaying positions "
                  f"{lo}..{hi} through that stage only")
+
+
+def _sampling_fields(sampling, step: int, top_logprobs: int, return_logits: bool,
+                     ) -> dict[str, Any]:
+  """The final hop's sampling fields, each omitted when equal to its default (the worker
+  fills defaults back): greedy decoding adds no bytes to a decode token's WORK."""
+  out: dict[str, Any] = {}
+  s = {f.name: getattr(sampling, f.name) for f in dataclasses.fields(sampling)
+       if getattr(sampling, f.name) != f.default}
+  if s:
+    out["s"] = s
+  if step:
+    out["st"] = int(step)
+  if top_logprobs:
+    out["k"] = int(top_logprobs)
+  if return_logits:
+    out["rl"] = True
+  return out
 
 
 def _final_reply(f, vocab_size: int, return_logits: bool):

@@ -254,18 +254,18 @@ class Worker:
     sid = field(h, "sid", str)
     if not 0 < len(sid) <= 64:
       raise ProtocolError("session id must be 1..64 characters")
-    pos0 = field(h, "pos0", int, lo=0)
+    pos0 = field(h, "p", int, lo=0)
     n = field(h, "n", int, lo=1, hi=self.opt.ctx)
     if pos0 + n > self.opt.ctx:
       raise ProtocolError(f"positions {pos0}..{pos0 + n} exceed this worker's ctx {self.opt.ctx}")
-    want = field(h, "want", str)
+    want = field(h, "w", str)
     if want not in ("ack", "out"):
       raise ProtocolError(f"unknown want {want!r}")
-    layers = field(h, "layers", str)
+    layers = field(h, "L", str)
     if layers != str(self.layers):
       raise ProtocolError(f"this worker serves {self.layers} but work asks for {layers}")
-    hb_ = protocol.parse_hash(h.get("hash_before"), "hash_before")
-    ha = protocol.parse_hash(h.get("hash_after"), "hash_after")
+    hb_ = protocol.parse_hash(h.get("hb"), "hb")
+    ha = protocol.parse_hash(h.get("ha"), "ha")
     tokens = protocol.tokens_from_bytes(f.payload, n)
     if int(tokens.max(initial=0)) >= self.vocab_size:
       raise ProtocolError(f"token id {int(tokens.max())} >= vocab {self.vocab_size}")
@@ -273,10 +273,12 @@ class Worker:
       raise ProtocolError("work token prefix hash metadata mismatch")
     x = None
     if not self.layers.embeds:
-      desc = h.get("x")
+      desc = protocol.unpack_desc(h.get("x"))
       _, shape, _ = tensors.check_desc(desc)
-      if shape[0] != n:
-        raise ProtocolError(f"activation has {shape[0]} rows for {n} tokens")
+      want_shape = (n, self.runner.cfg.n_hc, self.runner.cfg.d_model)
+      if shape != want_shape:
+        raise ProtocolError(f"activation shape {list(shape)} is not {list(want_shape)} "
+                            f"({n} tokens)")
       x = tensors.decode(desc, memoryview(f.payload)[4 * n:])
     elif len(f.payload) != 4 * n:
       raise ProtocolError("an embedding stage takes token ids only")
@@ -293,21 +295,19 @@ class Worker:
       raise
     self.sessions.commit(s, tokens.tolist(), state)
     t2 = time.monotonic()
-    res: dict[str, Any] = {"req": req, "sid": sid, "hash_after": protocol.hash_hex(ha)}
+    res: dict[str, Any] = {"req": req, "sid": sid, "ha": protocol.hash_hex(ha)}
     payload = b""
     if want == "ack":
       res["kind"] = "ack"
     elif self.layers.has_output:
       res.update(sample_result(out[-1], h))
-      if h.get("return_logits"):
+      if field(h, "rl", bool, default=False):
         res["logits"], payload = tensors.encode(out[-1], "f32")
     else:
       res["kind"] = "hidden"
-      res["x"], payload = tensors.encode(out, str(h.get("out_dtype", "f32")))
-    res["telemetry"] = [{
-        "layers": self.layers.describe(), "host": self.host, "queue_s": t0 - t_recv,
-        "compute_s": t2 - t1, "bytes_in": f.nbytes, "bytes_out": len(payload),
-        "pos0": pos0, "n": n}]
+      res["x"], payload = tensors.encode(out, field(h, "od", str, default="f32"))
+    # [compute_us, queue_us]: the coordinator knows the hop, bytes and positions already.
+    res["t"] = [round((t2 - t1) * 1e6), max(0, round((t0 - t_recv) * 1e6))]
     return res, payload
 
 
@@ -341,11 +341,11 @@ def sample_result(logits_V: np.ndarray, h: dict[str, Any]) -> dict[str, Any]:
   """Samples the head stage's last logits row with the coordinator's parameters."""
   from ds4jax.generate import sampling  # numpy only; imported lazily to keep bridge light
   try:
-    params = sampling.SamplingParams.from_dict(field(h, "sampling", dict))
+    params = sampling.SamplingParams.from_dict(field(h, "s", dict, default={}))
   except (TypeError, ValueError) as e:  # wrong types from the wire, not a compute error
     raise ProtocolError(f"bad sampling parameters: {e}") from None
-  step = field(h, "step", int, lo=0)
-  k = field(h, "top_logprobs", int, default=0, lo=0, hi=64)
+  step = field(h, "st", int, default=0, lo=0)
+  k = field(h, "k", int, default=0, lo=0, hi=64)
   res: dict[str, Any] = {"kind": "token", "token": sampling.sample_token(logits_V, params, step)}
   if k:
     res["logprobs"] = [[i, lp] for i, lp in sampling.top_logprobs(logits_V, k)]

@@ -54,11 +54,13 @@ class Mutator:
                                   (2, 2**32 - 1), (2, protocol.MAX_PAYLOAD),
                                   (2, self.rng.randrange(2**20, protocol.MAX_PAYLOAD))])
     tail = b"{}" + self.rng.randbytes(self.rng.randrange(0, 64))
-    return protocol.HEADER.pack(protocol.MAGIC, 1, int(mtype), 0, hlen, plen) + tail
+    return (protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, int(mtype), 0, hlen,
+                                 plen) + tail)
 
   def bad_json(self, mtype) -> bytes:
     body = self.rng.choice(BAD_JSON + [self.rng.randbytes(self.rng.randrange(1, 200))])
-    return protocol.HEADER.pack(protocol.MAGIC, 1, int(mtype), 0, len(body), 0) + body
+    return (protocol.HEADER.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, int(mtype), 0,
+                                 len(body), 0) + body)
 
   def bad_fields(self, header: dict) -> dict:
     h = dict(header)

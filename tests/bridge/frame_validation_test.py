@@ -28,8 +28,8 @@ def recv(data: bytes, *, close=True, **kw):
     b.close()
 
 
-def head(magic=protocol.MAGIC, version=1, mtype=protocol.MsgType.PING, flags=0, hlen=2,
-         plen=0) -> bytes:
+def head(magic=protocol.MAGIC, version=protocol.PROTOCOL_VERSION, mtype=protocol.MsgType.PING,
+         flags=0, hlen=2, plen=0) -> bytes:
   return H.pack(magic, version, int(mtype), flags, hlen, plen)
 
 
@@ -98,13 +98,13 @@ def test_large_payload_still_arrives_intact():
 
 
 def test_other_protocol_versions_are_refused_unless_asked_for():
-  data = head(version=2) + b"{}"
-  with pytest.raises(ProtocolError, match="protocol version 2, this side 1"):
+  data = head(version=1) + b"{}"
+  with pytest.raises(ProtocolError, match="protocol version 1, this side 2"):
     recv(data)
   a, b = socket.socketpair()
   try:
     a.sendall(data)
-    assert protocol.recv_frame(b, idle_timeout=1, any_version=True).version == 2
+    assert protocol.recv_frame(b, idle_timeout=1, any_version=True).version == 1
   finally:
     a.close()
     b.close()

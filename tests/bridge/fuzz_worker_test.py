@@ -20,8 +20,8 @@ from ds4jax.bridge.protocol import MsgType
 from ds4jax.config import LayerRange
 from ds4jax.generate.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
-from ds4jax.testing.fuzzing import (Mutator, RssMonitor, frame, greedy_next, start_fake_worker,
-                                    wait_for)
+from ds4jax.testing.fuzzing import (JUNK, Mutator, RssMonitor, frame, greedy_next,
+                                    start_fake_worker, wait_for)
 
 SEED = 20261127
 CFG = FakeConfig()
@@ -42,12 +42,11 @@ def legit_work(rng: random.Random, tokens=None, x=None):
     x = np.asarray([[[rng.uniform(-1, 1) for _ in range(CFG.d_model)]
                      for _ in range(CFG.n_hc)] for _ in range(n)], np.float32)
   desc, xb = tensors.encode(x, "f32")
-  h = {"req": rng.randrange(1, 10**6), "sid": f"s{rng.randrange(10**6)}", "pos0": 0, "n": n,
-       "want": "out", "layers": str(REMOTE), "x": desc,
-       "hash_before": protocol.hash_hex(protocol.FNV_INIT),
-       "hash_after": protocol.hash_hex(protocol.fnv1a64(tokens)),
-       "sampling": SamplingParams().to_dict(), "step": 0, "top_logprobs": 0,
-       "out_dtype": "f32"}
+  h = {"req": rng.randrange(1, 10**6), "sid": f"s{rng.randrange(10**6)}", "p": 0, "n": n,
+       "w": "out", "L": str(REMOTE), "x": protocol.pack_desc(desc),
+       "hb": protocol.hash_hex(protocol.FNV_INIT),
+       "ha": protocol.hash_hex(protocol.fnv1a64(tokens)),
+       "s": SamplingParams().to_dict(), "st": 0, "k": 0, "od": "f32"}
   return h, protocol.tokens_to_bytes(tokens) + xb
 
 
@@ -138,9 +137,15 @@ def worker_work_case(m: Mutator) -> bytes:
   if r < 0.5:
     h = m.bad_fields(h)
   elif r < 0.65:
-    h["x"] = m.bad_fields(h["x"])
+    x = list(h["x"])  # compact descriptor [dtype, *shape]
+    for _ in range(m.rng.randint(1, 2)):
+      if x and m.rng.random() < 0.3:
+        x.pop(m.rng.randrange(len(x)))
+      else:
+        x.insert(m.rng.randrange(len(x) + 1), m.rng.choice(JUNK))
+    h["x"] = x
   elif r < 0.75:
-    h["sampling"] = m.bad_fields(h["sampling"])
+    h["s"] = m.bad_fields(h["s"])
   elif r < 0.85:
     payload = m.truncated(payload) if m.rng.random() < 0.5 else payload + m.rng.randbytes(9)
   else:

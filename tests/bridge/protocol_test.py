@@ -37,7 +37,7 @@ def test_roundtrip_small_and_large(pair):
 
 def test_header_layout_is_network_order():
   head = protocol.encode_header(MsgType.RESULT, {}, 7)
-  assert head[:16] == struct.pack("!4sBBHII", b"DS4J", 1, 6, 0, 2, 7)
+  assert head[:16] == struct.pack("!4sBBHII", b"DS4J", 2, 6, 0, 2, 7)
 
 
 def test_eof_between_frames_vs_inside(pair):
@@ -55,10 +55,11 @@ def test_eof_between_frames_vs_inside(pair):
 
 def test_oversize_lengths_refused_before_reading(pair):
   a, b = pair
-  a.sendall(struct.pack("!4sBBHII", b"DS4J", 1, 5, 0, 10, 2**31))
+  a.sendall(struct.pack("!4sBBHII", b"DS4J", protocol.PROTOCOL_VERSION, 5, 0, 10, 2**31))
   with pytest.raises(ProtocolError, match="exceeds"):
     protocol.recv_frame(b, idle_timeout=2, max_payload=1 << 20)
-  a.sendall(struct.pack("!4sBBHII", b"DS4J", 1, 5, 0, protocol.MAX_HEADER + 1, 0))
+  a.sendall(struct.pack("!4sBBHII", b"DS4J", protocol.PROTOCOL_VERSION, 5, 0,
+                        protocol.MAX_HEADER + 1, 0))
   with pytest.raises(ProtocolError, match="control header length"):
     protocol.recv_frame(b, idle_timeout=2)
 
@@ -68,10 +69,10 @@ def test_bad_magic_type_json(pair):
   a.sendall(struct.pack("!4sBBHII", b"HTTP", 1, 5, 0, 0, 0))
   with pytest.raises(ProtocolError, match="magic"):
     protocol.recv_frame(b, idle_timeout=2)
-  a.sendall(struct.pack("!4sBBHII", b"DS4J", 1, 99, 0, 0, 0))
+  a.sendall(struct.pack("!4sBBHII", b"DS4J", protocol.PROTOCOL_VERSION, 99, 0, 0, 0))
   with pytest.raises(ProtocolError, match="unknown message type"):
     protocol.recv_frame(b, idle_timeout=2)
-  a.sendall(struct.pack("!4sBBHII", b"DS4J", 1, 5, 0, 3, 0) + b"[1]")
+  a.sendall(struct.pack("!4sBBHII", b"DS4J", protocol.PROTOCOL_VERSION, 5, 0, 3, 0) + b"[1]")
   with pytest.raises(ProtocolError, match="not a JSON object"):
     protocol.recv_frame(b, idle_timeout=2)
 
