@@ -100,12 +100,14 @@ class Pass:
     h: dict[str, Any] = {
         "sid": self.sid, "p": chunk.pos0, "n": len(chunk.tokens),
         "hb": protocol.hash_hex(chunk.hash_before), "ha": protocol.hash_hex(chunk.hash_after),
-        "L": str(hop.layers), "w": chunk.want if last else "out",
+        "L": str(hop.layers),
     }
+    if last and chunk.want != "out":
+      h["w"] = chunk.want  # absent: "out"
     if self.out_dtype != "f32":
       h["od"] = self.out_dtype
     if desc is not None:
-      h["x"] = protocol.pack_desc(desc)
+      h["x"] = desc["dtype"]  # the shape is implied: [n, n_hc, d_model] (the worker checks)
     if last and chunk.want == "out":
       h.update(self.extra)
     payload = protocol.tokens_to_bytes(chunk.tokens) + bytes(x)

@@ -280,18 +280,6 @@ def parse_hash(s: Any, key: str) -> int:
     raise ProtocolError(f"header field {key!r} must be a 16-digit hex hash") from None
 
 
-def pack_desc(desc: dict[str, Any]) -> list[Any]:
-  """A WORK frame's compact tensor descriptor: [dtype, *shape]."""
-  return [desc["dtype"], *desc["shape"]]
-
-
-def unpack_desc(x: Any) -> dict[str, Any]:
-  """The descriptor dict of a compact [dtype, *shape] (tensors.check_desc validates it)."""
-  if not isinstance(x, list) or len(x) < 2:
-    raise ProtocolError("tensor descriptor must be a list [dtype, *shape]")
-  return {"dtype": x[0], "shape": x[1:]}
-
-
 def tokens_to_bytes(tokens: Sequence[int]) -> bytes:
   return np.asarray(tokens, dtype="<u4").tobytes()
 

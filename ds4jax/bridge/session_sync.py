@@ -248,7 +248,7 @@ def _sampling_fields(sampling, step: int, top_logprobs: int, return_logits: bool
 def _final_reply(f, vocab_size: int, return_logits: bool):
   """(token, logprobs, logits_V | None) of the final hop's reply, every field checked."""
   h = f.header
-  if h.get("kind") != "token":
+  if h.get("kind", "token") != "token":  # absent: a token (protocol v2 default)
     raise ProtocolError(f"the final hop returned {h.get('kind')!r}, not a token")
   token = protocol.field(h, "token", int, lo=0, hi=vocab_size - 1)
   raw = protocol.field(h, "logprobs", list, default=[])
