@@ -28,11 +28,17 @@ Connection life (worker dials; left column coordinator, right column worker):
   6. ACCEPT {worker_id, ctx, hb_s}    ------->  or REFUSE {reason}: both sides log the
                                                  reason; the coordinator closes
   7.                                  <-------  READY (after loading the slice)
-  8. WORK {req, sid, pos0, n, hash    ------->  worker checks hash_before against its KV
-     before/after, layers, mode}                for sid BEFORE computing
-  9.                                  <-------  RESULT {req, kind: ack|hidden|token|logits,
-                                                 hash_after, telemetry} or ERROR {req,
-                                                 etype, message, traceback}
+  8. WORK {req, sid, p, n, hb, ha, L ------->  worker checks hb (hash before) against its
+     [, w, od, x, s, st, k, rl]}                KV for sid BEFORE computing
+  9.                                  <-------  RESULT {req, sid, ha, [kind], t, token|x|
+                                                 logits} or ERROR {req, etype, message,
+                                                 traceback}
+
+WORK/RESULT keys are short and fields at their default are omitted (they ride on every
+decode token; docs/protocol.md §4 has the table): p = pos0, hb/ha = prefix hash before/after,
+L = layer range, w = want (default "out"), od = out dtype (default f32), x = the activation
+dtype (shape implied: [n, n_hc, d_model]), s = non-default sampling fields, st = step,
+k = top_logprobs, rl = return_logits, kind default "token", t = [compute_us, queue_us].
  10. PING (idle links)                ------->
  11.                                  <-------  PONG
  12. DROP {sid}                       ------->  forget one session's KV
