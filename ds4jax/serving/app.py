@@ -172,9 +172,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
       while True:
         ev = await _next_or_gone(events, watch)
         if ev is _GONE:
-          await events.aclose()
-          metrics.count_request(endpoint, 499)
-          return responses.Response(status_code=499)
+          return await _client_gone(events, metrics, endpoint)
         first.append(ev)
         if not isinstance(ev, Piece):
           break
@@ -195,9 +193,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
       while True:
         ev = await _next_or_gone(events, watch)
         if ev is _GONE:
-          await events.aclose()
-          metrics.count_request(endpoint, 499)
-          return responses.Response(status_code=499)
+          return await _client_gone(events, metrics, endpoint)
         pieces, fin = _take(ev, pieces, fin)
     except StopAsyncIteration:
       pass
@@ -258,6 +254,13 @@ def _validation_message(exc: fastapi_exceptions.RequestValidationError) -> str:
     else:
       parts.append(f"{loc}: {msg}")
   return "invalid request: " + "; ".join(parts)
+
+
+async def _client_gone(events, metrics, endpoint: str):
+  """The client disconnected: stop its generation and log a 499 (nginx's 'client closed')."""
+  await events.aclose()
+  metrics.count_request(endpoint, 499)
+  return responses.Response(status_code=499)
 
 
 def _generation_error(e: BaseException, endpoint: str, error_response):
