@@ -11,11 +11,14 @@ test model, built once into the cache directory (`$DS4JAX_CACHE`, default ~/.cac
 
 from __future__ import annotations
 
+import _thread
 import collections.abc
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -321,16 +324,56 @@ def run(main: Callable[[list[str]], int | None]) -> None:
 
   def wrapped(argv):
     logging.getLogger("gguf").setLevel(logging.WARNING)
+    install_sigint_handler()
     try:
       return main(argv)
     except _input_errors() as e:
       print(f"error: {_one_line(e)}", file=sys.stderr)
       sys.exit(2)
     except KeyboardInterrupt:
+      interrupt_handled()
       print("interrupted", file=sys.stderr)
       hard_exit(130)
 
   app.run(wrapped, flags_parser=parse_flags)
+
+
+_SIGINT_RETRY_S = 0.5
+_sigint_pending: threading.Event | None = None
+
+
+def install_sigint_handler() -> None:
+  """Ctrl-C raises KeyboardInterrupt, and raises it again until someone has handled it.
+
+  Python drops an exception raised while it runs a gc callback or a `__del__` ("Exception
+  ignored in ..."); jax registers such a gc callback, so a plain Ctrl-C is sometimes lost.
+  The first SIGINT starts a thread that re-delivers it every 0.5 s until the code that catches
+  KeyboardInterrupt calls `interrupt_handled()` (`run` does).
+  """
+  if threading.current_thread() is not threading.main_thread():
+    return
+
+  def redeliver(done: threading.Event):
+    while not done.wait(_SIGINT_RETRY_S):
+      _thread.interrupt_main(signal.SIGINT)
+
+  def on_sigint(signum, frame):
+    global _sigint_pending
+    if _sigint_pending is None:
+      _sigint_pending = threading.Event()
+      threading.Thread(target=redeliver, args=(_sigint_pending,), name="sigint-redeliver",
+                       daemon=True).start()
+    raise KeyboardInterrupt
+
+  signal.signal(signal.SIGINT, on_sigint)
+
+
+def interrupt_handled() -> None:
+  """Tells the handler of `install_sigint_handler` that a KeyboardInterrupt was caught."""
+  global _sigint_pending
+  if _sigint_pending is not None:
+    _sigint_pending.set()
+    _sigint_pending = None
 
 
 def hard_exit(code: int) -> None:

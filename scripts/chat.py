@@ -46,6 +46,7 @@ def main(argv):
       except EOFError:
         break
       except KeyboardInterrupt:
+        cli.interrupt_handled()
         print()
         break
       text = line.strip()
@@ -67,6 +68,7 @@ def main(argv):
           sys.stdout.flush()
       except KeyboardInterrupt:
         # Ctrl-C stops this reply only; the conversation goes on without it.
+        cli.interrupt_handled()
         stream.close()
         print("\n(interrupted)", file=sys.stderr)
         continue
