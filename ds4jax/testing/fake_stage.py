@@ -98,3 +98,48 @@ def full_logits(cfg: FakeConfig, tokens) -> np.ndarray:
   r = FakeRunner(cfg, LayerRange(0, cfg.n_layers - 1, True), ctx_size=max(len(tokens), 1))
   out, _ = r.forward(r.init_state(), tokens, None, 0)
   return out
+
+
+@dataclasses.dataclass
+class EchoState:
+  pos: int
+
+
+class EchoRunner:
+  """A zero-compute stage with the `StageRunner` API, for timing the bridge alone.
+
+  Activations are a constant [T, C, D] array; the head's logits row puts its maximum on
+  token `(pos0 + t + 1) % V`, so greedy decoding walks the vocabulary deterministically and
+  a split run can be checked against `EchoRunner.greedy_next`.
+  """
+
+  def __init__(self, cfg: FakeConfig, layers: LayerRange, ctx_size: int = 4096):
+    self.cfg = cfg
+    self.layers = layers.resolve(cfg.n_layers) if layers.end < 0 else layers
+    self.ctx_size = ctx_size
+    self.fingerprint = cfg.fingerprint()
+    self._hc_CD = np.zeros((cfg.n_hc, cfg.d_model), np.float32)
+
+  def init_state(self) -> EchoState:
+    return EchoState(0)
+
+  def truncate(self, state: EchoState, pos: int) -> EchoState:
+    if not 0 <= pos <= state.pos:
+      raise ValueError(f"cannot truncate a state at {state.pos} to {pos}")
+    return EchoState(pos)
+
+  @staticmethod
+  def greedy_next(cfg: FakeConfig, n_tokens: int) -> int:
+    return n_tokens % cfg.vocab_size
+
+  def forward(self, state: EchoState, tokens_T, hc_TCD, pos0: int):
+    T = len(tokens_T)
+    if pos0 != state.pos:
+      raise ValueError(f"pos0={pos0} != state.pos={state.pos}")
+    if (hc_TCD is None) != self.layers.embeds:
+      raise ValueError("hc_TCD must be None exactly when the stage embeds")
+    if self.layers.has_output:
+      logits_TV = np.zeros((T, self.cfg.vocab_size), np.float32)
+      logits_TV[np.arange(T), (pos0 + np.arange(T) + 1) % self.cfg.vocab_size] = 1.0
+      return logits_TV, EchoState(pos0 + T)
+    return np.broadcast_to(self._hc_CD, (T, *self._hc_CD.shape)), EchoState(pos0 + T)
