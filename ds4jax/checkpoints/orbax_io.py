@@ -30,6 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ds4jax.checkpoints import manifest
 from ds4jax.config import LayerRange, ModelConfig
 
 MANIFEST = "ds4jax_checkpoint.json"
@@ -103,12 +104,10 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
   from ds4jax.gguf.reader import fingerprint, open_gguf
   from ds4jax.model.load import stage_from_tensors
 
-  out = pathlib.Path(out_dir).absolute()
+  out = manifest.check_target(out_dir, name=MANIFEST, what="ds4jax checkpoint",
+                              error=CheckpointError, overwrite=overwrite,
+                              how="pass overwrite=True / --overwrite")
   if out.exists():
-    if not overwrite:
-      raise CheckpointError(f"{out} already exists (pass overwrite=True / --overwrite)")
-    if not is_checkpoint(out):
-      raise CheckpointError(f"{out} exists and is not a ds4jax checkpoint; refusing to replace it")
     shutil.rmtree(out)
   f = open_gguf(gguf_path)
   rng = f.resolve(layers)
@@ -120,7 +119,7 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
           for p, v in nnx.to_flat_state(state)}
   params = {"/".join(k): {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
             for k, a in flat.items()}
-  manifest = {
+  meta = {
       "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(f),
       "layers": str(rng), "start": rng.start, "end": rng.end, "has_output": rng.has_output,
       "n_layers": cfg.n_layers, "dtype": _dtype_name(dtype), "config": cfg.to_dict(),
@@ -134,10 +133,10 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
   tok = _tokenizer_dict(f)
   if tok is not None:
     (out / "tokenizer.json").write_text(json.dumps(tok))
-    manifest["tokenizer"] = "tokenizer.json"
+    meta["tokenizer"] = "tokenizer.json"
   # The manifest goes last: a directory without it is an unfinished conversion.
-  (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-  return manifest
+  (out / MANIFEST).write_text(json.dumps(meta, indent=1))
+  return meta
 
 
 def _dtype_name(dtype) -> str:
@@ -168,28 +167,16 @@ def _tokenizer_dict(f) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------------- reading
 def read_manifest(path) -> dict[str, Any]:
   """The checked manifest of the checkpoint at `path`; CheckpointError otherwise."""
-  p = pathlib.Path(path)
-  mf = p / MANIFEST
-  if not p.is_dir():
-    raise CheckpointError(f"{p}: not a checkpoint directory")
-  if not mf.is_file():
-    raise CheckpointError(f"{p}: not a ds4jax checkpoint ({MANIFEST} is missing)")
-  try:
-    m = json.loads(mf.read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise CheckpointError(f"{mf}: corrupt manifest ({type(e).__name__}: {e})") from None
-  if not isinstance(m, dict) or m.get("format") != FORMAT:
-    raise CheckpointError(f"{mf}: not a {FORMAT} manifest")
-  if m.get("version") != VERSION:
-    raise CheckpointError(f"{mf}: format version {m.get('version')!r} is not supported "
-                          f"(this code reads {VERSION})")
+  where = f"checkpoint {path}"
+  m = manifest.read_manifest(path, name=MANIFEST, fmt=FORMAT, version=VERSION,
+                             what="ds4jax checkpoint", error=CheckpointError, where=where)
   for key in ("fingerprint", "start", "end", "has_output", "dtype", "config", "params"):
     if key not in m:
-      raise CheckpointError(f"{mf}: corrupt manifest (no {key!r})")
+      raise CheckpointError(f"{where}: corrupt manifest (no {key!r})")
   try:
     m["cfg"] = _config_from_dict(m["config"])
   except (TypeError, ValueError) as e:
-    raise CheckpointError(f"{mf}: corrupt manifest config ({e})") from None
+    raise CheckpointError(f"{where}: corrupt manifest config ({e})") from None
   return m
 
 

@@ -31,7 +31,7 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-from ds4jax.checkpoints import stage_state
+from ds4jax.checkpoints import manifest, stage_state
 from ds4jax.checkpoints.stage_state import LayerBlob, StateError
 
 MANIFEST = "snapshot.json"
@@ -49,21 +49,24 @@ def _fnv(tokens: Sequence[int]) -> str:
 
 
 # -------------------------------------------------------------------------------- writing
+def check_target(directory, *, overwrite: bool = False) -> pathlib.Path:
+  """The absolute path a snapshot may be written to (SnapshotError if `directory` exists and
+  is not a snapshot, or exists at all without `overwrite`). Cheap: scripts call it before a
+  long run, so a bad path fails at once rather than after the run."""
+  return manifest.check_target(directory, name=MANIFEST, what="session snapshot",
+                               error=SnapshotError, overwrite=overwrite)
+
+
 def write_snapshot(directory, *, cfg, fingerprint: str | None, tokens: Sequence[int], n_kv: int,
                    blobs: dict[int, LayerBlob], overwrite: bool = False) -> dict[str, Any]:
   """Writes a snapshot directory (atomically: a temp directory renamed into place)."""
-  out = pathlib.Path(directory).absolute()
   tokens = [int(t) for t in tokens]
   if not 0 <= n_kv <= len(tokens):
     raise SnapshotError(f"n_kv={n_kv} is outside the {len(tokens)}-token transcript")
   missing = [il for il in range(cfg.n_layers) if il not in blobs]
   if missing:
     raise SnapshotError(f"no state for layer {missing[0]}: the stages do not cover the model")
-  if out.exists():
-    if not overwrite:
-      raise SnapshotError(f"{out} already exists (pass overwrite)")
-    if not (out / MANIFEST).is_file():
-      raise SnapshotError(f"{out} exists and is not a session snapshot; refusing to replace it")
+  out = check_target(directory, overwrite=overwrite)
   dtypes = {f["dtype"] for b in blobs.values() for f in b.meta["fields"]}
   layers = {}
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,21 +97,9 @@ def write_snapshot(directory, *, cfg, fingerprint: str | None, tokens: Sequence[
 # -------------------------------------------------------------------------------- reading
 def read_manifest(directory, *, cfg=None, fingerprint: str | None = None) -> dict[str, Any]:
   """The checked manifest; with cfg/fingerprint, also checks that it is of that model."""
-  d = pathlib.Path(directory)
-  where = f"snapshot {d}"
-  if not d.is_dir():
-    raise SnapshotError(f"{where}: not a directory")
-  mf = d / MANIFEST
-  if not mf.is_file():
-    raise SnapshotError(f"{where}: not a session snapshot ({MANIFEST} is missing)")
-  try:
-    m = json.loads(mf.read_text())
-  except (OSError, UnicodeDecodeError, ValueError) as e:
-    raise SnapshotError(f"{where}: corrupt manifest ({type(e).__name__}: {e})") from None
-  if not isinstance(m, dict) or m.get("format") != FORMAT:
-    raise SnapshotError(f"{where}: not a {FORMAT} manifest")
-  if m.get("version") != VERSION:
-    raise SnapshotError(f"{where}: format version {m.get('version')!r} is not supported")
+  where = f"snapshot {directory}"
+  m = manifest.read_manifest(directory, name=MANIFEST, fmt=FORMAT, version=VERSION,
+                             what="session snapshot", error=SnapshotError, where=where)
   tokens, n_kv = m.get("tokens"), m.get("n_kv")
   if (not isinstance(tokens, list) or not all(isinstance(t, int) and t >= 0 for t in tokens)
       or not isinstance(n_kv, int) or not 0 <= n_kv <= len(tokens)):

@@ -127,79 +127,78 @@ def test_saving_requires_a_prefix_transcript(local, tmp_path):
     snapshots.save_session(local, sid, tmp_path / "x")
 
 
-def test_worker_refuses_bad_snapshot_requests(make_runner, snap):
-  """Over the bridge: wrong prefix hash, position count, range or payload size are refused
-  by the worker (a clear remote message) and the link keeps serving."""
+@pytest.fixture
+def prefilled(make_runner):
+  """(coordinator, sid, worker hop) of a split route 0:1 -> 2:output whose session holds PROMPT."""
   route = Route(make_runner, "0:1", ["2:output"])
   try:
     c = route.coord
     sid = c.new_session()
     c.step(sid, PROMPT, SamplingParams(), 0)
-    hop = c.wait_route()[0]
-    n = len(PROMPT)
-    good_hash = protocol.fnv1a64(PROMPT)
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="prefix hash"):
-      snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash ^ 1)
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match=f"holds {n} positions"):
-      snapshot_bridge.pull(hop, c.runner.cfg, sid, n - 1, protocol.fnv1a64(PROMPT[:-1]))
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="unknown here"):
-      snapshot_bridge.pull(hop, c.runner.cfg, "nosuchsession", n, good_hash)
-    m = snapshots.read_manifest(snap)
-    # Blobs of the wrong layers for this worker.
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves"):
-      snapshot_bridge.push(hop, sid, PROMPT, snapshots.read_layers(snap, m, [1, 2, 3]))
-    # A size that does not match this stage's layout.
-    blobs = snapshots.read_layers(snap, m, [2, 3])
-    blobs[3].data += b"\0" * 8
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this stage's state"):
-      snapshot_bridge.push(hop, sid, PROMPT, blobs)
-    # A range the worker does not serve.
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves 2:output"):
-      snapshot_bridge._call(hop, MsgType.SNAPSHOT_SAVE, {"sid": sid, "n": n, "layers": "1:3",
-                                                         "hash": protocol.hash_hex(good_hash),
-                                                         "part": 0})
-    # The worker still holds the session and the route still serves it.
-    blobs = snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash)
-    assert sorted(blobs) == [2, 3]
-    assert c.step(sid, PROMPT + [7], SamplingParams(), 1).n_computed == 1
+    yield c, sid, c.wait_route()[0]
   finally:
     route.close()
 
 
-def test_multi_part_transfer(make_runner, monkeypatch):
+def test_worker_refuses_bad_snapshot_requests(prefilled, snap):
+  """Over the bridge: wrong prefix hash, position count, range or payload size are refused
+  by the worker (a clear remote message) and the link keeps serving."""
+  c, sid, hop = prefilled
+  n = len(PROMPT)
+  good_hash = protocol.fnv1a64(PROMPT)
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="prefix hash"):
+    snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash ^ 1)
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match=f"holds {n} positions"):
+    snapshot_bridge.pull(hop, c.runner.cfg, sid, n - 1, protocol.fnv1a64(PROMPT[:-1]))
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="unknown here"):
+    snapshot_bridge.pull(hop, c.runner.cfg, "nosuchsession", n, good_hash)
+  m = snapshots.read_manifest(snap)
+  # Blobs of the wrong layers for this worker.
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves"):
+    snapshot_bridge.push(hop, sid, PROMPT, snapshots.read_layers(snap, m, [1, 2, 3]))
+  # A size that does not match this stage's layout.
+  blobs = snapshots.read_layers(snap, m, [2, 3])
+  blobs[3].data += b"\0" * 8
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this stage's state"):
+    snapshot_bridge.push(hop, sid, PROMPT, blobs)
+  # A range the worker does not serve.
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="this worker serves 2:output"):
+    snapshot_bridge._call(hop, MsgType.SNAPSHOT_SAVE, {"sid": sid, "n": n, "layers": "1:3",
+                                                       "hash": protocol.hash_hex(good_hash),
+                                                       "part": 0})
+  # The worker still holds the session and the route still serves it.
+  blobs = snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash)
+  assert sorted(blobs) == [2, 3]
+  assert c.step(sid, PROMPT + [7], SamplingParams(), 1).n_computed == 1
+
+
+def test_multi_part_transfer(prefilled, monkeypatch):
   """With a small chunk cap, a save and a load move in many parts and round-trip exactly."""
   monkeypatch.setattr(snapshot_bridge, "CHUNK_BYTES", 4096)
   sent = []
-  route = Route(make_runner, "0:1", ["2:output"])
-  try:
-    c = route.coord
-    sid = c.new_session()
-    c.step(sid, PROMPT, SamplingParams(), 0)
-    hop = c.wait_route()[0]
-    real_request = hop.request
+  c, sid, hop = prefilled
+  real_request = hop.request
 
-    def spy(header, payload, cb, **kw):
-      sent.append((kw.get("mtype"), len(payload)))
-      return real_request(header, payload, cb, **kw)
+  def spy(header, payload, cb, **kw):
+    sent.append((kw.get("mtype"), len(payload)))
+    return real_request(header, payload, cb, **kw)
 
-    monkeypatch.setattr(hop, "request", spy)
-    blobs = snapshot_bridge.pull(hop, c.runner.cfg, sid, len(PROMPT), protocol.fnv1a64(PROMPT))
-    total = sum(b.nbytes for b in blobs.values())
-    assert total > 3 * 4096
-    saves = [s for s in sent if s[0] == MsgType.SNAPSHOT_SAVE]
-    assert len(saves) == -(-total // 4096)
-    snapshot_bridge.push(hop, "restored", PROMPT, blobs)
-    loads = [s for s in sent if s[0] == MsgType.SNAPSHOT_LOAD]
-    assert len(loads) == -(-(total + 4 * len(PROMPT)) // 4096)
-    assert max(n for _, n in loads) <= 4096
-    again = snapshot_bridge.pull(hop, c.runner.cfg, "restored", len(PROMPT),
-                                 protocol.fnv1a64(PROMPT))
-    assert {il: b.data for il, b in again.items()} == {il: b.data for il, b in blobs.items()}
-    # A chunk over the cap (4096 here, on both sides: same process) is refused by the worker.
-    with pytest.raises(snapshot_bridge.SnapshotTransferError, match="exceeds 4096"):
-      snapshot_bridge._call(hop, MsgType.SNAPSHOT_LOAD, {
-          "sid": "x", "n": 1, "hash": protocol.hash_hex(protocol.fnv1a64([1])),
-          "layers": str(hop.layers), "part": 0, "parts": 1, "total": 8192, "meta": {}},
-          b"\0" * 8192)
-  finally:
-    route.close()
+  monkeypatch.setattr(hop, "request", spy)
+  blobs = snapshot_bridge.pull(hop, c.runner.cfg, sid, len(PROMPT), protocol.fnv1a64(PROMPT))
+  total = sum(b.nbytes for b in blobs.values())
+  assert total > 3 * 4096
+  saves = [s for s in sent if s[0] == MsgType.SNAPSHOT_SAVE]
+  assert len(saves) == -(-total // 4096)
+  snapshot_bridge.push(hop, "restored", PROMPT, blobs)
+  loads = [s for s in sent if s[0] == MsgType.SNAPSHOT_LOAD]
+  assert len(loads) == -(-(total + 4 * len(PROMPT)) // 4096)
+  assert max(n for _, n in loads) <= 4096
+  again = snapshot_bridge.pull(hop, c.runner.cfg, "restored", len(PROMPT),
+                               protocol.fnv1a64(PROMPT))
+  assert {il: b.data for il, b in again.items()} == {il: b.data for il, b in blobs.items()}
+  # A chunk over the cap (4096 here, on both sides: same process) is refused by the worker.
+  with pytest.raises(snapshot_bridge.SnapshotTransferError, match="exceeds 4096"):
+    snapshot_bridge._call(hop, MsgType.SNAPSHOT_LOAD, {
+        "sid": "x", "n": 1, "hash": protocol.hash_hex(protocol.fnv1a64([1])),
+        "layers": str(hop.layers), "part": 0, "parts": 1, "total": 8192, "meta": {}},
+        b"\0" * 8192)
