@@ -1,16 +1,18 @@
 """The worker: dial the coordinator (with backoff), say HELLO, serve a StageRunner.
 
-Threads per connection: this one reads frames (answers PING at once, so a busy worker still
-looks alive) and queues WORK/DROP in arrival order; one compute thread runs them. When the
+Threads per connection: two, trading roles (`_serve`): one reads frames (answers PING at
+once, so a busy worker still looks alive); WORK that finds the worker idle runs on the
+thread that read it while the other takes over reading; WORK that finds it busy queues, in
+arrival order. When the
 coordinator goes away (EOF, error, or no frame for `dead_after`), the worker drops every
 session and dials again: coordinator restarts need no worker restart.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
-import queue
 import random
 import socket
 import threading
@@ -28,6 +30,35 @@ from ds4jax.config import LayerRange
 
 log = logging.getLogger("ds4jax.bridge.worker")
 CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry")
+# Frames that run in arrival order on the computing thread.
+_QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
+
+
+class _Conn:
+  """The two serving threads' shared state for one connection (guarded by `cv`).
+
+  Invariant: `queue` is non-empty only while `busy` (a thread computes); so a WORK read
+  while not busy may run at once on the reading thread.
+  """
+
+  def __init__(self, ch: transport.Channel, dead_after: float, idle: float):
+    self.ch = ch
+    self.dead_after = dead_after
+    self.idle = idle
+    self.cv = threading.Condition()
+    self.queue: collections.deque = collections.deque()
+    self.busy = True  # the helper loads and compiles first
+    self.reader_free = True
+    self.done = False
+    self.error: BaseException | None = None
+
+  def end(self, err: BaseException | None) -> None:
+    with self.cv:
+      if not self.done:
+        self.done, self.error = True, err
+      self.cv.notify_all()
+    if err is not None:
+      self.ch.close()  # wakes a thread blocked reading
 
 
 @dataclasses.dataclass
@@ -178,69 +209,128 @@ class Worker:
 
   # ----------------------------------------------------------------------------- serving
   def _serve(self, ch: transport.Channel, hb: float) -> None:
-    dead_after = max(3 * hb, 1.0) if hb > 0 else self.opt.dead_after
-    self._ch = ch
-    work: queue.Queue = queue.Queue()
-    compute = threading.Thread(target=self._compute_loop, args=(ch, work), daemon=True,
-                               name="ds4jax-worker-compute")
-    compute.start()
-    try:
-      while not self._stop.is_set():
-        try:
-          f = ch.recv(idle_timeout=min(hb, 1.0) if hb > 0 else 1.0)
-        except protocol.IdleTimeout:
-          if ch.silent_for(time.monotonic()) > dead_after:
-            raise LinkLost(f"no frame from the coordinator for {dead_after:.1f}s") from None
-          continue
-        if f.type == MsgType.PING:
-          ch.send(MsgType.PONG, {"t": f.header.get("t", 0)})
-        elif f.type in (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE,
-                        MsgType.SNAPSHOT_LOAD):
-          work.put((f, time.monotonic()))
-        else:
-          raise ProtocolError(f"unexpected {f.type.name} frame from the coordinator")
-    finally:
-      work.put(None)
-      ch.close()
-      compute.join(timeout=30)
+    """Serves one connection with two threads (this one and a helper) that trade roles.
 
-  def _compute_loop(self, ch: transport.Channel, work: queue.Queue) -> None:
+    Exactly one thread reads frames at a time (it answers PING at once, so a busy worker
+    still looks alive); at most one computes. A WORK that arrives while nothing computes
+    runs on the thread that read it, with no hand-off (the decode hot path), and the other
+    thread takes over reading meanwhile; frames that arrive during a compute queue up and
+    run in arrival order.
+    """
+    conn = _Conn(ch, max(3 * hb, 1.0) if hb > 0 else self.opt.dead_after,
+                 min(hb, 1.0) if hb > 0 else 1.0)
+    self._ch = ch
+    helper = threading.Thread(target=self._helper, args=(conn,), daemon=True,
+                              name="ds4jax-worker-compute")
+    helper.start()
     try:
-      self._prepare(ch)
+      self._roles(conn)
+    finally:
+      conn.end(None)
+      ch.close()
+      helper.join(timeout=30)
+    if conn.error is not None:
+      raise conn.error
+
+  def _helper(self, conn: "_Conn") -> None:
+    """Loads and compiles (the reader answers heartbeats meanwhile), then trades roles."""
+    try:
+      self._prepare(conn.ch)
     except LinkLost:
+      conn.end(None)
       return
     except Exception as e:  # a slice that cannot load: say why, drop the link, stop
       log.error("cannot serve layers %s: %s: %s", self.layers.describe(), type(e).__name__, e)
       self._fatal = e
       self._stop.set()
-      ch.close()
+      conn.end(None)
+      conn.ch.close()
       return
+    try:
+      self._roles(conn, computing=True)
+    except BaseException as e:  # never leave the connection without a thread
+      conn.end(e)
+
+  def _roles(self, conn: "_Conn", computing: bool = False) -> None:
+    """One thread's life on a connection: compute queued work, else read, else wait."""
     while True:
-      item = work.get()
-      if item is None:
-        return
-      f, t_recv = item
-      if f.type == MsgType.DROP:
-        self.sessions.drop(str(f.header.get("sid", "")))
-        continue
-      req = f.header.get("req", -1)
-      try:
-        if f.type in (MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD):
-          header, payload = self._snapshot(f)
-        else:
-          header, payload = self._work(f, t_recv)
-        ch.send(MsgType.RESULT, header, payload)
-      except LinkLost:
-        return
-      except Exception as e:
-        tb = "" if isinstance(e, (PrefixMismatch, ProtocolError)) else traceback.format_exc()
-        if not isinstance(e, PrefixMismatch):
-          log.warning("work %s failed: %s: %s", req, type(e).__name__, e)
-        try:
-          ch.send(MsgType.ERROR, {"req": req, "etype": type(e).__name__,
-                                  "message": str(e), "traceback": tb})
-        except LinkLost:
+      with conn.cv:
+        if conn.done:
           return
+        if computing:  # just finished an item (or the warm-up)
+          computing = bool(conn.queue)
+          conn.busy = computing
+        while not computing:
+          if conn.done:
+            return
+          if conn.reader_free:
+            conn.reader_free = False
+            break
+          conn.cv.wait()
+        item = conn.queue.popleft() if computing else None
+      if item is None:
+        item = self._read(conn)  # returns with the reader role handed over, or None
+        if item is None:
+          return
+      if not self._process(conn.ch, *item):
+        conn.end(None)
+        return
+      computing = True
+
+  def _read(self, conn: "_Conn"):
+    """Reads frames until one must run on this thread (returned, reader role released)."""
+    ch = conn.ch
+    try:
+      while not self._stop.is_set() and not conn.done:
+        try:
+          f = ch.recv(idle_timeout=conn.idle)
+        except protocol.IdleTimeout:
+          if ch.silent_for(time.monotonic()) > conn.dead_after:
+            raise LinkLost(f"no frame from the coordinator for {conn.dead_after:.1f}s") from None
+          continue
+        if f.type == MsgType.PING:
+          ch.send(MsgType.PONG, {"t": f.header.get("t", 0)})
+        elif f.type in _QUEUED:
+          item = (f, time.monotonic())
+          with conn.cv:
+            if conn.busy:
+              conn.queue.append(item)
+              continue
+            conn.busy, conn.reader_free = True, True
+            conn.cv.notify()  # the other thread reads while this one computes
+          return item
+        else:
+          raise ProtocolError(f"unexpected {f.type.name} frame from the coordinator")
+    except BaseException as e:
+      conn.end(e)
+      return None
+    conn.end(None)
+    return None
+
+  def _process(self, ch: transport.Channel, f: protocol.Frame, t_recv: float) -> bool:
+    """Runs one queued frame and sends its reply; False once the link is lost."""
+    if f.type == MsgType.DROP:
+      self.sessions.drop(str(f.header.get("sid", "")))
+      return True
+    req = f.header.get("req", -1)
+    try:
+      if f.type in (MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD):
+        header, payload = self._snapshot(f)
+      else:
+        header, payload = self._work(f, t_recv)
+      ch.send(MsgType.RESULT, header, payload)
+    except LinkLost:
+      return False
+    except Exception as e:
+      tb = "" if isinstance(e, (PrefixMismatch, ProtocolError)) else traceback.format_exc()
+      if not isinstance(e, PrefixMismatch):
+        log.warning("work %s failed: %s: %s", req, type(e).__name__, e)
+      try:
+        ch.send(MsgType.ERROR, {"req": req, "etype": type(e).__name__,
+                                "message": str(e), "traceback": tb})
+      except LinkLost:
+        return False
+    return True
 
   def _snapshot(self, f: protocol.Frame) -> tuple[dict[str, Any], bytes]:
     """Session snapshot save/load parts (in order with WORK, on the compute thread)."""
