@@ -11,7 +11,7 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
 import pydantic
 from pydantic import Field
@@ -21,11 +21,24 @@ from ds4jax.generate.sampling import SamplingParams
 # Generation bounds. The context window caps the real length; this only rejects absurd values.
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 4
+_NO_LOGPROBS = "logprobs are not supported yet"
 
 
 class _Body(pydantic.BaseModel):
   # Unknown fields are errors: a misspelt `max_token` must not be silently ignored.
   model_config = pydantic.ConfigDict(extra="forbid")
+
+
+def _refuse(*fields: str, message: str, accept: Callable[[Any], bool] = lambda v: not v):
+  """A field validator for an option the server cannot honour: any value but the unset one
+  (falsy, or what `accept` allows) is a 400 with `message`, not a silently different answer."""
+
+  def check(cls, v):
+    if not accept(v):
+      raise ValueError(message)
+    return v
+
+  return pydantic.field_validator(*fields)(classmethod(check))
 
 
 class StreamOptions(_Body):
@@ -51,26 +64,10 @@ class _Sampling(_Body):
   logit_bias: Optional[dict[str, float]] = None
   user: Optional[str] = None
 
-  @pydantic.field_validator("n")
-  @classmethod
-  def _one_choice(cls, v):
-    if v != 1:
-      raise ValueError("only n=1 is supported")
-    return v
-
-  @pydantic.field_validator("presence_penalty", "frequency_penalty")
-  @classmethod
-  def _no_penalty(cls, v):
-    if v != 0.0:
-      raise ValueError("presence/frequency penalties are not supported (must be 0)")
-    return v
-
-  @pydantic.field_validator("logit_bias")
-  @classmethod
-  def _no_bias(cls, v):
-    if v:
-      raise ValueError("logit_bias is not supported")
-    return v
+  _one_choice = _refuse("n", message="only n=1 is supported", accept=lambda v: v == 1)
+  _no_penalty = _refuse("presence_penalty", "frequency_penalty",
+                        message="presence/frequency penalties are not supported (must be 0)")
+  _no_bias = _refuse("logit_bias", message="logit_bias is not supported")
 
   @pydantic.field_validator("stop")
   @classmethod
@@ -123,33 +120,11 @@ class CompletionRequest(_Sampling):
         raise ValueError("token ids must be non-negative integers")
     return v
 
-  @pydantic.field_validator("logprobs")
-  @classmethod
-  def _no_logprobs(cls, v):
-    if v:
-      raise ValueError("logprobs are not supported yet")
-    return v
-
-  @pydantic.field_validator("echo")
-  @classmethod
-  def _no_echo(cls, v):
-    if v:
-      raise ValueError("echo is not supported")
-    return v
-
-  @pydantic.field_validator("suffix")
-  @classmethod
-  def _no_suffix(cls, v):
-    if v:
-      raise ValueError("suffix is not supported")
-    return v
-
-  @pydantic.field_validator("best_of")
-  @classmethod
-  def _no_best_of(cls, v):
-    if v not in (None, 1):
-      raise ValueError("best_of is not supported")
-    return v
+  _no_logprobs = _refuse("logprobs", message=_NO_LOGPROBS)
+  _no_echo = _refuse("echo", message="echo is not supported")
+  _no_suffix = _refuse("suffix", message="suffix is not supported")
+  _no_best_of = _refuse("best_of", message="best_of is not supported",
+                        accept=lambda v: v in (None, 1))
 
 
 class TextPart(_Body):
@@ -178,12 +153,7 @@ class ChatCompletionRequest(_Sampling):
   logprobs: bool = False
   top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
 
-  @pydantic.field_validator("logprobs", "top_logprobs")
-  @classmethod
-  def _no_logprobs(cls, v):
-    if v:
-      raise ValueError("logprobs are not supported yet")
-    return v
+  _no_logprobs = _refuse("logprobs", "top_logprobs", message=_NO_LOGPROBS)
 
   def max_new_tokens(self, default: int) -> int:
     return self.max_completion_tokens or self.max_tokens or default
