@@ -14,27 +14,21 @@ By hand, in three terminals (start order does not matter):
 Every process must load the same file (the model fingerprint is checked at HELLO).
 """
 
-import ml_collections
+import pathlib
+import runpy
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
-  c.gguf = "tiny"
+  # configs/tiny_local.py (model, prompt, greedy sampling) plus the split; configs/ is not a
+  # package, so it is loaded by path.
+  tiny_local = runpy.run_path(str(pathlib.Path(__file__).with_name("tiny_local.py")))
+  c = tiny_local["get_config"]()
   # The coordinator's own slice; the workers below own the rest, in order, the last the head.
   c.layers = "0:1"
   c.workers = ["2:2", "3:output"]
   c.listen = "127.0.0.1:7070"
   c.route_timeout = 60.0
   c.activation_dtype = "f32"
-  c.ctx_size = 512
   # Workers compile this chunk shape before READY; 16 covers the short demo prompts.
   c.prefill_chunk = 16
-  c.prompt = "Hello, world"
-  c.chat = True
-  c.thinking = False
-  c.max_new_tokens = 16
-  c.temperature = 0.0
-  c.top_k = 0
-  c.top_p = 1.0
-  c.seed = 0
   return c
