@@ -270,6 +270,19 @@ class _Link:
                                    + "/".join(_TYPE_NAMES[t] for t in expected))
     return self.recv_exact(_BODY_BYTES[mtype])
 
+  def recv_proof(self, mtype: int, nonce: bytes, mac: bytes) -> None:
+    """Reads the peer's PROOF (client) or WELCOME (server): it must echo the fresh ``nonce``
+    we sent (else it answers another connection: REPLAY) and carry ``mac`` (else WRONG_KEY).
+    A failure is told to the peer (FAIL) before it raises."""
+    body = self.recv(mtype)
+    sender, ours = ("client", "challenge") if mtype == PROOF else ("server", "hello")
+    if not hmac.compare_digest(body[:NONCE_BYTES], nonce):
+      self.fail(REPLAY)
+      raise AuthError(REPLAY, f"{_TYPE_NAMES[mtype]} answers another connection's {ours}")
+    if not hmac.compare_digest(body[NONCE_BYTES:], mac):
+      self.fail(WRONG_KEY)
+      raise AuthError(WRONG_KEY, f"{sender}'s HMAC does not verify")
+
 
 def _run(sock, timeout: float, role: str, steps):
   """Runs ``steps(link)``, restoring the socket timeout and logging any failure."""
@@ -302,14 +315,7 @@ def server_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
       raise
     nonce_s = secrets.token_bytes(NONCE_BYTES)
     link.send(CHALLENGE, nonce_s)
-    body = link.recv(PROOF)
-    echo, mac = body[:NONCE_BYTES], body[NONCE_BYTES:]
-    if not hmac.compare_digest(echo, nonce_s):
-      link.fail(REPLAY)
-      raise AuthError(REPLAY, "PROOF answers another connection's challenge")
-    if not hmac.compare_digest(mac, _mac(key, b"client", nonce_c, nonce_s)):
-      link.fail(WRONG_KEY)
-      raise AuthError(WRONG_KEY, "client's HMAC does not verify")
+    link.recv_proof(PROOF, nonce_s, _mac(key, b"client", nonce_c, nonce_s))
     link.send(WELCOME, nonce_c + _mac(key, b"server", nonce_c, nonce_s))
     link.recv(OK)
 
@@ -334,14 +340,7 @@ def client_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
                                  "configured") from None
       raise
     link.send(PROOF, nonce_s + _mac(key, b"client", nonce_c, nonce_s))
-    body = link.recv(WELCOME)
-    echo, mac = body[:NONCE_BYTES], body[NONCE_BYTES:]
-    if not hmac.compare_digest(echo, nonce_c):
-      link.fail(REPLAY)
-      raise AuthError(REPLAY, "WELCOME answers another connection's hello")
-    if not hmac.compare_digest(mac, _mac(key, b"server", nonce_c, nonce_s)):
-      link.fail(WRONG_KEY)
-      raise AuthError(WRONG_KEY, "server's HMAC does not verify")
+    link.recv_proof(WELCOME, nonce_c, _mac(key, b"server", nonce_c, nonce_s))
     link.send(OK)
 
   _run(sock, timeout, "client", steps)
