@@ -16,20 +16,17 @@ import time
 import pytest
 
 from ds4jax.bridge import protocol
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.errors import BridgeError
 from ds4jax.bridge.protocol import MsgType
 from ds4jax.bridge.worker import Worker, WorkerOptions
-from ds4jax.config import LayerRange
 from ds4jax.generate.sampling import SamplingParams
-from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
+from ds4jax.testing.fake_stage import FakeRunner
 from ds4jax.testing.fuzzing import Mutator, frame, greedy_next
 
+from fuzz_setup import (CFG, CTX, REMOTE, assert_continues_exactly,
+                        fake_bridge)  # noqa: F401 - fake_bridge is a fixture
+
 SEED = 20261128
-CFG = FakeConfig()
-CTX = 64
-LOCAL = LayerRange(0, 1, False)
-REMOTE = LayerRange(2, 3, True)
 N_CASES = 400
 STEP_BOUND_S = 6.0
 
@@ -162,10 +159,9 @@ def thread_crashes(monkeypatch):
   return crashes
 
 
-def test_fuzz_replies_from_an_admitted_worker(logs, thread_crashes):
-  coord = Coordinator(FakeRunner(CFG, LOCAL, ctx_size=CTX), CoordinatorOptions(
-      heartbeat_s=0.2, request_timeout=0.6, route_timeout=2.0, prefill_chunk=2,
-      handshake_timeout=1.0, frame_timeout=0.5))
+def test_fuzz_replies_from_an_admitted_worker(logs, thread_crashes, fake_bridge):
+  coord = fake_bridge.coordinator(heartbeat_s=0.2, request_timeout=0.6, route_timeout=2.0,
+                                  prefill_chunk=2, handshake_timeout=1.0, frame_timeout=0.5)
   liar = Liar(coord.address)
   m = Mutator(SEED)
   muts = mutations(m)
@@ -204,13 +200,9 @@ def test_fuzz_replies_from_an_admitted_worker(logs, thread_crashes):
     # The session still generates exactly with an honest worker. The last case may have armed a
     # mutation for a reply its step never asked for (a one-reply step, index 1): disarm it.
     liar.disarm()
-    for _ in range(3):
-      res = coord.step(sid, toks, SamplingParams(), len(toks))
-      assert res.token == greedy_next(CFG, toks)
-      toks.append(res.token)
+    assert_continues_exactly(coord, sid, toks)
     print(f"\nreply fuzz: {N_CASES} cases, {elapsed:.1f}s, slowest step {slowest:.2f}s, "
           f"{liar.dials} dials, outcomes {sorted(outcomes.items())}")
   finally:
     liar.stop.set()
-    coord.close()
     liar.t.join(5)

@@ -18,22 +18,17 @@ import threading
 import time
 
 from ds4jax.bridge import auth, protocol
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.protocol import MsgType
-from ds4jax.config import LayerRange
 from ds4jax.generate.sampling import SamplingParams
-from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
 from ds4jax.testing.fuzzing import (Mutator, RssMonitor, drain_until_eof, frame, greedy_next,
-                                    start_fake_worker, wait_for)
+                                    wait_for)
+
+from fuzz_setup import (CFG, CTX, REMOTE, RSS_BOUND, assert_continues_exactly,
+                        fake_bridge)  # noqa: F401 - fake_bridge is a fixture
 
 SEED = 20261126
-CFG = FakeConfig()
-CTX = 64
-LOCAL = LayerRange(0, 1, False)
-REMOTE = LayerRange(2, 3, True)
 N_COORD = 2000
 N_AUTH = 600
-RSS_BOUND = 96 * 2**20
 
 
 def hello() -> dict:
@@ -70,20 +65,22 @@ def coord_cases(n, seed):
     yield i, kind, data, hold
 
 
-def run_coord_case(addr, data, hold, hold_s):
-  """One connection; returns (local port, seconds until the coordinator hung up)."""
+def run_case(addr, send, hold: bool, bound_s: float):
+  """One hostile connection: `send` (bytes, or a function of the socket), then half-close
+  unless `hold`. The coordinator must hang up within `bound_s`; returns (local port, seconds
+  until it did)."""
   t0 = time.monotonic()
   s = socket.create_connection(addr, timeout=2)
   try:
     port = s.getsockname()[1]
     try:
-      s.sendall(data)
+      s.sendall(send) if isinstance(send, bytes) else send(s)
       if not hold:
         s.shutdown(socket.SHUT_WR)
     except OSError:
-      pass  # it may already have hung up on us
-    closed = drain_until_eof(s, t0 + (hold_s + 2.0 if hold else 3.0))
-    assert closed, f"coordinator did not disconnect a bad peer within the bound ({data[:40]!r})"
+      pass  # it may already have hung up on us (an AuthError mid-handshake is one)
+    what = repr(send[:40]) if isinstance(send, bytes) else send.__name__
+    assert drain_until_eof(s, t0 + bound_s), f"a bad peer was not cut off in time ({what})"
     return port, time.monotonic() - t0
   finally:
     s.close()
@@ -101,95 +98,84 @@ def logged_ports(messages) -> set[int]:
   return ports
 
 
-def test_fuzz_coordinator(logs):
-  opts = CoordinatorOptions(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
-                            route_timeout=10, request_timeout=10, prefill_chunk=8)
-  coord = Coordinator(FakeRunner(CFG, LOCAL, ctx_size=CTX), opts)
-  legit, legit_t = start_fake_worker(coord.address, CFG, REMOTE, CTX)
-  newcomer = None
-  try:
-    coord.wait_route(10)
-    legit_wid = coord.wait_route(1)[0].wid
+def test_fuzz_coordinator(logs, fake_bridge):
+  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
+                                  route_timeout=10, request_timeout=10, prefill_chunk=8)
+  legit, legit_t = fake_bridge.worker(coord.address)
+  coord.wait_route(10)
+  legit_wid = coord.wait_route(1)[0].wid
 
-    # The legitimate link generates (greedy, checked against the one-process reference)
-    # for as long as the fuzz runs.
-    stop, steps, errors = threading.Event(), [0], []
+  # The legitimate link generates (greedy, checked against the one-process reference)
+  # for as long as the fuzz runs.
+  stop, steps, errors = threading.Event(), [0], []
 
-    def generate():
-      while not stop.is_set():
-        sid = coord.new_session()
-        toks = [1, 2, 3]
-        try:
-          for k in range(20):
-            if stop.is_set():
-              break
-            res = coord.step(sid, toks, SamplingParams(), k)
-            assert res.token == greedy_next(CFG, toks), "legit link produced a wrong token"
-            toks.append(res.token)
-            steps[0] += 1
-        except Exception as e:  # noqa: BLE001 - reported by the main thread
-          errors.append(e)
-          return
-        finally:
-          coord.close_session(sid)
+  def generate():
+    while not stop.is_set():
+      sid = coord.new_session()
+      toks = [1, 2, 3]
+      try:
+        for k in range(20):
+          if stop.is_set():
+            break
+          res = coord.step(sid, toks, SamplingParams(), k)
+          assert res.token == greedy_next(CFG, toks), "legit link produced a wrong token"
+          toks.append(res.token)
+          steps[0] += 1
+      except Exception as e:  # noqa: BLE001 - reported by the main thread
+        errors.append(e)
+        return
+      finally:
+        coord.close_session(sid)
 
-    gen = threading.Thread(target=generate, daemon=True)
-    gen.start()
-    rss = RssMonitor()
-    t0 = time.monotonic()
-    hold_s = opts.handshake_timeout + opts.frame_timeout
-    ports, max_case_s, kinds, done = {}, {}, {}, 0
-    with cf.ThreadPoolExecutor(8) as quick, cf.ThreadPoolExecutor(16) as slow:
-      futs = {}
-      for i, kind, data, hold in coord_cases(N_COORD, SEED):
-        pool = slow if hold else quick
-        futs[pool.submit(run_coord_case, coord.address, data, hold, hold_s)] = (i, kind)
-        kinds[kind] = kinds.get(kind, 0) + 1
-      for fut in cf.as_completed(futs):
-        i, kind = futs[fut]
-        port, dt = fut.result()
-        ports[port] = (i, kind)  # ephemeral ports get reused: `done` counts the cases
-        done += 1
-        max_case_s[kind] = max(max_case_s.get(kind, 0.0), dt)
-    fuzz_s = time.monotonic() - t0
-    stop.set()
-    gen.join(30)
-    growth = rss.stop()
-    assert not errors, errors
-    assert steps[0] >= 5, f"legit link made only {steps[0]} steps during the fuzz"
+  gen = threading.Thread(target=generate, daemon=True)
+  gen.start()
+  rss = RssMonitor()
+  t0 = time.monotonic()
+  hold_s = coord.opt.handshake_timeout + coord.opt.frame_timeout
+  ports, max_case_s, kinds, done = {}, {}, {}, 0
+  with cf.ThreadPoolExecutor(8) as quick, cf.ThreadPoolExecutor(16) as slow:
+    futs = {}
+    for i, kind, data, hold in coord_cases(N_COORD, SEED):
+      pool = slow if hold else quick
+      bound_s = hold_s + 2.0 if hold else 3.0
+      futs[pool.submit(run_case, coord.address, data, hold, bound_s)] = (i, kind)
+      kinds[kind] = kinds.get(kind, 0) + 1
+    for fut in cf.as_completed(futs):
+      i, kind = futs[fut]
+      port, dt = fut.result()
+      ports[port] = (i, kind)  # ephemeral ports get reused: `done` counts the cases
+      done += 1
+      max_case_s[kind] = max(max_case_s.get(kind, 0.0), dt)
+  fuzz_s = time.monotonic() - t0
+  stop.set()
+  gen.join(30)
+  growth = rss.stop()
+  assert not errors, errors
+  assert steps[0] >= 5, f"legit link made only {steps[0]} steps during the fuzz"
 
-    # Every fuzz connection was disconnected with a reason that names it.
-    logged = logged_ports(logs.messages)
-    missing = [ports[p] for p in ports if p not in logged]
-    assert not missing, f"{len(missing)} disconnects without a logged reason, e.g. {missing[:5]}"
+  # Every fuzz connection was disconnected with a reason that names it.
+  logged = logged_ports(logs.messages)
+  missing = [ports[p] for p in ports if p not in logged]
+  assert not missing, f"{len(missing)} disconnects without a logged reason, e.g. {missing[:5]}"
 
-    # The legitimate worker is untouched, no fuzz link lingers, memory stayed bounded.
-    info = coord.route_info()
-    assert info["ready"] and [w["id"] for w in info["workers"]] == [legit_wid], info
-    assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
+  # The legitimate worker is untouched, no fuzz link lingers, memory stayed bounded.
+  info = coord.route_info()
+  assert info["ready"] and [w["id"] for w in info["workers"]] == [legit_wid], info
+  assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
 
-    # A legitimate worker joins afterwards and carries generation alone.
-    newcomer, newcomer_t = start_fake_worker(coord.address, CFG, REMOTE, CTX)
-    wait_for(lambda: sum(w["ready"] for w in coord.route_info()["workers"]) == 2, 10,
-             "the new worker to join")
-    legit.stop()
-    legit_t.join(10)
-    wait_for(lambda: len(coord.route_info()["workers"]) == 1, 10, "the old worker to leave")
-    sid, toks = coord.new_session(), [5, 6]
-    for k in range(3):
-      res = coord.step(sid, toks, SamplingParams(), k)
-      assert res.token == greedy_next(CFG, toks)
-      toks.append(res.token)
-    print(f"\ncoordinator fuzz: {done} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
-          f"{growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB), max seconds per case by kind "
-          f"{ {k: round(v, 2) for k, v in max_case_s.items()} }, legit steps meanwhile "
-          f"{steps[0]}")
-    assert done == N_COORD
-  finally:
-    legit.stop()
-    if newcomer is not None:
-      newcomer.stop()
-    coord.close()
+  # A legitimate worker joins afterwards and carries generation alone.
+  fake_bridge.worker(coord.address)
+  wait_for(lambda: sum(w["ready"] for w in coord.route_info()["workers"]) == 2, 10,
+           "the new worker to join")
+  legit.stop()
+  legit_t.join(10)
+  wait_for(lambda: len(coord.route_info()["workers"]) == 1, 10, "the old worker to leave")
+  assert_continues_exactly(coord, coord.new_session(), [5, 6])
+  print(f"\ncoordinator fuzz: {done} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
+        f"{growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB), max seconds per case by kind "
+        f"{ {k: round(v, 2) for k, v in max_case_s.items()} }, legit steps meanwhile "
+        f"{steps[0]}")
+  assert done == N_COORD
 
 
 # ------------------------------------------------------------------------------------------
@@ -203,15 +189,12 @@ def auth_msg(mtype, body=b"", reason=0) -> bytes:
 
 
 def auth_case(m: Mutator, i: int):
-  """(kind, interact(sock), hold): a hostile client side of the key handshake. What runs
+  """(kind, bytes or interact(sock), hold): a hostile client side of the key handshake. What runs
   on the pool threads draws from its own per-case generator, so cases stay reproducible."""
   m, pick = Mutator(f"{SEED}:auth:{i}"), m
   hello_msg = auth_msg(auth.HELLO, m.rng.randbytes(32))
   kind = pick.rng.choice(["garbage", "bitflip", "truncated", "keyless", "badproof",
                           "flipproof", "replyjunk", "authedgarbage", "slowloris"])
-
-  def send(data):
-    return lambda s: s.sendall(data)
 
   def proof(flip: bool, junk: bool = False):
     def go(s):
@@ -232,13 +215,13 @@ def auth_case(m: Mutator, i: int):
 
   m_garbage = m.garbage()
   if kind == "garbage":
-    return kind, send(m_garbage), False
+    return kind, m_garbage, False
   if kind == "bitflip":
-    return kind, send(m.bitflip(hello_msg)), False
+    return kind, m.bitflip(hello_msg), False
   if kind == "truncated":
-    return kind, send(m.truncated(hello_msg)), m.rng.random() < 0.2
+    return kind, m.truncated(hello_msg), m.rng.random() < 0.2
   if kind == "keyless":
-    return kind, send(frame(MsgType.HELLO, hello())), False
+    return kind, frame(MsgType.HELLO, hello()), False
   if kind == "badproof":
     return kind, proof(False), False
   if kind == "flipproof":
@@ -247,72 +230,45 @@ def auth_case(m: Mutator, i: int):
     return kind, proof(False, junk=True), False
   if kind == "authedgarbage":
     return kind, authed_garbage, False
-  return kind, send(m.rng.choice([b"", auth.MAGIC, hello_msg[:20]])), True
+  return kind, m.rng.choice([b"", auth.MAGIC, hello_msg[:20]]), True
 
 
-def run_auth_case(addr, interact, hold, hold_s):
+def test_fuzz_keyed_coordinator_handshake(logs, fake_bridge):
+  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
+                                  route_timeout=10, request_timeout=10, key=KEY)
+  fake_bridge.worker(coord.address, key=KEY)
+  legit_wid = coord.wait_route(10)[0].wid
+  m = Mutator(SEED + 7)
   t0 = time.monotonic()
-  s = socket.create_connection(addr, timeout=2)
-  try:
-    port = s.getsockname()[1]
-    try:
-      interact(s)
-      if not hold:
-        s.shutdown(socket.SHUT_WR)
-    except OSError:
-      pass  # includes an AuthError if the coordinator hung up mid-way
-    assert drain_until_eof(s, t0 + hold_s + 2.0), "a hostile handshake was not cut off"
-    return port, time.monotonic() - t0
-  finally:
-    s.close()
+  rss = RssMonitor()
+  ports, kinds, done = {}, {}, 0
+  with cf.ThreadPoolExecutor(8) as pool:
+    futs = {}
+    for i in range(N_AUTH):
+      kind, interact, hold = auth_case(m, i)
+      kinds[kind] = kinds.get(kind, 0) + 1
+      futs[pool.submit(run_case, coord.address, interact, hold, 3.0)] = (i, kind)
+    for fut in cf.as_completed(futs):
+      port, _ = fut.result()
+      ports[port] = futs[fut]  # ephemeral ports get reused: `done` counts the cases
+      done += 1
+  growth = rss.stop()
+  elapsed = time.monotonic() - t0
+  missing = [ports[p] for p in ports if p not in logged_ports(logs.messages)]
+  assert not missing, f"{len(missing)} rejections without a logged reason: {missing[:5]}"
+  assert [w["id"] for w in coord.route_info()["workers"]] == [legit_wid]
+  assert growth < RSS_BOUND
+  assert_continues_exactly(coord, coord.new_session(), [9, 9, 2])
+  assert done == N_AUTH
+  print(f"\nkeyed coordinator handshake fuzz: {done} cases {kinds}, {elapsed:.1f}s, "
+        f"max RSS growth {growth / 2**20:.1f} MiB")
 
 
-def test_fuzz_keyed_coordinator_handshake(logs):
-  opts = CoordinatorOptions(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
-                            route_timeout=10, request_timeout=10, key=KEY)
-  coord = Coordinator(FakeRunner(CFG, LOCAL, ctx_size=CTX), opts)
-  legit, _ = start_fake_worker(coord.address, CFG, REMOTE, CTX, key=KEY)
-  try:
-    legit_wid = coord.wait_route(10)[0].wid
-    m = Mutator(SEED + 7)
-    t0 = time.monotonic()
-    rss = RssMonitor()
-    ports, kinds, done = {}, {}, 0
-    with cf.ThreadPoolExecutor(8) as pool:
-      futs = {}
-      for i in range(N_AUTH):
-        kind, interact, hold = auth_case(m, i)
-        kinds[kind] = kinds.get(kind, 0) + 1
-        futs[pool.submit(run_auth_case, coord.address, interact, hold, 1.0)] = (i, kind)
-      for fut in cf.as_completed(futs):
-        port, _ = fut.result()
-        ports[port] = futs[fut]  # ephemeral ports get reused: `done` counts the cases
-        done += 1
-    growth = rss.stop()
-    elapsed = time.monotonic() - t0
-    missing = [ports[p] for p in ports if p not in logged_ports(logs.messages)]
-    assert not missing, f"{len(missing)} rejections without a logged reason: {missing[:5]}"
-    assert [w["id"] for w in coord.route_info()["workers"]] == [legit_wid]
-    assert growth < RSS_BOUND
-    sid, toks = coord.new_session(), [9, 9, 2]
-    for k in range(3):
-      res = coord.step(sid, toks, SamplingParams(), k)
-      assert res.token == greedy_next(CFG, toks)
-      toks.append(res.token)
-    assert done == N_AUTH
-    print(f"\nkeyed coordinator handshake fuzz: {done} cases {kinds}, {elapsed:.1f}s, "
-          f"max RSS growth {growth / 2**20:.1f} MiB")
-  finally:
-    legit.stop()
-    coord.close()
-
-
-def test_flood_of_silent_peers_is_bounded_and_recovers(logs):
+def test_flood_of_silent_peers_is_bounded_and_recovers(logs, fake_bridge):
   """More silent connections than handshake slots: the surplus is refused at once (logged),
   threads stay bounded, and a legitimate worker joins once the slots time out."""
-  opts = CoordinatorOptions(handshake_timeout=0.5, heartbeat_s=0.2, max_handshakes=8)
-  coord = Coordinator(FakeRunner(CFG, LOCAL, ctx_size=CTX), opts)
-  socks, worker = [], None
+  coord = fake_bridge.coordinator(handshake_timeout=0.5, heartbeat_s=0.2, max_handshakes=8)
+  socks = []
   try:
     threads0 = threading.active_count()
     t0 = time.monotonic()
@@ -321,17 +277,13 @@ def test_flood_of_silent_peers_is_bounded_and_recovers(logs):
     time.sleep(0.25)
     assert threading.active_count() <= threads0 + 8 + 2
     early = sum(drain_until_eof(s, time.monotonic() + 0.01) for s in socks)
-    assert time.monotonic() - t0 < opts.handshake_timeout
+    assert time.monotonic() - t0 < coord.opt.handshake_timeout
     assert early >= 30, f"only {early} of the surplus peers were refused at once"
     assert all(drain_until_eof(s, t0 + 3.0) for s in socks), "a silent peer was never cut off"
     assert sum("handshakes already in progress" in m for m in logs.messages) >= 30
-    worker, _ = start_fake_worker(coord.address, CFG, REMOTE, CTX)
+    fake_bridge.worker(coord.address)
     coord.wait_route(5)
-    sid = coord.new_session()
-    assert coord.step(sid, [1, 2], SamplingParams(), 0).token == greedy_next(CFG, [1, 2])
+    assert_continues_exactly(coord, coord.new_session(), [1, 2], n=1)
   finally:
     for s in socks:
       s.close()
-    if worker is not None:
-      worker.stop()
-    coord.close()

@@ -17,19 +17,15 @@ import numpy as np
 
 from ds4jax.bridge import protocol, tensors
 from ds4jax.bridge.protocol import MsgType
-from ds4jax.config import LayerRange
 from ds4jax.generate.sampling import SamplingParams
-from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
-from ds4jax.testing.fuzzing import (JUNK, Mutator, RssMonitor, frame, greedy_next,
-                                    start_fake_worker, wait_for)
+from ds4jax.testing.fake_stage import FakeRunner
+from ds4jax.testing.fuzzing import JUNK, Mutator, RssMonitor, frame, greedy_next, wait_for
+
+from fuzz_setup import (CFG, CTX, LOCAL, REMOTE, RSS_BOUND,
+                        fake_bridge)  # noqa: F401 - fake_bridge is a fixture
 
 SEED = 20261127
-CFG = FakeConfig()
-CTX = 64
-LOCAL = LayerRange(0, 1, False)
-REMOTE = LayerRange(2, 3, True)
 N_WORKER = 2000
-RSS_BOUND = 96 * 2**20
 ALLOWED_ETYPES = {"ProtocolError", "PrefixMismatch"}
 ACCEPT = {"worker_id": 1, "heartbeat_s": 0.2, "ctx": CTX}
 
@@ -147,10 +143,9 @@ def worker_work_case(m: Mutator) -> bytes:
   return frame(MsgType.WORK, h, payload)
 
 
-def test_fuzz_worker(logs):
+def test_fuzz_worker(logs, fake_bridge):
   fc = FakeCoordinator()
-  w, wt = start_fake_worker(fc.addr, CFG, REMOTE, CTX, frame_timeout=0.1,
-                             dead_after=1.0)
+  _, wt = fake_bridge.worker(fc.addr, frame_timeout=0.1, dead_after=1.0)
   m = Mutator(SEED)
   rss = RssMonitor()
   t0 = time.monotonic()
@@ -241,17 +236,15 @@ def test_fuzz_worker(logs):
           f"growth {growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB); seconds by kind "
           f"{ {k: round(v, 1) for k, v in time_by_kind.items()} }")
   finally:
-    w.stop()
     if sock is not None:
       sock.close()
     fc.close()
-    wt.join(10)
 
 
-def test_accept_with_absurd_heartbeat_is_refused_by_the_worker(logs):
+def test_accept_with_absurd_heartbeat_is_refused_by_the_worker(logs, fake_bridge):
   """A heartbeat of 1e308 s would switch off the worker's dead-coordinator check."""
   fc = FakeCoordinator()
-  w, wt = start_fake_worker(fc.addr, CFG, REMOTE, CTX)
+  fake_bridge.worker(fc.addr)
   try:
     sock = fc.accept()
     protocol.send_frame(sock, MsgType.ACCEPT, dict(ACCEPT, heartbeat_s=1e308))
@@ -261,6 +254,4 @@ def test_accept_with_absurd_heartbeat_is_refused_by_the_worker(logs):
              "the reason to be logged")
     fc.accept().close()  # and it dials again
   finally:
-    w.stop()
     fc.close()
-    wt.join(10)
