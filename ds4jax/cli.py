@@ -252,6 +252,25 @@ def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
     time.sleep(0.05)
 
 
+# ------------------------------------------------------------------------------- sessions
+def save_session(backend, sid: str, path: str, transcript) -> dict:
+  """Saves session `sid` (transcript and every stage's KV state) to `path`, replacing an
+  older snapshot there, and says so on stderr; returns the snapshot manifest."""
+  from ds4jax.checkpoints import snapshots
+  m = snapshots.save_session(backend, sid, path, overwrite=True, transcript=transcript)
+  print(f"saved session: {len(m['tokens'])} tokens ({m['n_kv']} with KV state) to {path}",
+        file=sys.stderr)
+  return m
+
+
+def restore_session(backend, sid: str, path: str) -> list[int]:
+  """Restores the snapshot at `path` into session `sid`; returns its transcript."""
+  from ds4jax.checkpoints import snapshots
+  ids = snapshots.load_session(backend, sid, path)
+  print(f"restored session: {len(ids)} tokens from {path}", file=sys.stderr)
+  return ids
+
+
 # --------------------------------------------------------------------------------- output
 def format_route(info: dict) -> str:
   stages = info.get("route", [])

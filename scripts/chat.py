@@ -3,10 +3,14 @@ r"""Interactive chat with a local or a split model; the KV prefix carries over b
     python scripts/chat.py --gguf=tiny
     python scripts/chat.py --config=configs/tiny_local.py --config.max_new_tokens=32
     python scripts/chat.py --gguf=m.gguf --layers=0:1 --listen=0.0.0.0:7000   # split
+    # Keep the chat (transcript + every stage's KV) and continue it later, on any route:
+    python scripts/chat.py --gguf=tiny --save_session=/tmp/c1
+    python scripts/chat.py --gguf=tiny --load_session=/tmp/c1 --save_session=/tmp/c1
 
 Each turn prints how many tokens the backend had to compute: only the new user turn (plus the
-previous reply's last token), never the whole transcript again. Commands: /reset, /quit.
-Reads stdin line by line, so `echo hi | python scripts/chat.py --gguf=tiny` works too.
+previous reply's last token), never the whole transcript again; a restored chat computes no
+more than the uninterrupted one would. Commands: /reset, /quit. Reads stdin line by line, so
+`echo hi | python scripts/chat.py --gguf=tiny` works too.
 """
 
 import sys
@@ -19,17 +23,27 @@ except ImportError:
 from absl import flags
 
 from ds4jax import cli
+from ds4jax.checkpoints import snapshots
 from ds4jax.generate.loop import Generator
 from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags(prompt=False)
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+_SAVE = flags.DEFINE_string("save_session", None, "After every reply, save the chat so far "
+                            "(transcript and every stage's KV state) to this directory.")
+_LOAD = flags.DEFINE_string("load_session", None, "Continue a chat saved with --save_session "
+                            "(it keeps its own system prompt; /reset starts a new one).")
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
+  # Bad session paths fail now, not after the model has loaded or the first reply.
+  if _LOAD.value:
+    snapshots.read_manifest(_LOAD.value)
+  if _SAVE.value:
+    snapshots.check_target(_SAVE.value, overwrite=True)
   cli.enable_compilation_cache(cli.option("cache_dir"))
   backend, close = cli.build_backend()
   try:
@@ -39,6 +53,8 @@ def main(argv):
     print(cli.format_route(backend.route_info()), file=sys.stderr)
     new_chat = lambda: gen.chat(system=cli.option("system"), thinking=bool(cli.option("thinking")))
     chat = new_chat()
+    if _LOAD.value:
+      chat.transcript = cli.restore_session(backend, chat.sid, _LOAD.value)
     interactive = sys.stdin.isatty()
     while True:
       try:
@@ -77,6 +93,9 @@ def main(argv):
       print(f"\n[turn {len(chat.turns)}: computed {res.n_prefill_computed} of "
             f"{len(res.prompt_tokens)} prompt tokens, {len(res.tokens)} new at "
             f"{t['decode_tok_s']:.1f} tok/s, {res.finish_reason}]", file=sys.stderr)
+      if _SAVE.value:
+        # After every reply, so an interrupted reply or an abrupt exit keeps the chat so far.
+        cli.save_session(backend, chat.sid, _SAVE.value, chat.transcript)
     chat.close()
   finally:
     close()

@@ -68,11 +68,8 @@ def main(argv):
     if not _STREAM.value:
       sys.stdout.write(res.text)
     if _SAVE.value:
-      from ds4jax.checkpoints import snapshots
-      m = snapshots.save_session(backend, sid, _SAVE.value, overwrite=True,
-                                 transcript=res.prompt_tokens + res.tokens)
-      print(f"\nsaved session: {len(m['tokens'])} tokens ({m['n_kv']} with KV state) to "
-            f"{_SAVE.value}", file=sys.stderr)
+      print(file=sys.stderr)  # ends the streamed text's line
+      cli.save_session(backend, sid, _SAVE.value, res.prompt_tokens + res.tokens)
     route = backend.route_info()
   finally:
     close()
@@ -90,9 +87,7 @@ def main(argv):
 
 
 def _restore(backend, sid, path, tokenizer, prompt, prompt_tokens) -> list[int]:
-  from ds4jax.checkpoints import snapshots
-  ids = snapshots.load_session(backend, sid, path)
-  print(f"restored session: {len(ids)} tokens from {path}", file=sys.stderr)
+  ids = cli.restore_session(backend, sid, path)
   if prompt_tokens is not None:
     return ids + list(prompt_tokens)
   if prompt is not None:
