@@ -8,7 +8,6 @@ bound, no thread may die with an uncaught exception, and after each case the sam
 must keep generating correctly (the liar redials and answers honestly).
 """
 
-import random
 import socket
 import threading
 import time
