@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Iterator
 
 import numpy as np
 from absl import logging
@@ -29,6 +30,42 @@ def slice_range(f: DS4File, layers: LayerRange | str | None,
   if output is not None:
     rng = LayerRange(rng.start, rng.end, bool(output))
   return rng
+
+
+def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
+                 fill_optional: bool = True,
+                 release: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields `(gguf_name, array)` for the slice `rng` of `f`, one tensor at a time.
+
+  A consumer that places each array and drops it (model.load) never holds more than one
+  dequantised tensor on the host: the slice is not materialised twice. Arguments as in
+  `load_tensors`.
+  """
+  entries = f.validate(rng)
+  total = sum(f.nbytes(e.name) for e in entries)
+  seen = set()
+  t0 = last = time.monotonic()
+  done = 0
+  for e in entries:
+    arr = dequant.dequantize_tensor(f.tensor(e.name))
+    if release:
+      f.release(e.name)
+    done += f.nbytes(e.name)
+    seen.add(e.name)
+    now = time.monotonic()
+    if progress and now - last >= PROGRESS_EVERY_S:
+      last = now
+      logging.info("loading %s layers %s: %.1f / %.1f MB (%.0f%%), %.0fs", os.path.basename(f.path),
+                   rng.describe(), done / 1e6, total / 1e6, 100.0 * done / max(total, 1), now - t0)
+    yield e.name, arr
+    del arr  # not kept alive while the next tensor is dequantised
+  if fill_optional:
+    for e in names.entries(f.cfg, rng, optional=True):
+      if e.name not in seen:
+        yield e.name, np.zeros(e.numpy_shape(f.cfg), np.float32)
+  if progress and time.monotonic() - t0 >= PROGRESS_EVERY_S:
+    logging.info("loaded %d tensors (%.1f MB in the file) in %.1fs", len(entries), total / 1e6,
+                 time.monotonic() - t0)
 
 
 def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str | None = None, *,
@@ -52,26 +89,5 @@ def load_tensors(path: str | os.PathLike | DS4File, layers: LayerRange | str | N
   """
   f = path if isinstance(path, DS4File) else open_gguf(path)
   rng = slice_range(f, layers, output)
-  entries = f.validate(rng)
-  total = sum(f.nbytes(e.name) for e in entries)
-  out: dict[str, np.ndarray] = {}
-  t0 = last = time.monotonic()
-  done = 0
-  for e in entries:
-    out[e.name] = dequant.dequantize_tensor(f.tensor(e.name))
-    if release:
-      f.release(e.name)
-    done += f.nbytes(e.name)
-    now = time.monotonic()
-    if progress and now - last >= PROGRESS_EVERY_S:
-      last = now
-      logging.info("loading %s layers %s: %.1f / %.1f MB (%.0f%%), %.0fs", os.path.basename(f.path),
-                   rng.describe(), done / 1e6, total / 1e6, 100.0 * done / max(total, 1), now - t0)
-  if fill_optional:
-    for e in names.entries(f.cfg, rng, optional=True):
-      if e.name not in out:
-        out[e.name] = np.zeros(e.numpy_shape(f.cfg), np.float32)
-  if progress and time.monotonic() - t0 >= PROGRESS_EVERY_S:
-    logging.info("loaded %d tensors (%.1f MB in the file) in %.1fs", len(entries), total / 1e6,
-                 time.monotonic() - t0)
-  return f.cfg, out
+  return f.cfg, dict(iter_tensors(f, rng, progress=progress, fill_optional=fill_optional,
+                                  release=release))

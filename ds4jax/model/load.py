@@ -8,15 +8,18 @@ exist, not even abstractly.
 
 from __future__ import annotations
 
+import ctypes
 import os
-from typing import Mapping
+from typing import Iterable, Mapping, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf import names
+from ds4jax.model.runner import StageRunner
 from ds4jax.model.stage import Stage
 
 _DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
@@ -44,8 +47,11 @@ def abstract_stage(cfg: ModelConfig, layers: LayerRange, dtype="float32"):
 
 
 def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
-                       tensors: Mapping[str, np.ndarray], *, dtype="float32") -> Stage:
-  """Builds the stage of `layers` from `{gguf_name: array}` (numpy orientation).
+                       tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], *,
+                       dtype="float32") -> Stage:
+  """Builds the stage of `layers` from `{gguf_name: array}` (numpy orientation), or from an
+  iterable of `(gguf_name, array)` pairs, which is consumed one array at a time (each is
+  placed, then dropped, so the host never holds the slice twice).
 
   Tensors the slice does not own are ignored; a missing parameter is an error, except the
   optional router bias (zeros).
@@ -53,26 +59,35 @@ def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
   layers = (LayerRange.parse(layers, cfg.n_layers) if isinstance(layers, str)
             else layers.resolve(cfg.n_layers))
   graphdef, flat = abstract_stage(cfg, layers, dtype)
+  items = tensors.items() if isinstance(tensors, Mapping) else tensors
+  return nnx.merge(graphdef, nnx.from_flat_state(_place(flat, layers, items)))
+
+
+def _place(flat, layers: LayerRange, items: Iterable[tuple[str, np.ndarray]]):
+  """{path: Param holding a device array} for every abstract parameter in `flat`."""
   filled = {}
-  for name, arr in tensors.items():
+  for name, arr in items:
     if not names.owner(name, layers):
       continue
     path = names.local_path(name, layers)
     var = flat.get(path)
     if var is None:
       raise ValueError(f"tensor {name!r} maps to {path}, which the stage does not have")
-    arr = np.asarray(arr)
-    if tuple(arr.shape) != tuple(var.shape):
-      raise ValueError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(var.shape)}")
-    filled[path] = var.replace(jnp.asarray(arr, dtype=var.dtype))
+    if tuple(np.shape(arr)) != tuple(var.shape):
+      raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(arr))}, "
+                       f"expected {tuple(var.shape)}")
+    # device_put copies straight from the host array (jnp.asarray compiles a copy per shape);
+    # the cast happens on the host, one tensor at a time (round-to-nearest-even either way).
+    filled[path] = var.replace(jax.device_put(np.asarray(arr, dtype=var.dtype)))
+    del arr
   for path, var in flat.items():
     if path in filled:
       continue
     if path[-1] == "bias" and path[-2] == "moe":
-      filled[path] = var.replace(jnp.zeros(var.shape, var.dtype))
+      filled[path] = var.replace(jax.device_put(np.zeros(var.shape, var.dtype)))
     else:
       raise ValueError(f"no tensor for parameter {'.'.join(map(str, path))}")
-  return nnx.merge(graphdef, nnx.from_flat_state(filled))
+  return filled
 
 
 def load_stage(path, layers: LayerRange | str = "all", *, dtype=None) -> Stage:
@@ -84,8 +99,62 @@ def load_stage(path, layers: LayerRange | str = "all", *, dtype=None) -> Stage:
   if os.path.isdir(path):
     from ds4jax.checkpoints.orbax_io import load_stage_checkpoint  # deferred: imports orbax
     return load_stage_checkpoint(path, layers, dtype=dtype)
-  from ds4jax.gguf.load import load_tensors  # deferred: the gguf package imports lazily
-  cfg, tensors = load_tensors(path, layers)
-  rng = (LayerRange.parse(layers, cfg.n_layers) if isinstance(layers, str)
-         else layers.resolve(cfg.n_layers))
-  return stage_from_tensors(cfg, rng, tensors, dtype=dtype or "float32")
+  from ds4jax.gguf.load import iter_tensors  # deferred: the gguf package imports lazily
+  from ds4jax.gguf.reader import open_gguf
+  f = open_gguf(path)
+  rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
+  return stage_from_tensors(f.cfg, rng, iter_tensors(f, rng), dtype=dtype or "float32")
+
+
+def load_runner(path, layers: LayerRange | str = "all", *, ctx_size: int, max_chunk: int = 256,
+                dtype=None, fingerprint: str | None = None,
+                compile_sizes: Sequence[int] = ()) -> StageRunner:
+  """A StageRunner for `layers` of a GGUF (or an orbax checkpoint directory), built in the
+  order that keeps the process's peak memory low (issue 7):
+
+  1. the chunk shapes `compile_sizes` are compiled from the abstract stage, before any weight
+     or state exists, so the compiler's transient peak (~200 MB on the bench preset) does not
+     stack on top of them; the freed compiler heap is handed back to the OS;
+  2. the weights are streamed in one tensor at a time (dequantise, place, drop).
+
+  What was compiled is what `forward` runs: nothing compiles again for those sizes.
+  """
+  if os.path.isdir(path):  # a checkpoint restores into its own abstract tree
+    runner = StageRunner(load_stage(path, layers, dtype=dtype), ctx_size=ctx_size,
+                         max_chunk=max_chunk, fingerprint=fingerprint)
+    runner.compile(compile_sizes)
+    return runner
+  from ds4jax.gguf.load import iter_tensors
+  from ds4jax.gguf.reader import open_gguf
+  f = open_gguf(path)
+  rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
+  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32")
+  runner = StageRunner(nnx.merge(graphdef, nnx.from_flat_state(flat)), ctx_size=ctx_size,
+                       max_chunk=max_chunk, fingerprint=fingerprint)
+  if compile_sizes:
+    runner.compile(compile_sizes)
+    trim_heap()
+  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, rng,
+                                                                   iter_tensors(f, rng)))))
+  trim_heap()
+  return runner
+
+
+def trim_heap() -> None:
+  """Returns the C heap's free pages to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+  XLA compiles on its own threads, whose malloc arenas keep ~100 MB of freed compiler memory
+  resident on the bench preset unless asked to give it back.
+  """
+  global _LIBC
+  if _LIBC is None:
+    try:
+      _LIBC = ctypes.CDLL("libc.so.6")
+      _LIBC.malloc_trim  # noqa: B018 (raises AttributeError where there is none)
+    except (OSError, AttributeError):
+      _LIBC = False
+  if _LIBC:
+    _LIBC.malloc_trim(0)
+
+
+_LIBC = None

@@ -61,10 +61,41 @@ class StageRunner:
       return nnx.merge(self.graphdef, params)(state, tokens_T, hc_TCD, n_valid)
 
     self._step = jax.jit(step, donate_argnames=("state",))
+    # One compiled program builds a fresh state: op by op it would compile a few small
+    # programs after the weights are in and copy the -inf-filled gate buffers.
+    self._init = jax.jit(lambda: decode_state.init_stage_state(
+        self.cfg, self.layers, self._cap, self.state_dtype))
+
+  def compile(self, sizes) -> None:
+    """Compiles the step for chunks of `sizes` tokens (bucketed as `forward` does) from
+    shapes alone: it needs neither the weights nor a state, so a loader can compile before
+    it allocates them (the compiler's transient peak then does not add to theirs). `forward`
+    reuses what this compiled."""
+    params = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    self._init.lower().compile()
+    state = jax.eval_shape(self._init)
+    n_valid = jax.ShapeDtypeStruct((), jnp.int32)
+    for t in sorted({bucket(min(int(s), self.ctx_size), self.max_chunk) for s in sizes if s}):
+      hc = None
+      if not self.embeds:
+        hc = jax.ShapeDtypeStruct((t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)
+      tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
+      self._step.lower(params, state, tokens, hc, n_valid).compile()
+
+  def set_params(self, stage: Stage) -> None:
+    """Takes the weights of `stage`, whose parameters must match this runner's in structure,
+    shapes and dtypes (e.g. a runner built on `nnx.eval_shape`'s abstract stage): compiled
+    shapes stay valid."""
+    graphdef, params = nnx.split(stage)
+    leaves, treedef = jax.tree.flatten(params)
+    if graphdef != self.graphdef or treedef != self._param_def or any(
+        (a.shape, a.dtype) != (b.shape, b.dtype) for a, b in zip(leaves, self._param_leaves)):
+      raise ValueError("set_params: the stage's parameters do not match this runner's")
+    self.params, self._param_leaves = params, leaves
 
   def init_state(self) -> StageState:
     """Fresh state at pos 0 with capacity ctx_size."""
-    return decode_state.init_stage_state(self.cfg, self.layers, self._cap, self.state_dtype)
+    return self._init()
 
   def truncate(self, state: StageState, pos: int) -> StageState:
     """Rewinds to `pos` (0 <= pos <= state.pos); only the counter changes."""
