@@ -126,7 +126,7 @@ def _serve(port: int, layers: str) -> None:
 
 
 def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
-              floor: bool = True) -> dict[str, Any]:
+              floor: bool = True, **coord_options) -> dict[str, Any]:
   """Decode steps through `n_workers` echo workers; medians of step time and hop RTT."""
   import subprocess
   import sys
@@ -140,7 +140,7 @@ def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
   ranges = {1: ["1:output"], 2: ["1:2", "3:output"], 3: ["1:1", "2:2", "3:output"]}[n_workers]
   probe = HopProbe().install()
   coord = Coordinator(EchoRunner(cfg, LayerRange.parse("0:0", cfg.n_layers)),
-                      CoordinatorOptions(port=0, route_timeout=60))
+                      CoordinatorOptions(port=0, route_timeout=60, **coord_options))
   procs = [subprocess.Popen([sys.executable, "-m", "ds4jax.bench.probe",
                              f"--serve={r}", f"--port={coord.address[1]}"])
            for r in ranges]
@@ -197,6 +197,7 @@ def main(argv=None) -> None:
   ap.add_argument("--steps", type=int, default=400)
   ap.add_argument("--gap_ms", type=float, default=0.0, help="idle time before each step")
   ap.add_argument("--no_floor", action="store_true", help="skip the raw TCP floor")
+  ap.add_argument("--spin_us", type=float, default=0.0, help="CoordinatorOptions.spin_us")
   ap.add_argument("--serve", help=argparse.SUPPRESS)
   ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
@@ -205,7 +206,8 @@ def main(argv=None) -> None:
   if a.serve:
     _serve(a.port, a.serve)
     return
-  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, floor=not a.no_floor)
+  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, floor=not a.no_floor,
+                  **({"spin_us": a.spin_us} if a.spin_us else {}))
   res["loadavg"] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in res.items()}))
 

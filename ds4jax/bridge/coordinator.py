@@ -73,6 +73,9 @@ class CoordinatorOptions:
   lease_grace_s: float = 0.1
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
   max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
+  # Busy-poll this long for a decode token's replies before blocking (0: never). Saves a
+  # wake-up per token on idle cores; costs a core while it spins (docs/benchmarks.md).
+  spin_us: float = 0.0
 
 
 class Coordinator:
@@ -192,6 +195,12 @@ class Coordinator:
   def _admit(self, sock, addr) -> None:
     peer = f"{addr[0]}:{addr[1]}"
     try:
+      if self.opt.tls is not None and transport.is_plain_ds4jax(
+          transport.peek(sock, 4, self.opt.handshake_timeout)):
+        # Answer as a TLS server would, so the worker stops (final) instead of redialing.
+        self._event(f"refused worker {peer}: it does not use TLS and this coordinator does")
+        transport.refuse_and_close(sock, transport.TLS_ALERT)
+        return
       sock = transport.secure_server(sock, key=self.opt.key, tls=self.opt.tls,
                                      timeout=self.opt.handshake_timeout)
       # HELLO carries no payload: until admission a peer cannot make us buffer any.
@@ -202,7 +211,9 @@ class Coordinator:
       reason, layers = self.check_hello(f)
       if reason:
         self._event(f"refused worker {peer}: {reason}")
-        ch.send(MsgType.REFUSE, {"reason": reason})
+        # In the peer's own frame version (REFUSE is the same JSON in every version), so a
+        # worker of another protocol version can read why and stop instead of redialing.
+        ch.send(MsgType.REFUSE, {"reason": reason}, version=f.version)
         ch.close()
         return
       wid = next(self._wids)
@@ -214,6 +225,7 @@ class Coordinator:
       with self._cv:
         if self._stop.is_set():
           ch.close()
+          link.close_wakeup()
           return
         self._links[wid] = link
       ch.send(MsgType.ACCEPT, {"worker_id": wid, "heartbeat_s": self.opt.heartbeat_s,
@@ -221,6 +233,13 @@ class Coordinator:
       log.info("accepted %r", link)
       link.reader.start()
     except Exception as e:  # anything a peer does before admission only costs its link
+      if isinstance(e, ProtocolError) and str(e).startswith(protocol.TLS_PEER):
+        # A TLS worker: any plain answer makes its TLS stack fail with "wrong version
+        # number", which it treats as final (worker.final_reason).
+        self._event(f"refused worker {peer}: it uses TLS and this coordinator does not")
+        transport.refuse_and_close(sock, protocol.encode_header(
+            MsgType.REFUSE, {"reason": "this coordinator does not use TLS"}, 0))
+        return
       log.warning("rejected connection from %s: %s: %s", peer, type(e).__name__, e)
       try:
         sock.close()
@@ -344,15 +363,13 @@ class Coordinator:
     sess = self._sessions.get(sid)
     if sess is None:
       raise KeyError(f"unknown session {sid!r}")
-    tokens = [int(t) for t in transcript]
-    if not tokens:
+    if not len(transcript):
       raise ValueError("transcript is empty")
-    if len(tokens) > self.ctx:
-      raise ValueError(f"transcript of {len(tokens)} tokens exceeds ctx {self.ctx}")
-    if min(tokens) < 0 or max(tokens) >= self.vocab_size:
-      raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+    if len(transcript) > self.ctx:
+      raise ValueError(f"transcript of {len(transcript)} tokens exceeds ctx {self.ctx}")
     stepper = Stepper(self, sess)
     with sess.lock:
+      tokens = _checked(transcript, sess.tokens, self.vocab_size)
       sess.last_used = time.monotonic()
       self._evict_idle(keep=sid)
       recoveries = mismatches = 0
@@ -407,3 +424,18 @@ class Coordinator:
 
   def window(self, n_hops: int) -> int:
     return self.opt.window or min(max(n_hops + 2, 2), 8)
+
+
+def _checked(transcript: Sequence[int], held: list[int], vocab_size: int) -> list[int]:
+  """The transcript as a list of ints in [0, vocab_size). A decode step's transcript is the
+  session's timeline plus one token: that prefix was checked before, so only the new tokens
+  are converted and checked (the rest is one C-level list comparison)."""
+  n = len(held)
+  if n and type(transcript) is list and len(transcript) > n and transcript[:n] == held:  # noqa: E721
+    new = [int(t) for t in transcript[n:]]
+    tokens = held + new
+  else:
+    tokens = new = [int(t) for t in transcript]
+  if min(new) < 0 or max(new) >= vocab_size:
+    raise ValueError(f"token ids must be in [0, {vocab_size})")
+  return tokens

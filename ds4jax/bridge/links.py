@@ -1,9 +1,15 @@
 """The coordinator's side of one worker connection: requests with deadlines, replies by id.
 
-One reader thread per link turns RESULT/ERROR frames into callbacks on the pending request
-they answer. The coordinator's monitor thread calls `check()` to send heartbeats and to
-declare the link dead when the worker has been silent longer than `dead_after` or a
-request outlived its deadline; `fail()` then completes every pending request with the error.
+Whoever reads a RESULT/ERROR frame turns it into a callback on the pending request it
+answers. Normally that is the link's reader thread. A stepping thread that waits for one
+decode token instead *claims* the links of its route (`read_direct`) and reads them itself:
+the reply is parsed, relayed to the next hop and handed to the step on the thread that
+waits for it, with no thread hand-off. While claims are held, and for `_LINGER_S` after
+(between two decode steps) while no request is pending, the reader thread stays parked, so
+it is not woken on every token either. The coordinator's monitor thread calls `check()` to
+send heartbeats and to declare the link dead when the worker has been silent longer than
+`dead_after` or a request outlived its deadline; `fail()` then completes every pending
+request with the error.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import select
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -26,6 +34,9 @@ log = logging.getLogger("ds4jax.bridge.coordinator")
 # callback(frame or None, error or None); runs on the link's reader (or monitor) thread.
 Callback = Callable[[protocol.Frame | None, BaseException | None], None]
 _req_ids = itertools.count(1)
+# After a direct read, the reader thread stays parked this long unless a request is pending
+# (the next decode step claims the link again, usually well within it).
+_LINGER_S = 0.05
 
 
 @dataclasses.dataclass
@@ -58,6 +69,18 @@ class WorkerLink:
     self._last_ping = time.monotonic()
     self.ready = False
     self.alive = True
+    # Reading: `_rlock` is held by whoever reads frames (the reader thread for one frame,
+    # or a claiming stepper for its whole wait); `_rd` guards the claim bookkeeping.
+    self._rlock = threading.Lock()
+    self._rd = threading.Condition()
+    self._claims = 0
+    self._stepper_reads = False
+    self._linger_until = 0.0
+    self._parked = False
+    self._selecting = False
+    self._wake_r, self._wake_w = socket.socketpair()
+    self._wake_r.setblocking(False)
+    self._wake_w.setblocking(False)
     self.reader = threading.Thread(target=self._read_loop, daemon=True,
                                    name=f"ds4jax-link-{wid}")
 
@@ -76,6 +99,12 @@ class WorkerLink:
       if not self.alive:
         raise LinkLost(f"{self} is gone")
       self._pending[req] = _Pending(time.monotonic() + self.request_timeout, callback)
+    if not self._claims:  # nobody reads this link directly: the reader thread must
+      with self._rd:
+        if not self._claims:
+          self._linger_until = 0.0
+          if self._parked:
+            self._rd.notify_all()
     try:
       return self.ch.send(mtype, header, payload)
     except LinkLost as e:
@@ -94,22 +123,113 @@ class WorkerLink:
 
   # ------------------------------------------------------------------------------- reading
   def _read_loop(self) -> None:
+    idle = max(self.heartbeat_s, 0.05)
     try:
       while self.alive:
+        with self._rd:
+          while self.alive and (self._claims or time.monotonic() < self._linger_until):
+            self._parked = True
+            self._rd.wait(max(0.0, self._linger_until - time.monotonic()) or idle)
+          self._parked = False
+          self._selecting = True
         try:
-          f = self.ch.recv(idle_timeout=max(self.heartbeat_s, 0.05))
-        except protocol.IdleTimeout:
+          readable = _wait_any([self.ch.sock, self._wake_r], idle)
+        finally:
+          with self._rd:
+            self._selecting = False
+        if self._wake_r in readable:
+          _drain(self._wake_r)
+        if self.ch.sock not in readable or self._claims:
           continue
-        if f.type in (MsgType.RESULT, MsgType.ERROR):
-          self._complete(f)
-        elif f.type == MsgType.READY:
-          self.ready = True
-          self._on_change(self, None)  # the route may now form
-        elif f.type != MsgType.PONG:
-          raise ProtocolError(f"unexpected {f.type.name} frame from a worker")
+        if not self._rlock.acquire(blocking=False):
+          continue  # a stepper reads
+        try:
+          if self._claims or not self.alive:
+            continue
+          try:
+            f = self.ch.recv(idle_timeout=0.0)
+          except protocol.IdleTimeout:
+            continue
+          self._dispatch(f)
+        finally:
+          self._rlock.release()
     except EOFError:
       self.fail(LinkLost(f"{self} closed the connection"))
-    except (OSError, BridgeError) as e:
+    except (OSError, ValueError, BridgeError) as e:
+      self.fail(e if isinstance(e, LinkLost) else LinkLost(f"{self}: {e}"))
+    finally:
+      self.close_wakeup()
+
+  def close_wakeup(self) -> None:
+    """Closes the reader thread's wake-up pair (at its exit; or when it never started)."""
+    for s in (self._wake_r, self._wake_w):
+      try:
+        s.close()
+      except OSError:
+        pass
+
+  def _dispatch(self, f: protocol.Frame) -> None:
+    if f.type in (MsgType.RESULT, MsgType.ERROR):
+      self._complete(f)
+    elif f.type == MsgType.READY:
+      self.ready = True
+      self._on_change(self, None)  # the route may now form
+    elif f.type != MsgType.PONG:
+      raise ProtocolError(f"unexpected {f.type.name} frame from a worker")
+
+  def try_claim(self) -> bool:
+    """Takes over reading this link for the calling thread; False if another stepper reads
+    it (or it is gone). Pair with `unclaim`."""
+    with self._rd:
+      if not self.alive or self._stepper_reads:
+        return False  # another stepper reads it (for its whole step): do not wait for it
+      self._claims += 1
+      selecting = self._selecting
+    if selecting:  # the reader thread sits in select on the socket: move it out of the way
+      try:
+        self._wake_w.send(b"\0")
+      except OSError:
+        pass
+    # The reader thread (or a stepper that just claimed) holds it only briefly.
+    if self._rlock.acquire(timeout=0.01):
+      with self._rd:
+        self._stepper_reads = True
+      return True
+    self._release_claim()
+    return False
+
+  def unclaim(self) -> None:
+    with self._rd:
+      self._stepper_reads = False
+    self._rlock.release()
+    self._release_claim()
+
+  def _release_claim(self) -> None:
+    with self._rd:
+      self._claims -= 1
+      if self._claims == 0:
+        with self._lock:
+          waiting = bool(self._pending)
+        # Someone else waits for a reply: read now. Else park a little (next decode step).
+        self._linger_until = 0.0 if waiting else time.monotonic() + _LINGER_S
+        if waiting or not self.alive:
+          self._rd.notify_all()
+
+  def read_claimed(self) -> None:
+    """Reads and dispatches one frame if one is waiting (the caller holds a claim)."""
+    try:
+      f = self.ch.recv(idle_timeout=0.0)
+    except protocol.IdleTimeout:
+      return
+    except EOFError:
+      self.fail(LinkLost(f"{self} closed the connection"))
+      return
+    except (OSError, ValueError, BridgeError) as e:
+      self.fail(e if isinstance(e, LinkLost) else LinkLost(f"{self}: {e}"))
+      return
+    try:
+      self._dispatch(f)
+    except BridgeError as e:
       self.fail(e if isinstance(e, LinkLost) else LinkLost(f"{self}: {e}"))
 
   def _complete(self, f: protocol.Frame) -> None:
@@ -158,6 +278,12 @@ class WorkerLink:
       pending, self._pending = self._pending, {}
     log.warning("dropping %s: %s", self, err)
     self.ch.close()
+    with self._rd:
+      self._rd.notify_all()  # a parked reader thread exits
+    try:
+      self._wake_w.send(b"\0")
+    except OSError:
+      pass
     self.residency.close(err)
     for p in pending.values():
       try:
@@ -165,3 +291,65 @@ class WorkerLink:
       except Exception:  # a callback must never kill the reader or monitor
         log.exception("request callback failed")
     self._on_change(self, err)
+
+
+def _wait_any(socks, timeout: float) -> list:
+  """The subset of socks that can be read now or within timeout (TLS buffers included)."""
+  ready = [s for s in socks if getattr(s, "pending", None) is not None and s.pending()]
+  if ready:
+    return ready
+  r, _, _ = select.select(socks, [], [], timeout)
+  return r
+
+
+def _drain(sock) -> None:
+  try:
+    while sock.recv(4096):
+      pass
+  except OSError:
+    pass
+
+
+def claim_all(links) -> list[WorkerLink] | None:
+  """Claims every link for direct reading by the calling thread (in worker-id order), or
+  none of them (None: another stepper reads one; wait for the reader threads instead)."""
+  claimed: list[WorkerLink] = []
+  for link in sorted(set(links), key=lambda l: l.wid):
+    if not link.try_claim():
+      unclaim_all(claimed)
+      return None
+    claimed.append(link)
+  return claimed
+
+
+def unclaim_all(claimed) -> None:
+  for link in claimed:
+    link.unclaim()
+
+
+def read_until(claimed, done: Callable[[], bool], poll_s: float = 0.25,
+               spin_s: float = 0.0) -> None:
+  """Reads the claimed links on this thread until done(); replies run their callbacks here.
+  Returns early once every link is gone (fail() completed their requests with errors).
+
+  spin_s > 0 polls (busy, without sleeping) that long before each blocking wait, like
+  distributed-llama's "turbo": it saves the wake-up latency on idle cores and burns a core.
+  """
+  while not done():
+    live = [l for l in claimed if l.alive]
+    if not live:
+      return
+    socks = [l.ch.sock for l in live]
+    try:
+      ready = []
+      if spin_s:
+        end = time.perf_counter() + spin_s
+        while not ready and time.perf_counter() < end:
+          ready = _wait_any(socks, 0.0)
+      if not ready:
+        ready = _wait_any(socks, poll_s)
+    except (OSError, ValueError):  # a socket closed under us: fail() ran
+      continue
+    for l in live:
+      if l.ch.sock in ready:
+        l.read_claimed()

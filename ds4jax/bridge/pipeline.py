@@ -12,7 +12,7 @@ import dataclasses
 import threading
 from typing import Any, Callable, Sequence
 
-from ds4jax.bridge import protocol, tensors
+from ds4jax.bridge import links, protocol, tensors
 from ds4jax.bridge.errors import BridgeError, LinkLost, ProtocolError
 from ds4jax.bridge.links import WorkerLink
 
@@ -25,6 +25,7 @@ class Chunk:
   hash_after: int
   want: str  # what the final hop returns: 'ack' or 'out'
   result: protocol.Frame | None = None
+  hashes: list[int] | None = None  # the rolling hash after each token, when known
 
 
 @dataclasses.dataclass
@@ -46,11 +47,17 @@ class Pass:
     extra: header fields for the final hop's 'out' request (sampling, step, ...).
     out_dtype: wire dtype for activations between hops.
     on_done(i, chunk, frame): called when hop i finished a chunk (before relaying).
+    direct: the pass is one chunk (a decode token): `wait` reads the replies on the calling
+      thread (links.claim_all), relaying between hops there too, instead of waking up for
+      each reader thread's callback. Falls back to the reader threads when another stepper
+      reads one of the links.
+    spin_s: with direct, busy-poll this long before each blocking wait (links.read_until).
   """
 
   def __init__(self, sid: str, hops: Sequence[WorkerLink], *, window: int,
                extra: dict[str, Any], out_dtype: str,
-               on_done: Callable[[int, Chunk, protocol.Frame], None]):
+               on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False,
+               spin_s: float = 0.0):
     self.sid = sid
     self.hops = list(hops)
     self.window = max(1, window)
@@ -61,6 +68,9 @@ class Pass:
     self.error: BaseException | None = None
     self._cv = threading.Condition()
     self._in_flight = 0
+    self._direct = direct
+    self._spin_s = spin_s
+    self._claimed: list[WorkerLink] | None = None
 
   # ------------------------------------------------------------------------------ driving
   def acquire(self) -> bool:
@@ -75,10 +85,19 @@ class Pass:
 
   def submit(self, chunk: Chunk, desc: dict[str, Any] | None, x: bytes) -> None:
     """Sends an acquired chunk to the first hop (desc None: the hop embeds tokens itself)."""
+    if self._direct and self._claimed is None:
+      # Claimed before the first send: a reply must not wake a reader thread.
+      self._claimed = links.claim_all(self.hops) or []
     self._send(0, chunk, desc, x)
 
   def wait(self) -> None:
     """Waits until every submitted chunk settled; raises the first error."""
+    claimed, self._claimed = self._claimed, None
+    if claimed:
+      try:
+        links.read_until(claimed, lambda: not self._in_flight, spin_s=self._spin_s)
+      finally:
+        links.unclaim_all(claimed)
     with self._cv:
       while self._in_flight:
         self._cv.wait()
@@ -172,9 +191,9 @@ def chunks_of(tokens: Sequence[int], pos0: int, hash0: int, size: int, final_wan
   out, h = [], hash0
   for s in range(0, len(tokens), size):
     part = [int(t) for t in tokens[s:s + size]]
-    h2 = protocol.fnv1a64(part, h)
-    out.append(Chunk(pos0 + s, part, h, h2, "ack"))
-    h = h2
+    steps = protocol.fnv1a64_steps(part, h)
+    out.append(Chunk(pos0 + s, part, h, steps[-1], "ack", hashes=steps))
+    h = steps[-1]
   if out:
     out[-1].want = final_want
   return out

@@ -52,12 +52,12 @@ class CoordSession:
     self._cache_lock = threading.Lock()
 
   # ------------------------------------------------------------------------------ timeline
-  def append(self, toks) -> None:
-    h = self.hashes[-1]
-    for t in toks:
-      h = protocol.fnv1a64((t,), h)
-      self.tokens.append(int(t))
-      self.hashes.append(h)
+  def append(self, toks, hashes: list[int] | None = None) -> None:
+    """Extends the timeline; `hashes` = protocol.fnv1a64_steps(toks, self.hashes[-1]) when
+    the caller has them already."""
+    self.hashes.extend(protocol.fnv1a64_steps(toks, self.hashes[-1]) if hashes is None
+                       else hashes)
+    self.tokens.extend(int(t) for t in toks)
 
   def reset(self) -> None:
     self.tokens, self.hashes, self.local_state, self.held = [], [protocol.FNV_INIT], None, {}
@@ -119,11 +119,7 @@ class Stepper:
           return_logits: bool) -> StepResult:
     sess, coord = self.sess, self.coord
     dtype = sess.dtype if all(sess.dtype in h.dtypes for h in hops) else "f32"
-    p = 0
-    for a, b in zip(sess.tokens, transcript):
-      if a != b:
-        break
-      p += 1
+    p = _common_prefix(sess.tokens, transcript)
     p = min(p, len(transcript) - 1)
     # Lower p until every lagging hop can be caught up from cached inputs.
     changed = True
@@ -158,7 +154,8 @@ class Stepper:
 
     extra = _sampling_fields(sampling, step, top_logprobs, return_logits)
     ps = Pass(sess.sid, hops, window=coord.window(len(hops)), extra=extra, out_dtype=dtype,
-              on_done=lambda i, c, f: self._hop_done(hops, i, c, f))
+              on_done=lambda i, c, f: self._hop_done(hops, i, c, f), direct=len(chunks) == 1,
+              spin_s=coord.opt.spin_us * 1e-6)
     for c in chunks:
       if not ps.acquire():
         break
@@ -192,7 +189,7 @@ class Stepper:
     except BaseException:
       sess.reset()  # the local state may have been donated half-way: start over cleanly
       raise
-    sess.append(c.tokens)
+    sess.append(c.tokens, c.hashes)
     return out, state, dt
 
   def _rewind(self, p: int) -> None:
@@ -225,6 +222,18 @@ class Stepper:
     ps.wait()
     coord._event(f"session {sess.sid}: rebuilt the KV of {hop!r} by replaying positions "
                  f"{lo}..{hi} through that stage only")
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = len(a)
+  if len(b) >= n and b[:n] == a:  # a decode step: all of a (one C-level comparison)
+    return n
+  p = 0
+  for x, y in zip(a, b):
+    if x != y:
+      break
+    p += 1
+  return p
 
 
 def _sampling_fields(sampling, step: int, top_logprobs: int, return_logits: bool,

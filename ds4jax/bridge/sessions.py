@@ -79,12 +79,12 @@ class SessionStore:
       return s, evicted
 
   @staticmethod
-  def commit(s: Session, tokens, state) -> None:
-    h = s.hashes[-1]
-    for t in tokens:
-      h = protocol.fnv1a64((int(t),), h)
-      s.tokens.append(int(t))
-      s.hashes.append(h)
+  def commit(s: Session, tokens, state, hashes: list[int] | None = None) -> None:
+    """Appends tokens (ints) to s; `hashes` = protocol.fnv1a64_steps(tokens, s.hashes[-1])
+    when the caller has them already."""
+    tokens = [int(t) for t in tokens]
+    s.hashes.extend(protocol.fnv1a64_steps(tokens, s.hashes[-1]) if hashes is None else hashes)
+    s.tokens.extend(tokens)
     s.state = state
 
   def get(self, sid: str) -> Session | None:

@@ -10,6 +10,7 @@ optional pre-shared-key HMAC handshake of `auth.py`, before any protocol frame.
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
@@ -64,6 +65,49 @@ def secure_client(sock, *, key: bytes | None = None, tls=None, server_hostname=N
   from ds4jax.bridge import auth
   return auth.secure_client(sock, key=key, ssl_ctx=tls, server_hostname=server_hostname,
                             timeout=timeout)
+
+
+# What a TLS server sends a peer that is not speaking TLS: one plaintext fatal
+# handshake_failure alert record. A ds4jax peer without TLS reads it where its first frame
+# (or auth message) should start and stops with protocol.TLS_PEER instead of redialing.
+TLS_ALERT = bytes((0x15, 3, 3, 0, 2, 2, 40))
+
+
+def peek(sock, n: int, timeout: float) -> bytes:
+  """Up to n of the first bytes the peer sent, left unread; b"" if none came within timeout
+  (or sock is a test wrapper that cannot peek)."""
+  if not isinstance(sock, socket.socket):
+    return b""
+  try:
+    if not select.select([sock], [], [], timeout)[0]:
+      return b""
+    return sock.recv(n, socket.MSG_PEEK)
+  except OSError:
+    return b""
+
+
+def is_plain_ds4jax(head: bytes) -> bool:
+  """The peer's first bytes are a ds4jax frame or auth message in plain text."""
+  return head[:3] == b"DS4"
+
+
+def refuse_and_close(sock, data: bytes, linger: float = 1.0) -> None:
+  """Sends data, then reads until the peer closes (at most `linger` s) before closing: a
+  close with unread input sends a reset, which may discard data the peer has not read."""
+  try:
+    sock.settimeout(linger)
+    sock.sendall(data)
+    sock.shutdown(socket.SHUT_WR)
+    deadline = time.monotonic() + linger
+    while time.monotonic() < deadline and sock.recv(4096):
+      pass
+  except OSError:
+    pass
+  finally:
+    try:
+      sock.close()
+    except OSError:
+      pass
 
 
 class Channel:

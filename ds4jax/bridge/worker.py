@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import random
 import socket
@@ -133,6 +134,7 @@ class Worker:
         self._stop.wait(delay * (0.5 + random.random()))
         delay = min(delay * 2, self.opt.backoff_max)
         continue
+      accepted = False
       try:
         sock = transport.secure_client(sock, key=self.opt.key, tls=self.opt.tls,
                                        server_hostname=self.opt.tls_server_name or self.addr[0],
@@ -140,12 +142,14 @@ class Worker:
         ch = transport.Channel(sock, f"{self.addr[0]}:{self.addr[1]}",
                                frame_timeout=self.opt.frame_timeout)
         hb = self._handshake(ch)
+        accepted = True
         delay = self.opt.backoff_min
         self._serve(ch, hb)
       except HandshakeRefused:
         raise
       except Exception as e:  # auth failures, lost links and the like
-        reason = final_reason(e)
+        # Only a failure to get in is final: later, a broken stream is a lost link.
+        reason = None if accepted else final_reason(e)
         if reason is not None:  # redialing cannot fix a wrong key or certificate: stop
           log.error("coordinator %s:%d rejected this worker: %s", *self.addr, reason)
           raise HandshakeRefused(reason) from None
@@ -178,8 +182,12 @@ class Worker:
   def _handshake(self, ch: transport.Channel) -> float:
     ch.send(MsgType.HELLO, self.hello(), version=self.opt.protocol_version)
     ch.max_payload, cap = 0, ch.max_payload  # ACCEPT/REFUSE carry no payload
-    f = ch.recv(idle_timeout=self.opt.connect_timeout + 5)
+    # Any version: a coordinator of another protocol version refuses us in its own frames.
+    f = ch.recv(idle_timeout=self.opt.connect_timeout + 5, any_version=True)
     ch.max_payload = cap
+    if f.version != self.opt.protocol_version and f.type != MsgType.REFUSE:
+      raise HandshakeRefused(f"protocol version mismatch: the coordinator speaks version "
+                             f"{f.version}, this worker {self.opt.protocol_version}")
     if f.type == MsgType.REFUSE:
       reason = str(f.header.get("reason", "no reason given"))
       log.error("coordinator refused this worker: %s", reason)
@@ -193,6 +201,11 @@ class Worker:
     self._chunk = field(f.header, "prefill_chunk", int, default=0, lo=0, hi=1 << 20)
     return hb
 
+  @property
+  def warm_sizes(self) -> tuple[int, ...]:
+    """The chunk sizes the warm-up runs (known once ACCEPT named the prefill chunk)."""
+    return (1, self._chunk) if self.opt.warmup else ()
+
   def _prepare(self, ch: transport.Channel) -> None:
     """Loads the slice (once) and compiles its shapes, then says READY. Runs on the compute
     thread, so the reader keeps answering heartbeats meanwhile."""
@@ -202,7 +215,7 @@ class Worker:
       log.info("loaded layers %s in %.1fs", self.layers.describe(), time.monotonic() - t0)
     if self.opt.warmup:
       t0 = time.monotonic()
-      warmup(self.runner, (1, self._chunk))
+      warmup(self.runner, self.warm_sizes)
       log.info("compiled chunk shapes in %.1fs", time.monotonic() - t0)
     ch.send(MsgType.READY, {})
     log.info("serving layers %s for coordinator %s", self.layers.describe(), ch.peer)
@@ -357,9 +370,12 @@ class Worker:
     hb_ = protocol.parse_hash(h.get("hb"), "hb")
     ha = protocol.parse_hash(h.get("ha"), "ha")
     tokens = protocol.tokens_from_bytes(f.payload, n)
-    if int(tokens.max(initial=0)) >= self.vocab_size:
-      raise ProtocolError(f"token id {int(tokens.max())} >= vocab {self.vocab_size}")
-    if protocol.fnv1a64(tokens.tolist(), hb_) != ha:
+    toks = tokens.tolist()
+    if not 0 <= min(toks) <= max(toks) < self.vocab_size:  # ids >= 2**31 read as negative
+      bad = max(toks) if max(toks) >= self.vocab_size else min(toks) & 0xFFFFFFFF
+      raise ProtocolError(f"token id {bad} is outside the vocab [0, {self.vocab_size})")
+    hashes = protocol.fnv1a64_steps(toks, hb_)  # kept for the session: hashed once
+    if hashes[-1] != ha:
       raise ProtocolError("work token prefix hash metadata mismatch")
     x = None
     if not self.layers.embeds:
@@ -382,7 +398,7 @@ class Worker:
     except Exception:
       self.sessions.drop(sid)  # the state may be half-updated
       raise
-    self.sessions.commit(s, tokens.tolist(), state)
+    self.sessions.commit(s, toks, state, hashes)
     t2 = time.monotonic()
     res: dict[str, Any] = {"req": req, "sid": sid, "ha": protocol.hash_hex(ha)}
     payload = b""
@@ -400,17 +416,27 @@ class Worker:
     return res, payload
 
 
+_COORD_TLS = ("the coordinator uses TLS and this worker does not: give the worker --tls_ca "
+              "(its certificate) or --tls")
+
+
 def final_reason(e: BaseException) -> str | None:
   """The reason when a failed connection attempt cannot succeed by redialing (a key or
   certificate the coordinator rejects, or the reverse), else None (refused connection,
   coordinator restarting, a broken link: keep redialing with backoff)."""
   from ds4jax.bridge import auth  # stdlib only
+  if isinstance(e, ProtocolError) and protocol.TLS_PEER in str(e):
+    return _COORD_TLS
   if isinstance(e, auth.AuthError):
     if e.reason in (auth.WRONG_KEY, auth.NO_AUTH, auth.VERSION_MISMATCH):
       return str(e)
-    if e.reason == "TLS failed" and "CERTIFICATE_VERIFY_FAILED" in str(e).upper().replace(
-        " ", "_"):
+    text = str(e).upper().replace(" ", "_")
+    if e.reason == "TLS failed" and "CERTIFICATE_VERIFY_FAILED" in text:
       return str(e)
+    if e.reason == "TLS failed" and "WRONG_VERSION_NUMBER" in text:
+      # The answer to our ClientHello was plain text: no TLS on the other side.
+      return ("the coordinator does not use TLS (it answered the TLS handshake in plain "
+              "text): dial it without --tls/--tls_ca, or start it with --tls_cert/--tls_key")
     return None
   if isinstance(e, ProtocolError) and "expects a pre-shared key handshake" in str(e):
     return f"auth failed: {e}"  # we have no key, the coordinator wants one
@@ -426,11 +452,18 @@ def warmup(runner, sizes) -> None:
     runner.forward(runner.init_state(), np.zeros((t,), np.int32), hc, 0)
 
 
+@functools.cache
+def _greedy():
+  from ds4jax.generate import sampling
+  return sampling.SamplingParams()
+
+
 def sample_result(logits_V: np.ndarray, h: dict[str, Any]) -> dict[str, Any]:
   """Samples the head stage's last logits row with the coordinator's parameters."""
   from ds4jax.generate import sampling  # numpy only; imported lazily to keep bridge light
-  try:
-    params = sampling.SamplingParams.from_dict(field(h, "s", dict, default={}))
+  s = field(h, "s", dict, default=None)
+  try:  # absent: greedy, the default parameters (built once)
+    params = _greedy() if s is None else sampling.SamplingParams.from_dict(s)
   except (TypeError, ValueError) as e:  # wrong types from the wire, not a compute error
     raise ProtocolError(f"bad sampling parameters: {e}") from None
   step = field(h, "st", int, default=0, lo=0)

@@ -99,7 +99,8 @@ def test_large_payload_still_arrives_intact():
 
 def test_other_protocol_versions_are_refused_unless_asked_for():
   data = head(version=1) + b"{}"
-  with pytest.raises(ProtocolError, match="protocol version 1, this side 2"):
+  with pytest.raises(ProtocolError, match="protocol version mismatch: the peer speaks version 1, "
+                     f"this side {protocol.PROTOCOL_VERSION}"):
     recv(data)
   a, b = socket.socketpair()
   try:

@@ -36,8 +36,8 @@ def test_roundtrip_small_and_large(pair):
 
 
 def test_header_layout_is_network_order():
-  head = protocol.encode_header(MsgType.RESULT, {}, 7)
-  assert head[:16] == struct.pack("!4sBBHII", b"DS4J", 2, 6, 0, 2, 7)
+  head = protocol.encode_header(MsgType.RESULT, {}, 7)  # no binary core fields: JSON, flags 0
+  assert head[:16] == struct.pack("!4sBBHII", b"DS4J", protocol.PROTOCOL_VERSION, 6, 0, 2, 7)
 
 
 def test_eof_between_frames_vs_inside(pair):
