@@ -45,7 +45,7 @@ class HopProbe:
     probe = self
     orig_request, orig_encode = links.WorkerLink.request, tensors.encode
 
-    def request(link, header, payload, callback):
+    def request(link, header, payload, callback, **kw):
       rec: dict[str, Any] = {"layers": str(link.layers), "n": int(header.get("n", 0)),
                              "want": header.get("w"), "t_start": time.perf_counter()}
 
@@ -58,7 +58,7 @@ class HopProbe:
             rec["compute_s"], rec["queue_s"] = tel[0] * 1e-6, tel[1] * 1e-6
         callback(f, err)
 
-      n = orig_request(link, header, payload, on_reply)
+      n = orig_request(link, header, payload, on_reply, **kw)
       rec["t_sent"] = time.perf_counter()
       rec["bytes_in"] = int(n)
       probe._add(rec)
@@ -196,6 +196,7 @@ def main(argv=None) -> None:
   ap.add_argument("--workers", type=int, default=1, choices=(1, 2, 3))
   ap.add_argument("--steps", type=int, default=400)
   ap.add_argument("--gap_ms", type=float, default=0.0, help="idle time before each step")
+  ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding")
   ap.add_argument("--no_floor", action="store_true", help="skip the raw TCP floor")
   ap.add_argument("--spin_us", type=float, default=0.0, help="CoordinatorOptions.spin_us")
   ap.add_argument("--serve", help=argparse.SUPPRESS)
@@ -206,7 +207,7 @@ def main(argv=None) -> None:
   if a.serve:
     _serve(a.port, a.serve)
     return
-  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, floor=not a.no_floor,
+  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, prompt=a.prompt, floor=not a.no_floor,
                   **({"spin_us": a.spin_us} if a.spin_us else {}))
   res["loadavg"] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in res.items()}))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds4jax.bridge import protocol
+from ds4jax.bridge import headers, protocol
 from ds4jax.bridge.errors import HandshakeRefused, ProtocolError
 from ds4jax.bridge.protocol import FLAG_BINARY, MsgType
 from ds4jax.bridge.worker import Worker, WorkerOptions
@@ -130,7 +130,7 @@ def test_any_header_comes_back_exactly(mtype, header, with_core):
   if with_core:  # so that most examples take the binary path
     header = {**(WORK if mtype == MsgType.WORK else RESULT), **header}
   flags, body = protocol.encode_control(mtype, header)
-  decoded = ((protocol._work_from_bin if mtype == MsgType.WORK else protocol._result_from_bin)
+  decoded = ((headers.work_from_bin if mtype == MsgType.WORK else headers.result_from_bin)
              (body) if flags else json.loads(body))
   assert decoded == header
 
