@@ -103,49 +103,48 @@ class MoE(nnx.Module):
     return routed_TD + shared_TD
 
   def _grouped(self, x_TD, idx_TK, w_TK, block: int = GROUP_BLOCK):
-    """Routed experts for many tokens: (token, expert) pairs sorted by expert, each expert's
-    rows padded to whole blocks, one [block, D] matmul chain per block in a rolled loop.
+    """Routed experts for many tokens: the (token, expert) pairs sorted by expert, then a
+    rolled loop over the experts that slices each expert's weights once and runs its pairs
+    in blocks of `block` rows, only as many blocks as it has pairs (a dynamic trip count, so
+    no work on padding blocks: a static bound costs ~20% more expert FLOPs on bench prefill).
 
     Pipeline:
-      1. P = T*k pairs; rank of each pair within its expert (stable sort by expert);
-      2. row of pair p = expert offset (padded to blocks) + rank; static bound on rows;
-      3. gather token rows [n_blocks, block, D] (padding rows read a zero row);
-      4. per block: SwiGLU expert of that block, weighted rows;
-      5. scatter-add rows back to tokens.
+      1. P = T*k pairs, stably sorted by expert: token, weight and input row per sorted slot
+         (plus `block` zero rows, so the last block never reads or writes out of range);
+      2. per expert e (ascending): blocks at slots first_e + b*block, b < ceil(count_e/block):
+         SwiGLU expert, rows weighted, written at their slots. A block running past e's last
+         pair writes slots of later experts, which rewrite them on their turn;
+      3. each token sums its k rows (gathered from their slots).
     """
     t, d = x_TD.shape
     e_n, k = self.n_experts, self.k
-    e_P = idx_TK.reshape(-1)
-    tok_P = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    w_P = w_TK.reshape(-1)
     n_pairs = t * k
+    e_P = idx_TK.reshape(-1)
+    order_S = jnp.argsort(e_P, stable=True).astype(jnp.int32)  # sorted slot -> pair
     count_E = jnp.zeros((e_n,), jnp.int32).at[e_P].add(1)
-    padded_E = (count_E + block - 1) // block * block
-    start_E = jnp.cumsum(padded_E) - padded_E
-    first_E = jnp.cumsum(count_E) - count_E  # first sorted index of each expert
-    order_P = jnp.argsort(e_P, stable=True)
-    rank_P = jnp.zeros((n_pairs,), jnp.int32).at[order_P].set(
-        jnp.arange(n_pairs, dtype=jnp.int32) - first_E[e_P[order_P]])
-    row_P = start_E[e_P] + rank_P
-    n_rows = _grouped_rows(n_pairs, e_n, block)
-    row_tok = jnp.full((n_rows,), t, jnp.int32).at[row_P].set(tok_P)
-    row_w = jnp.zeros((n_rows,), jnp.float32).at[row_P].set(w_P)
-    n_blocks = n_rows // block
-    block_start = jnp.arange(n_blocks, dtype=jnp.int32) * block
-    block_e = jnp.clip(jnp.searchsorted(start_E + padded_E, block_start, side="right"), 0,
-                       e_n - 1).astype(jnp.int32)
-    x_pad = jnp.concatenate([x_TD.astype(jnp.float32), jnp.zeros((1, d), jnp.float32)])
-    xb_NBD = x_pad[row_tok].reshape(n_blocks, block, d)
-    wb_NB = row_w.reshape(n_blocks, block)
+    first_E = jnp.cumsum(count_E) - count_E  # first slot of each expert
+    x_SD = jnp.concatenate([x_TD.astype(jnp.float32)[order_S // k],
+                            jnp.zeros((block, d), jnp.float32)])
+    w_S = jnp.concatenate([w_TK.reshape(-1)[order_S], jnp.zeros((block,), jnp.float32)])
     gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
 
-    def one_block(args):
-      xb_BD, e, wb_B = args
-      g_BF = ops.einsum("BD,FD->BF", xb_BD, jax.lax.dynamic_index_in_dim(gate_EFD, e, 0, False))
-      u_BF = ops.einsum("BD,FD->BF", xb_BD, jax.lax.dynamic_index_in_dim(up_EFD, e, 0, False))
-      h_BF = swiglu(g_BF, u_BF, self.limit) * wb_B[:, None]
-      return ops.einsum("BF,DF->BD", h_BF, jax.lax.dynamic_index_in_dim(down_EDF, e, 0, False))
+    def one_expert(e, y_SD):
+      g_FD = jax.lax.dynamic_index_in_dim(gate_EFD, e, 0, False)
+      u_FD = jax.lax.dynamic_index_in_dim(up_EFD, e, 0, False)
+      d_DF = jax.lax.dynamic_index_in_dim(down_EDF, e, 0, False)
 
-    y_NBD = jax.lax.map(one_block, (xb_NBD, block_e, wb_NB))
-    out_TD = jnp.zeros((t + 1, d), jnp.float32).at[row_tok].add(y_NBD.reshape(n_rows, d))
-    return out_TD[:t]
+      def one_block(b, y_SD):
+        s = first_E[e] + b * block
+        xb_BD = jax.lax.dynamic_slice_in_dim(x_SD, s, block)
+        wb_B = jax.lax.dynamic_slice_in_dim(w_S, s, block)
+        h_BF = swiglu(ops.einsum("BD,FD->BF", xb_BD, g_FD), ops.einsum("BD,FD->BF", xb_BD, u_FD),
+                      self.limit) * wb_B[:, None]
+        return jax.lax.dynamic_update_slice_in_dim(y_SD, ops.einsum("BF,DF->BD", h_BF, d_DF),
+                                                   s, 0)
+
+      return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
+
+    y_SD = jax.lax.fori_loop(0, e_n, one_expert, jnp.zeros((n_pairs + block, d), jnp.float32))
+    slot_P = jnp.zeros((n_pairs,), jnp.int32).at[order_S].set(
+        jnp.arange(n_pairs, dtype=jnp.int32))
+    return jnp.sum(y_SD[slot_P].reshape(t, k, d), axis=1)
