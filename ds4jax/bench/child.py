@@ -27,7 +27,9 @@ def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bridge.launch import load_runner
   from ds4jax.generate.local import LocalBackend
   t0 = time.perf_counter()
-  runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"])
+  # The decode and chunk shapes compile before the weights load, as on every split stage.
+  runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"],
+                       compile_sizes=(1, spec["chunk"]))
   backend = LocalBackend([runner], prefill_chunk=spec["chunk"])
   load_s = time.perf_counter() - t0
   res = measure.bench_backend(backend, ids, prompt_lens=spec["prompt_lens"],
@@ -51,7 +53,8 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     pathlib.Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
   coord_range, worker_ranges = spec["ranges"][0], spec["ranges"][1:]
   t0 = time.perf_counter()
-  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"])
+  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"],
+                       compile_sizes=(1, spec["chunk"]))
   # Generous deadlines: a worker compiling on a loaded 2-core machine is slow, not dead.
   coord = Coordinator(runner, CoordinatorOptions(
       port=0, prefill_chunk=spec["chunk"], request_timeout=1800.0, route_timeout=900.0,

@@ -7,18 +7,18 @@ from ds4jax.config import LayerRange, LayerRangeError
 
 
 def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
-                dtype: str | None = None, max_chunk: int = 256):
+                dtype: str | None = None, max_chunk: int = 256, compile_sizes=()):
   """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
-  the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint."""
+  the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint.
+  compile_sizes: chunk sizes to compile before the weights load (lower peak memory)."""
   from ds4jax.checkpoints.orbax_io import model_info
-  from ds4jax.model.load import load_stage
-  from ds4jax.model.runner import StageRunner
+  from ds4jax.model import load
   cfg, fp = model_info(path)
   rng = layers if isinstance(layers, LayerRange) else LayerRange.parse(layers, cfg.n_layers)
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
-  return StageRunner(load_stage(path, rng, dtype=dtype), ctx_size=ctx, max_chunk=max_chunk,
-                     fingerprint=fp)
+  return load.load_runner(path, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
+                          fingerprint=fp, compile_sizes=compile_sizes)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -40,6 +40,10 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
   rng = requested_range(layers, cfg.n_layers)
-  return Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
-                vocab_size=cfg.vocab_size, layers=rng, options=opt,
-                load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype))
+  # The load runs after ACCEPT, which names the prefill chunk: the warm-up shapes compile
+  # before the weights load.
+  w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
+             vocab_size=cfg.vocab_size, layers=rng, options=opt,
+             load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
+                                      compile_sizes=w.warm_sizes))
+  return w
