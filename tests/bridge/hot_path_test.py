@@ -1,0 +1,61 @@
+"""The decode hot path crosses no thread boundary (docs/protocol.md §3, "Who reads"):
+the coordinator's stepping thread reads its own replies, and a worker computes on the
+thread that read the WORK while the other one keeps answering heartbeats."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from ds4jax.bridge import links
+from ds4jax.bridge.protocol import MsgType
+from bridge_fake_test import CFG, GREEDY, PROMPT, coordinator, full_logits, workers
+
+
+@pytest.fixture
+def dispatches(monkeypatch):
+  """(thread name, frame type) of every frame a worker link dispatches."""
+  seen = []
+  orig = links.WorkerLink._dispatch
+
+  def spy(self, f):
+    seen.append((threading.current_thread().name, f.type))
+    return orig(self, f)
+
+  monkeypatch.setattr(links.WorkerLink, "_dispatch", spy)
+  return seen
+
+
+def test_decode_replies_are_read_and_relayed_on_the_stepping_thread(dispatches):
+  with coordinator(prefill_chunk=3) as coord, workers(coord.address,
+                                                      ["1:1", "2:2", "3:output"]):
+    coord.wait_route(5)
+    sid = coord.new_session()
+    toks = list(PROMPT)
+    r = coord.step(sid, toks, GREEDY, 0)  # 10 tokens in chunks of 3: pipelined prefill
+    prefill = [d for d in dispatches if d[1] == MsgType.RESULT]
+    dispatches.clear()
+    for step in range(1, 6):
+      toks.append(r.token)
+      r = coord.step(sid, toks, GREEDY, step, return_logits=True)
+      np.testing.assert_array_equal(r.logits_V, full_logits(CFG, toks)[-1])
+    decode = [d for d in dispatches if d[1] == MsgType.RESULT]
+  me = threading.current_thread().name
+  # Prefill overlaps local compute with the hops: the links' reader threads relay there.
+  assert {name for name, _ in prefill} - {me}
+  # Each decode token: three RESULTs (one per hop), all read, relayed and handed over here.
+  assert len(decode) == 15 and {name for name, _ in decode} == {me}
+
+
+def test_a_long_compute_still_answers_heartbeats():
+  """The worker runs WORK on the thread that read it; the other thread takes over reading,
+  so a 1.3 s forward outlives the coordinator's 1 s liveness deadline without a drop."""
+  with coordinator(heartbeat_s=0.2, request_timeout=10) as coord, \
+      workers(coord.address, ["1:output"], delay_s=1.3, warmup=False) as (_, errors):
+    coord.wait_route(10)
+    assert coord.dead_after == 1.0
+    sid = coord.new_session()
+    r = coord.step(sid, PROMPT[:3], GREEDY, 0, return_logits=True)  # one chunk: 1.3 s
+    np.testing.assert_array_equal(r.logits_V, full_logits(CFG, PROMPT[:3])[-1])
+    assert not errors
+    assert not [e for e in coord.events if "lost" in e or "rebuilt" in e], coord.events
