@@ -1,71 +1,115 @@
 """Throughput of one-shot prefill and single-token decode, ds4jax next to HF on one GGUF.
 
-Used by `scripts/bench_model.py`. Compilation and warm-up runs are excluded from the
-timings (ds4jax compiles each chunk shape once; HF eager has nothing to compile).
+Used by `scripts/bench_model.py`. Both models live in one process and are timed in
+alternating rounds (the order rotates every round), so on a shared, loaded machine each sees
+the same load; every round also yields a paired ratio (ds4jax / HF of that round).
+Compilation and warm-up runs are excluded from the timings (ds4jax compiles each chunk shape
+once; HF eager has nothing to compile).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from typing import Callable
 
 import numpy as np
 
 
-def bench_ds4jax(path, *, n_prompt: int, n_decode: int, dtype: str = "float32",
-                 repeats: int = 2) -> dict:
-  """Best-of-`repeats` prefill and decode tok/s (plus compile time and the logits)."""
+def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float32",
+                      hf_threads=(1,), rounds: int = 3) -> dict:
+  """Alternating rounds of ds4jax and HF (one row per torch thread count; none if empty).
+
+  Each round runs, per implementation: a one-shot prefill of `n_prompt` random ids from
+  position 0, then `n_decode` single-token decode steps of the following ids.
+
+  Returns {"rows": [row, ...], "load": (loadavg before, after), "max_abs_dlogit": float | None}
+  with row = {impl, dtype, compile_s, prefill_tok_s / decode_tok_s (median of rounds),
+  prefill_best / decode_best, prefill_cpu_s / decode_cpu_s (process CPU time, medians),
+  paired_prefill / paired_decode (median over rounds of ds4jax's tok/s over this row's)}.
+  """
+  if n_prompt < 1 or n_decode < 1 or rounds < 1:
+    raise ValueError("n_prompt, n_decode and rounds must be >= 1")
   import ds4jax
-  t0 = time.perf_counter()
+  load_before = os.getloadavg()
   model = ds4jax.load_model(path, dtype=dtype, ctx_size=n_prompt + n_decode,
                             max_chunk=_pow2_at_least(n_prompt))
-  load_s = time.perf_counter() - t0
-  rng = np.random.default_rng(0)
-  ids = rng.integers(0, model.cfg.vocab_size, n_prompt + n_decode)
-  t0 = time.perf_counter()
-  s = model.session()
-  s.prefill(ids[:n_prompt])
-  s.decode(int(ids[n_prompt]))
-  compile_s = time.perf_counter() - t0
-  best_p, best_d, logits = np.inf, np.inf, None
-  for _ in range(repeats):
-    s.rewind(0)
+  ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
+  impls: dict[str, Callable] = {"ds4jax": _ds4jax_round(model, ids, n_prompt)}
+  rows = {"ds4jax": dict(impl="ds4jax", dtype=dtype)}
+  if hf_threads:
+    hf_model = _hf_model(path)
+    for th in hf_threads:
+      name = f"hf/{int(th)}thr"
+      impls[name] = _hf_round(hf_model, ids, n_prompt, int(th))
+      rows[name] = dict(impl=name, dtype="float32")
+  logits = {}
+  for name, run in impls.items():  # warm-up: compiles ds4jax's two shapes
     t0 = time.perf_counter()
-    logits = s.prefill(ids[:n_prompt])
-    best_p = min(best_p, time.perf_counter() - t0)
-    t0 = time.perf_counter()
+    logits[name] = run(2)[-1]
+    rows[name]["compile_s"] = time.perf_counter() - t0 if name == "ds4jax" else 0.0
+  times = {name: [] for name in impls}
+  names = list(impls)
+  for r in range(rounds):
+    for name in names[r % len(names):] + names[:r % len(names)]:
+      times[name].append(impls[name](n_decode)[:4])
+  for name, row in rows.items():
+    p_s, d_s, p_cpu, d_cpu = (np.asarray(x) for x in zip(*times[name]))
+    row.update(prefill_tok_s=n_prompt / np.median(p_s), prefill_best=n_prompt / p_s.min(),
+               decode_tok_s=n_decode / np.median(d_s), decode_best=n_decode / d_s.min(),
+               prefill_cpu_s=float(np.median(p_cpu)), decode_cpu_s=float(np.median(d_cpu)))
+    ours = np.asarray([t[:2] for t in times["ds4jax"]])
+    theirs = np.asarray([t[:2] for t in times[name]])
+    row["paired_prefill"], row["paired_decode"] = np.median(theirs / ours, axis=0)
+  diff = None
+  if len(logits) > 1:
+    diff = float(np.abs(logits["ds4jax"] - logits[names[1]]).max())
+  return dict(rows=list(rows.values()), load=(load_before, os.getloadavg()),
+              max_abs_dlogit=diff)
+
+
+def _ds4jax_round(model, ids, n_prompt: int):
+  """run(n_decode) -> (prefill s, decode s, prefill CPU s, decode CPU s, last prefill logits)."""
+  session = model.session()
+
+  def run(n_decode: int):
+    session.rewind(0)
+    c0, t0 = time.process_time(), time.perf_counter()
+    logits = session.prefill(ids[:n_prompt])
+    c1, t1 = time.process_time(), time.perf_counter()
     for p in range(n_prompt, n_prompt + n_decode):
-      s.decode(int(ids[p]))
-    best_d = min(best_d, time.perf_counter() - t0)
-  return dict(impl="ds4jax", dtype=dtype, load_s=load_s, compile_s=compile_s,
-              prefill_tok_s=n_prompt / best_p, decode_tok_s=n_decode / best_d,
-              logits=logits, ids=ids)
+      session.decode(int(ids[p]))
+    c2, t2 = time.process_time(), time.perf_counter()
+    return t1 - t0, t2 - t1, c1 - c0, c2 - c1, logits[-1]
+
+  return run
 
 
-def bench_hf(path, ids, *, n_prompt: int, n_decode: int, threads: int | None = None,
-             repeats: int = 2) -> dict:
-  """The same runs on HF DeepseekV4ForCausalLM (f32, eager, its own cache)."""
+def _hf_model(path):
+  from ds4jax.convert import hf_model_from_gguf
+  return hf_model_from_gguf(path)
+
+
+def _hf_round(model, ids, n_prompt: int, threads: int):
+  """The same round on HF DeepseekV4ForCausalLM (f32, eager, DynamicCache) with `threads`
+  torch threads."""
   import torch
   from transformers import DynamicCache
-  from ds4jax.convert import hf_model_from_gguf
-  if threads:
+
+  def run(n_decode: int):
     torch.set_num_threads(threads)
-  t0 = time.perf_counter()
-  model = hf_model_from_gguf(path)
-  load_s = time.perf_counter() - t0
-  best_p, best_d, logits = np.inf, np.inf, None
-  with torch.no_grad():
-    for _ in range(repeats):
+    with torch.no_grad():
       cache = DynamicCache(config=model.config)
-      t0 = time.perf_counter()
+      c0, t0 = time.process_time(), time.perf_counter()
       out = model(torch.as_tensor(ids[None, :n_prompt]), cache=cache, use_cache=True)
-      best_p = min(best_p, time.perf_counter() - t0)
-      logits, cache = out.logits[0].numpy(), out.cache
-      t0 = time.perf_counter()
+      c1, t1 = time.process_time(), time.perf_counter()
+      cache = out.cache
       for p in range(n_prompt, n_prompt + n_decode):
         cache = model(torch.as_tensor(ids[None, p:p + 1]), cache=cache, use_cache=True).cache
-      best_d = min(best_d, time.perf_counter() - t0)
-  return dict(impl="hf", dtype="float32", load_s=load_s, compile_s=0.0,
-              prefill_tok_s=n_prompt / best_p, decode_tok_s=n_decode / best_d, logits=logits)
+      c2, t2 = time.process_time(), time.perf_counter()
+    return t1 - t0, t2 - t1, c1 - c0, c2 - c1, out.logits[0, -1].numpy()
+
+  return run
 
 
 def _pow2_at_least(n: int) -> int:
