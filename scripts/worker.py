@@ -80,6 +80,8 @@ def main(argv):
                       backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
   import jax  # deferred: flag errors stay fast
+  from ds4jax.model.load import return_big_frees
+  return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt)
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)

@@ -134,7 +134,9 @@ def main(argv: list[str]) -> None:
   ids = measure.prompt_ids(cfg.vocab_size, max(spec["prompt_lens"]), spec.get("seed", 0))
   if spec["mode"] != "hf":
     from ds4jax import cli
+    from ds4jax.model.load import return_big_frees
     cli.enable_compilation_cache(spec.get("cache_dir"))
+    return_big_frees()  # as scripts/worker.py does: the same allocator for every stage
   run = {"single": run_single, "split": run_split, "hf": run_hf}[spec["mode"]]
   res = run(spec, ids)
   for n, row in res.pop("logits", {}).items():
