@@ -198,7 +198,6 @@ def main(argv=None) -> None:
   ap.add_argument("--gap_ms", type=float, default=0.0, help="idle time before each step")
   ap.add_argument("--prompt", type=int, default=16, help="prompt tokens before decoding")
   ap.add_argument("--no_floor", action="store_true", help="skip the raw TCP floor")
-  ap.add_argument("--spin_us", type=float, default=0.0, help="CoordinatorOptions.spin_us")
   ap.add_argument("--serve", help=argparse.SUPPRESS)
   ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
@@ -207,8 +206,7 @@ def main(argv=None) -> None:
   if a.serve:
     _serve(a.port, a.serve)
     return
-  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, prompt=a.prompt, floor=not a.no_floor,
-                  **({"spin_us": a.spin_us} if a.spin_us else {}))
+  res = hop_bench(a.workers, a.steps, a.gap_ms / 1e3, prompt=a.prompt, floor=not a.no_floor)
   res["loadavg"] = [round(x, 2) for x in os.getloadavg()]
   print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in res.items()}))
 

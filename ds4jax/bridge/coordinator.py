@@ -73,9 +73,6 @@ class CoordinatorOptions:
   lease_grace_s: float = 0.1
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
   max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
-  # Busy-poll this long for a decode token's replies before blocking (0: never). Saves a
-  # wake-up per token on idle cores; costs a core while it spins (docs/benchmarks.md).
-  spin_us: float = 0.0
 
 
 class Coordinator:

@@ -327,27 +327,15 @@ def unclaim_all(claimed) -> None:
     link.unclaim()
 
 
-def read_until(claimed, done: Callable[[], bool], poll_s: float = 0.25,
-               spin_s: float = 0.0) -> None:
+def read_until(claimed, done: Callable[[], bool], poll_s: float = 0.25) -> None:
   """Reads the claimed links on this thread until done(); replies run their callbacks here.
-  Returns early once every link is gone (fail() completed their requests with errors).
-
-  spin_s > 0 polls (busy, without sleeping) that long before each blocking wait, like
-  distributed-llama's "turbo": it saves the wake-up latency on idle cores and burns a core.
-  """
+  Returns early once every link is gone (fail() completed their requests with errors)."""
   while not done():
     live = [l for l in claimed if l.alive]
     if not live:
       return
-    socks = [l.ch.sock for l in live]
     try:
-      ready = []
-      if spin_s:
-        end = time.perf_counter() + spin_s
-        while not ready and time.perf_counter() < end:
-          ready = _wait_any(socks, 0.0)
-      if not ready:
-        ready = _wait_any(socks, poll_s)
+      ready = _wait_any([l.ch.sock for l in live], poll_s)
     except (OSError, ValueError):  # a socket closed under us: fail() ran
       continue
     for l in live:

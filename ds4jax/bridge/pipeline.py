@@ -51,13 +51,11 @@ class Pass:
       thread (links.claim_all), relaying between hops there too, instead of waking up for
       each reader thread's callback. Falls back to the reader threads when another stepper
       reads one of the links.
-    spin_s: with direct, busy-poll this long before each blocking wait (links.read_until).
   """
 
   def __init__(self, sid: str, hops: Sequence[WorkerLink], *, window: int,
                extra: dict[str, Any], out_dtype: str,
-               on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False,
-               spin_s: float = 0.0):
+               on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False):
     self.sid = sid
     self.hops = list(hops)
     self.window = max(1, window)
@@ -69,7 +67,6 @@ class Pass:
     self._cv = threading.Condition()
     self._in_flight = 0
     self._direct = direct
-    self._spin_s = spin_s
     self._claimed: list[WorkerLink] | None = None
 
   # ------------------------------------------------------------------------------ driving
@@ -95,7 +92,7 @@ class Pass:
     claimed, self._claimed = self._claimed, None
     if claimed:
       try:
-        links.read_until(claimed, lambda: not self._in_flight, spin_s=self._spin_s)
+        links.read_until(claimed, lambda: not self._in_flight)
       finally:
         links.unclaim_all(claimed)
     with self._cv:

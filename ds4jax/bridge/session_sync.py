@@ -154,8 +154,7 @@ class Stepper:
 
     extra = _sampling_fields(sampling, step, top_logprobs, return_logits)
     ps = Pass(sess.sid, hops, window=coord.window(len(hops)), extra=extra, out_dtype=dtype,
-              on_done=lambda i, c, f: self._hop_done(hops, i, c, f), direct=len(chunks) == 1,
-              spin_s=coord.opt.spin_us * 1e-6)
+              on_done=lambda i, c, f: self._hop_done(hops, i, c, f), direct=len(chunks) == 1)
     for c in chunks:
       if not ps.acquire():
         break
