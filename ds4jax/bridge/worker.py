@@ -33,6 +33,10 @@ log = logging.getLogger("ds4jax.bridge.worker")
 CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry")
 # Frames that run in arrival order on the computing thread.
 _QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
+# The waiting thread checks this often whether a compute left the reader role free: a decode
+# token does not wake it (a wake-up on the hot path costs more than the token's bookkeeping),
+# so a long one is covered within this time (far below the 1 s minimum liveness deadline).
+_TAKEOVER_S = 0.1
 
 
 class _Conn:
@@ -227,8 +231,9 @@ class Worker:
     Exactly one thread reads frames at a time (it answers PING at once, so a busy worker
     still looks alive); at most one computes. A WORK that arrives while nothing computes
     runs on the thread that read it, with no hand-off (the decode hot path), and the other
-    thread takes over reading meanwhile; frames that arrive during a compute queue up and
-    run in arrival order.
+    thread takes over reading meanwhile (woken at once for a prefill chunk, or by itself
+    within _TAKEOVER_S while a decode token computes); frames that arrive during a compute
+    queue up and run in arrival order.
     """
     conn = _Conn(ch, max(3 * hb, 1.0) if hb > 0 else self.opt.dead_after,
                  min(hb, 1.0) if hb > 0 else 1.0)
@@ -279,7 +284,7 @@ class Worker:
           if conn.reader_free:
             conn.reader_free = False
             break
-          conn.cv.wait()
+          conn.cv.wait(_TAKEOVER_S)
         item = conn.queue.popleft() if computing else None
       if item is None:
         item = self._read(conn)  # returns with the reader role handed over, or None
@@ -310,7 +315,8 @@ class Worker:
               conn.queue.append(item)
               continue
             conn.busy, conn.reader_free = True, True
-            conn.cv.notify()  # the other thread reads while this one computes
+            if not (f.type == MsgType.DROP or f.type == MsgType.WORK and f.header.get("n") == 1):
+              conn.cv.notify()  # a chunk or snapshot part: the other thread reads meanwhile
           return item
         else:
           raise ProtocolError(f"unexpected {f.type.name} frame from the coordinator")

@@ -47,7 +47,8 @@ def test_decode_replies_are_read_and_relayed_on_the_stepping_thread(dispatches):
   assert len(decode) == 15 and {name for name, _ in decode} == {me}
 
 
-def test_a_long_compute_still_answers_heartbeats():
+@pytest.mark.parametrize("n", [1, 3])  # a decode token (takeover within 0.1 s), a chunk
+def test_a_long_compute_still_answers_heartbeats(n):
   """The worker runs WORK on the thread that read it; the other thread takes over reading,
   so a 1.3 s forward outlives the coordinator's 1 s liveness deadline without a drop."""
   with coordinator(heartbeat_s=0.2, request_timeout=10) as coord, \
@@ -55,7 +56,7 @@ def test_a_long_compute_still_answers_heartbeats():
     coord.wait_route(10)
     assert coord.dead_after == 1.0
     sid = coord.new_session()
-    r = coord.step(sid, PROMPT[:3], GREEDY, 0, return_logits=True)  # one chunk: 1.3 s
-    np.testing.assert_array_equal(r.logits_V, full_logits(CFG, PROMPT[:3])[-1])
+    r = coord.step(sid, PROMPT[:n], GREEDY, 0, return_logits=True)  # one WORK: 1.3 s
+    np.testing.assert_array_equal(r.logits_V, full_logits(CFG, PROMPT[:n])[-1])
     assert not errors
     assert not [e for e in coord.events if "lost" in e or "rebuilt" in e], coord.events
