@@ -85,7 +85,12 @@ class Pass:
     if self._direct and self._claimed is None:
       # Claimed before the first send: a reply must not wake a reader thread.
       self._claimed = links.claim_all(self.hops) or []
-    self._send(0, chunk, desc, x)
+    try:
+      self._send(0, chunk, desc, x)
+    except BaseException:
+      claimed, self._claimed = self._claimed, None
+      links.unclaim_all(claimed or [])  # nobody would read these links otherwise
+      raise
 
   def wait(self) -> None:
     """Waits until every submitted chunk settled; raises the first error."""

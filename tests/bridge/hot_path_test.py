@@ -60,3 +60,33 @@ def test_a_long_compute_still_answers_heartbeats(n):
     np.testing.assert_array_equal(r.logits_V, full_logits(CFG, PROMPT[:n])[-1])
     assert not errors
     assert not [e for e in coord.events if "lost" in e or "rebuilt" in e], coord.events
+
+
+def test_a_failed_direct_send_releases_the_links():
+  """A decode step that claimed its links and then failed to send leaves them claimable (a
+  leaked claim would park the link's reader thread for good)."""
+  import socket
+
+  from ds4jax.bridge import pipeline, transport
+  from ds4jax.config import LayerRange
+  a, b = socket.socketpair()
+  link = links.WorkerLink(1, transport.Channel(a, "test"), {"ctx": 64}, LayerRange(1, 3, True),
+                          heartbeat_s=1.0, dead_after=3.0, request_timeout=5.0,
+                          on_change=lambda *_: None)
+  try:
+    def boom(*args, **kw):
+      raise RuntimeError("boom")
+
+    link.ch.send = boom
+    ps = pipeline.Pass("s1", [link], window=2, extra={}, out_dtype="f32",
+                       on_done=lambda *_: None, direct=True)
+    assert ps.acquire()
+    chunk = pipeline.chunks_of([5], 0, 0, 4, "out")[0]
+    with pytest.raises(RuntimeError, match="boom"):
+      ps.submit(chunk, None, b"")
+    assert link._claims == 0 and link.try_claim()
+    link.unclaim()
+  finally:
+    link.close_wakeup()
+    a.close()
+    b.close()
