@@ -3,7 +3,11 @@
 `nnx.eval_shape` gives the stage's parameter tree without allocating it; each tensor of the
 slice is matched to its parameter path through `ds4jax.gguf.names`, checked, cast to the
 compute dtype and placed; then `nnx.merge` builds the module. Layers outside the range never
-exist, not even abstractly.
+exist, not even abstractly. Tensors stream in one at a time: the host never holds the slice
+twice.
+
+`load_runner` is the low-peak way to start a stage process (issue 7): compile from shapes
+first, then load; `return_big_frees` and `trim_heap` keep glibc from holding freed memory.
 """
 
 from __future__ import annotations
@@ -145,9 +149,9 @@ def return_big_frees(threshold: int = 1 << 20) -> None:
   to the OS when freed (glibc `mallopt(M_MMAP_THRESHOLD)`; a no-op elsewhere).
 
   glibc's default threshold rises to the largest block freed so far (up to 32 MB): after
-  the first decode-state or weight buffer is freed, later ones come from the heaps of XLA's
-  threads and stay resident once freed, so a process holds its old buffers next to its new
-  ones (+50-80 MB peak on the bench preset). A fixed threshold also switches that rise off.
+  the first decode-state or weight buffer is freed, later ones come from malloc's heaps and
+  stay resident once freed, so a process holds its old buffers next to its new ones (60-80 MB
+  of a bench-preset worker's peak). A fixed threshold also switches that rise off.
   Call it once, early, in a process that serves a stage.
   """
   libc = _libc()
