@@ -131,11 +131,12 @@ def test_bf16_tracks_f32(tiny):
   assert (b16.argmax(-1) == f32.argmax(-1)).mean() >= 0.8
 
 
-@pytest.mark.parametrize("t", [1, 3, 8, 200])
+@pytest.mark.parametrize("t", [1, 3, 8, 64, 200])
 @pytest.mark.parametrize("il", [0, 3])
 def test_moe_paths_match_dense_reference(t, il):
   """Per-token expert slices (T*k <= 32), dense (few tokens) and grouped-by-expert (many
-  tokens) all equal a float64 numpy MoE, hash-routed (layer 0) or biased top-k (layer 3)."""
+  tokens: 16-row blocks at T=64, 32-row at T=200) all equal a float64 numpy MoE, hash-routed
+  (layer 0) or biased top-k (layer 3)."""
   from ds4jax.model.moe import MoE
   cfg = ModelConfig.bench()
   moe = MoE(cfg, layer_idx=il, rngs=nnx.Rngs(il))
