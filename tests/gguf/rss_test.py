@@ -8,11 +8,10 @@ tensor's pages after dequantising it, so little stays resident.
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from probes import run_probe
 
 from ds4jax.config import LayerRange
 from ds4jax.gguf import names, reader
@@ -57,13 +56,7 @@ print(json.dumps(res))
 
 def probe(path, spec):
   """Loads `spec` of `path` in a fresh process and returns its memory report (bytes)."""
-  # Transparent huge pages that numpy requests for big arrays make RSS depend on the host's
-  # memory fragmentation (seen: +100 MB on a busy machine); without them it is reproducible.
-  env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0")
-  p = subprocess.run([sys.executable, "-c", _PROBE, path, spec], capture_output=True, text=True,
-                     timeout=300, env=env)
-  assert p.returncode == 0, p.stderr
-  return json.loads(p.stdout.strip().splitlines()[-1])
+  return run_probe(_PROBE, path, spec)
 
 
 def probe_best(path, spec, ok):

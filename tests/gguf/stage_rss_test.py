@@ -8,10 +8,9 @@ the rest being the GGUF reader's metadata, mapped pages and allocator slack (~40
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from probes import run_probe
 
 _PROBE = r"""
 import json, sys
@@ -34,12 +33,7 @@ print(json.dumps({"growth": status("VmHWM") - before, "params": params}))
 
 
 def probe(path, spec):
-  # numpy's transparent huge pages make RSS depend on the host's fragmentation (rss_test.py).
-  env = dict(os.environ, NUMPY_MADVISE_HUGEPAGE="0")
-  p = subprocess.run([sys.executable, "-c", _PROBE, path, spec], capture_output=True, text=True,
-                     timeout=300, env=env)
-  assert p.returncode == 0, p.stderr
-  return json.loads(p.stdout.strip().splitlines()[-1])
+  return run_probe(_PROBE, path, spec)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc")
