@@ -64,6 +64,7 @@ VERSION = 1
 NONCE_BYTES = 32
 MAC_BYTES = 32
 _PREFIX = struct.Struct("!4sBBH")  # magic, version, type, reason
+_AFTER_MAGIC = struct.Struct("!BBH")
 
 # Message types and the fixed size of each body.
 HELLO, CHALLENGE, PROOF, WELCOME, OK, FAIL = 1, 2, 3, 4, 5, 6
@@ -254,12 +255,17 @@ class _Link:
 
   def recv(self, *expected: int, first: bool = False) -> bytes:
     """Reads one message of a type in ``expected``; a FAIL raises with the peer's reason."""
-    magic, version, mtype, reason = _PREFIX.unpack(self.recv_exact(_PREFIX.size))
+    # The magic alone first: a TLS alert (7 bytes, then close) must not end as a short read.
+    magic = self.recv_exact(len(MAGIC))
     if magic != MAGIC:
+      if first and magic[0] in (0x15, 0x16) and magic[1] == 3:  # a TLS record: alert/handshake
+        raise AuthError(NO_AUTH, f"the peer speaks TLS (first bytes {magic!r}) and this side "
+                                 "does not: configure TLS on both sides or on neither")
       if first:
         raise AuthError(NO_AUTH, f"first bytes {magic!r} are not an auth message; is the peer "
                                  "configured with a key?")
       raise AuthError(BAD_MESSAGE, f"bad magic {magic!r}")
+    version, mtype, reason = _AFTER_MAGIC.unpack(self.recv_exact(_AFTER_MAGIC.size))
     if version != VERSION:
       raise AuthError(VERSION_MISMATCH, f"peer speaks auth v{version}, we speak v{VERSION}")
     if mtype == FAIL:
@@ -335,7 +341,7 @@ def client_handshake(sock, key: bytes, timeout: float = 10.0) -> None:
     except AuthError as e:
       if e.reason == CLOSED:
         raise AuthError(CLOSED, f"{e}; does the server have a key configured?") from None
-      if e.reason == NO_AUTH:
+      if e.reason == NO_AUTH and "speaks TLS" not in str(e):
         raise AuthError(NO_AUTH, "server answered with a non-auth message; it has no key "
                                  "configured") from None
       raise

@@ -213,23 +213,25 @@ def test_an_older_worker_is_refused_in_its_own_frame_version():
 
 
 # --------------------------------------------------------------------- TLS on one side only
-@pytest.mark.parametrize("side", ["coordinator", "worker"])
-def test_tls_on_one_side_only_is_a_final_one_line_error(tmp_path, side):
+@pytest.mark.parametrize("side,key", [("coordinator", None), ("worker", None),
+                                      ("coordinator", b"k" * 32)])
+def test_tls_on_one_side_only_is_a_final_one_line_error(tmp_path, side, key):
   """A worker without TLS dialing a TLS coordinator (or the reverse) stops at once with the
-  reason instead of redialing forever; the coordinator logs why it refused."""
+  reason instead of redialing forever; the coordinator logs why it refused. With a key on
+  both sides the worker's key handshake meets the TLS alert: it says so, not "no key"."""
   from ds4jax.bridge import auth
   from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.testing.certs import make_self_signed
   from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
-  cert, key = make_self_signed(str(tmp_path))
+  cert, key_file = make_self_signed(str(tmp_path))
   cfg = FakeConfig()
   coord = Coordinator(FakeRunner(cfg, LayerRange(0, 1, False)), CoordinatorOptions(
-      port=0, handshake_timeout=5,
-      tls=auth.server_ssl_context(cert, key) if side == "coordinator" else None))
+      port=0, handshake_timeout=5, key=key,
+      tls=auth.server_ssl_context(cert, key_file) if side == "coordinator" else None))
   try:
     w = Worker(tuple(coord.address), fingerprint=cfg.fingerprint(), n_layers=4, vocab_size=40,
                layers=LayerRange(2, 3, True), load=lambda: None,
-               options=WorkerOptions(ctx=64, connect_timeout=5, backoff_min=0.05,
+               options=WorkerOptions(ctx=64, connect_timeout=5, backoff_min=0.05, key=key,
                                      tls=auth.client_ssl_context(cert) if side == "worker"
                                      else None, tls_server_name="localhost"))
     with pytest.raises(HandshakeRefused) as e:
@@ -239,7 +241,9 @@ def test_tls_on_one_side_only_is_a_final_one_line_error(tmp_path, side):
     coord.close()
   msg = str(e.value)
   assert "\n" not in msg
-  if side == "coordinator":
+  if key is not None:
+    assert "the peer speaks TLS" in msg and "no key" not in msg, msg
+  elif side == "coordinator":
     assert "the coordinator uses TLS and this worker does not" in msg
     assert any("does not use TLS and this coordinator does" in ev for ev in coord.events)
   else:
