@@ -384,6 +384,13 @@ def install_sigint_handler() -> None:
                        daemon=True).start()
     raise KeyboardInterrupt
 
+  def quiet_dropped_interrupt(unraisable):
+    # The dropped KeyboardInterrupt is delivered again: no "Exception ignored" traceback.
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+      default_hook(unraisable)
+
+  default_hook = sys.unraisablehook
+  sys.unraisablehook = quiet_dropped_interrupt
   signal.signal(signal.SIGINT, on_sigint)
 
 
