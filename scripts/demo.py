@@ -106,8 +106,11 @@ def main(argv):
     split_V = coord.step(sid, transcript, SamplingParams(), 0, return_logits=True).logits_V
     coord.close_session(sid)
   finally:
-    workers.stop()
-    close()
+    # The coordinator first: stopping workers under it would log each as lost.
+    try:
+      close()
+    finally:
+      workers.stop()
   say("checking against a single-process run of the whole model ...")
   local = cli.local_backend(gguf, ctx_size=ctx, prefill_chunk=int(cli.option("prefill_chunk")))
   ref = Generator(local, tokenizer).generate(prompt, **kw)

@@ -145,7 +145,7 @@ class Coordinator:
     with self._cv:
       links = list(self._links.values())
     for link in links:
-      link.fail(LinkLost("coordinator closing"))
+      link.fail(LinkLost("coordinator closing"), quiet=True)
     for t in self._threads:
       t.join(timeout=5)
 
@@ -252,6 +252,9 @@ class Coordinator:
     with self._cv:
       if err is not None:
         if self._links.pop(link.wid, None) is None:
+          return
+        if self._stop.is_set():  # closing: every link goes, and that is no news
+          self._cv.notify_all()
           return
         self._event(f"worker lost: {link!r}: {err}")
       self.generation += 1

@@ -269,14 +269,15 @@ class WorkerLink:
       except LinkLost as e:
         self.fail(e)
 
-  def fail(self, err: BaseException) -> None:
-    """Marks the link dead (once), closes it and fails every pending request with err."""
+  def fail(self, err: BaseException, *, quiet: bool = False) -> None:
+    """Marks the link dead (once), closes it and fails every pending request with err.
+    `quiet`: an orderly close (the coordinator shutting down), logged at debug level."""
     with self._lock:
       if not self.alive:
         return
       self.alive = False
       pending, self._pending = self._pending, {}
-    log.warning("dropping %s: %s", self, err)
+    log.log(logging.DEBUG if quiet else logging.WARNING, "dropping %s: %s", self, err)
     self.ch.close()
     with self._rd:
       self._rd.notify_all()  # a parked reader thread exits
