@@ -4,6 +4,7 @@ All runs share the session's cache dir ($DS4JAX_CACHE), so the tiny GGUF is buil
 XLA compilations are reused across scripts through the persistent compilation cache.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -140,22 +141,38 @@ def test_demo_split_matches_single_process(env):
   assert "prefill ms" in p.stderr  # the per-hop table
 
 
+@contextlib.contextmanager
+def running_demo(env, *args):
+  """The demo as a child process (stderr piped); killed at the end if it still runs."""
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"), *args], env=env,
+                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
+def read_until(proc, text, timeout=200.0):
+  """The demo's stderr lines up to the first that contains `text` (asserted), then its
+  children (the local workers, at least two)."""
+  err, deadline = [], time.monotonic() + timeout
+  for line in proc.stderr:
+    err.append(line)
+    if text in line or time.monotonic() > deadline:
+      break
+  assert err and text in err[-1], "".join(err)
+  kids = psutil.Process(proc.pid).children(recursive=True)
+  assert len(kids) >= 2
+  return err, kids
+
+
 @pytest.mark.parametrize("when", ["started", "prompt:"])
 def test_demo_ctrl_c_stops_workers(env, when):
   """Ctrl-C while the workers load, and during the generation: exit 130, workers reaped."""
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"),
-                           "--max_new_tokens=400"], env=env, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    err = []
-    deadline = time.monotonic() + 200
-    for line in proc.stderr:
-      err.append(line)
-      if when in line or time.monotonic() > deadline:
-        break
-    assert when in err[-1], "".join(err)
-    kids = psutil.Process(proc.pid).children(recursive=True)
-    assert len(kids) >= 2
+  with running_demo(env, "--max_new_tokens=400") as proc:
+    err, kids = read_until(proc, when)
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
@@ -163,28 +180,14 @@ def test_demo_ctrl_c_stops_workers(env, when):
     assert "interrupted" in rest and "Traceback" not in rest and "Fatal" not in rest, rest
     gone, alive = psutil.wait_procs(kids, timeout=10)
     assert not alive, alive
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
 
 
 def test_demo_killed_hard_leaves_no_workers(env):
   """SIGKILL gives the demo no chance to clean up: the orphaned workers exit by themselves."""
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py")], env=env, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    for line in proc.stderr:
-      if "started" in line:
-        break
-    kids = psutil.Process(proc.pid).children(recursive=True)
-    assert len(kids) >= 2
+  with running_demo(env) as proc:
+    _, kids = read_until(proc, "started")
     proc.kill()
     proc.wait(timeout=30)
     # They notice within a second of reaching main(); imports can take long on a busy machine.
     gone, alive = psutil.wait_procs(kids, timeout=90)
     assert not alive, alive
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
