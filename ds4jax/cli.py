@@ -40,6 +40,7 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_string("listen", None, "HOST:PORT to listen on for workers (port 0: any).")
   flags.DEFINE_float("route_timeout", 60.0, "Seconds to wait for a complete route.")
   flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
+  define_weight_flags()
   flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
@@ -62,6 +63,19 @@ def define_run_flags(*, prompt: bool = True) -> None:
     flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")
     flags.DEFINE_boolean("chat", True, "Wrap --prompt in the ds4 chat format.")
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+
+
+def define_weight_flags() -> None:
+  """--weights and --dtype, shared by every script that loads weights (issue 12)."""
+  flags.DEFINE_enum("weights", "packed", ["packed", "dequantized"],
+                    "packed: quantised tensors stay GGUF blocks in device memory and are "
+                    "dequantised inside the step; dequantized: dequantise at load (the old path).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+
+
+def weight_options() -> dict[str, str]:
+  """{'weights': ..., 'dtype': ...} from the run options."""
+  return {"weights": str(option("weights", "packed")), "dtype": str(option("dtype", "float32"))}
 
 
 _config_path: str | None = None
@@ -143,10 +157,11 @@ def parse_tokens(values) -> list[int] | None:
 
 
 # ------------------------------------------------------------------------------- backends
-def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256):
+def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256,
+                  weights: str = "packed", dtype: str | None = None):
   from ds4jax.generate.local import LocalBackend
   return LocalBackend.from_gguf(gguf, ranges=ranges, ctx_size=ctx_size,
-                                prefill_chunk=prefill_chunk)
+                                prefill_chunk=prefill_chunk, weights=weights, dtype=dtype)
 
 
 def build_backend():
@@ -160,20 +175,22 @@ def build_backend():
   if not listen:
     layers = option("layers", "all") or "all"
     ranges = ("all",) if layers == "all" else tuple(layers.split(","))
-    backend = local_backend(gguf, ranges=ranges, ctx_size=ctx_size, prefill_chunk=chunk)
+    backend = local_backend(gguf, ranges=ranges, ctx_size=ctx_size, prefill_chunk=chunk,
+                            **weight_options())
     return backend, lambda: None
   return coordinator_backend(gguf, layers=option("layers", "0:0"), listen=listen,
                              ctx_size=ctx_size, prefill_chunk=chunk,
                              route_timeout=float(option("route_timeout", 60.0)),
                              activation_dtype=option("activation_dtype", "f32"),
                              key_file=option("key_file"), tls_cert=option("tls_cert"),
-                             tls_key=option("tls_key"))
+                             tls_key=option("tls_key"), **weight_options())
 
 
 def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 4096,
                         prefill_chunk: int = 256, route_timeout: float = 60.0,
                         activation_dtype: str = "f32", key_file: str | None = None,
-                        tls_cert: str | None = None, tls_key: str | None = None):
+                        tls_cert: str | None = None, tls_key: str | None = None,
+                        weights: str = "packed", dtype: str | None = None):
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
 
   tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
@@ -194,7 +211,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   cfg, fingerprint = model_info(gguf)  # a GGUF or an orbax checkpoint directory
   rng = LayerRange.parse(layers, cfg.n_layers)
   with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
-    stage = load_stage(gguf, rng)
+    stage = load_stage(gguf, rng, weights=weights, dtype=dtype)
   runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint)
   auth.warn_if_exposed(host, key)
   try:

@@ -59,7 +59,7 @@ class LocalWorkers:
       # --exit_with_parent: the worker watches its parent and exits if orphaned. (No
       # preexec_fn: running Python between fork and exec is unsafe with JAX's threads.)
       args = [sys.executable, str(WORKER_SCRIPT), f"--gguf={self.gguf}", f"--layers={rng}",
-              f"--coordinator={host}:{port}", f"--ctx={self.ctx_size}", "--exit_with_parent",
+              f"--coordinator={host}:{port}", f"--ctx_size={self.ctx_size}", "--exit_with_parent",
               *self.extra_args]
       if self.cache_dir:
         args.append(f"--cache_dir={self.cache_dir}")

@@ -20,7 +20,8 @@ from ds4jax import cli
 _GGUF = flags.DEFINE_string("gguf", None, "Path of the GGUF, or 'tiny'/'bench' (test models).")
 _LAYERS = flags.DEFINE_string("layers", None, "Inclusive range A:B, or A:output with the head.")
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator.")
-_CTX = flags.DEFINE_integer("ctx", 4096, "KV capacity per session, in tokens.", lower_bound=1)
+_CTX = flags.DEFINE_integer("ctx_size", 4096, "KV capacity per session, in tokens.",
+                            lower_bound=1)
 _SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction.",
                                  lower_bound=1)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "File with the pre-shared key "
@@ -36,6 +37,7 @@ _TLS_NAME = flags.DEFINE_string("tls_server_name", None, "The name to verify in 
                                 "coordinator's certificate (default: the --coordinator host).")
 _BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
 _BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
+cli.define_weight_flags()
 _CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
 _WITH_PARENT = flags.DEFINE_boolean("exit_with_parent", False,
                                     "Exit when the launching process dies (tests, launchers).")
@@ -83,7 +85,8 @@ def main(argv):
   from ds4jax.model.load import return_big_frees
   return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
-  worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt)
+  worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt,
+                                   **cli.weight_options())
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
   worker.run()
 

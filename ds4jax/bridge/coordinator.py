@@ -121,7 +121,8 @@ class Coordinator:
 
   @classmethod
   def from_gguf(cls, path: str, *, layers: str = "0:0", ctx_size: int = 4096,
-                dtype: str = "float32", key_file: str | None = None, **options) -> "Coordinator":
+                dtype: str = "float32", weights: str = "packed", key_file: str | None = None,
+                **options) -> "Coordinator":
     """Loads layers (0:K, or 0:output for one process) of a GGUF and starts listening.
 
     `options` are CoordinatorOptions fields. The pre-shared key comes from key_file or the
@@ -132,7 +133,7 @@ class Coordinator:
       from ds4jax.bridge import auth
       options["key"] = auth.load_key(key_file)
     options.setdefault("warmup", True)  # compile while workers join, not on the first token
-    runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype)
+    runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype, weights=weights)
     return cls(runner, CoordinatorOptions(**options))
 
   # ------------------------------------------------------------------------------ lifecycle

@@ -7,7 +7,8 @@ from ds4jax.config import LayerRange, LayerRangeError
 
 
 def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
-                dtype: str | None = None, max_chunk: int = 256, compile_sizes=()):
+                dtype: str | None = None, weights: str = "packed", max_chunk: int = 256,
+                compile_sizes=()):
   """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
   the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint.
   compile_sizes: chunk sizes to compile before the weights load (lower peak memory)."""
@@ -18,7 +19,7 @@ def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
   return load.load_runner(path, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
-                          fingerprint=fp, compile_sizes=compile_sizes)
+                          weights=weights, fingerprint=fp, compile_sizes=compile_sizes)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -32,7 +33,7 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
 
 
 def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dtype=None,
-                     options=None):
+                     weights: str = "packed", options=None):
   """A Worker for `layers` of the GGUF: HELLO needs only metadata; weights load on ACCEPT."""
   from ds4jax.bridge.worker import Worker, WorkerOptions
   from ds4jax.checkpoints.orbax_io import model_info
@@ -45,5 +46,5 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
              vocab_size=cfg.vocab_size, layers=rng, options=opt,
              load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
-                                      compile_sizes=w.warm_sizes))
+                                      weights=weights, compile_sizes=w.warm_sizes))
   return w

@@ -1,8 +1,8 @@
-"""Slice loading: only the tensors of a layer range, dequantised from the memory map.
+"""Slice loading: only the tensors of a layer range, read from the memory map.
 
-The file is mapped by `gguf.GGUFReader`; each tensor is dequantised from its own view, so
-the pages of other layers are never touched and the whole file is never materialised.
-A split GGUF (`scripts/split_gguf.py`) loads exactly like the full file.
+The file is mapped by `gguf.GGUFReader`; each tensor is read (packed) or dequantised from its
+own view, so the pages of other layers are never touched and the whole file is never
+materialised. A split GGUF (`scripts/split_gguf.py`) loads exactly like the full file.
 """
 
 from __future__ import annotations
@@ -17,6 +17,17 @@ from absl import logging
 from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf import dequant, names
 from ds4jax.gguf.reader import DS4File, open_gguf
+from ds4jax.gguf.writer import RawTensor
+
+# GGML types a packed stage keeps as they are (block types with an in-step dequantiser, and
+# 16-bit floats); F32 and I32 are plain arrays either way.
+PACKED_TYPES = frozenset(dequant.SUPPORTED) - {dequant.Q.F32, dequant.Q.I32}
+
+
+def packs(qtype, numpy_shape) -> bool:
+  """True if a tensor of this type and shape stays packed: a packed type, two or more dims
+  (1-D norms, biases and sinks are tiny and are read as float32)."""
+  return int(qtype) in PACKED_TYPES and len(numpy_shape) >= 2
 
 # Seconds between progress lines for big loads.
 PROGRESS_EVERY_S = 5.0
@@ -33,13 +44,15 @@ def slice_range(f: DS4File, layers: LayerRange | str | None,
 
 
 def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
-                 fill_optional: bool = True,
-                 release: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+                 fill_optional: bool = True, release: bool = True,
+                 packed: bool = False) -> Iterator[tuple[str, np.ndarray | RawTensor]]:
   """Yields `(gguf_name, array)` for the slice `rng` of `f`, one tensor at a time.
 
   A consumer that places each array and drops it (model.load) never holds more than one
-  dequantised tensor on the host: the slice is not materialised twice. Arguments as in
-  `load_tensors`.
+  tensor on the host: the slice is not materialised twice. With `packed`, a tensor that
+  `packs` comes as a `RawTensor` holding a copy of its GGUF data (uint8 blocks shaped
+  `[*numpy_shape[:-1], row_bytes]`, or the float16/bfloat16 array), the rest dequantised.
+  Other arguments as in `load_tensors`.
   """
   entries = f.validate(rng)
   total = sum(f.nbytes(e.name) for e in entries)
@@ -47,7 +60,12 @@ def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
   t0 = last = time.monotonic()
   done = 0
   for e in entries:
-    arr = dequant.dequantize_tensor(f.tensor(e.name))
+    t = f.tensor(e.name)
+    if packed and packs(t.tensor_type, e.numpy_shape(f.cfg)):
+      # A copy, so the device never aliases the memory map (released below).
+      arr = RawTensor(np.array(t.data), dequant.Q(int(t.tensor_type)))
+    else:
+      arr = dequant.dequantize_tensor(t)
     if release:
       f.release(e.name)
     done += f.nbytes(e.name)

@@ -74,9 +74,14 @@ class Session:
 
 
 def load_model(path, layers: str = "all", dtype: str = "float32", *, ctx_size: int = 4096,
-               max_chunk: int = 256) -> Model:
-  """Loads `layers` of a ds4 GGUF for notebooks; see the module docstring."""
-  stage = load_stage(path, layers, dtype=dtype)
+               max_chunk: int = 256, weights: str = "packed") -> Model:
+  """Loads `layers` of a ds4 GGUF for notebooks; see the module docstring.
+
+  dtype: compute dtype ('float32' | 'bfloat16'). weights: 'packed' (default: quantised
+  tensors stay GGUF blocks in device memory, dequantised inside the step) or 'dequantized'
+  (dequantised to `dtype` at load, ~13x the GGUF bytes for a q2 file in f32).
+  """
+  stage = load_stage(path, layers, dtype=dtype, weights=weights)
   ctx = min(int(ctx_size), int(stage.cfg.context_length))
   from ds4jax.checkpoints.orbax_io import model_info  # a GGUF or a checkpoint directory
   return Model(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,

@@ -108,7 +108,7 @@ class Attention(nnx.Module):
     # Grouped output LoRA: heads split into G groups of N/G consecutive heads.
     g = self.o_groups
     o_TGI = o_TNH.reshape(t, g, (n // g) * h)
-    o_a_GRI = self.o_a[...].reshape(g, -1, (n // g) * h)
+    o_a_GRI = ops.dense(self.o_a[...]).reshape(g, -1, (n // g) * h)
     z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, o_a_GRI)
     return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...]), st
 

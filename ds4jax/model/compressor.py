@@ -67,7 +67,7 @@ class Compressor(nnx.Module):
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
     a_TX = ops.einsum("TD,XD->TX", x_TD, self.kv[...]).astype(a_SX.dtype)
     g_TX = (ops.einsum("TD,XD->TX", x_TD, self.gate[...])
-            + self.ape[...][pos_T % m]).astype(g_SX.dtype)
+            + ops.dense(self.ape[...])[pos_T % m]).astype(g_SX.dtype)
 
     n_win = t // m + 1
     w0 = pos0 // m

@@ -50,7 +50,7 @@ class HyperConnection(nnx.Module):
   def pre(self, x_TCD):
     """Returns (y_TD f32, post_TC, comb_TCC) for the sublayer input and the write-back."""
     c = self.n_hc
-    mu_TM = _mix(x_TCD, self.fn[...], self.rms_eps)
+    mu_TM = _mix(x_TCD, ops.dense(self.fn[...]), self.rms_eps)
     base_M, scale_3 = self.base[...], self.scale[...]
     pre_TC = jax.nn.sigmoid(mu_TM[:, :c] * scale_3[0] + base_M[None, :c]) + self.hc_eps
     post_TC = 2.0 * jax.nn.sigmoid(mu_TM[:, c:2 * c] * scale_3[1] + base_M[None, c:2 * c])
@@ -82,7 +82,7 @@ class Head(nnx.Module):
 
   def __call__(self, x_TCD):
     """x: [T, C, D] -> logits f32 [T, V]."""
-    mu_TC = _mix(x_TCD, self.hc_fn[...], self.rms_eps)
+    mu_TC = _mix(x_TCD, ops.dense(self.hc_fn[...]), self.rms_eps)
     pre_TC = jax.nn.sigmoid(mu_TC * self.hc_scale[...][0] + self.hc_base[...][None, :]) + self.hc_eps
     h_TD = jnp.einsum("TC,TCD->TD", pre_TC, x_TCD.astype(jnp.float32), precision=ops.HIGHEST)
     return ops.einsum("TD,VD->TV", self.norm(h_TD), self.out[...])

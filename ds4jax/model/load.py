@@ -1,10 +1,13 @@
 """Builds a Stage from GGUF tensors, abstract-first (style rule 9).
 
 `nnx.eval_shape` gives the stage's parameter tree without allocating it; each tensor of the
-slice is matched to its parameter path through `ds4jax.gguf.names`, checked, cast to the
-compute dtype and placed; then `nnx.merge` builds the module. Layers outside the range never
-exist, not even abstractly. Tensors stream in one at a time: the host never holds the slice
-twice.
+slice is matched to its parameter path through `ds4jax.gguf.names`, checked and placed; then
+`nnx.merge` builds the module. Layers outside the range never exist, not even abstractly.
+Tensors stream in one at a time: the host never holds the slice twice.
+
+Weights (docs/design.md §8): `"packed"` (the default) keeps every quantised or 16-bit tensor
+of two or more dims as its GGUF bytes (`quant.Packed`), dequantised inside the step;
+`"dequantized"` dequantises on the host at load (f32, or bf16) as before.
 
 `load_runner` is the low-peak way to start a stage process (issue 7): compile from shapes
 first, then load; `return_big_frees` and `trim_heap` keep glibc from holding freed memory.
@@ -23,8 +26,12 @@ from flax import nnx
 
 from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf import names
+from ds4jax.gguf.writer import RawTensor
 from ds4jax.model.runner import StageRunner
 from ds4jax.model.stage import Stage
+from ds4jax.quant.packed import Packed
+
+WEIGHTS = ("packed", "dequantized")
 
 _DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16,
            "bf16": jnp.bfloat16}
@@ -42,12 +49,29 @@ def parse_dtype(dtype) -> jnp.dtype:
   return dt
 
 
-def abstract_stage(cfg: ModelConfig, layers: LayerRange, dtype="float32"):
-  """(graphdef, {local path: abstract Param}) of a stage, with nothing allocated."""
+def parse_weights(weights: str) -> str:
+  """'packed' | 'dequantized' (ValueError otherwise)."""
+  if weights not in WEIGHTS:
+    raise ValueError(f"unsupported weights {weights!r}: expected 'packed' or 'dequantized'")
+  return weights
+
+
+def abstract_stage(cfg: ModelConfig, layers: LayerRange, dtype="float32",
+                   packed: Mapping[str, int] | None = None):
+  """(graphdef, {local path: abstract Param}) of a stage, with nothing allocated.
+
+  packed: {gguf_name: GGML type} of the tensors that stay packed; their parameters become
+  abstract `Packed` values (the shapes a packed stage compiles with).
+  """
   dt = parse_dtype(dtype)
   abstract = nnx.eval_shape(lambda: Stage(cfg, layers, rngs=nnx.Rngs(0), dtype=dt))
   graphdef, state = nnx.split(abstract)
-  return graphdef, dict(nnx.to_flat_state(state))
+  flat = dict(nnx.to_flat_state(state))
+  for name, qtype in (packed or {}).items():
+    path = names.local_path(name, layers)
+    var = flat[path]
+    flat[path] = var.replace(Packed.abstract(qtype, var.shape, var.dtype))
+  return graphdef, flat
 
 
 def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
@@ -55,7 +79,8 @@ def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
                        dtype="float32") -> Stage:
   """Builds the stage of `layers` from `{gguf_name: array}` (numpy orientation), or from an
   iterable of `(gguf_name, array)` pairs, which is consumed one array at a time (each is
-  placed, then dropped, so the host never holds the slice twice).
+  placed, then dropped, so the host never holds the slice twice). A value may also be a
+  `gguf.writer.RawTensor` (packed GGUF data), which becomes a `Packed` parameter.
 
   Tensors the slice does not own are ignored; a missing parameter is an error, except the
   optional router bias (zeros).
@@ -77,9 +102,19 @@ def _place(flat, layers: LayerRange, items: Iterable[tuple[str, np.ndarray]]):
     var = flat.get(path)
     if var is None:
       raise ValueError(f"tensor {name!r} maps to {path}, which the stage does not have")
+    if isinstance(arr, RawTensor):  # packed: the GGUF bytes, checked against the element shape
+      try:
+        filled[path] = var.replace(Packed.from_gguf_data(arr.data, arr.qtype, var.shape,
+                                                         var.dtype))
+      except ValueError as e:
+        raise ValueError(f"tensor {name!r}: {e}") from None
+      del arr
+      continue
     if tuple(np.shape(arr)) != tuple(var.shape):
       raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(arr))}, "
                        f"expected {tuple(var.shape)}")
+    if isinstance(var.get_value(), Packed):
+      raise ValueError(f"tensor {name!r} is dense, but the stage expects it packed")
     # device_put copies straight from the host array (jnp.asarray compiles a copy per shape);
     # the cast happens on the host, one tensor at a time (round-to-nearest-even either way).
     filled[path] = var.replace(jax.device_put(np.asarray(arr, dtype=var.dtype)))
@@ -94,12 +129,17 @@ def _place(flat, layers: LayerRange, items: Iterable[tuple[str, np.ndarray]]):
   return filled
 
 
-def load_stage(path, layers: LayerRange | str = "all", *, dtype=None) -> Stage:
-  """Loads the slice `layers` of a ds4 GGUF (only its tensors are read and dequantised), or
-  restores it from an orbax checkpoint directory (scripts/convert_to_orbax.py).
+def load_stage(path, layers: LayerRange | str = "all", *, dtype=None,
+               weights: str = "packed") -> Stage:
+  """Loads the slice `layers` of a ds4 GGUF (only its tensors are read), or restores it from an
+  orbax checkpoint directory (scripts/convert_to_orbax.py).
 
-  dtype: None means float32 for a GGUF and the stored dtype for a checkpoint.
+  dtype: the compute dtype; None means float32 for a GGUF and the stored dtype for a
+    checkpoint.
+  weights: 'packed' (quantised and 16-bit tensors stay GGUF blocks, dequantised in the step)
+    or 'dequantized' (every tensor dequantised to `dtype` on the host at load).
   """
+  parse_weights(weights)
   if os.path.isdir(path):
     from ds4jax.checkpoints.orbax_io import load_stage_checkpoint  # deferred: imports orbax
     return load_stage_checkpoint(path, layers, dtype=dtype)
@@ -107,22 +147,38 @@ def load_stage(path, layers: LayerRange | str = "all", *, dtype=None) -> Stage:
   from ds4jax.gguf.reader import open_gguf
   f = open_gguf(path)
   rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
-  return stage_from_tensors(f.cfg, rng, iter_tensors(f, rng), dtype=dtype or "float32")
+  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32", _packed_types(f, rng, weights))
+  return nnx.merge(graphdef, nnx.from_flat_state(
+      _place(flat, rng, iter_tensors(f, rng, packed=weights == "packed"))))
+
+
+def _packed_types(f, rng: LayerRange, weights: str) -> dict[str, int]:
+  """{gguf_name: GGML type} of the slice's tensors that load packed under `weights`."""
+  if weights != "packed":
+    return {}
+  from ds4jax.gguf.load import packs
+  out = {}
+  for e in f.validate(rng):
+    t = f.tensor(e.name)
+    if packs(t.tensor_type, e.numpy_shape(f.cfg)):
+      out[e.name] = int(t.tensor_type)
+  return out
 
 
 def load_runner(path, layers: LayerRange | str = "all", *, ctx_size: int, max_chunk: int = 256,
-                dtype=None, fingerprint: str | None = None,
+                dtype=None, weights: str = "packed", fingerprint: str | None = None,
                 compile_sizes: Sequence[int] = ()) -> StageRunner:
   """A StageRunner for `layers` of a GGUF (or an orbax checkpoint directory), built in the
   order that keeps the process's peak memory low (issue 7):
 
-  1. the chunk shapes `compile_sizes` are compiled from the abstract stage, before any weight
-     or state exists, so the compiler's transient peak (~200 MB on the bench preset) does not
-     stack on top of them; the freed compiler heap is handed back to the OS;
-  2. the weights are streamed in one tensor at a time (dequantise, place, drop).
+  1. the chunk shapes `compile_sizes` are compiled from the abstract stage (packed leaves
+     included), before any weight or state exists, so the compiler's transient peak does
+     not stack on top of them; the freed compiler heap is handed back to the OS;
+  2. the weights are streamed in one tensor at a time (read or dequantise, place, drop).
 
   What was compiled is what `forward` runs: nothing compiles again for those sizes.
   """
+  parse_weights(weights)
   if os.path.isdir(path):  # a checkpoint restores into its own abstract tree
     runner = StageRunner(load_stage(path, layers, dtype=dtype), ctx_size=ctx_size,
                          max_chunk=max_chunk, fingerprint=fingerprint)
@@ -132,14 +188,14 @@ def load_runner(path, layers: LayerRange | str = "all", *, ctx_size: int, max_ch
   from ds4jax.gguf.reader import open_gguf
   f = open_gguf(path)
   rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
-  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32")
+  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32", _packed_types(f, rng, weights))
   runner = StageRunner(nnx.merge(graphdef, nnx.from_flat_state(flat)), ctx_size=ctx_size,
                        max_chunk=max_chunk, fingerprint=fingerprint)
   if compile_sizes:
     runner.compile(compile_sizes)
     trim_heap()
-  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, rng,
-                                                                   iter_tensors(f, rng)))))
+  items = iter_tensors(f, rng, packed=weights == "packed")
+  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, rng, items))))
   trim_heap()
   return runner
 

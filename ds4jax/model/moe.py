@@ -14,6 +14,7 @@ from flax import nnx
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import ops
+from ds4jax.quant.packed import Packed
 
 
 # Rows per block of the grouped (sorted) expert path: at most GROUP_BLOCK, at least MIN_BLOCK.
@@ -77,34 +78,35 @@ class MoE(nnx.Module):
     t = x_TD.shape[0]
     idx_TK, w_TK = self.route(x_TD, tokens_T)
     block = group_block(t * self.k, self.n_experts)
+    gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
+    packed = isinstance(gate_EFD, Packed)
     if t * self.k <= min(self.n_experts, 32):
       # Decode-sized chunks: one dynamic slice per chosen (token, expert), which XLA reads in
-      # place (a batched gather copies the chosen experts' weights first: 4x slower on CPU).
+      # place (a batched gather copies the chosen experts' weights first: 4x slower on CPU);
+      # packed experts dequantise only the chosen expert's slabs.
       routed = []
       for i in range(t):
         acc_D = jnp.zeros((x_TD.shape[1],), jnp.float32)
         for j in range(self.k):
           e = idx_TK[i, j]
-          g_F = ops.einsum("D,FD->F", x_TD[i], jax.lax.dynamic_index_in_dim(
-              self.gate_exps[...], e, keepdims=False))
-          u_F = ops.einsum("D,FD->F", x_TD[i], jax.lax.dynamic_index_in_dim(
-              self.up_exps[...], e, keepdims=False))
+          g_F = ops.einsum("D,FD->F", x_TD[i], _expert(gate_EFD, e))
+          u_F = ops.einsum("D,FD->F", x_TD[i], _expert(up_EFD, e))
           h_F = swiglu(g_F, u_F, self.limit) * w_TK[i, j]
-          acc_D = acc_D + ops.einsum("F,DF->D", h_F, jax.lax.dynamic_index_in_dim(
-              self.down_exps[...], e, keepdims=False))
+          acc_D = acc_D + ops.einsum("F,DF->D", h_F, _expert(down_EDF, e))
         routed.append(acc_D)
       routed_TD = jnp.stack(routed)
-    elif t * self.k + self.n_experts * block < t * self.n_experts:
-      # The grouped rows (the pairs, plus under a block of padding per expert) are fewer.
+    elif packed or t * self.k + self.n_experts * block < t * self.n_experts:
+      # The grouped rows (the pairs, plus under a block of padding per expert) are fewer; packed
+      # experts always go this way (the dense path below would dequantise every expert).
       routed_TD = self._grouped(x_TD, idx_TK, w_TK, block)
     else:
       # Few tokens per expert: every expert on every token, unchosen ones weighted 0.
       comb_TE = jnp.sum(jax.nn.one_hot(idx_TK, self.n_experts, dtype=jnp.float32)
                         * w_TK[:, :, None], axis=1)
-      g_TEF = ops.einsum("TD,EFD->TEF", x_TD, self.gate_exps[...])
-      u_TEF = ops.einsum("TD,EFD->TEF", x_TD, self.up_exps[...])
+      g_TEF = ops.einsum("TD,EFD->TEF", x_TD, gate_EFD)
+      u_TEF = ops.einsum("TD,EFD->TEF", x_TD, up_EFD)
       h_TEF = swiglu(g_TEF, u_TEF, self.limit) * comb_TE[:, :, None]
-      routed_TD = ops.einsum("TEF,EDF->TD", h_TEF, self.down_exps[...])
+      routed_TD = ops.einsum("TEF,EDF->TD", h_TEF, down_EDF)
     sg_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_gate[...])
     su_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_up[...])
     shared_TD = ops.einsum("TF,DF->TD", swiglu(sg_TF, su_TF, self.limit), self.shared_down[...])
@@ -112,14 +114,15 @@ class MoE(nnx.Module):
 
   def _grouped(self, x_TD, idx_TK, w_TK, block: int):
     """Routed experts for many tokens: the (token, expert) pairs sorted by expert, then a
-    rolled loop over the experts that slices each expert's weights once and runs its pairs
+    rolled loop over the experts that have pairs (ascending; a dynamic trip count) that slices
+    (packed: dequantises) each one's weights once and runs its pairs
     in blocks of `block` rows, only as many blocks as it has pairs (a dynamic trip count, so
     no work on padding blocks: a static bound costs ~20% more expert FLOPs on bench prefill).
 
     Pipeline:
       1. P = T*k pairs, stably sorted by expert: token, weight and input row per sorted slot
          (plus `block` zero rows, so the last block never reads or writes out of range);
-      2. per expert e (ascending): blocks at slots first_e + b*block, b < ceil(count_e/block):
+      2. per expert e with pairs (ascending): blocks at slots first_e + b*block, b < ceil(count_e/block):
          SwiGLU expert, rows weighted, written at their slots. A block running past e's last
          pair writes slots of later experts, which rewrite them on their turn;
       3. each token sums its k rows (gathered from their slots).
@@ -135,11 +138,17 @@ class MoE(nnx.Module):
                             jnp.zeros((block, d), jnp.float32)])
     w_S = jnp.concatenate([w_TK.reshape(-1)[order_S], jnp.zeros((block,), jnp.float32)])
     gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
+    # Experts with pairs, ascending, then padding: only the first n_active are visited.
+    active_E = count_E > 0
+    n_active = jnp.sum(active_E.astype(jnp.int32))
+    ids_A = jnp.nonzero(active_E, size=e_n, fill_value=0)[0].astype(jnp.int32)
 
-    def one_expert(e, y_SD):
-      g_FD = jax.lax.dynamic_index_in_dim(gate_EFD, e, 0, False)
-      u_FD = jax.lax.dynamic_index_in_dim(up_EFD, e, 0, False)
-      d_DF = jax.lax.dynamic_index_in_dim(down_EDF, e, 0, False)
+    def one_expert(a, y_SD):
+      e = ids_A[a]
+      # Loop-invariant for the block loop: sliced (dequantised) once per expert and call.
+      g_FD = ops.dense(_expert(gate_EFD, e))
+      u_FD = ops.dense(_expert(up_EFD, e))
+      d_DF = ops.dense(_expert(down_EDF, e))
 
       def one_block(b, y_SD):
         s = first_E[e] + b * block
@@ -152,7 +161,15 @@ class MoE(nnx.Module):
 
       return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
 
-    y_SD = jax.lax.fori_loop(0, e_n, one_expert, jnp.zeros((n_pairs + block, d), jnp.float32))
+    y_SD = jax.lax.fori_loop(0, n_active, one_expert,
+                             jnp.zeros((n_pairs + block, d), jnp.float32))
     slot_P = jnp.zeros((n_pairs,), jnp.int32).at[order_S].set(
         jnp.arange(n_pairs, dtype=jnp.int32))
     return jnp.sum(y_SD[slot_P].reshape(t, k, d), axis=1)
+
+
+def _expert(w_E__, e):
+  """Expert `e` (traced) of a stacked `[E, ...]` weight: a dynamic slice, or the packed slab."""
+  if isinstance(w_E__, Packed):
+    return w_E__.index(e)
+  return jax.lax.dynamic_index_in_dim(w_E__, e, 0, keepdims=False)

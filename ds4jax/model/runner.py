@@ -17,6 +17,7 @@ from flax import nnx
 from ds4jax.model import decode_state
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
+from ds4jax.quant.packed import Packed
 
 
 def bucket(t: int, max_chunk: int) -> int:
@@ -153,9 +154,23 @@ class StageRunner:
 
 
 def _stage_dtype(params) -> jnp.dtype:
-  """The compute dtype: that of the largest floating parameter."""
+  """The compute dtype: that of the largest floating parameter (a packed one counts with the
+  dtype it dequantises to)."""
   best, size = jnp.float32, -1
-  for leaf in jax.tree.leaves(params):
-    if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.size > size:
-      best, size = leaf.dtype, leaf.size
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Packed)):
+    n = int(np.prod(leaf.shape))
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and n > size:
+      best, size = leaf.dtype, n
   return best
+
+
+def param_bytes(params) -> dict[str, int]:
+  """Device bytes of a stage's parameters: {'packed': ..., 'dense': ..., 'total': ...}."""
+  out = {"packed": 0, "dense": 0}
+  for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, Packed)):
+    if isinstance(leaf, Packed):
+      out["packed"] += leaf.nbytes
+    else:
+      out["dense"] += int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+  out["total"] = out["packed"] + out["dense"]
+  return out

@@ -25,7 +25,7 @@ class Embed(nnx.Module):
 
   def __call__(self, tokens_T):
     """tokens: int32 [T] -> f32 [T, C, D]."""
-    e_TD = self.embedding[...][tokens_T].astype(jnp.float32)
+    e_TD = ops.rows(self.embedding[...], tokens_T)
     return jnp.broadcast_to(e_TD[:, None, :], (e_TD.shape[0], self.n_hc, e_TD.shape[1]))
 
 

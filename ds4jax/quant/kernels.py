@@ -32,6 +32,7 @@ import functools
 from collections.abc import Callable
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -219,4 +220,6 @@ def dequant_rows(rows_u8, qtype, n: int):
   block, type_size = gguf.GGML_QUANT_SIZES[q]
   lead = rows_u8.shape[:-1]
   blocks_BS = rows_u8.reshape(*lead, int(n) // block, type_size)
-  return DEQUANT_BLOCKS[q](blocks_BS).reshape(*lead, int(n))
+  # The kernels broadcast shift vectors numpy-style, whatever the caller's rank-promotion mode.
+  with jax.numpy_rank_promotion("allow"):
+    return DEQUANT_BLOCKS[q](blocks_BS).reshape(*lead, int(n))

@@ -57,7 +57,7 @@ class Cluster:
     log = open(os.path.join(self.logdir, f"worker-{name.replace(':', '_')}.log"), "w")
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "worker.py"),
            f"--gguf={gguf or self.gguf}", f"--layers={spec}",
-           f"--coordinator=127.0.0.1:{self.port}", f"--ctx={CTX}", "--backoff_min=0.1",
+           f"--coordinator=127.0.0.1:{self.port}", f"--ctx_size={CTX}", "--backoff_min=0.1",
            "--backoff_max=1.0", f"--cache_dir={self.cache}", "--exit_with_parent", *extra]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -224,9 +224,9 @@ def test_refusals_reason_on_both_sides(cluster, tiny_cache_dir):
   from ds4jax.testing import tiny
   other = tiny.tiny_gguf_path("tiny", tiny_cache_dir, experts="q8")  # same dims, other file
   cases = {
-      "model": ("1:output", ["--ctx=128"], other, "model mismatch"),
+      "model": ("1:output", ["--ctx_size=128"], other, "model mismatch"),
       "range": ("2:9", [], None, "layer range 2:9 ends past the final model layer 3"),
-      "ctx": ("1:output", ["--ctx=16"], None, f"worker context too small: worker=16 "
+      "ctx": ("1:output", ["--ctx_size=16"], None, f"worker context too small: worker=16 "
               f"coordinator={CTX}"),
   }
   procs = {k: cluster.start_worker(spec, *extra, gguf=g, name=f"refused-{k}")

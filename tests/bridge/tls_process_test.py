@@ -32,7 +32,7 @@ def test_tls_and_key_split_generation(tiny_gguf, tiny_cache_dir, tmp_path):
   key_file.chmod(0o600)
   port = cli.free_port()
   worker_args = [f"--gguf={tiny_gguf}", "--layers=1:output", f"--coordinator=127.0.0.1:{port}",
-                 "--ctx=64", "--backoff_min=0.1", "--backoff_max=0.5", f"--key_file={key_file}",
+                 "--ctx_size=64", "--backoff_min=0.1", "--backoff_max=0.5", f"--key_file={key_file}",
                  "--exit_with_parent"]
   cmd, env = script("worker.py", *worker_args, f"--tls_ca={cert}", cache=tiny_cache_dir)
   good = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,

@@ -21,7 +21,7 @@ def start_worker(gguf, port, cache, *extra, env_key=None):
   if env_key is not None:
     env["DS4JAX_KEY"] = env_key
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "worker.py"), f"--gguf={gguf}",
-         "--layers=1:output", f"--coordinator=127.0.0.1:{port}", "--ctx=32",
+         "--layers=1:output", f"--coordinator=127.0.0.1:{port}", "--ctx_size=32",
          "--backoff_min=0.1", "--backoff_max=0.3", f"--cache_dir={cache}",
          "--exit_with_parent", *extra]
   return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

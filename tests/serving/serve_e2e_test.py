@@ -122,7 +122,7 @@ def split(tiny_gguf, tiny_cache_dir, tmp_path_factory):
 
     def start_worker():
       procs["worker"] = Proc([_script("worker.py"), f"--gguf={tiny_gguf}", "--layers=2:output",
-                              f"--coordinator={listen}", f"--ctx={CTX}", "--max_sessions=10",
+                              f"--coordinator={listen}", f"--ctx_size={CTX}", "--max_sessions=10",
                               f"--cache_dir={tiny_cache_dir}"], logs / "worker.log")
 
     yield dict(url=url, short_url=short_url, start_worker=start_worker, procs=procs,
