@@ -4,7 +4,9 @@
 - `reader`: `open_gguf`, `read_config`, `fingerprint` over gguf-py's memory-mapped reader.
 - `dequant`: GGML types -> numpy through gguf-py, bit-exact.
 - `load`: `load_tensors(path, layers)` reads only a slice's tensors.
-- `split`, `writer`, `summary`: split files, ds4-layout writing, `inspect_gguf` text.
+- `split`, `writer`, `summary`: split files, ds4-layout writing (whole or streamed),
+  `inspect_gguf` text.
+- `table`: a file's tensor table (types, dims, bytes) from its config and quant recipe alone.
 - `errors`: the one-line `GGUFError`s.
 
 Submodules are imported explicitly (`from ds4jax.gguf import load`), so importing the package

@@ -4,13 +4,17 @@ Used by the tiny fixtures (`ds4jax.testing.tiny`) and by the HF -> GGUF converte
 Tensors are given in the numpy orientation (`names.TensorSpec.numpy_shape`), either as float
 arrays, which are quantised here by the type policy, or as `RawTensor`s that already hold
 quantised blocks (gguf-py cannot quantise Q2_K / Q4_K / IQ2_XXS).
+
+`write_gguf_streamed` writes files too large to hold in memory (Flash dims): the header and
+tensor table first, then each tensor's data chunk by chunk, so memory stays at one chunk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import gguf
@@ -136,12 +140,7 @@ def add_metadata(w: gguf.GGUFWriter, meta: Mapping[str, Any]) -> None:
 
 def check_tensor(cfg: ModelConfig, name: str, value) -> tuple[names.TensorSpec, int]:
   """Checks a tensor's name and numpy shape against the name table."""
-  try:
-    spec, il = names.lookup(name)
-  except names.UnknownTensorError as e:
-    raise GGUFError(str(e)) from None
-  if spec.scope == names.LAYER and not 0 <= il < cfg.n_layers:
-    raise GGUFError(f"tensor {name!r}: layer {il} is outside the model's {cfg.n_layers} layers")
+  spec, il = _check_name(cfg, name)
   want = spec.numpy_shape(cfg, il)
   if isinstance(value, RawTensor):
     if value.qtype not in spec.types:
@@ -175,16 +174,8 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
     The path written.
   """
   layers = (layers or LayerRange.parse("all")).resolve(cfg.n_layers)
-  required = set(names.tensor_names(cfg, layers))
-  missing = sorted(required - set(tensors), key=_order_key)
-  if missing:
-    raise GGUFError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
-  w = gguf.GGUFWriter(os.fspath(path), ARCH)
-  w.add_name(name)
-  _config_metadata(w, cfg)
-  _tokenizer_metadata(w, cfg, tokenizer)
-  if extra_metadata:
-    add_metadata(w, extra_metadata)
+  _check_complete(cfg, layers, tensors)
+  w = _new_writer(path, cfg, tokenizer, extra_metadata, name)
   for tname in sorted(tensors, key=_order_key):
     value = tensors[tname]
     spec, _ = check_tensor(cfg, tname, value)
@@ -201,6 +192,114 @@ def write_gguf(path: str | os.PathLike, cfg: ModelConfig, tensors: Mapping[str, 
   w.write_tensors_to_file()
   w.close()
   return os.fspath(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedTensor:
+  """A tensor written chunk by chunk: `chunks()` yields C-contiguous arrays whose bytes, in
+  order, are the tensor's data (uint8 blocks for quantised types). `numpy_shape` is in
+  elements, the reversed GGUF dims."""
+
+  name: str
+  qtype: Q
+  numpy_shape: tuple[int, ...]
+  chunks: Callable[[], Iterable[np.ndarray]]
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(gguf.quants.quant_shape_to_byte_shape(self.numpy_shape, self.qtype))
+
+
+def write_gguf_streamed(path: str | os.PathLike, cfg: ModelConfig,
+                        tensors: Sequence[StreamedTensor], *, tokenizer=None,
+                        extra_metadata: Mapping[str, Any] | None = None, name: str = "ds4jax",
+                        on_tensor: Callable[[int, int, StreamedTensor, int, int], None] | None
+                        = None) -> str:
+  """Writes a whole-model ds4-layout GGUF without holding more than one chunk in memory.
+
+  Args:
+    path: output file; removed again if writing fails or is interrupted.
+    cfg, tokenizer, extra_metadata, name: as for `write_gguf`.
+    tensors: every tensor of the file (see `StreamedTensor`), checked against the name table
+      (name, dims, accepted type) before anything is written; written in file order.
+    on_tensor: called after each tensor as `on_tensor(i, n, tensor, bytes_done, bytes_total)`.
+  Returns:
+    The path written.
+  """
+  by_name: dict[str, StreamedTensor] = {}
+  for t in tensors:
+    if t.name in by_name:
+      raise GGUFError(f"tensor {t.name!r} is given twice")
+    by_name[t.name] = t
+  layers = LayerRange.parse("all", cfg.n_layers)
+  _check_complete(cfg, layers, by_name)
+  ordered = [by_name[n] for n in sorted(by_name, key=_order_key)]
+  for t in ordered:
+    spec, il = _check_name(cfg, t.name)
+    want = spec.numpy_shape(cfg, il)
+    if tuple(t.numpy_shape) != want:
+      raise GGUFError(f"tensor {t.name!r} has shape {tuple(t.numpy_shape)}, expected {want}")
+    if t.qtype not in spec.types:
+      raise GGUFError(f"tensor {t.name!r}: type {t.qtype.name} is not allowed")
+  w = _new_writer(path, cfg, tokenizer, extra_metadata, name)
+  for t in ordered:
+    # Shapes in elements with an explicit type: the writer derives the GGUF dims from them.
+    w.add_tensor_info(t.name, t.numpy_shape, np.dtype(np.float32), t.nbytes, raw_dtype=t.qtype)
+  total, done = sum(t.nbytes for t in ordered), 0
+  try:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    fout = w.fout[0]
+    for i, t in enumerate(ordered):
+      w.write_padding(fout, fout.tell())
+      n = 0
+      for chunk in t.chunks():
+        chunk = np.ascontiguousarray(chunk)
+        fout.write(memoryview(chunk).cast("B"))
+        n += chunk.nbytes
+      if n != t.nbytes:
+        raise GGUFError(f"tensor {t.name!r}: its chunks hold {n} bytes, expected {t.nbytes}")
+      w.write_padding(fout, n)
+      done += n
+      if on_tensor is not None:
+        on_tensor(i, len(ordered), t, done, total)
+    w.close()
+  except BaseException:
+    w.close()
+    if os.path.exists(path):
+      os.unlink(path)
+    raise
+  return os.fspath(path)
+
+
+def _check_name(cfg: ModelConfig, tname: str) -> tuple[names.TensorSpec, int]:
+  try:
+    spec, il = names.lookup(tname)
+  except names.UnknownTensorError as e:
+    raise GGUFError(str(e)) from None
+  if spec.scope == names.LAYER and not 0 <= il < cfg.n_layers:
+    raise GGUFError(f"tensor {tname!r}: layer {il} is outside the model's {cfg.n_layers} layers")
+  return spec, il
+
+
+def _check_complete(cfg: ModelConfig, layers: LayerRange, tensors) -> None:
+  """Every required tensor of `layers` is among `tensors` (names)."""
+  required = set(names.tensor_names(cfg, layers))
+  missing = sorted(required - set(tensors), key=_order_key)
+  if missing:
+    raise GGUFError(f"missing tensor {missing[0]!r} ({len(missing)} missing in all)")
+
+
+def _new_writer(path, cfg: ModelConfig, tokenizer, extra_metadata, name: str) -> gguf.GGUFWriter:
+  """A GGUFWriter with the name, config, tokenizer and extra metadata added, in that order."""
+  w = gguf.GGUFWriter(os.fspath(path), ARCH)
+  w.add_name(name)
+  _config_metadata(w, cfg)
+  _tokenizer_metadata(w, cfg, tokenizer)
+  if extra_metadata:
+    add_metadata(w, extra_metadata)
+  return w
 
 
 def _order_key(tname: str) -> tuple:
