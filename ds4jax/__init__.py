@@ -15,10 +15,11 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "ds4jax.config",
     "LayerRange": "ds4jax.config",
-    "load_model": "ds4jax.model.api",
+    "load_model": "ds4jax.sources",
     "Model": "ds4jax.model.api",
     "Session": "ds4jax.model.api",
-    "load_stage": "ds4jax.model.load",
+    "load_stage": "ds4jax.sources",
+    "open_source": "ds4jax.sources",
     "Stage": "ds4jax.model.stage",
     "StageRunner": "ds4jax.model.runner",
     "StageState": "ds4jax.model.decode_state",

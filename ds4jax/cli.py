@@ -126,8 +126,8 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
     raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
   if os.path.exists(spec):
     if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
-      from ds4jax.checkpoints.orbax_io import read_manifest
-      read_manifest(spec)  # a one-line error if it is not one
+      from ds4jax import sources
+      sources.open_source(spec)  # reads the manifest: a one-line error if it is not one
       return spec
     if not os.path.isfile(spec):
       raise ValueError(f"--gguf={spec} is not a file")
@@ -197,7 +197,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
   from ds4jax.config import LayerRange
   from ds4jax.generate.progress import heartbeat
-  from ds4jax.checkpoints.orbax_io import model_info
+  from ds4jax import sources
   from ds4jax.model.load import load_stage
   from ds4jax.model.runner import StageRunner
 
@@ -208,11 +208,11 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   tls = auth.server_ssl_context(tls_cert, tls_key) if tls_cert else None  # fail before loading
   if port:
     check_port_free(host, port)  # before a possibly long model load, not after
-  cfg, fingerprint = model_info(gguf)  # a GGUF or an orbax checkpoint directory
-  rng = LayerRange.parse(layers, cfg.n_layers)
+  src = sources.open_source(gguf)  # a GGUF or an orbax checkpoint directory
+  rng = LayerRange.parse(layers, src.cfg.n_layers)
   with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
-    stage = load_stage(gguf, rng, weights=weights, dtype=dtype)
-  runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint)
+    stage = load_stage(src, rng, weights=weights, dtype=dtype)
+  runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=src.fingerprint)
   auth.warn_if_exposed(host, key)
   try:
     coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(

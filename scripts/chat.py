@@ -22,10 +22,9 @@ except ImportError:
 
 from absl import flags
 
-from ds4jax import cli
+from ds4jax import cli, sources
 from ds4jax.checkpoints import snapshots
 from ds4jax.generate.loop import Generator
-from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags(prompt=False)
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
@@ -48,7 +47,8 @@ def main(argv):
   backend, close = cli.build_backend()
   try:
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
-    tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
+    gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
+    tokenizer = sources.open_tokenizer(gguf)
     gen = Generator(backend, tokenizer)
     print(cli.format_route(backend.route_info()), file=sys.stderr)
     new_chat = lambda: gen.chat(system=cli.option("system"), thinking=bool(cli.option("thinking")))

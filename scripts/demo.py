@@ -16,10 +16,9 @@ import time
 import numpy as np
 from absl import flags
 
-from ds4jax import cli, local_cluster
+from ds4jax import cli, local_cluster, sources
 from ds4jax.generate.loop import Generator
 from ds4jax.generate.sampling import SamplingParams
-from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
@@ -77,7 +76,7 @@ def main(argv):
     say(f"coordinator {cli.option('layers')} listening on {host}:{port}")
     cli.wait_for_route(coord, float(cli.option("route_timeout")), say=say, poll=workers.check)
     say(cli.format_route(coord.route_info()))
-    tokenizer = Tokenizer.from_gguf(gguf)
+    tokenizer = sources.open_tokenizer(gguf)
     kw = dict(prompt_tokens=cli.parse_tokens(cli.option("prompt_tokens")),
               max_new_tokens=int(cli.option("max_new_tokens")), sampling=cli.sampling_params(),
               chat=bool(cli.option("chat")), system=cli.option("system"),

@@ -17,9 +17,8 @@ import sys
 
 from absl import flags
 
-from ds4jax import cli
+from ds4jax import cli, sources
 from ds4jax.generate.loop import Generator
-from ds4jax.tokenizer import Tokenizer
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
@@ -44,7 +43,8 @@ def main(argv):
   backend, close = cli.build_backend()
   try:
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
-    tokenizer = Tokenizer.from_gguf(cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir")))
+    gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
+    tokenizer = sources.open_tokenizer(gguf)
     gen = Generator(backend, tokenizer)
     if cli.option("warmup") and not _LOAD.value:
       # A throwaway 2-token run compiles the prefill and decode shapes (own session).

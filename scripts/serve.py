@@ -51,11 +51,12 @@ def _exit_cleanly(signum, frame):
 
 def _in_process(gguf: str):
   """(backend, tokenizer, listen, close) with the model in this process."""
-  from ds4jax.tokenizer import Tokenizer
+  from ds4jax import sources
   cli.enable_compilation_cache(cli.option("cache_dir"))
   backend, close = cli.build_backend()
   address = getattr(backend, "address", None)
-  return backend, Tokenizer.from_gguf(gguf), f"{address[0]}:{address[1]}" if address else None, close
+  listen = f"{address[0]}:{address[1]}" if address else None
+  return backend, sources.open_tokenizer(gguf), listen, close
 
 
 def _child_process():

@@ -1,5 +1,5 @@
-"""Builds bridge endpoints from a GGUF path (deferred JAX imports live here, not in the
-wire modules)."""
+"""Builds bridge endpoints from a GGUF path or a checkpoint directory (deferred JAX imports
+live here, not in the wire modules; the path is opened by `ds4jax.sources`)."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
   """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
   the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint.
   compile_sizes: chunk sizes to compile before the weights load (lower peak memory)."""
-  from ds4jax.checkpoints.orbax_io import model_info
+  from ds4jax import sources
   from ds4jax.model import load
-  cfg, fp = model_info(path)
+  src = sources.open_source(path)
+  cfg = src.cfg
   rng = layers if isinstance(layers, LayerRange) else LayerRange.parse(layers, cfg.n_layers)
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
-  return load.load_runner(path, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
-                          weights=weights, fingerprint=fp, compile_sizes=compile_sizes)
+  return load.load_runner(src, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
+                          weights=weights, compile_sizes=compile_sizes)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -36,8 +37,8 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
                      weights: str = "packed", options=None):
   """A Worker for `layers` of the GGUF: HELLO needs only metadata; weights load on ACCEPT."""
   from ds4jax.bridge.worker import Worker, WorkerOptions
-  from ds4jax.checkpoints.orbax_io import model_info
-  cfg, fp = model_info(path)  # a GGUF or an orbax checkpoint directory
+  from ds4jax import sources
+  cfg, fp = sources.model_info(path)  # a GGUF or an orbax checkpoint directory
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
   rng = requested_range(layers, cfg.n_layers)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any
+from typing import Any, Collection
 
 
-def read_manifest(directory, *, name: str, fmt: str, version: int, what: str,
+def read_manifest(directory, *, name: str, fmt: str, version: int | Collection[int], what: str,
                   error: type[Exception], where: str | None = None) -> dict[str, Any]:
-  """The JSON object in `directory/name`, if its "format" is `fmt` and its "version" `version`.
+  """The JSON object in `directory/name`, if its "format" is `fmt` and its "version" is
+  `version` (or one of several, for a reader of older formats too).
 
   Anything else raises `error` with a one-line message starting with `where` (default: the
   directory); `what` names the format for a human ("session snapshot").
@@ -28,9 +29,11 @@ def read_manifest(directory, *, name: str, fmt: str, version: int, what: str,
     raise error(f"{where}: corrupt manifest ({type(e).__name__}: {e})") from None
   if not isinstance(m, dict) or m.get("format") != fmt:
     raise error(f"{where}: not a {fmt} manifest")
-  if m.get("version") != version:
+  versions = (version,) if isinstance(version, int) else tuple(version)
+  if m.get("version") not in versions:
+    reads = ", ".join(str(v) for v in versions)
     raise error(f"{where}: format version {m.get('version')!r} is not supported (this code "
-                f"reads {version})")
+                f"reads {reads})")
   return m
 
 

@@ -1,18 +1,28 @@
-"""A stage's dequantised parameters as an orbax checkpoint (fast restore, no dequantisation).
+"""A stage's parameters as an orbax checkpoint (fast restore), and `OrbaxSource`, the
+checkpoint as a `quant.source.TensorSource` (docs/design.md §7, §8).
 
 Layout of a checkpoint directory:
 
-    DIR/ds4jax_checkpoint.json   manifest: format, config, model fingerprint, layer range,
-                                 dtype, and {param path: shape, dtype, sha256}
+    DIR/ds4jax_checkpoint.json   manifest: format, version, weights ('packed' | 'dequantized'),
+                                 config, model fingerprint, layer range, dtype, and
+                                 {param path: shape, dtype, sha256, qtype, element_shape}
     DIR/params/                  the orbax PyTree checkpoint (OCDBT)
     DIR/tokenizer.json           tokens/merges/types of the source GGUF (so a coordinator
                                  can run from the directory alone)
 
+A packed checkpoint (the default) stores what a packed stage holds: each quantised or 16-bit
+tensor as its GGUF bytes (uint8 blocks `[*lead, row_bytes]`, or the float16/bfloat16 array),
+with its GGML `qtype` and `element_shape` in the manifest, and the rest (norms, F32 and I32
+tensors) as float32 / int32 arrays. Orbax restores plain arrays; the `Packed` wrapper comes
+from the manifest. Its bytes on disk are about the GGUF bytes of the slice, and any compute
+dtype can be restored from it. A dequantised checkpoint (`weights="dequantized"`, version 1
+and later) stores every parameter dequantised to its `dtype`, and restores only that dtype.
+
 Parameters are stored under **absolute** layer indices (`blocks/<il>/...`), so one checkpoint
-of a range serves any sub-range: a restore builds the stage abstractly (`nnx.eval_shape`),
-maps its paths to absolute keys and asks orbax for exactly those arrays (`partial_restore`),
-so layers outside the slice are never read nor allocated. Every restored array is checked
-against its manifest sha256, so a corrupt checkpoint is refused rather than computed with.
+of a range serves any sub-range: a restore asks orbax for exactly the arrays of the slice
+(`partial_restore`), so layers outside it are never read nor allocated. Every restored array
+is checked against its manifest sha256, so a corrupt checkpoint is refused rather than
+computed with.
 """
 
 from __future__ import annotations
@@ -23,8 +33,7 @@ import json
 import os
 import pathlib
 import shutil
-import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -32,10 +41,14 @@ from flax import nnx
 
 from ds4jax.checkpoints import manifest
 from ds4jax.config import LayerRange, ModelConfig
+from ds4jax.gguf import names
+from ds4jax.quant.source import Path, Stored
 
 MANIFEST = "ds4jax_checkpoint.json"
 FORMAT = "ds4jax-orbax-stage"
-VERSION = 1
+VERSION = 2        # written; 2 adds "weights" and the packed entries
+READS = (1, 2)     # read: version 1 checkpoints are dequantised
+WEIGHTS = ("packed", "dequantized")
 
 
 class CheckpointError(ValueError):
@@ -65,10 +78,11 @@ def _nest(flat: dict[tuple[str, ...], Any]) -> dict:
   return out
 
 
-def _get(tree: dict, key: tuple[str, ...]):
-  for k in key:
+def _pop(tree: dict, key: tuple[str, ...]):
+  """Removes and returns the leaf at `key` (so a restored tree does not keep it alive)."""
+  for k in key[:-1]:
     tree = tree[k]
-  return tree
+  return tree.pop(key[-1])
 
 
 def _sha256(arr: np.ndarray) -> str:
@@ -93,44 +107,65 @@ def _config_from_dict(d: dict) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------ save
-def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
-                          dtype: str = "float32", overwrite: bool = False) -> dict[str, Any]:
-  """Dequantises `layers` of a GGUF and writes them as a checkpoint; returns the manifest.
+def save_stage_checkpoint(gguf, layers: LayerRange | str, out_dir, *, weights: str = "packed",
+                          dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
+  """Writes `layers` of a GGUF as a checkpoint; returns the manifest.
 
-  The arrays are exactly what `model.load.load_stage(gguf_path, layers, dtype=dtype)` holds,
-  so a restore gives bit-identical logits.
+  Args:
+    gguf: the GGUF path (or a `gguf.source.GGUFSource`).
+    layers: the slice to store ("all", "A:B", "A:output", a LayerRange).
+    out_dir: the checkpoint directory to write.
+    weights: 'packed' (the GGUF blocks; dtype must be None or float32: the compute dtype is
+      chosen at restore) or 'dequantized' (every parameter dequantised to `dtype`).
+    dtype: the stored dtype of a dequantised checkpoint (None: float32).
+    overwrite: replace an existing checkpoint at `out_dir`.
+
+  The arrays are exactly what `model.load.load_stage(gguf, layers, dtype=dtype,
+  weights=weights)` holds, so a restore gives bit-identical logits.
   """
-  from ds4jax.gguf.load import load_tensors
-  from ds4jax.gguf.reader import fingerprint, open_gguf
-  from ds4jax.model.load import stage_from_tensors
+  from ds4jax.gguf.source import GGUFSource
+  from ds4jax.model.load import load_stage, parse_dtype, parse_weights
+  from ds4jax.quant.packed import Packed
 
+  if parse_weights(weights) == "packed" and dtype is not None and (
+      str(parse_dtype(dtype)) != "float32"):
+    raise CheckpointError(f"a packed checkpoint keeps the GGUF's own precision, not {dtype} "
+                          "(choose the compute dtype when loading, or store "
+                          "weights='dequantized' / --weights=dequantized)")
+  dt = str(parse_dtype(dtype or "float32"))
   out = manifest.check_target(out_dir, name=MANIFEST, what="ds4jax checkpoint",
                               error=CheckpointError, overwrite=overwrite,
                               how="pass overwrite=True / --overwrite")
   if out.exists():
     shutil.rmtree(out)
-  f = open_gguf(gguf_path)
-  rng = f.resolve(layers)
-  cfg, tensors = load_tensors(f, rng)
-  stage = stage_from_tensors(cfg, rng, tensors, dtype=dtype)
-  del tensors
-  _, state = nnx.split(stage)
-  flat = {_abs_key(p, rng.start): np.asarray(jax.device_get(v.get_value()))
-          for p, v in nnx.to_flat_state(state)}
-  params = {"/".join(k): {"shape": list(a.shape), "dtype": str(a.dtype), "sha256": _sha256(a)}
-            for k, a in flat.items()}
+  src = gguf if isinstance(gguf, GGUFSource) else GGUFSource(gguf)
+  rng = src.resolve(layers)
+  stage = load_stage(src, rng, dtype=dt, weights=weights)
+  flat, params = {}, {}
+  for p, v in nnx.to_flat_state(nnx.state(stage)):
+    key = _abs_key(p, rng.start)
+    val = v.get_value()
+    # A Packed's `data`: its GGUF bytes (`quant.packed.storage`), whatever its device layout.
+    arr = np.asarray(jax.device_get(val.data if isinstance(val, Packed) else val))
+    entry = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256(arr),
+             "qtype": None}
+    if isinstance(val, Packed):
+      entry.update(qtype=int(val.qtype), element_shape=list(val.shape))
+    flat[key], params["/".join(key)] = arr, entry
+  del stage
+  cfg = src.cfg
   meta = {
-      "format": FORMAT, "version": VERSION, "fingerprint": fingerprint(f),
+      "format": FORMAT, "version": VERSION, "weights": weights, "fingerprint": src.fingerprint,
       "layers": str(rng), "start": rng.start, "end": rng.end, "has_output": rng.has_output,
-      "n_layers": cfg.n_layers, "dtype": _dtype_name(dtype), "config": cfg.to_dict(),
-      "source": os.path.basename(f.path),
-      "params": params, "tokenizer": None,
+      "n_layers": cfg.n_layers, "dtype": dt, "config": cfg.to_dict(),
+      "source": os.path.basename(src.path), "params": params, "tokenizer": None,
   }
   out.mkdir(parents=True)
   import orbax.checkpoint as ocp  # deferred: heavy, and only needed here
   with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
     ckpt.save(out / "params", args=ocp.args.PyTreeSave(_nest(flat)))
-  tok = _tokenizer_dict(f)
+  del flat
+  tok = _tokenizer_dict(src.file)
   if tok is not None:
     (out / "tokenizer.json").write_text(json.dumps(tok))
     meta["tokenizer"] = "tokenizer.json"
@@ -139,21 +174,13 @@ def save_stage_checkpoint(gguf_path, layers: LayerRange | str, out_dir, *,
   return meta
 
 
-def _dtype_name(dtype) -> str:
-  from ds4jax.model.load import parse_dtype
-  return str(parse_dtype(dtype))
-
-
 def _tokenizer_dict(f) -> dict[str, Any] | None:
-  """tokenizer.ggml.{tokens, merges, token_type} of the GGUF, or None if it has none."""
-  reader = f.reader if hasattr(f, "reader") else None
-  if reader is None:
-    import gguf
-    reader = gguf.GGUFReader(f.path, "r")
+  """tokenizer.ggml.{tokens, merges, token_type} of the GGUF (a `DS4File`), or None if it
+  has none."""
   out = {}
   for key, name in (("tokenizer.ggml.tokens", "tokens"), ("tokenizer.ggml.merges", "merges"),
                     ("tokenizer.ggml.token_type", "token_types")):
-    field = reader.get_field(key)
+    field = f.reader.get_field(key)
     if field is None:
       if name == "token_types":
         out[name] = None
@@ -166,28 +193,22 @@ def _tokenizer_dict(f) -> dict[str, Any] | None:
 
 # ---------------------------------------------------------------------------------- reading
 def read_manifest(path) -> dict[str, Any]:
-  """The checked manifest of the checkpoint at `path`; CheckpointError otherwise."""
+  """The checked manifest of the checkpoint at `path` (with `cfg`, and `weights` set for
+  version 1 too); CheckpointError otherwise."""
   where = f"checkpoint {path}"
-  m = manifest.read_manifest(path, name=MANIFEST, fmt=FORMAT, version=VERSION,
+  m = manifest.read_manifest(path, name=MANIFEST, fmt=FORMAT, version=READS,
                              what="ds4jax checkpoint", error=CheckpointError, where=where)
   for key in ("fingerprint", "start", "end", "has_output", "dtype", "config", "params"):
     if key not in m:
       raise CheckpointError(f"{where}: corrupt manifest (no {key!r})")
+  m.setdefault("weights", "dequantized")  # version 1 stored dequantised parameters only
+  if m["weights"] not in WEIGHTS:
+    raise CheckpointError(f"{where}: corrupt manifest (weights {m['weights']!r})")
   try:
     m["cfg"] = _config_from_dict(m["config"])
   except (TypeError, ValueError) as e:
     raise CheckpointError(f"{where}: corrupt manifest config ({e})") from None
   return m
-
-
-def model_info(path) -> tuple[ModelConfig, str]:
-  """(config, model fingerprint) of a GGUF file or a checkpoint directory."""
-  if os.path.isdir(path):
-    m = read_manifest(path)
-    return m["cfg"], m["fingerprint"]
-  from ds4jax.gguf.reader import fingerprint, open_gguf
-  f = open_gguf(path)
-  return f.cfg, fingerprint(f)
 
 
 def stored_range(m: dict[str, Any]) -> LayerRange:
@@ -206,69 +227,154 @@ def check_range(m: dict[str, Any], want: LayerRange, where: str = "") -> None:
                           f"{want}")
 
 
+class OrbaxSource:
+  """A checkpoint directory as a `quant.source.TensorSource`.
+
+  Attributes: path, cfg, fingerprint, dtype (float32 for a packed checkpoint, the stored
+  dtype for a dequantised one), weights ('packed' | 'dequantized'), manifest.
+  """
+
+  def __init__(self, path, *, verify: bool = True):
+    """verify: check every restored array against its manifest sha256."""
+    self.path = os.fspath(path)
+    self.manifest = read_manifest(self.path)
+    self.cfg: ModelConfig = self.manifest["cfg"]
+    self.fingerprint: str = self.manifest["fingerprint"]
+    self.weights: str = self.manifest["weights"]
+    self.dtype: str = self.manifest["dtype"]
+    self.verify = verify
+    self._where = f"checkpoint {self.path}"
+
+  def __repr__(self) -> str:
+    return f"OrbaxSource({self.path!r})"
+
+  def resolve(self, layers: LayerRange | str | None = None) -> LayerRange:
+    """None: the stored range. Any sub-range of it is served."""
+    if layers is None:
+      rng = stored_range(self.manifest)
+    elif isinstance(layers, str):
+      rng = LayerRange.parse(layers, self.cfg.n_layers)
+    else:
+      rng = layers.resolve(self.cfg.n_layers)
+    check_range(self.manifest, rng, self._where)
+    return rng
+
+  def _table(self, layers: LayerRange) -> dict[Path, tuple[tuple[str, ...], dict]]:
+    """{local path: (absolute key, manifest entry)} of the slice, each entry checked against
+    the ds4 name table."""
+    from ds4jax.quant.packed import storage
+
+    params = self.manifest["params"]
+    out = {}
+    for e in names.entries(self.cfg, layers, optional=True):
+      path = names.local_path(e.name, layers)
+      key = _abs_key(path, layers.start)
+      entry = params.get("/".join(key))
+      if entry is None:
+        if e.required:
+          raise CheckpointError(f"{self._where} lacks parameter {'/'.join(key)}")
+        continue
+      want = e.numpy_shape(self.cfg)
+      try:
+        shape, qtype = tuple(entry["shape"]), entry.get("qtype")
+        if qtype is None:
+          ok = shape == want
+          what = f"{entry['dtype']}{list(shape)}"
+        else:
+          dshape, ddtype = storage(qtype, entry["element_shape"])
+          ok = tuple(entry["element_shape"]) == want and (dshape, str(ddtype)) == (
+              shape, entry["dtype"])
+          what = f"{entry['dtype']}{list(shape)} (packed {list(entry['element_shape'])})"
+      except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{self._where}: corrupt manifest entry {'/'.join(key)} "
+                              f"({err})") from None
+      if not ok:
+        raise CheckpointError(f"{self._where}: parameter {'/'.join(key)} is {what}, the model "
+                              f"needs {list(want)}")
+      out[path] = (key, entry)
+    return out
+
+  def abstract(self, layers: LayerRange, *, packed: bool = True,
+               dtype: str | None = None) -> dict[Path, Stored]:
+    """A dequantised checkpoint serves its stored dtype only (no silent casts)."""
+    if dtype is not None and self.weights == "dequantized" and str(dtype) != self.dtype:
+      raise CheckpointError(f"{self._where} holds {self.dtype} parameters, asked for {dtype} "
+                            "(convert again with --dtype)")
+    out = {}
+    for path, (_, entry) in self._table(layers).items():
+      qtype = entry.get("qtype")
+      if qtype is not None and packed:
+        out[path] = Stored(int(qtype), tuple(entry["element_shape"]), np.dtype(entry["dtype"]))
+      elif qtype is not None:  # dequantised on the host at load
+        out[path] = Stored(None, tuple(entry["element_shape"]), np.dtype(np.float32))
+      else:
+        out[path] = Stored(None, tuple(entry["shape"]), _np_dtype(entry["dtype"]))
+    return out
+
+  def tensors(self, layers: LayerRange, *,
+              packed: bool = True) -> Iterator[tuple[Path, Any, int | None]]:
+    """Restores the slice's arrays to host memory in one orbax call, then yields them one
+    at a time (each dropped from the restored tree first), each checked against its sha256
+    and, for a packed entry asked for dequantised, dequantised on the host by gguf-py."""
+    table = self._table(layers)
+    tree = _nest({key: jax.ShapeDtypeStruct(tuple(e["shape"]), _np_dtype(e["dtype"]))
+                  for key, e in table.values()})
+    import orbax.checkpoint as ocp  # deferred: heavy
+    args = jax.tree.map(lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), tree)
+    try:
+      with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
+        restored = ckpt.restore(
+            pathlib.Path(self.path).absolute() / "params",
+            args=ocp.args.PyTreeRestore(item=tree, restore_args=args, partial_restore=True))
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+      msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"{self._where} is corrupt or unreadable: {msg}") from None
+    del tree, args
+    for path, (key, entry) in table.items():
+      arr = _pop(restored, key)
+      if self.verify and _sha256(arr) != entry["sha256"]:
+        raise CheckpointError(f"{self._where} is corrupt: parameter {'/'.join(key)} fails its "
+                              "sha256 check")
+      qtype = entry.get("qtype")
+      if qtype is not None and not packed:
+        from ds4jax.gguf import dequant
+        arr = dequant.dequantize(arr, qtype, list(reversed(entry["element_shape"])),
+                                 "/".join(key))
+        qtype = None
+      yield path, arr, qtype
+      del arr
+
+
+def _np_dtype(name: str) -> np.dtype:
+  """A manifest dtype name as numpy spells it (bfloat16 through ml_dtypes)."""
+  if name == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype(name)
+
+
 def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype=None,
-                          fingerprint: str | None = None, verify: bool = True):
-  """Restores a Stage from a checkpoint directory.
+                          weights: str = "packed", fingerprint: str | None = None,
+                          verify: bool = True):
+  """Restores a Stage from a checkpoint directory (`model.load.load_stage` of its source).
 
   Args:
     path: the checkpoint directory.
     layers: the slice to build ("all", "A:B", a LayerRange); None = the stored range.
       Any sub-range of the stored one is allowed.
-    dtype: None = the stored dtype; otherwise it must equal it (no silent casts).
+    dtype: the compute dtype. None = the stored dtype; a dequantised checkpoint refuses any
+      other (no silent casts), a packed one serves any.
+    weights: 'packed' (what the checkpoint holds packed stays packed) or 'dequantized'.
     fingerprint: if given, the model the caller expects.
     verify: check every restored array against its manifest sha256.
   """
-  from ds4jax.model.load import abstract_stage, parse_dtype
+  from ds4jax.model.load import load_stage
 
-  m = read_manifest(path)
-  where = f"checkpoint {path}"
-  cfg = m["cfg"]
-  if fingerprint is not None and fingerprint != m["fingerprint"]:
-    raise CheckpointError(f"{where} is of another model (fingerprint {m['fingerprint'][:16]}, "
-                          f"expected {fingerprint[:16]})")
-  if layers is None:
-    rng = stored_range(m)
-  elif isinstance(layers, str):
-    rng = LayerRange.parse(layers, cfg.n_layers)
-  else:
-    rng = layers.resolve(cfg.n_layers)
-  check_range(m, rng, where)
-  if dtype is not None and str(parse_dtype(dtype)) != m["dtype"]:
-    raise CheckpointError(f"{where} holds {m['dtype']} parameters, asked for "
-                          f"{parse_dtype(dtype)} (convert again with --dtype)")
-  graphdef, flat = abstract_stage(cfg, rng, m["dtype"])
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = {}
-  for p, var in flat.items():
-    key = _abs_key(p, rng.start)
-    entry = m["params"].get("/".join(key))
-    if entry is None:
-      raise CheckpointError(f"{where} lacks parameter {'/'.join(key)}")
-    if tuple(entry["shape"]) != tuple(var.shape) or entry["dtype"] != str(var.dtype):
-      raise CheckpointError(
-          f"{where}: parameter {'/'.join(key)} is {entry['dtype']}{entry['shape']}, the model "
-          f"needs {var.dtype}{list(var.shape)}")
-    target[key] = jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding)
-  tree = _nest(target)
-  import orbax.checkpoint as ocp  # deferred: heavy
-  try:
-    with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
-      restored = ckpt.restore(
-          pathlib.Path(path).absolute() / "params",
-          args=ocp.args.PyTreeRestore(
-              item=tree, restore_args=ocp.checkpoint_utils.construct_restore_args(tree),
-              partial_restore=True))
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{where} is corrupt or unreadable: {msg}") from None
-  filled = {}
-  for p, var in flat.items():
-    key = _abs_key(p, rng.start)
-    arr = _get(restored, key)
-    if verify and _sha256(np.asarray(jax.device_get(arr))) != m["params"]["/".join(key)]["sha256"]:
-      raise CheckpointError(f"{where} is corrupt: parameter {'/'.join(key)} fails its sha256 check")
-    filled[p] = var.replace(arr)
-  return nnx.merge(graphdef, nnx.from_flat_state(filled))
+  src = OrbaxSource(path, verify=verify)
+  if fingerprint is not None and fingerprint != src.fingerprint:
+    raise CheckpointError(f"checkpoint {path} is of another model (fingerprint "
+                          f"{src.fingerprint[:16]}, expected {fingerprint[:16]})")
+  return load_stage(src, layers, dtype=dtype, weights=weights)
 
 
 def tokenizer_from_checkpoint(path):
@@ -282,13 +388,3 @@ def tokenizer_from_checkpoint(path):
     return Tokenizer.from_vocab(d["tokens"], d["merges"], d.get("token_types"))
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"checkpoint {path}: corrupt tokenizer.json ({e})") from None
-
-
-def timed_load(path, layers="all", **kw) -> tuple[Any, float]:
-  """(stage, seconds) from a GGUF or a checkpoint, with every array ready (for benchmarks)."""
-  from ds4jax.model.load import load_stage
-  t0 = time.perf_counter()
-  stage = (load_stage_checkpoint(path, layers, **kw) if os.path.isdir(path)
-           else load_stage(path, layers, **kw))
-  jax.block_until_ready(nnx.state(stage))
-  return stage, time.perf_counter() - t0

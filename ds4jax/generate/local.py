@@ -104,21 +104,20 @@ class LocalBackend:
     is float32 for a GGUF and the stored dtype for a checkpoint; weights 'packed' (GGUF blocks
     dequantised in the step) or 'dequantized' (at load).
     """
-    from ds4jax.checkpoints.orbax_io import model_info  # deferred: model loading is heavy
+    from ds4jax import sources  # deferred: model loading is heavy
     from ds4jax.model.load import load_stage
     from ds4jax.model.runner import StageRunner
 
     path = os.fspath(path)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"GGUF file not found: {path}")
-    cfg, fingerprint = model_info(path)
+    src = sources.open_source(path)  # FileNotFoundError if there is nothing at path
+    cfg, fingerprint = src.cfg, src.fingerprint
     runners = []
     for spec in ranges:
       layers = LayerRange.parse(spec, cfg.n_layers)
       t0 = time.perf_counter()
       size = f" ({os.path.getsize(path) / 2**30:.2f} GiB file)" if os.path.isfile(path) else ""
       with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)}{size}"):
-        stage = load_stage(path, layers, dtype=dtype, weights=weights)
+        stage = load_stage(src, layers, dtype=dtype, weights=weights)
       runners.append(StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint))
       log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
                time.perf_counter() - t0)

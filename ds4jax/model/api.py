@@ -1,4 +1,7 @@
-"""Notebook API: `ds4jax.load_model(path)` -> `Model` with `logits(ids)` and `session()`.
+"""Notebook API: `Model` with `logits(ids)` and `session()`, over a StageRunner.
+
+`ds4jax.load_model(path)` (`ds4jax.sources.load_model`: a GGUF or a checkpoint directory)
+and `Model.from_source(source)` (a `quant.source.TensorSource`, or a GGUF path) build one.
 
     model = ds4jax.load_model("tiny.gguf")
     logits_TV = model.logits([0, 5, 7])        # one-shot prefill from position 0
@@ -14,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ds4jax.model.load import load_stage
+from ds4jax.model.load import as_source, load_stage
 from ds4jax.model.runner import StageRunner
 
 
@@ -25,6 +28,22 @@ class Model:
     self.runner = runner
     self.cfg, self.layers = runner.cfg, runner.layers
     self._scratch = None
+
+  @classmethod
+  def from_source(cls, source, layers: str | None = "all", *, dtype=None, ctx_size: int = 4096,
+                  max_chunk: int = 256, weights: str = "packed") -> "Model":
+    """Loads `layers` of a source (a `TensorSource`, or a GGUF file path).
+
+    dtype: compute dtype ('float32' | 'bfloat16'); None is the source's (float32 for a
+    GGUF). weights: 'packed' (default: quantised tensors stay GGUF blocks in device memory,
+    dequantised inside the step) or 'dequantized' (dequantised to `dtype` at load, ~13x the
+    GGUF bytes for a q2 file in f32). ctx_size is capped at the model's context length.
+    """
+    source = as_source(source)
+    stage = load_stage(source, layers, dtype=dtype, weights=weights)
+    ctx = min(int(ctx_size), int(stage.cfg.context_length))
+    return cls(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,
+                           fingerprint=source.fingerprint))
 
   def _check_full(self) -> None:
     if not (self.layers.embeds and self.layers.has_output):
@@ -71,18 +90,3 @@ class Session:
 
   def reset(self) -> None:
     self.rewind(0)
-
-
-def load_model(path, layers: str = "all", dtype: str = "float32", *, ctx_size: int = 4096,
-               max_chunk: int = 256, weights: str = "packed") -> Model:
-  """Loads `layers` of a ds4 GGUF for notebooks; see the module docstring.
-
-  dtype: compute dtype ('float32' | 'bfloat16'). weights: 'packed' (default: quantised
-  tensors stay GGUF blocks in device memory, dequantised inside the step) or 'dequantized'
-  (dequantised to `dtype` at load, ~13x the GGUF bytes for a q2 file in f32).
-  """
-  stage = load_stage(path, layers, dtype=dtype, weights=weights)
-  ctx = min(int(ctx_size), int(stage.cfg.context_length))
-  from ds4jax.checkpoints.orbax_io import model_info  # a GGUF or a checkpoint directory
-  return Model(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,
-                           fingerprint=model_info(path)[1]))

@@ -30,9 +30,9 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
   """
   if n_prompt < 1 or n_decode < 1 or rounds < 1:
     raise ValueError("n_prompt, n_decode and rounds must be >= 1")
-  import ds4jax
+  from ds4jax.model.api import Model
   load_before = os.getloadavg()
-  model = ds4jax.load_model(path, dtype=dtype, ctx_size=n_prompt + n_decode,
+  model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
                             max_chunk=_pow2_at_least(n_prompt))
   ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
   impls: dict[str, Callable] = {"ds4jax": _ds4jax_round(model, ids, n_prompt)}

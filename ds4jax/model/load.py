@@ -1,9 +1,15 @@
-"""Builds a Stage from GGUF tensors, abstract-first (style rule 9).
+"""Builds a Stage from a `quant.source.TensorSource`, abstract-first (style rule 9).
 
-`nnx.eval_shape` gives the stage's parameter tree without allocating it; each tensor of the
-slice is matched to its parameter path through `ds4jax.gguf.names`, checked and placed; then
-`nnx.merge` builds the module. Layers outside the range never exist, not even abstractly.
-Tensors stream in one at a time: the host never holds the slice twice.
+A source (a GGUF, `gguf.source.GGUFSource`, or an orbax checkpoint,
+`checkpoints.orbax_io.OrbaxSource`) gives the tensors of a slice by stage-local parameter
+path: first their table (`abstract`: packed type, shape, dtype), then the tensors one at a
+time. `nnx.eval_shape` gives the stage's parameter tree without allocating it; the table is
+checked against it (packed entries become abstract `Packed` leaves); each tensor is checked
+and placed; then `nnx.merge` builds the module. Layers outside the range never exist, not
+even abstractly. Tensors stream in one at a time: the host never holds the slice twice.
+
+This module opens GGUF files itself (`as_source`) but never imports `ds4jax.checkpoints`:
+opening a path of either kind is `ds4jax.sources.open_source` (docs/design.md §8).
 
 Weights (docs/design.md §8): `"packed"` (the default) keeps every quantised or 16-bit tensor
 of two or more dims as its GGUF bytes (`quant.Packed`), dequantised inside the step;
@@ -17,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +36,7 @@ from ds4jax.gguf.writer import RawTensor
 from ds4jax.model.runner import StageRunner
 from ds4jax.model.stage import Stage
 from ds4jax.quant.packed import Packed
+from ds4jax.quant.source import Stored, TensorSource
 
 WEIGHTS = ("packed", "dequantized")
 
@@ -57,20 +64,26 @@ def parse_weights(weights: str) -> str:
 
 
 def abstract_stage(cfg: ModelConfig, layers: LayerRange, dtype="float32",
-                   packed: Mapping[str, int] | None = None):
+                   stored: Mapping[tuple, Stored] | None = None):
   """(graphdef, {local path: abstract Param}) of a stage, with nothing allocated.
 
-  packed: {gguf_name: GGML type} of the tensors that stay packed; their parameters become
-  abstract `Packed` values (the shapes a packed stage compiles with).
+  stored: a source's table (`TensorSource.abstract`); its packed entries become abstract
+  `Packed` values (the shapes a packed stage compiles with). Every entry is checked against
+  the stage: a path the stage lacks, or another shape, is a ValueError.
   """
   dt = parse_dtype(dtype)
   abstract = nnx.eval_shape(lambda: Stage(cfg, layers, rngs=nnx.Rngs(0), dtype=dt))
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
-  for name, qtype in (packed or {}).items():
-    path = names.local_path(name, layers)
-    var = flat[path]
-    flat[path] = var.replace(Packed.abstract(qtype, var.shape, var.dtype))
+  for path, st in (stored or {}).items():
+    var = flat.get(path)
+    if var is None:
+      raise ValueError(f"parameter {_dotted(path)} of the source is not in the stage")
+    if tuple(st.shape) != tuple(var.shape):
+      raise ValueError(f"parameter {_dotted(path)} is stored with shape {list(st.shape)}, the "
+                       f"stage needs {list(var.shape)}")
+    if st.qtype is not None:
+      flat[path] = var.replace(Packed.abstract(st.qtype, var.shape, var.dtype))
   return graphdef, flat
 
 
@@ -89,35 +102,54 @@ def stage_from_tensors(cfg: ModelConfig, layers: LayerRange | str,
             else layers.resolve(cfg.n_layers))
   graphdef, flat = abstract_stage(cfg, layers, dtype)
   items = tensors.items() if isinstance(tensors, Mapping) else tensors
-  return nnx.merge(graphdef, nnx.from_flat_state(_place(flat, layers, items)))
+
+  def by_path():
+    for name, arr in items:
+      if names.owner(name, layers):
+        if isinstance(arr, RawTensor):
+          yield names.local_path(name, layers), arr.data, int(arr.qtype)
+        else:
+          yield names.local_path(name, layers), arr, None
+      del arr
+
+  return nnx.merge(graphdef, nnx.from_flat_state(_place(flat, by_path())))
 
 
-def _place(flat, layers: LayerRange, items: Iterable[tuple[str, np.ndarray]]):
-  """{path: Param holding a device array} for every abstract parameter in `flat`."""
+def _dotted(path: tuple) -> str:
+  return ".".join(map(str, path))
+
+
+def _place(flat, items: Iterable[tuple[tuple, Any, int | None]]):
+  """{path: Param holding a device array} for every abstract parameter in `flat`, from
+  `(path, data, qtype)` triples (`TensorSource.tensors`)."""
   filled = {}
-  for name, arr in items:
-    if not names.owner(name, layers):
-      continue
-    path = names.local_path(name, layers)
+  for path, arr, qtype in items:
     var = flat.get(path)
     if var is None:
-      raise ValueError(f"tensor {name!r} maps to {path}, which the stage does not have")
-    if isinstance(arr, RawTensor):  # packed: the GGUF bytes, checked against the element shape
+      raise ValueError(f"tensor for {_dotted(path)}: the stage has no such parameter")
+    want = var.get_value()
+    if qtype is not None:  # packed: the GGUF bytes, checked against the element shape
+      if isinstance(want, Packed) and want.qtype != int(qtype):
+        raise ValueError(f"parameter {_dotted(path)} is {_qname(qtype)}, the stage expects "
+                         f"{_qname(want.qtype)}")
       try:
-        filled[path] = var.replace(Packed.from_gguf_data(arr.data, arr.qtype, var.shape,
-                                                         var.dtype))
+        filled[path] = var.replace(Packed.from_gguf_data(arr, qtype, var.shape, var.dtype))
       except ValueError as e:
-        raise ValueError(f"tensor {name!r}: {e}") from None
+        raise ValueError(f"parameter {_dotted(path)}: {e}") from None
       del arr
       continue
     if tuple(np.shape(arr)) != tuple(var.shape):
-      raise ValueError(f"tensor {name!r} has shape {tuple(np.shape(arr))}, "
-                       f"expected {tuple(var.shape)}")
-    if isinstance(var.get_value(), Packed):
-      raise ValueError(f"tensor {name!r} is dense, but the stage expects it packed")
-    # device_put copies straight from the host array (jnp.asarray compiles a copy per shape);
-    # the cast happens on the host, one tensor at a time (round-to-nearest-even either way).
-    filled[path] = var.replace(jax.device_put(np.asarray(arr, dtype=var.dtype)))
+      raise ValueError(f"parameter {_dotted(path)} has shape {list(np.shape(arr))}, "
+                       f"expected {list(var.shape)}")
+    if isinstance(want, Packed):
+      raise ValueError(f"parameter {_dotted(path)} is dense, but the stage expects it packed")
+    if isinstance(arr, jax.Array) and arr.dtype == var.dtype:
+      filled[path] = var.replace(arr)  # already on the device, in the stage's dtype
+    else:
+      # device_put copies straight from the host array (jnp.asarray compiles a copy per
+      # shape); the cast happens on the host, one tensor at a time (round-to-nearest-even
+      # either way).
+      filled[path] = var.replace(jax.device_put(np.asarray(arr, dtype=var.dtype)))
     del arr
   for path, var in flat.items():
     if path in filled:
@@ -125,51 +157,65 @@ def _place(flat, layers: LayerRange, items: Iterable[tuple[str, np.ndarray]]):
     if path[-1] == "bias" and path[-2] == "moe":
       filled[path] = var.replace(jax.device_put(np.zeros(var.shape, var.dtype)))
     else:
-      raise ValueError(f"no tensor for parameter {'.'.join(map(str, path))}")
+      raise ValueError(f"no tensor for parameter {_dotted(path)}")
   return filled
 
 
-def load_stage(path, layers: LayerRange | str = "all", *, dtype=None,
-               weights: str = "packed") -> Stage:
-  """Loads the slice `layers` of a ds4 GGUF (only its tensors are read), or restores it from an
-  orbax checkpoint directory (scripts/convert_to_orbax.py).
+def _qname(qtype: int) -> str:
+  from gguf import GGMLQuantizationType as Q
+  return Q(int(qtype)).name
 
-  dtype: the compute dtype; None means float32 for a GGUF and the stored dtype for a
-    checkpoint.
-  weights: 'packed' (quantised and 16-bit tensors stay GGUF blocks, dequantised in the step)
-    or 'dequantized' (every tensor dequantised to `dtype` on the host at load).
+
+def as_source(source) -> TensorSource:
+  """`source` itself, or a `GGUFSource` for the path of a GGUF file. The model opens GGUFs
+  (it depends on `gguf`) but never checkpoints: open a directory with
+  `ds4jax.sources.open_source` (docs/design.md §8)."""
+  if isinstance(source, (str, os.PathLike)):
+    path = os.fspath(source)
+    if os.path.isdir(path):
+      raise ValueError(f"{path} is a directory: open a checkpoint with "
+                       "ds4jax.sources.open_source(path)")
+    from ds4jax.gguf.source import GGUFSource  # deferred: the gguf package imports lazily
+    return GGUFSource(path)
+  return source
+
+
+def _abstract(source: TensorSource, layers, dtype, weights: str):
+  """(range, packed, graphdef, flat) for a load of `layers` of `source`."""
+  packed = parse_weights(weights) == "packed"
+  rng = source.resolve(layers)
+  dt = str(parse_dtype(dtype if dtype is not None else source.dtype))
+  stored = source.abstract(rng, packed=packed, dtype=dt)
+  graphdef, flat = abstract_stage(source.cfg, rng, dt, stored)
+  return rng, packed, graphdef, flat
+
+
+def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
+               *, dtype=None, weights: str = "packed") -> Stage:
+  """Loads the slice `layers` of a source (only its tensors are read).
+
+  source: a `quant.source.TensorSource` (a GGUF or an orbax checkpoint, see
+    `ds4jax.sources.open_source`), or the path of a GGUF file.
+  layers: "all", "A:B", "A:output" or a LayerRange; None is the slice the source holds
+    (all of a full GGUF, a split file's slice, a checkpoint's stored range).
+  dtype: the compute dtype; None is the source's (float32 for a GGUF, the stored dtype for
+    a dequantised checkpoint).
+  weights: 'packed' (what the source holds packed, quantised and 16-bit tensors, stays GGUF
+    blocks, dequantised in the step) or 'dequantized' (every tensor dequantised to `dtype`
+    on the host at load).
   """
-  parse_weights(weights)
-  if os.path.isdir(path):
-    from ds4jax.checkpoints.orbax_io import load_stage_checkpoint  # deferred: imports orbax
-    return load_stage_checkpoint(path, layers, dtype=dtype)
-  from ds4jax.gguf.load import iter_tensors  # deferred: the gguf package imports lazily
-  from ds4jax.gguf.reader import open_gguf
-  f = open_gguf(path)
-  rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
-  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32", _packed_types(f, rng, weights))
+  source = as_source(source)
+  rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
   return nnx.merge(graphdef, nnx.from_flat_state(
-      _place(flat, rng, iter_tensors(f, rng, packed=weights == "packed"))))
+      _place(flat, source.tensors(rng, packed=packed))))
 
 
-def _packed_types(f, rng: LayerRange, weights: str) -> dict[str, int]:
-  """{gguf_name: GGML type} of the slice's tensors that load packed under `weights`."""
-  if weights != "packed":
-    return {}
-  from ds4jax.gguf.load import packs
-  out = {}
-  for e in f.validate(rng):
-    t = f.tensor(e.name)
-    if packs(t.tensor_type, e.numpy_shape(f.cfg)):
-      out[e.name] = int(t.tensor_type)
-  return out
-
-
-def load_runner(path, layers: LayerRange | str = "all", *, ctx_size: int, max_chunk: int = 256,
-                dtype=None, weights: str = "packed", fingerprint: str | None = None,
+def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
+                *, ctx_size: int, max_chunk: int = 256, dtype=None, weights: str = "packed",
+                fingerprint: str | None = None,
                 compile_sizes: Sequence[int] = ()) -> StageRunner:
-  """A StageRunner for `layers` of a GGUF (or an orbax checkpoint directory), built in the
-  order that keeps the process's peak memory low (issue 7):
+  """A StageRunner for `layers` of a source (as in `load_stage`), built in the order that
+  keeps the process's peak memory low (issue 7):
 
   1. the chunk shapes `compile_sizes` are compiled from the abstract stage (packed leaves
      included), before any weight or state exists, so the compiler's transient peak does
@@ -177,25 +223,20 @@ def load_runner(path, layers: LayerRange | str = "all", *, ctx_size: int, max_ch
   2. the weights are streamed in one tensor at a time (read or dequantise, place, drop).
 
   What was compiled is what `forward` runs: nothing compiles again for those sizes.
+  fingerprint: None is the source's; another one is a ValueError (the wrong model).
   """
-  parse_weights(weights)
-  if os.path.isdir(path):  # a checkpoint restores into its own abstract tree
-    runner = StageRunner(load_stage(path, layers, dtype=dtype), ctx_size=ctx_size,
-                         max_chunk=max_chunk, fingerprint=fingerprint)
-    runner.compile(compile_sizes)
-    return runner
-  from ds4jax.gguf.load import iter_tensors
-  from ds4jax.gguf.reader import open_gguf
-  f = open_gguf(path)
-  rng = f.resolve(layers) if isinstance(layers, str) else layers.resolve(f.cfg.n_layers)
-  graphdef, flat = abstract_stage(f.cfg, rng, dtype or "float32", _packed_types(f, rng, weights))
+  source = as_source(source)
+  if fingerprint is not None and fingerprint != source.fingerprint:
+    raise ValueError(f"{source.path} is of another model (fingerprint "
+                     f"{source.fingerprint[:16]}, expected {fingerprint[:16]})")
+  rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
   runner = StageRunner(nnx.merge(graphdef, nnx.from_flat_state(flat)), ctx_size=ctx_size,
-                       max_chunk=max_chunk, fingerprint=fingerprint)
+                       max_chunk=max_chunk, fingerprint=source.fingerprint)
   if compile_sizes:
     runner.compile(compile_sizes)
     trim_heap()
-  items = iter_tensors(f, rng, packed=weights == "packed")
-  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, rng, items))))
+  items = source.tensors(rng, packed=packed)
+  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, items))))
   trim_heap()
   return runner
 

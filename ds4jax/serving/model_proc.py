@@ -165,7 +165,7 @@ def main(argv):
   conn = socket.socket(fileno=flags.FLAGS.fd)
   cli.enable_compilation_cache(cli.option("cache_dir"))
   from ds4jax.generate.loop import Generator
-  from ds4jax.tokenizer import Tokenizer
+  from ds4jax import sources
 
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   try:
@@ -174,7 +174,7 @@ def main(argv):
     conn.sendall((json.dumps({"op": "failed", "message": cli._one_line(e)}) + "\n").encode())
     raise
   try:
-    tokenizer = Tokenizer.from_gguf(gguf)
+    tokenizer = sources.open_tokenizer(gguf)
     address = getattr(backend, "address", None)
     ready = {"listen": f"{address[0]}:{address[1]}" if address else None}
     ModelServer(conn, backend, tokenizer, Generator).serve(ready)

@@ -1,5 +1,6 @@
-"""Orbax stage checkpoints: bit-identical to the GGUF load, sub-range restores allocate only the
-slice, and a corrupt or mismatched checkpoint is refused with a clear error."""
+"""Orbax stage checkpoints: bit-identical to the GGUF load (packed, the default, and
+dequantised), sub-range restores allocate only the slice, old (version 1) checkpoints still
+load, and a corrupt or mismatched checkpoint is refused with a clear error."""
 
 import json
 import pathlib
@@ -13,11 +14,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ds4jax import sources
 from ds4jax.checkpoints import orbax_io
 from ds4jax.checkpoints.orbax_io import CheckpointError
 from ds4jax.config import LayerRange
-from ds4jax.model.load import load_stage
+from ds4jax.gguf import load as gguf_load, reader
+from ds4jax.model.load import load_runner, load_stage
 from ds4jax.model.runner import StageRunner
+from ds4jax.quant.packed import Packed
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TOKENS = np.array([0, 17, 42, 300, 5, 9, 123, 77, 400, 2, 3], np.int32)
@@ -42,42 +46,127 @@ def logits(*stages, hc=None):
 
 
 def assert_same_params(a, b):
+  """Same paths; packed leaves of the same type, shapes and bytes; dense leaves equal."""
   fa, fb = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
   assert [p for p, _ in fa] == [p for p, _ in fb]
   for (p, va), (_, vb) in zip(fa, fb):
-    x, y = np.asarray(va.get_value()), np.asarray(vb.get_value())
+    x, y = va.get_value(), vb.get_value()
+    assert isinstance(x, Packed) == isinstance(y, Packed), p
+    if isinstance(x, Packed):
+      assert (x.qtype, x.shape, x.dtype) == (y.qtype, y.shape, y.dtype), p
+      x, y = x.data, y.data
+    x, y = np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y))
     assert x.dtype == y.dtype and np.array_equal(x, y), p
+
+
+def n_packed(stage) -> int:
+  return sum(isinstance(v.get_value(), Packed) for _, v in nnx.to_flat_state(nnx.state(stage)))
 
 
 def n_params(stage) -> int:
   return len(jax.tree.leaves(nnx.state(stage)))
 
 
-def test_restore_is_bit_identical_to_the_gguf(tiny_gguf, tiny_ckpt):
+def test_packed_restore_is_bit_identical_to_the_packed_gguf(tiny_gguf, tiny_ckpt):
+  """The default checkpoint stores the GGUF blocks: the restored stage is the packed GGUF
+  stage (same Packed leaves, same bytes) and its logits are equal bit for bit."""
   ref = load_stage(tiny_gguf, "all")
   got = orbax_io.load_stage_checkpoint(tiny_ckpt)
+  assert orbax_io.read_manifest(tiny_ckpt)["weights"] == "packed"
+  assert n_packed(got) == n_packed(ref) > 20
   assert_same_params(ref, got)
-  # load_stage accepts the directory in place of the GGUF.
-  # Sensitivity: one weight row off by 1e-3 changes the logits of the same program.
-  bumped = load_stage(tiny_ckpt, "all")
-  w = bumped.blocks[1].attn.q_a
+  # The dispatcher opens the directory where a GGUF path goes.
+  via_path = sources.load_stage(tiny_ckpt, "all")
+  # Sensitivity: one norm weight off by 1e-3 changes the logits of the same program.
+  bumped = sources.load_stage(tiny_ckpt, "all")
+  w = bumped.blocks[1].attn_norm.scale
   w.set_value(w.get_value().at[0].add(1e-3))
-  assert not np.array_equal(np.asarray(nnx.state(bumped)["blocks"][1]["attn"]["q_a"].get_value()),
-                            np.asarray(nnx.state(got)["blocks"][1]["attn"]["q_a"].get_value()))
-  a, b, c, d = logits(ref, got, load_stage(tiny_ckpt, "all"), bumped)
+  a, b, c, d = logits(ref, got, via_path, bumped)
   assert a.dtype == b.dtype == np.float32 and a.shape == (len(TOKENS), 512)
   assert np.array_equal(a, b) and np.array_equal(a, c)
   assert not np.array_equal(a, d)
 
 
-def test_bfloat16_checkpoint_matches_bfloat16_gguf_load(tiny_gguf, tmp_path):
+def test_packed_checkpoint_bytes_are_the_gguf_slice_bytes(tiny_gguf, tiny_ckpt):
+  """Stored array bytes equal the GGUF bytes of the slice, to within the tensors that are not
+  packed (1-D norms, F32 and I32 tensors, read as float32 / int32, and the zero router bias
+  the GGUF lacks); on disk orbax compresses a little, never adds more than its metadata."""
+  f = reader.open_gguf(tiny_gguf)
+  entries = f.validate("all")
+  gguf_bytes = sum(f.nbytes(e.name) for e in entries)
+  m = orbax_io.read_manifest(tiny_ckpt)
+  stored = {k: int(np.prod(e["shape"])) * orbax_io._np_dtype(e["dtype"]).itemsize
+            for k, e in m["params"].items()}
+  packed = sum(n for k, n in stored.items() if m["params"][k]["qtype"] is not None)
+  dense = sum(stored.values()) - packed
+  in_gguf_packed = sum(f.nbytes(e.name) for e in entries
+                       if gguf_load.packs(f.tensor(e.name).tensor_type, e.numpy_shape(f.cfg)))
+  assert packed == in_gguf_packed  # the blocks themselves: exactly the GGUF's
+  unpacked = gguf_bytes - in_gguf_packed
+  assert 0 < dense and abs(sum(stored.values()) - gguf_bytes) <= dense + unpacked
+  assert dense < 0.01 * gguf_bytes
+  disk = sum(p.stat().st_size for p in (pathlib.Path(tiny_ckpt) / "params").rglob("*")
+             if p.is_file())
+  assert 0.9 * gguf_bytes <= disk <= gguf_bytes + dense + 64 * 1024, (disk, gguf_bytes)
+
+
+def test_packed_checkpoint_serves_any_dtype_and_dequantized(tiny_gguf, tiny_ckpt):
+  """A packed checkpoint restores like the GGUF whatever is asked: bfloat16 compute, or
+  weights='dequantized' (gguf-py on the host, as the GGUF's dequantised load)."""
+  assert_same_params(load_stage(tiny_gguf, "1:2", dtype="bfloat16"),
+                     orbax_io.load_stage_checkpoint(tiny_ckpt, "1:2", dtype="bfloat16"))
+  deq = orbax_io.load_stage_checkpoint(tiny_ckpt, "0:1", weights="dequantized")
+  assert n_packed(deq) == 0
+  assert_same_params(load_stage(tiny_gguf, "0:1", weights="dequantized"), deq)
+
+
+def test_load_runner_from_a_checkpoint_compiles_first(tiny_gguf, tiny_ckpt):
+  """The compile-first runner takes a checkpoint source as it takes a GGUF."""
+  src = sources.open_source(tiny_ckpt)
+  assert isinstance(src, orbax_io.OrbaxSource)
+  r = load_runner(src, "2:output", ctx_size=16, max_chunk=4, compile_sizes=(1,))
+  assert r.fingerprint == sources.model_info(tiny_gguf)[1]
+  ref = StageRunner(load_stage(tiny_gguf, "2:output"), ctx_size=16, max_chunk=4)
+  hc = np.random.default_rng(1).standard_normal((1, 4, 256)).astype(np.float32)
+  a = r.forward(r.init_state(), TOKENS[:1], hc, 0)[0]
+  b = ref.forward(ref.init_state(), TOKENS[:1], hc, 0)[0]
+  assert np.array_equal(a, b)
+  with pytest.raises(ValueError, match="another model"):
+    load_runner(src, "2:output", ctx_size=16, fingerprint="0" * 64)
+
+
+def test_dequantized_checkpoint_matches_the_dequantized_gguf_load(tiny_gguf, tmp_path):
   d = tmp_path / "bf16"
-  m = orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", d, dtype="bfloat16")
-  assert m["dtype"] == "bfloat16"
+  m = orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", d, weights="dequantized",
+                                     dtype="bfloat16")
+  assert (m["weights"], m["dtype"]) == ("dequantized", "bfloat16")
   st = orbax_io.load_stage_checkpoint(d)
-  assert_same_params(load_stage(tiny_gguf, "0:1", dtype="bfloat16"), st)
+  assert n_packed(st) == 0
+  assert_same_params(load_stage(tiny_gguf, "0:1", dtype="bfloat16", weights="dequantized"), st)
   with pytest.raises(CheckpointError, match="holds bfloat16 parameters, asked for float32"):
     orbax_io.load_stage_checkpoint(d, dtype="float32")
+  with pytest.raises(CheckpointError, match="packed checkpoint keeps the GGUF's own precision"):
+    orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", tmp_path / "no", dtype="bfloat16")
+
+
+def test_version_1_checkpoints_still_load(tiny_gguf, tmp_path):
+  """A checkpoint as the code before packed checkpoints wrote it (version 1: dequantised, no
+  'weights', no 'qtype') restores as before, dense, bit-identical to the dequantised load."""
+  d = tmp_path / "v1"
+  orbax_io.save_stage_checkpoint(tiny_gguf, "2:output", d, weights="dequantized")
+  m = json.loads((d / orbax_io.MANIFEST).read_text())
+  m["version"] = 1
+  del m["weights"]
+  for e in m["params"].values():
+    del e["qtype"]
+  (d / orbax_io.MANIFEST).write_text(json.dumps(m))
+  st = sources.load_stage(d, "3:output")
+  assert n_packed(st) == 0
+  assert_same_params(load_stage(tiny_gguf, "3:output", weights="dequantized"), st)
+  m["version"] = 9
+  (d / orbax_io.MANIFEST).write_text(json.dumps(m))
+  with pytest.raises(CheckpointError, match=r"version 9 is not supported \(this code reads 1, 2\)"):
+    orbax_io.load_stage_checkpoint(d)
 
 
 def test_sub_range_restore_holds_only_the_slice(tiny_gguf, tiny_ckpt):
@@ -151,8 +240,9 @@ def test_tokenizer_travels_with_the_checkpoint(tiny_gguf, tiny_ckpt):
   a, b = Tokenizer.from_gguf(tiny_gguf), orbax_io.tokenizer_from_checkpoint(tiny_ckpt)
   text = "Hello, world! 123"
   assert a.encode(text) == b.encode(text) and a.vocab_size == b.vocab_size
-  cfg, fp = orbax_io.model_info(tiny_ckpt)
-  assert (cfg, fp) == orbax_io.model_info(tiny_gguf)
+  assert a.encode(text) == sources.open_tokenizer(tiny_ckpt).encode(text)
+  cfg, fp = sources.model_info(tiny_ckpt)
+  assert (cfg, fp) == sources.model_info(tiny_gguf)
 
 
 def _script(*args, **kw):
@@ -162,11 +252,19 @@ def _script(*args, **kw):
 
 def test_convert_script(tiny_gguf, tmp_path):
   out = tmp_path / "c"
-  r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}", "--dtype=bfloat16")
+  r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}",
+              "--weights=dequantized", "--dtype=bfloat16")
   assert r.returncode == 0, r.stderr
-  assert "wrote" in r.stdout and "layers 3:output" in r.stdout
+  assert "wrote" in r.stdout and "layers 3:output, dequantized bfloat16" in r.stdout
   m = orbax_io.read_manifest(out)
   assert (m["start"], m["end"], m["has_output"], m["dtype"]) == (3, 3, True, "bfloat16")
+  assert m["weights"] == "dequantized"
+  r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={tmp_path / 'p'}")
+  assert r.returncode == 0, r.stderr
+  assert "layers 3:output, packed" in r.stdout
+  assert orbax_io.read_manifest(tmp_path / "p")["weights"] == "packed"
+  r = _script(f"--gguf={tiny_gguf}", f"--out={tmp_path / 'q'}", "--dtype=bfloat16")
+  assert r.returncode == 2 and "own precision" in r.stderr and "Traceback" not in r.stderr
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "already exists" in r.stderr and "Traceback" not in r.stderr

@@ -58,7 +58,7 @@ def test_set_params_refuses_another_stage(tiny_gguf):
 def test_bfloat16_cast_on_the_host_matches_jax(tiny_gguf):
   # The loader casts with numpy (ml_dtypes) before placing; jnp.asarray casts in XLA.
   cfg, tensors = load.load_tensors(tiny_gguf, "0:0")
-  stage = load_stage(tiny_gguf, "0:0", dtype="bfloat16")
+  stage = load_stage(tiny_gguf, "0:0", dtype="bfloat16", weights="dequantized")
   ref = stage_from_tensors(cfg, "0:0", tensors, dtype="bfloat16")
   got = stage.blocks[0].moe.gate_exps[...]
   assert got.dtype == jnp.bfloat16
