@@ -70,12 +70,16 @@ def define_weight_flags() -> None:
   flags.DEFINE_enum("weights", "packed", ["packed", "dequantized"],
                     "packed: quantised tensors stay GGUF blocks in device memory and are "
                     "dequantised inside the step; dequantized: dequantise at load (the old path).")
-  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: float32 for a GGUF, the stored dtype for a "
+                    "checkpoint directory).")
 
 
-def weight_options() -> dict[str, str]:
-  """{'weights': ..., 'dtype': ...} from the run options."""
-  return {"weights": str(option("weights", "packed")), "dtype": str(option("dtype", "float32"))}
+def weight_options() -> dict[str, str | None]:
+  """{'weights': ..., 'dtype': ... or None (the source's)} from the run options."""
+  dtype = option("dtype")
+  return {"weights": str(option("weights", "packed")),
+          "dtype": None if dtype is None else str(dtype)}
 
 
 _config_path: str | None = None
