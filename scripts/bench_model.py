@@ -6,6 +6,7 @@ ds4jax tok/s over the row's.
 
     python scripts/bench_model.py                      # the `bench` preset fixture
     python scripts/bench_model.py --gguf=model.gguf --prompt=512 --decode=64 --rounds=5
+    python scripts/bench_model.py --weights=packed,dequantized --nohf   # issue 12
 """
 
 import sys
@@ -18,6 +19,8 @@ _DECODE = flags.DEFINE_integer("decode", 64, "single-token decode steps per roun
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating timed rounds per implementation")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ds4jax compute dtype")
 _HF = flags.DEFINE_bool("hf", True, "also run HF transformers on the same weights")
+_WEIGHTS = flags.DEFINE_list("weights", ["packed"], "ds4jax weight modes, one row each "
+                             "(packed, dequantized); the first is the paired reference")
 _HF_THREADS = flags.DEFINE_list(
     "hf_threads", ["1"], "torch thread counts to run HF with, one row each (on a shared "
     "2-core CPU torch's intra-op threads thrash: 1 thread is ~8x faster there)")
@@ -27,6 +30,10 @@ def main(argv):
   del argv
   if _PROMPT.value < 1 or _DECODE.value < 1 or _ROUNDS.value < 1:
     print("error: --prompt, --decode and --rounds must be >= 1", file=sys.stderr)
+    sys.exit(2)
+  if not _WEIGHTS.value or any(w not in ("packed", "dequantized") for w in _WEIGHTS.value):
+    print(f"error: --weights must list packed and/or dequantized, got {_WEIGHTS.value}",
+          file=sys.stderr)
     sys.exit(2)
   try:
     threads = [int(t) for t in _HF_THREADS.value] if _HF.value else []
@@ -43,22 +50,24 @@ def main(argv):
   path = _GGUF.value or tiny.tiny_gguf_path("bench")
   try:
     res = bench.bench_interleaved(path, n_prompt=_PROMPT.value, n_decode=_DECODE.value,
-                                  dtype=_DTYPE.value, hf_threads=threads, rounds=_ROUNDS.value)
+                                  dtype=_DTYPE.value, hf_threads=threads, rounds=_ROUNDS.value,
+                                  weights=_WEIGHTS.value)
   except (OSError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(f"prompt {_PROMPT.value}, decode {_DECODE.value}, {_ROUNDS.value} alternating rounds; "
         f"load average before {_fmt(res['load'][0])}, after {_fmt(res['load'][1])}")
-  print(f"{'impl':9s} {'dtype':9s} {'prefill tok/s':>14s} {'(best)':>7s} {'cpu s':>6s} "
+  print(f"{'impl':13s} {'dtype':9s} {'prefill tok/s':>14s} {'(best)':>7s} {'cpu s':>6s} "
         f"{'decode tok/s':>13s} {'(best)':>7s} {'cpu s':>6s} {'speedup p/d':>12s} "
         f"{'compile s':>9s}")
   for r in res["rows"]:
-    print(f"{r['impl']:9s} {r['dtype']:9s} {r['prefill_tok_s']:14.1f} {r['prefill_best']:7.1f} "
+    print(f"{r['impl']:13s} {r['dtype']:9s} {r['prefill_tok_s']:14.1f} {r['prefill_best']:7.1f} "
           f"{r['prefill_cpu_s']:6.2f} {r['decode_tok_s']:13.1f} {r['decode_best']:7.1f} "
           f"{r['decode_cpu_s']:6.2f} {r['paired_prefill']:5.2f}/{r['paired_decode']:<6.2f} "
           f"{r['compile_s']:9.1f}")
   if res["max_abs_dlogit"] is not None:
-    print(f"last prefill logits row, ds4jax vs HF: max |d| {res['max_abs_dlogit']:.3g}")
+    print(f"last prefill logits row, {res['ref']} vs {res['other']}: "
+          f"max |d| {res['max_abs_dlogit']:.3g}")
 
 
 def _fmt(load) -> str:

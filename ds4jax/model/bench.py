@@ -17,8 +17,10 @@ import numpy as np
 
 
 def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float32",
-                      hf_threads=(1,), rounds: int = 3) -> dict:
-  """Alternating rounds of ds4jax and HF (one row per torch thread count; none if empty).
+                      hf_threads=(1,), rounds: int = 3, weights=("packed",)) -> dict:
+  """Alternating rounds of ds4jax and HF (one row per torch thread count; none if empty), and
+  of ds4jax with each of `weights` ('packed' | 'dequantized'; the first is the reference of
+  the paired ratios).
 
   Each round runs, per implementation: a one-shot prefill of `n_prompt` random ids from
   position 0, then `n_decode` single-token decode steps of the following ids.
@@ -32,11 +34,16 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
     raise ValueError("n_prompt, n_decode and rounds must be >= 1")
   from ds4jax.model.api import Model
   load_before = os.getloadavg()
-  model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
-                            max_chunk=_pow2_at_least(n_prompt))
-  ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
-  impls: dict[str, Callable] = {"ds4jax": _ds4jax_round(model, ids, n_prompt)}
-  rows = {"ds4jax": dict(impl="ds4jax", dtype=dtype)}
+  impls: dict[str, Callable] = {}
+  rows = {}
+  for w in weights:
+    model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
+                              max_chunk=_pow2_at_least(n_prompt), weights=w)
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
+    name = "ds4jax" if len(weights) == 1 else f"ds4jax/{w[:6]}"
+    impls[name] = _ds4jax_round(model, ids, n_prompt)
+    rows[name] = dict(impl=name, dtype=dtype)
+  ref = next(iter(impls))
   if hf_threads:
     hf_model = _hf_model(path)
     for th in hf_threads:
@@ -47,7 +54,7 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
   for name, run in impls.items():  # warm-up: compiles ds4jax's two shapes
     t0 = time.perf_counter()
     logits[name] = run(2)[-1]
-    rows[name]["compile_s"] = time.perf_counter() - t0 if name == "ds4jax" else 0.0
+    rows[name]["compile_s"] = time.perf_counter() - t0 if name.startswith("ds4jax") else 0.0
   times = {name: [] for name in impls}
   names = list(impls)
   for r in range(rounds):
@@ -58,14 +65,14 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
     row.update(prefill_tok_s=n_prompt / np.median(p_s), prefill_best=n_prompt / p_s.min(),
                decode_tok_s=n_decode / np.median(d_s), decode_best=n_decode / d_s.min(),
                prefill_cpu_s=float(np.median(p_cpu)), decode_cpu_s=float(np.median(d_cpu)))
-    ours = np.asarray([t[:2] for t in times["ds4jax"]])
+    ours = np.asarray([t[:2] for t in times[ref]])
     theirs = np.asarray([t[:2] for t in times[name]])
     row["paired_prefill"], row["paired_decode"] = np.median(theirs / ours, axis=0)
   diff = None
   if len(logits) > 1:
-    diff = float(np.abs(logits["ds4jax"] - logits[names[1]]).max())
+    diff = float(np.abs(logits[ref] - logits[names[1]]).max())
   return dict(rows=list(rows.values()), load=(load_before, os.getloadavg()),
-              max_abs_dlogit=diff)
+              max_abs_dlogit=diff, ref=ref, other=names[1] if len(names) > 1 else None)
 
 
 def _ds4jax_round(model, ids, n_prompt: int):
