@@ -45,7 +45,8 @@ log = logging.getLogger("ds4jax.localai")
 MAX_MESSAGE_BYTES = 50 * 2**20  # LocalAI's limit, both ends
 GRPC_OPTIONS = [("grpc.max_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0)]  # a port in use is an error, not a shared port
 Code = grpc.StatusCode
 
 
