@@ -23,7 +23,7 @@ def backend_env(cache_dir, **extra):
 class Backend:
   """A LocalAI backend process (started as LocalAI does: `--addr HOST:PORT`) and its stub."""
 
-  def __init__(self, env, log_path, *, argv=None, one_token=False):
+  def __init__(self, env, log_path, *, argv=None, one_token=False, cwd=REPO):
     import grpc
     from ds4jax.cli import free_port
     from ds4jax.localai import backend_pb2_grpc
@@ -32,7 +32,7 @@ class Backend:
     argv = argv or [sys.executable, str(REPO / "scripts" / "localai_backend.py")]
     argv = argv + ([f"--addr={addr}"] if one_token else ["--addr", addr])
     self.log = open(log_path, "w")
-    self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self.log,
+    self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=self.log,
                                  stderr=subprocess.STDOUT)
     self.channel = grpc.insecure_channel(addr)
     try:
