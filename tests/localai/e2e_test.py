@@ -55,7 +55,10 @@ def split(tiny_gguf, tiny_cache_dir, logs_dir):
       res = backend.stub.LoadModel(pb.ModelOptions(
           Model="tiny", ModelFile=tiny_gguf, ContextSize=CTX, Threads=2,
           Options=["ds4_role:coordinator", "ds4_layers:0:1", f"ds4_listen:127.0.0.1:{port}",
-                   f"ds4_route_timeout:{ROUTE_TIMEOUT_S}"]), timeout=START_TIMEOUT_S)
+                   f"ds4_route_timeout:{ROUTE_TIMEOUT_S}",
+                   # Prompts here fit one 8-token chunk: the worker's warm-up (sizes 1 and
+                   # the chunk) then compiles exactly the shapes the tests use.
+                   "ds4_prefill_chunk:8"]), timeout=START_TIMEOUT_S)
 
     def start_worker():
       procs["worker"] = subprocess.Popen(

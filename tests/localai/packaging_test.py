@@ -107,3 +107,37 @@ def test_missing_reference_extra(monkeypatch):
   with pytest.raises(extras.MissingExtra, match=r"needs the 'reference' extra: pip install "
                      r"'ds4jax\[reference\]' \(no module named 'transformers'\)"):
     hf_config_from_cfg(ModelConfig.tiny())
+
+
+def test_localai_e2e_suite_steps(installed, tiny_gguf, tiny_cache_dir, logs_dir):
+  """The steps and checks of LocalAI's Go suite (tests/e2e-backends/backend_test.go, caps
+  health,load,predict,tokenize,stream), which cannot run here (no Go 1.26 toolchain nor module
+  proxy): run.sh spawned with one `--addr=` token, LoadModel with Model = ModelFile = the
+  file, then Predict / TokenizeString / PredictStream with the suite's sampling. Whole model in
+  one process (no ds4 options), so this is also the single-node path."""
+  pytest.importorskip("grpc")
+  import grpc
+  from ds4jax.localai import backend_pb2 as pb
+  env = backend_env(tiny_cache_dir, DS4JAX_PYTHON=sys.executable)
+  b = Backend(env, logs_dir / "e2e_suite.log", argv=[str(installed / "run.sh")], cwd=installed,
+              one_token=True)
+  try:
+    assert b.stub.Health(pb.HealthMessage(), timeout=10).message
+    res = b.stub.LoadModel(pb.ModelOptions(Model=tiny_gguf, ModelFile=tiny_gguf,
+                                           ContextSize=256, Threads=4, NBatch=128),
+                           timeout=600)  # the suite sends 512 unless BACKEND_TEST_CTX_SIZE
+    assert res.success, res.message
+    sampling = dict(Tokens=20, Temperature=0.1, TopK=40, TopP=0.9)
+    r = b.stub.Predict(pb.PredictOptions(Prompt="The capital of France is", **sampling),
+                       timeout=120)
+    assert r.message and r.tokens > 0 and r.prompt_tokens > 0
+    t = b.stub.TokenizeString(pb.PredictOptions(Prompt="The capital of France is"), timeout=60)
+    assert len(t.tokens) == r.prompt_tokens
+    chunks = [c.message for c in b.stub.PredictStream(
+        pb.PredictOptions(Prompt="Once upon a time", **sampling), timeout=120) if c.message]
+    assert chunks and (len(chunks) < 2 or chunks[0] != chunks[1]), chunks
+    with pytest.raises(grpc.RpcError) as e:  # the loaded Model is the file path here
+      b.stub.Predict(pb.PredictOptions(Prompt="x", ModelIdentity="other"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+  finally:
+    b.stop()
