@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
-from ds4jax.localai.options import LoadError, LoadSpec
 from ds4jax.localai import status as status_lib
+from ds4jax.localai.options import LoadError, LoadSpec
 
 log = logging.getLogger("ds4jax.localai")
 
@@ -32,12 +31,12 @@ class LoadedModel:
     self.sizes = sizes
     self.engine = Engine(process, route_timeout=spec.route_timeout,
                          max_concurrency=spec.max_concurrency)
-    self.listen: Optional[str] = None
+    self.listen: str | None = None
     self.active = 0  # requests waiting for the route or generating
 
   @classmethod
-  def start(cls, spec: LoadSpec, *, cache_dir: Optional[str] = None,
-            env: Optional[dict[str, str]] = None) -> "LoadedModel":
+  def start(cls, spec: LoadSpec, *, cache_dir: str | None = None,
+            env: dict[str, str] | None = None) -> LoadedModel:
     from ds4jax.serving.remote import ModelProcess, ModelProcessError
     from ds4jax.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_gguf(spec.path)
@@ -56,7 +55,7 @@ class LoadedModel:
     return model
 
   @property
-  def exited(self) -> Optional[str]:
+  def exited(self) -> str | None:
     """Why the model process is gone, or None while it runs."""
     if self.process.proc.poll() is None:
       return None

@@ -22,7 +22,8 @@ import dataclasses
 import logging
 import os
 import re
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 log = logging.getLogger("ds4jax.localai")
 

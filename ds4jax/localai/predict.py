@@ -14,6 +14,7 @@ Sampling follows LocalAI's convention that 0 means unset: `Tokens` 0 -> the defa
 
 from __future__ import annotations
 
+import logging
 import secrets
 
 from ds4jax.generate.sampling import SamplingParams
@@ -23,6 +24,8 @@ from ds4jax.serving.generation import GenerationJob
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
           "tool": "user", "function": "user"}
 _TRUE = ("1", "true", "yes", "on")
+log = logging.getLogger("ds4jax.localai")
+_warned: set[str] = set()
 
 
 class RequestError(ValueError):
@@ -82,6 +85,10 @@ def build_job(req, tokenizer, *, ctx_size: int, default_max_tokens: int = 256
   if room < 1:
     raise RequestError(f"ds4jax: the prompt has {len(ids)} tokens, the context holds "
                        f"{ctx_size}")
+  for field, on in (("MinP", req.MinP > 0), ("IgnoreEOS", getattr(req, "IgnoreEOS", False))):
+    if on and field not in _warned:  # once per process: LocalAI may send them on every call
+      _warned.add(field)
+      log.warning("PredictOptions.%s is not supported by ds4jax and is ignored", field)
   want = int(req.Tokens) if req.Tokens > 0 else default_max_tokens
   job = GenerationJob(prompt=ids, messages=None, max_tokens=min(want, room),
                       sampling=sampling(req), stop=tuple(s for s in req.StopPrompts if s))

@@ -27,7 +27,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import grpc
 
@@ -76,7 +76,7 @@ def _layers_text(layers: list[int]) -> str:
   return ("layer " if len(layers) == 1 else "layers ") + text
 
 
-def route_incomplete_message(e: RouteNotReady, listen: Optional[str]) -> str:
+def route_incomplete_message(e: RouteNotReady, listen: str | None) -> str:
   missing = _layers_text(e.missing_layers) if e.missing_layers else e.reason
   where = f"; workers dial {listen}" if listen else ""
   return (f"ds4 distributed route incomplete: workers not connected (layers uncovered): "
@@ -86,12 +86,12 @@ def route_incomplete_message(e: RouteNotReady, listen: Optional[str]) -> str:
 class Servicer(pb_grpc.BackendServicer):
   """The backend. One model at a time; any number of concurrent requests on it."""
 
-  def __init__(self, *, cache_dir: Optional[str] = None, env: Optional[dict] = None):
+  def __init__(self, *, cache_dir: str | None = None, env: dict | None = None):
     self.cache_dir = cache_dir
     self.env = env
-    self.model: Optional[LoadedModel] = None
+    self.model: LoadedModel | None = None
     self.loading = 0
-    self._lock: Optional[asyncio.Lock] = None  # LoadModel and Free; never Health or Status
+    self._lock: asyncio.Lock | None = None  # LoadModel and Free; never Health or Status
 
   def _load_lock(self) -> asyncio.Lock:
     if self._lock is None:  # created on the server's loop
@@ -273,8 +273,8 @@ class Servicer(pb_grpc.BackendServicer):
       raise _Abort(Code.UNAVAILABLE, "ds4: model unloaded while waiting for distributed route")
 
 
-def build_server(addr: str, *, token: Optional[str] = None, cache_dir: Optional[str] = None,
-                 env: Optional[dict] = None) -> tuple[grpc.aio.Server, Servicer, int]:
+def build_server(addr: str, *, token: str | None = None, cache_dir: str | None = None,
+                 env: dict | None = None) -> tuple[grpc.aio.Server, Servicer, int]:
   """(server, servicer, bound port); call on the loop that will run it."""
   interceptors = [BearerTokenInterceptor(token)] if token else []
   server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
@@ -289,9 +289,9 @@ def build_server(addr: str, *, token: Optional[str] = None, cache_dir: Optional[
   return server, servicer, port
 
 
-async def serve(addr: str, *, token: Optional[str] = None, cache_dir: Optional[str] = None,
-                stop: Optional[asyncio.Event] = None, signals: bool = True,
-                on_ready: Optional[Callable[[int], None]] = None) -> None:
+async def serve(addr: str, *, token: str | None = None, cache_dir: str | None = None,
+                stop: asyncio.Event | None = None, signals: bool = True,
+                on_ready: Callable[[int], None] | None = None) -> None:
   """Serves until SIGTERM/SIGINT (or `stop` is set), then frees the model process."""
   server, servicer, port = build_server(addr, token=token, cache_dir=cache_dir)
   stop = stop or asyncio.Event()

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from localai_client import REPO
 
 from ds4jax.localai.ds4_args import Ds4ArgsError, translate
-
-from localai_client import REPO
 
 
 def test_ds4_spelling_becomes_worker_flags(monkeypatch):

@@ -24,11 +24,11 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from ds4jax.cli import free_port  # noqa: E402
-from ds4jax.localai import backend_pb2 as pb  # noqa: E402
-from ds4jax.tokenizer import Tokenizer  # noqa: E402
+from localai_client import REPO, Backend, Prober, assert_fast, backend_env
 
-from localai_client import REPO, Backend, Prober, assert_fast, backend_env  # noqa: E402
+from ds4jax.cli import free_port
+from ds4jax.localai import backend_pb2 as pb
+from ds4jax.tokenizer import Tokenizer
 
 ROUTE_TIMEOUT_S = 3
 CTX = 256

@@ -25,6 +25,7 @@ class Backend:
 
   def __init__(self, env, log_path, *, argv=None, one_token=False, cwd=REPO):
     import grpc
+
     from ds4jax.cli import free_port
     from ds4jax.localai import backend_pb2_grpc
     self.port = free_port()

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from localai_client import REPO, Backend, backend_env
 
 from ds4jax import extras
-from localai_client import REPO, Backend, backend_env
 
 BACKEND_DIR = REPO / "localai" / "ds4jax"
 
@@ -117,6 +117,7 @@ def test_localai_e2e_suite_steps(installed, tiny_gguf, tiny_cache_dir, logs_dir)
   one process (no ds4 options), so this is also the single-node path."""
   pytest.importorskip("grpc")
   import grpc
+
   from ds4jax.localai import backend_pb2 as pb
   env = backend_env(tiny_cache_dir, DS4JAX_PYTHON=sys.executable)
   b = Backend(env, logs_dir / "e2e_suite.log", argv=[str(installed / "run.sh")], cwd=installed,

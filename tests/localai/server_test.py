@@ -11,9 +11,9 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 
-from ds4jax.localai import backend_pb2 as pb  # noqa: E402
+from localai_client import REPO, Backend, backend_env
 
-from localai_client import REPO, Backend, backend_env  # noqa: E402
+from ds4jax.localai import backend_pb2 as pb
 
 
 @pytest.fixture(scope="module")
