@@ -327,7 +327,8 @@ def _one_line(e: BaseException) -> str:
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-  errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError]
+  from ds4jax.extras import MissingExtra  # a missing optional extra: what to pip install
+  errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError, MissingExtra]
   try:
     from ds4jax.bridge.errors import BridgeError
     errs.append(BridgeError)

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ds4jax import extras
 from ds4jax.config import ModelConfig
 
 
@@ -172,7 +173,7 @@ def hf_to_gguf(hf_model_or_state_dict: Any, hf_config: Any, path: str | os.PathL
 # ------------------------------------------------------------------------ GGUF -> HF (oracle)
 def hf_config_from_cfg(cfg: ModelConfig):
   """A transformers DeepseekV4Config with cfg's dims and schedule (for HF cross-checks)."""
-  import transformers
+  transformers = extras.need("reference", "transformers", "the HF cross-check")
 
   hca = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r not in (0, 4)})
   if len(hca) > 1:
@@ -209,7 +210,7 @@ def hf_config_from_cfg(cfg: ModelConfig):
 
 def hf_state_dict_from_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
   """A torch state dict for DeepseekV4ForCausalLM from dequantised whole-model tensors."""
-  import torch
+  torch = extras.need("reference", "torch", "the HF cross-check")
 
   inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
   inv_layer = {v: k for k, v in _LAYER_MAP.items()}
@@ -235,7 +236,7 @@ def hf_state_dict_from_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConf
 
 def hf_model_from_gguf(path: str | os.PathLike):
   """A float32 eval-mode HF DeepseekV4ForCausalLM holding a GGUF's dequantised weights."""
-  import transformers
+  transformers = extras.need("reference", "transformers", "the HF cross-check")
   from ds4jax.gguf.load import load_tensors
 
   cfg, tensors = load_tensors(path, "all")

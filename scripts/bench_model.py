@@ -43,6 +43,13 @@ def main(argv):
   if any(t < 1 for t in threads):
     print("error: --hf_threads must be >= 1", file=sys.stderr)
     sys.exit(2)
+  if _HF.value:
+    from ds4jax import extras
+    try:
+      extras.check("reference", "scripts/bench_model.py --hf (--nohf skips HF)")
+    except extras.MissingExtra as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
   import jax
   from ds4jax.model import bench
   from ds4jax.testing import tiny

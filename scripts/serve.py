@@ -26,7 +26,7 @@ import sys
 
 from absl import flags
 
-from ds4jax import cli
+from ds4jax import cli, extras
 from ds4jax.serving import model_proc
 
 model_proc.define_flags()
@@ -75,6 +75,7 @@ def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
+  extras.check("serve", "scripts/serve.py")  # one line naming the extra, not a traceback
   import uvicorn  # deferred: a bad flag should not pay for the import
 
   from ds4jax.serving.app import create_app

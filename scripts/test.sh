@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs ds4jax with its test and reference extras into .venv and runs pytest.
+# Installs ds4jax with its test, serve, reference and localai extras into .venv and runs pytest.
 # pytest's exit 5 (no tests collected) is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-echo "installing ds4jax[test,serve,reference] into .venv (log: .venv/install.log)"
-if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e ".[test,serve,reference]"; } \
+EXTRAS="test,serve,reference,localai"
+echo "installing ds4jax[$EXTRAS] into .venv (log: .venv/install.log)"
+if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e ".[$EXTRAS]"; } \
     > .venv/install.log 2>&1; then
   tail -n 40 .venv/install.log; echo "install failed"; exit 1
 fi

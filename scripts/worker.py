@@ -1,6 +1,8 @@
 r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until it is up).
 
     python scripts/worker.py --gguf=PATH --layers=A:B|A:output --coordinator=HOST:PORT
+    # ds4-worker's spelling works too (what LocalAI's --ds4-args pass; docs/localai.md):
+    python scripts/worker.py --role worker --model PATH --layers A:B --coordinator HOST PORT -c N
 
 With a pre-shared key, pass --key_file (or set DS4JAX_KEY); never the key itself. For TLS,
 --tls_ca=CA.pem (the coordinator runs with --tls_cert/--tls_key). A rejected key or
@@ -10,6 +12,7 @@ coordinator restarts, the worker drops its sessions and dials again on its own.
 
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -92,4 +95,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from ds4jax.localai import ds4_args  # stdlib only
+  sys.argv = ds4_args.translate_or_exit(
+      sys.argv, ctx_flag="ctx_size" if "ctx_size" in flags.FLAGS else "ctx")
   cli.run(main)

@@ -89,8 +89,9 @@ def hf_state_dict(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str,
 
 def hf_model_from_gguf(path: str):
   """An eval-mode f32 eager DeepseekV4ForCausalLM holding the GGUF's (dequantised) weights."""
-  import torch
-  import transformers
+  from ds4jax import extras
+  torch = extras.need("reference", "torch", "the HF benchmark")
+  transformers = extras.need("reference", "transformers", "the HF benchmark")
   from ds4jax.gguf.load import load_tensors
 
   transformers.logging.set_verbosity_error()

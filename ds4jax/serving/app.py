@@ -22,8 +22,10 @@ import logging
 import time
 from typing import Any, Optional
 
-import fastapi
-from fastapi import exceptions as fastapi_exceptions
+from ds4jax import extras
+
+fastapi = extras.need("serve", "fastapi", "ds4jax.serving.app (the OpenAI server)")
+from fastapi import exceptions as fastapi_exceptions  # noqa: E402
 from fastapi import responses
 
 from ds4jax.serving import schemas

@@ -1,0 +1,132 @@
+"""LoadModel options: ds4's keys and messages (LocalAI PR #10098), ds4jax's additions, and the
+model file checks. No gRPC and no model process: `options.load_spec` on plain objects."""
+
+import socket
+import types
+
+import gguf
+import pytest
+
+from ds4jax.localai import options
+from ds4jax.localai.options import LoadError, load_spec, parse_options
+
+
+def req(path="", *opts, model="tiny", ctx=0, model_path=""):
+  return types.SimpleNamespace(Model=model, ModelFile=path, ModelPath=model_path,
+                               ContextSize=ctx, Threads=4, Options=list(opts))
+
+
+def coord(path, *extra, layers="0:1", listen="127.0.0.1:45678", **kw):
+  return req(path, "ds4_role:coordinator", f"ds4_layers:{layers}", f"ds4_listen:{listen}",
+             *extra, **kw)
+
+
+def test_parse_options_splits_at_the_first_colon():
+  got = parse_options(["ds4_listen:0.0.0.0:1234", "ssd_streaming", " a : b ", "", "k:"])
+  assert got == {"ds4_listen": "0.0.0.0:1234", "ssd_streaming": True, "a": "b", "k": ""}
+
+
+def test_single_node_defaults(tiny_gguf):
+  spec = load_spec(req(tiny_gguf, "unknown_key:1", "ssd_streaming", "ds4_role:worker"))
+  assert not spec.coordinator and spec.layers == "all" and spec.listen is None
+  assert spec.route_timeout == 60 and spec.identity == "tiny"
+  assert spec.ctx_size == 4096  # ContextSize 0 -> ds4's 32768, capped to the model's context
+  assert spec.ignored == ("ssd_streaming",)
+  args = spec.model_args("/c")
+  assert f"--gguf={tiny_gguf}" in args and "--layers=all" in args and "--cache_dir=/c" in args
+  assert not any(a.startswith("--listen") for a in args)
+
+
+def test_coordinator_spec(tiny_gguf, tmp_path):
+  key = tmp_path / "bridge.key"
+  key.write_text("0123456789abcdef0123456789abcdef\n")
+  spec = load_spec(coord(tiny_gguf, "ds4_route_timeout:7", "ds4_activation_dtype:16",
+                         "ds4_key_file:bridge.key", "prefill_chunk:64", ctx=256,
+                         model_path=str(tmp_path)))
+  assert spec.coordinator and spec.layers == "0:1" and spec.listen == ("127.0.0.1", 45678)
+  assert spec.route_timeout == 7 and spec.activation_dtype == "bf16" and spec.ctx_size == 256
+  assert spec.key_file == str(key) and spec.prefill_chunk == 64
+  args = spec.model_args()
+  for a in ("--layers=0:1", "--listen=127.0.0.1:45678", "--route_timeout=7.0",
+            "--activation_dtype=bf16", f"--key_file={key}", "--prefill_chunk=64"):
+    assert a in args, args
+
+
+def test_model_file_relative_to_the_models_dir(tiny_gguf):
+  import os
+  d, name = os.path.split(tiny_gguf)
+  assert load_spec(req("", model=name, model_path=d)).path == tiny_gguf
+  with pytest.raises(LoadError, match="ds4: ModelOptions.Model or .ModelFile must be set"):
+    load_spec(req("", model=""))
+
+
+ROLE = "ds4_role:coordinator"
+LAYERS = "ds4_layers:0:1"
+LISTEN = "ds4_listen:127.0.0.1:45679"
+
+
+@pytest.mark.parametrize("opts, needle", [
+    ([ROLE], "ds4: ds4_role:coordinator requires ds4_layers and ds4_listen"),
+    ([ROLE, LAYERS], "ds4: ds4_role:coordinator requires ds4_layers and ds4_listen"),
+    ([ROLE, LISTEN], "ds4: ds4_role:coordinator requires ds4_layers and ds4_listen"),
+    ([ROLE, LISTEN, "ds4_layers:0:x"], "ds4: invalid ds4_layers (want START:END or "
+     "START:output)"),
+    ([ROLE, LISTEN, "ds4_layers:0"], "ds4: invalid ds4_layers"),
+    ([ROLE, LISTEN, "ds4_layers:0:1:2"], "ds4: invalid ds4_layers"),
+    ([ROLE, LISTEN, "ds4_layers:3:1"], "END is before START"),
+    ([ROLE, LISTEN, "ds4_layers:1:2"], "ds4: coordinator layer range must start at layer 0"),
+    ([ROLE, LISTEN, "ds4_layers:0:9"], "ends past the final model layer 3"),
+    ([ROLE, LAYERS, "ds4_listen:127.0.0.1"], "ds4: ds4_listen must be host:port"),
+    ([ROLE, LAYERS, "ds4_listen::1234"], "ds4: ds4_listen must be host:port"),
+    ([ROLE, LAYERS, "ds4_listen:127.0.0.1:0"], "ds4: ds4_listen port must be a positive "
+     "integer"),
+    ([ROLE, LAYERS, "ds4_listen:127.0.0.1:http"], "ds4: ds4_listen port must be a positive"),
+    ([ROLE, LAYERS, "ds4_listen:127.0.0.1:70000"], "ds4: ds4_listen port must be a positive"),
+    (["ds4_route_timeout:0"], "ds4: ds4_route_timeout must be a positive integer"),
+    (["ds4_route_timeout:soon"], "ds4: ds4_route_timeout must be a positive integer"),
+    ([ROLE, LAYERS, LISTEN, "ds4_activation_dtype:f8"], "ds4_activation_dtype must be f32, "
+     "bf16 or int8"),
+    ([ROLE, LAYERS, LISTEN, "ds4_key_file:/nonexistent/k"], "ds4_key_file file not found: "
+     "/nonexistent/k"),
+    ([ROLE, LAYERS, LISTEN, "ds4_tls_key:" + __file__], "ds4_tls_key needs ds4_tls_cert"),
+])
+def test_bad_options_are_one_line(tiny_gguf, opts, needle):
+  with pytest.raises(LoadError) as e:
+    load_spec(req(tiny_gguf, *opts))
+  msg = str(e.value)
+  assert needle in msg and "\n" not in msg, msg
+
+
+def test_missing_and_wrong_files(tmp_path):
+  with pytest.raises(LoadError, match="ds4: model file not found: /nonexistent/m.gguf"):
+    load_spec(req("/nonexistent/m.gguf"))
+  with pytest.raises(LoadError, match="is a directory, not a GGUF file"):
+    load_spec(req(str(tmp_path)))
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(b"definitely not a gguf file")
+  with pytest.raises(LoadError, match="not a GGUF file") as e:
+    load_spec(req(str(junk)))
+  assert "junk.gguf" in str(e.value)
+  llama = tmp_path / "llama.gguf"  # a valid GGUF, another architecture
+  w = gguf.GGUFWriter(str(llama), "llama")
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(LoadError) as e:
+    load_spec(req(str(llama)))
+  assert str(e.value).startswith("ds4: ") and "llama" in str(e.value), e.value
+
+
+def test_listen_port_in_use(tiny_gguf):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    s.listen(1)
+    port = s.getsockname()[1]
+    with pytest.raises(LoadError, match=f"cannot listen on 127.0.0.1:{port}: address already "
+                       "in use"):
+      load_spec(coord(tiny_gguf, listen=f"127.0.0.1:{port}"))
+
+
+def test_ds4_engine_keys_are_known():
+  assert "kv_cache_dir" in options.DS4_ENGINE_KEYS and "mtp_path" in options.DS4_ENGINE_KEYS
