@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-echo "installing ds4jax[test,serve,reference] into .venv (log: .venv/install.log)"
-if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e ".[test,serve,reference]"; } \
+echo "installing ds4jax[test,train,serve,reference] into .venv (log: .venv/install.log)"
+if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e ".[test,train,serve,reference]"; } \
     > .venv/install.log 2>&1; then
   tail -n 40 .venv/install.log; echo "install failed"; exit 1
 fi
