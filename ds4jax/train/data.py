@@ -88,6 +88,15 @@ class Vocab:
     return json.dumps({"tokens": list(self.tokens), "merges": list(self.merges)})
 
   @classmethod
+  def from_gguf(cls, path: str) -> "Vocab":
+    """The vocab stored in a GGUF's `tokenizer.ggml.tokens` / `merges`."""
+    import gguf
+    from ds4jax.tokenizer.tokenizer import _string_array
+    reader = gguf.GGUFReader(path, "r")
+    return cls(tuple(_string_array(reader, "tokenizer.ggml.tokens", path)),
+               tuple(_string_array(reader, "tokenizer.ggml.merges", path)))
+
+  @classmethod
   def from_json(cls, text: str) -> "Vocab":
     d = json.loads(text)
     return cls(tuple(d["tokens"]), tuple(d["merges"]))
@@ -157,6 +166,10 @@ class Corpus:
     tok = vocab.tokenizer()
     return cls(vocab, encode_stream(tok, list(train_t.values())),
                encode_stream(tok, list(eval_t.values())))
+
+  def eval_windows(self, seq_len: int):
+    """The held-out windows (offset 0, in order): (inputs, targets) int32 [n, T]."""
+    return windows(self.eval, seq_len)
 
   def epoch_windows(self, seq_len: int, seed: int, epoch: int):
     """The training windows of one epoch, shuffled: a random start offset in [0, T) and a

@@ -44,6 +44,12 @@ def stage_tensors(stage: Stage) -> dict[str, np.ndarray]:
   return out
 
 
+def q2_fits(cfg) -> bool:
+  """Whether the routed experts' rows (d_model for gate/up, expert_ff for down) fit the
+  256-value blocks of IQ2_XXS / Q2_K."""
+  return cfg.d_model % 256 == 0 and cfg.expert_ff % 256 == 0
+
+
 def expert_tensors(tensors: Mapping[str, np.ndarray], experts: str) -> dict[str, object]:
   """`tensors` with the routed experts replaced by RawTensors of the `experts` recipe
   ('q2'); float otherwise (the writer's policy stores them)."""
@@ -94,17 +100,23 @@ def heldout_loss(path: str, inputs: np.ndarray, targets: np.ndarray) -> float:
 def export_run(trainer, out: str, report: str, *, command: str, wall_s: float,
                say: Callable[[str], None] = print) -> dict:
   """Writes the q8 GGUF to `out`, the f32 and q2 variants to the workdir, measures each on
-  the held-out windows through inference, and writes the run report (JSON) to `report`."""
+  the held-out windows through inference, and writes the run report (JSON) to `report`.
+  `wall_s` is the wall time of the training command before the export."""
+  t_export = time.perf_counter()
   cfg, vocab = trainer.cfg, trainer.corpus.vocab
   tensors = stage_tensors(trainer.stage())
   meta = {"ds4jax.train.command": command,
           "ds4jax.train.steps": int(trainer.state.step),
           "ds4jax.train.held_out": ",".join(trainer.config.held_out)}
   paths = {"q8": out}
-  for v in ("f32", "q2"):
+  for v in EXPERTS[1:]:
     paths[v] = os.path.join(trainer.workdir, f"docs-{v}.gguf")
   study = {}
-  for v in EXPERTS:
+  variants = EXPERTS if q2_fits(cfg) else ("q8", "f32")
+  if "q2" not in variants:
+    say(f"no q2 variant: d_model={cfg.d_model} and expert_ff={cfg.expert_ff} must be "
+        "multiples of 256")
+  for v in variants:
     t0 = time.perf_counter()
     write_model(paths[v], tensors, cfg, vocab, experts=v, metadata=meta)
     loss = heldout_loss(paths[v], trainer.eval_inputs, trainer.eval_targets)
@@ -118,7 +130,8 @@ def export_run(trainer, out: str, report: str, *, command: str, wall_s: float,
   unigram = trainer.corpus.unigram_nll(trainer.config.seq_len)
   timed = [h["tok_s"] for h in trainer.history if h.get("tok_s")]
   rep = {
-      "command": command, "wall_s": wall_s, "steps": int(trainer.state.step),
+      "command": command, "train_wall_s": wall_s,
+      "export_wall_s": time.perf_counter() - t_export, "steps": int(trainer.state.step),
       "tokens_per_step": trainer.config.batch_size * trainer.config.seq_len,
       "train_tok_s": timed[-1] if timed else None,
       "train_tokens": int(len(trainer.corpus.train)), "eval_tokens": int(trainer.eval_targets.size),

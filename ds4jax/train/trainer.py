@@ -100,7 +100,7 @@ def _programs(cfg: ModelConfig, hparams: tuple):
     updates, opt_state = tx.update(grads, ts.opt_state, ts.params)
     params = optax.apply_updates(ts.params, updates)
     bias = model_lib.balance_bias(ts.bias, loads, cfg, config.bias_rate)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return ts.replace(params=params, bias=bias, opt_state=opt_state, step=ts.step + 1), metrics
 
   @jax.jit

@@ -99,25 +99,43 @@ def test_resume_is_bit_exact(runs):
 
 
 def test_export_is_the_trained_model(runs, tmp_path):
-  """The f32 GGUF through inference gives the trainer's held-out loss; Q8_0 and q2 experts
-  load and stay close; the report has what the README quotes."""
+  """The f32 GGUF through inference gives the trainer's held-out loss; Q8_0 experts stay
+  close; the report has what the README quotes."""
   trainer, _ = runs
   rep = export.export_run(trainer, str(tmp_path / "m.gguf"), str(tmp_path / "m.json"),
                           command="test", wall_s=1.0, say=lambda m: None)
   study = rep["study"]
   assert abs(study["f32"]["heldout_loss"] - trainer.history[-1]["eval_loss"]) < 1e-4
   assert abs(study["q8"]["heldout_loss"] - study["f32"]["heldout_loss"]) < 0.02
-  assert abs(study["q2"]["heldout_loss"] - study["f32"]["heldout_loss"]) < 0.5
-  f = gguf.GGUFReader(str(tmp_path / "docs-q2.gguf"))
+  assert "q2" not in study  # the tiny config's widths are not multiples of 256
+  f = gguf.GGUFReader(str(tmp_path / "m.gguf"))
   types = {t.name: t.tensor_type for t in f.tensors}
-  assert types["blk.1.ffn_gate_exps.weight"] == Q.IQ2_XXS
-  assert types["blk.1.ffn_down_exps.weight"] == Q.Q2_K
+  assert types["blk.1.ffn_gate_exps.weight"] == Q.Q8_0
   assert types["blk.1.attn_q_a.weight"] == Q.Q8_0 and types["token_embd.weight"] == Q.F16
   assert Tokenizer.from_gguf(str(tmp_path / "m.gguf")).vocab_size == trainer.cfg.vocab_size
   saved = json.loads((tmp_path / "m.json").read_text())
   for k in ("final_train_loss", "final_heldout_loss", "unigram_heldout_ppl", "train_tok_s",
             "history", "study"):
     assert k in saved, k
+
+
+def test_q2_variant(tmp_path):
+  """ds4's q2 recipe on the tiny preset's float weights: IQ2_XXS gate/up, Q2_K down, the rest
+  untouched; the logits stay correlated with the f32 ones."""
+  cfg = tiny.preset_config("tiny")
+  tensors = tiny.build_tensors(cfg, seed=0, experts="q8")
+  vocab = data.Vocab.from_gguf(tiny.tiny_gguf_path("tiny", str(tmp_path)))
+  paths = {v: export.write_model(str(tmp_path / f"{v}.gguf"), tensors, cfg, vocab, experts=v)
+           for v in ("f32", "q2")}
+  types = {t.name: t.tensor_type for t in gguf.GGUFReader(paths["q2"]).tensors}
+  assert types["blk.2.ffn_gate_exps.weight"] == Q.IQ2_XXS
+  assert types["blk.2.ffn_up_exps.weight"] == Q.IQ2_XXS
+  assert types["blk.2.ffn_down_exps.weight"] == Q.Q2_K
+  assert types["blk.2.ffn_gate_shexp.weight"] == Q.Q8_0
+  from ds4jax.model.api import load_model
+  ids = np.arange(1, 33)
+  f32_TV, q2_TV = (load_model(paths[v], ctx_size=64).logits(ids) for v in ("f32", "q2"))
+  assert np.corrcoef(f32_TV.ravel(), q2_TV.ravel())[0, 1] > 0.7  # 0.84 on these random weights
 
 
 @pytest.mark.parametrize("qtype,bound", [(Q.Q2_K, 0.30), (Q.IQ2_XXS, 0.36)])
