@@ -112,7 +112,10 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
   """A GGUF path, or a preset name built into the cache; one-line errors otherwise."""
   if not spec:
     raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
-  if os.path.exists(spec):
+  named = spec in PRESETS or spec == "docs"
+  # A model name wins over a directory that is not a checkpoint (the repo's own docs/).
+  if os.path.exists(spec) and not (named and os.path.isdir(spec) and not os.path.isfile(
+      os.path.join(spec, "ds4jax_checkpoint.json"))):
     if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
       from ds4jax.checkpoints.orbax_io import read_manifest
       read_manifest(spec)  # a one-line error if it is not one
