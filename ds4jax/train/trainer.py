@@ -71,8 +71,9 @@ def optimizer(config) -> optax.GradientTransformation:
 
 
 def init_stage(cfg: ModelConfig, seed: int) -> Stage:
-  """A fresh whole-model Stage: the modules' own init (normal(0, 0.02) projections, unit
-  norms), except tid2eid, which gets k distinct experts per token (uniform at random)."""
+  """A fresh whole-model Stage: the modules' own init (normal(0, 0.02) projections, a
+  normal(0, 1) embedding, unit norms, zero HC bases, sinks and APE), except tid2eid, which
+  gets k distinct experts per token (uniform at random)."""
   stage = Stage(cfg, LayerRange.full(cfg.n_layers), rngs=nnx.Rngs(seed))
   rng = np.random.default_rng([seed, 1])
   for il in range(cfg.n_hash_layers):
