@@ -15,7 +15,7 @@ from ds4jax.config import LayerRange
 from ds4jax.gguf import quantize as qz
 from ds4jax.model.load import stage_from_tensors
 from ds4jax.model.runner import StageRunner
-from ds4jax.testing import tiny
+from ds4jax.testing import tiny, tiny_vocab
 from ds4jax.tokenizer import Tokenizer
 from ds4jax.train import data, export
 from ds4jax.train import model as train_model
@@ -122,9 +122,10 @@ def test_export_is_the_trained_model(runs, tmp_path):
 def test_q2_variant(tmp_path):
   """ds4's q2 recipe on the tiny preset's float weights: IQ2_XXS gate/up, Q2_K down, the rest
   untouched; the logits stay correlated with the f32 ones."""
-  cfg = tiny.preset_config("tiny")
+  cfg = tiny.preset_config("tiny", n_experts=2, n_layers=3, compress_ratios=(0, 0, 4))
   tensors = tiny.build_tensors(cfg, seed=0, experts="q8")
-  vocab = data.Vocab.from_gguf(tiny.tiny_gguf_path("tiny", str(tmp_path)))
+  v = tiny_vocab.build_vocab(cfg.vocab_size)
+  vocab = data.Vocab(v.tokens, v.merges)
   paths = {v: export.write_model(str(tmp_path / f"{v}.gguf"), tensors, cfg, vocab, experts=v)
            for v in ("f32", "q2")}
   types = {t.name: t.tensor_type for t in gguf.GGUFReader(paths["q2"]).tensors}
