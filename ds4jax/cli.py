@@ -6,7 +6,8 @@ from a notebook.
 
 Precedence of run options: an explicit `--flag` beats `--config.field`, which beats the
 config file, which beats the flag's default. `--gguf=tiny` (or `bench`) names the built-in
-test model, built once into the cache directory (`$DS4JAX_CACHE`, default ~/.cache/ds4jax).
+test model, built once into the cache directory (`$DS4JAX_CACHE`, default ~/.cache/ds4jax);
+`--gguf=docs` the small trained model that ships in `ds4jax/data/`.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def define_run_flags(*, prompt: bool = True) -> None:
   """The flags every launch script shares (names are a contract, see issue 4 'Scripts')."""
   config_flags.DEFINE_config_file("config", None, "A configs/*.py file (get_config()).",
                                   lock_config=False)
-  flags.DEFINE_string("gguf", None, "Path of the GGUF, or 'tiny'/'bench' for a test model.")
+  flags.DEFINE_string("gguf", None, "Path of the GGUF, 'docs' for the shipped trained model, "
+                      "or 'tiny'/'bench' for a random test model.")
   flags.DEFINE_string("layers", "all", "The layers this process runs: 'all' or 0:K.")
   flags.DEFINE_string("listen", None, "HOST:PORT to listen on for workers (port 0: any).")
   flags.DEFINE_float("route_timeout", 60.0, "Seconds to wait for a complete route.")
@@ -128,7 +130,10 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
   """A GGUF path, or a preset name built into the cache; one-line errors otherwise."""
   if not spec:
     raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
-  if os.path.exists(spec):
+  named = spec in PRESETS or spec == "docs"
+  # A model name wins over a directory that is not a checkpoint (the repo's own docs/).
+  if os.path.exists(spec) and not (named and os.path.isdir(spec) and not os.path.isfile(
+      os.path.join(spec, "ds4jax_checkpoint.json"))):
     if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
       from ds4jax import sources
       sources.open_source(spec)  # reads the manifest: a one-line error if it is not one
@@ -136,6 +141,9 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
     if not os.path.isfile(spec):
       raise ValueError(f"--gguf={spec} is not a file")
     return spec
+  if spec == "docs":
+    from ds4jax.data import docs_gguf_path
+    return docs_gguf_path()
   if spec in PRESETS:
     from ds4jax.testing import tiny  # deferred: only needed for the test models
     return tiny.tiny_gguf_path(spec, cache_dir)

@@ -1,9 +1,12 @@
-r"""The main demo: the tiny model split over a coordinator and two local worker processes.
+r"""The main demo: a small trained DeepSeek V4 split over a coordinator and two local workers.
 
     python scripts/demo.py
+    python scripts/demo.py --prompt='The "with" statement' --temperature=0.8 --top_p=0.95
     python scripts/demo.py --config=configs/tiny_split3.py --config.prompt="Once upon a time"
 
-It builds the tiny ds4-layout model (or reuses it from the cache dir), listens as the
+The default model is `docs` (ds4jax/data/docs.gguf, 4 layers: SWA, SWA, CSA, HCA), trained
+by scripts/train.py on Python's help topics, so a plain prompt continues in the words of the
+Python documentation; `--gguf=tiny` is the random test model. The demo listens as the
 coordinator for layers 0:1, starts workers for 2:2 and 3:output, streams a generation, prints
 the route and a per-hop timing table, then runs the same generation in one process and checks
 that tokens and logits agree (PASS, or FAIL with exit status 1). Workers are stopped on exit,
@@ -24,15 +27,17 @@ cli.define_run_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
 _WORKERS = flags.DEFINE_list("workers", ["2:2", "3:output"], "Worker ranges, in route order.")
 _CHECK = flags.DEFINE_boolean("check", True, "Compare with a single-process run.")
-flags.FLAGS.set_default("gguf", "tiny")
+flags.FLAGS.set_default("gguf", "docs")
 flags.FLAGS.set_default("layers", "0:1")
 flags.FLAGS.set_default("listen", "127.0.0.1:0")
 flags.FLAGS.set_default("ctx_size", 512)
 # Workers compile the decode and the prefill-chunk shapes before they report ready: a small
 # chunk keeps that to the shapes a short demo prompt uses.
 flags.FLAGS.set_default("prefill_chunk", 16)
-flags.FLAGS.set_default("max_new_tokens", 16)
-flags.FLAGS.set_default("prompt", "Hello, world")
+flags.FLAGS.set_default("max_new_tokens", 32)
+# docs was trained on plain text (no chat turns): a plain prompt continues the documentation.
+flags.FLAGS.set_default("prompt", "The assert statement")
+flags.FLAGS.set_default("chat", False)
 # The per-hop table then shows steady-state times, not compilation.
 flags.FLAGS.set_default("warmup", True)
 
@@ -42,7 +47,7 @@ def say(msg: str) -> None:
 
 
 def visible(text: str) -> str:
-  """The tiny model is random: show control characters as escapes, not raw bytes."""
+  """Control characters as escapes, not raw bytes (a random model such as tiny prints them)."""
   return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" if ord(c) < 256
                  else f"\\u{ord(c):04x}" for c in text)
 

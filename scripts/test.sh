@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 . .venv/bin/activate
-EXTRAS="test,serve,reference,localai"
+EXTRAS="test,train,serve,reference,localai"
 echo "installing ds4jax[$EXTRAS] into .venv (log: .venv/install.log)"
 if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e ".[$EXTRAS]"; } \
     > .venv/install.log 2>&1; then

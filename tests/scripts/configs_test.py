@@ -8,7 +8,9 @@ import pytest
 
 from ds4jax.config import LayerRange
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.py"))
+# Run configs; the training configs (train_*.py) are tested in tests/train.
+CONFIGS = sorted(p for p in (pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.py")
+                 if not p.stem.startswith("train_"))
 FIELDS = ("gguf", "layers", "ctx_size", "prompt", "max_new_tokens", "temperature", "seed")
 
 

@@ -1,4 +1,4 @@
-"""notebooks/01_split_inference.ipynb runs top to bottom in a fresh kernel."""
+"""The notebooks run top to bottom in a fresh kernel."""
 
 import json
 import pathlib
@@ -10,7 +10,8 @@ import nbformat
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_cache_dir):
+def execute(name, tmp_path, monkeypatch, cache_dir):
+  """Runs notebooks/<name> in a fresh kernel of this interpreter; returns (nb, stdout text)."""
   # A kernelspec for this interpreter, so the kernel sees the same venv as the test.
   spec = tmp_path / "jupyter" / "kernels" / "ds4jax-test"
   spec.mkdir(parents=True)
@@ -18,13 +19,18 @@ def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_ca
       "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
       "display_name": "ds4jax test", "language": "python"}))
   monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
-  monkeypatch.setenv("DS4JAX_CACHE", tiny_cache_dir)
-  nb = nbformat.read(REPO / "notebooks" / "01_split_inference.ipynb", as_version=4)
+  monkeypatch.setenv("DS4JAX_CACHE", cache_dir)
+  nb = nbformat.read(REPO / "notebooks" / name, as_version=4)
   client = nbclient.NotebookClient(nb, kernel_name="ds4jax-test", timeout=300,
                                    resources={"metadata": {"path": str(REPO)}})
   client.execute()
   outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                       for o in c.get("outputs", []))
+  return nb, outputs
+
+
+def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_cache_dir):
+  nb, outputs = execute("01_split_inference.ipynb", tmp_path, monkeypatch, tiny_cache_dir)
   assert "same tokens: True" in outputs
   assert "max |Δlogit| over" in outputs
   assert "KiB/token" in outputs
@@ -33,3 +39,11 @@ def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_ca
   # Both figures rendered.
   pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(pngs) == 2
+
+
+def test_docs_notebook_runs(tmp_path, monkeypatch, tiny_cache_dir):
+  nb, outputs = execute("02_docs_model.ipynb", tmp_path, monkeypatch, tiny_cache_dir)
+  assert "held-out loss" in outputs and "IQ2_XXS/Q2_K" in outputs and "unigram" in outputs
+  assert "--- greedy: 'The assert statement'" in outputs and "--- sampled" in outputs
+  pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+  assert len(pngs) == 1
