@@ -6,7 +6,8 @@
 #
 #   bash scripts/bench_gpu.sh            # results under $OUT (default /tmp/ds4jax-gpu-bench)
 #
-# Knobs (environment): OUT, LARGE_LAYERS (4), LARGE_EXPERTS (32), DECODE (64), LENS (512,4096).
+# Knobs (environment): OUT, LARGE_LAYERS (4), LARGE_EXPERTS (32), FLASH_LAYERS (4),
+# DECODE (64), LENS (512,4096).
 # The large model has Flash's attention shapes (d_model 4096, 64 heads of 512) and 32 experts
 # of 2048: about 0.95e9 parameters per layer, 3.8 GB per layer as float32 on the device. The
 # default 4 layers (~15 GB) keeps generation + two loads inside a 15-minute device slot;
@@ -49,6 +50,15 @@ fi
 python scripts/bench.py --gguf="$LARGE" --prompt_lens="$LENS" --decode_tokens="$DECODE" \
   --workers=1 --skip_hf --out_json="$OUT/large.json" --out_md="$OUT/large.md"
 
-python -m ds4jax.bench.gpu floor "$OUT/bench.json" "$OUT/large.json" --gbs="$GBS" \
-  | tee "$OUT/floor.md"
+# The Flash-dims fixture (issue 12): the real Flash dims, schedule and q2 mix, FLASH_LAYERS
+# layers (~2.4 GB each, packed; a 64 GiB disk holds ~20), run packed, single process.
+FLASH_LAYERS=${FLASH_LAYERS:-4}
+FLASH="$OUT/flash-${FLASH_LAYERS}l.gguf"
+[ -f "$FLASH" ] || python scripts/make_tiny_gguf.py --preset=flash --n_layers="$FLASH_LAYERS" \
+  --out="$FLASH"
+python scripts/bench.py --gguf="$FLASH" --prompt_lens=512 --decode_tokens="$DECODE" \
+  --workers=0 --skip_hf --out_json="$OUT/flash.json" --out_md="$OUT/flash.md"
+
+python -m ds4jax.bench.gpu floor "$OUT/bench.json" "$OUT/large.json" "$OUT/flash.json" \
+  --gbs="$GBS" | tee "$OUT/floor.md"
 echo "results in $OUT"

@@ -7,6 +7,7 @@ ds4jax tok/s over the row's.
     python scripts/bench_model.py                      # the `bench` preset fixture
     python scripts/bench_model.py --gguf=model.gguf --prompt=512 --decode=64 --rounds=5
     python scripts/bench_model.py --weights=packed,dequantized --nohf   # issue 12
+    python scripts/bench_model.py --weights=packed --nohf --layer_gguf=/tmp/flash4.gguf
 """
 
 import sys
@@ -19,6 +20,9 @@ _DECODE = flags.DEFINE_integer("decode", 64, "single-token decode steps per roun
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "alternating timed rounds per implementation")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "ds4jax compute dtype")
 _HF = flags.DEFINE_bool("hf", True, "also run HF transformers on the same weights")
+_LAYER_GGUF = flags.DEFINE_string("layer_gguf", None, "also time decode of --layer_range of "
+                                   "this GGUF (e.g. the Flash-dims fixture) against its floor")
+_LAYER_RANGE = flags.DEFINE_string("layer_range", "2:2", "the slice --layer_gguf times")
 _WEIGHTS = flags.DEFINE_list("weights", ["packed"], "ds4jax weight modes, one row each "
                              "(packed, dequantized); the first is the paired reference")
 _HF_THREADS = flags.DEFINE_list(
@@ -72,6 +76,13 @@ def main(argv):
           f"{r['prefill_cpu_s']:6.2f} {r['decode_tok_s']:13.1f} {r['decode_best']:7.1f} "
           f"{r['decode_cpu_s']:6.2f} {r['paired_prefill']:5.2f}/{r['paired_decode']:<6.2f} "
           f"{r['compile_s']:9.1f}")
+  if _LAYER_GGUF.value:
+    print(f"\n{'slice':10s} {'weights':8s} {'ms/token':>9s} {'MB read/token':>14s} "
+          f"{'GB/s':>6s} {'floor ms':>9s} {'floor/measured':>15s}")
+    for w in _WEIGHTS.value:
+      r = bench.bench_layer_decode(_LAYER_GGUF.value, _LAYER_RANGE.value, weights=w)
+      print(f"{r['layers']:10s} {w[:8]:8s} {r['ms_per_token']:9.1f} {r['read_bytes'] / 1e6:14.1f} "
+            f"{r['gbs']:6.1f} {r['floor_ms']:9.2f} {r['floor_ms'] / r['ms_per_token']:15.3f}")
   if res["max_abs_dlogit"] is not None:
     print(f"last prefill logits row, {res['ref']} vs {res['other']}: "
           f"max |d| {res['max_abs_dlogit']:.3g}")

@@ -34,25 +34,32 @@ def hbm_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 10) -> float:
   return 2 * n_bytes / float(np.median(times)) / 1e9
 
 
-def decode_weight_bytes(gguf: str, bytes_per_value: int = 4) -> int:
-  """Weight bytes one decode step reads for the whole model (see the module docstring)."""
+def decode_weight_bytes(gguf: str, bytes_per_value: int | None = None) -> int:
+  """Weight bytes one decode step reads for the whole model: one embedding row, the chosen
+  experts' share of the routed tensors (k / E), every other tensor whole. `bytes_per_value`
+  None counts each tensor's bytes in the file (the packed weights, the default); 4 counts
+  float32 values (the dequantised path)."""
   from ds4jax.config import LayerRange
   from ds4jax.gguf import names
-  from ds4jax.gguf.reader import read_config
-  cfg = read_config(gguf)
+  from ds4jax.gguf.reader import open_gguf
+  f = open_gguf(gguf)
+  cfg = f.cfg
   total = 0.0
   for name in names.ds4_tensor_names(cfg, LayerRange.parse("all", cfg.n_layers)):
     spec, il = names.lookup(name)
     shape = spec.numpy_shape(cfg, il)
     n = float(np.prod(shape))
+    share = 1.0
     if name == "token_embd.weight":
-      n = shape[-1]  # one row
+      share = 1.0 / shape[0]  # one row
     elif name.endswith("tid2eid.weight"):
-      n = cfg.n_experts_used
+      share = cfg.n_experts_used / n
     elif spec.is_expert:
-      n *= min(1.0, cfg.n_experts_used / cfg.n_experts)
-    total += n
-  return int(total * bytes_per_value)
+      share = min(1.0, cfg.n_experts_used / cfg.n_experts)
+    size = n * bytes_per_value if bytes_per_value else float(f.nbytes(name)) if name in f \
+        else 0.0
+    total += size * share
+  return int(total)
 
 
 def floor_table(paths: list[str], gbs: float) -> str:

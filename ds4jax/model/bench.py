@@ -124,3 +124,50 @@ def _pow2_at_least(n: int) -> int:
   while b < n:
     b *= 2
   return b
+
+
+def bench_layer_decode(path, layers: str, *, n_decode: int = 8, n_prompt: int = 8,
+                       weights: str = "packed") -> dict:
+  """ms per decode token of a slice without the embedding (e.g. one Flash-dims layer), next to
+  its floor: the weight bytes one token reads (`bench.gpu.decode_weight_bytes` rules: the
+  chosen experts' share of the routed tensors, every other tensor whole) over the measured
+  memory bandwidth of this device.
+
+  Returns {layers, weights, ms_per_token (median), read_bytes, gbs, floor_ms}.
+  """
+  from ds4jax.bench.gpu import hbm_bandwidth_gbs
+  from ds4jax.config import LayerRange
+  from ds4jax.gguf import names
+  from ds4jax.gguf.reader import open_gguf
+  from ds4jax.model.load import load_runner
+  f = open_gguf(path)
+  rng = f.resolve(layers)
+  if rng.embeds:
+    raise ValueError(f"layers {layers}: the slice must not start at 0 (it would embed)")
+  runner = load_runner(path, rng, ctx_size=n_prompt + n_decode + 1, weights=weights,
+                       compile_sizes=(1, n_prompt))
+  cfg = f.cfg
+  read = 0.0
+  for e in names.entries(cfg, rng, optional=True):
+    if e.name not in f:
+      continue
+    share = cfg.n_experts_used / cfg.n_experts if e.spec.is_expert else 1.0
+    if e.name.endswith("tid2eid.weight"):
+      share = cfg.n_experts_used / float(np.prod(e.numpy_shape(cfg)))
+    nbytes = f.nbytes(e.name) if weights == "packed" else 4 * int(np.prod(e.numpy_shape(cfg)))
+    read += nbytes * share
+  rs = np.random.default_rng(0)
+  ids = rs.integers(0, cfg.vocab_size, n_prompt + n_decode)
+  hc = rs.standard_normal((n_prompt + n_decode, cfg.n_hc, cfg.d_model)).astype(np.float32)
+  state = runner.init_state()
+  _, state = runner.forward(state, ids[:n_prompt], hc[:n_prompt], 0)
+  times = []
+  for p in range(n_prompt, n_prompt + n_decode):
+    t0 = time.perf_counter()
+    out, state = runner.forward(state, ids[p:p + 1], hc[p:p + 1], p)
+    np.asarray(out)
+    times.append(time.perf_counter() - t0)
+  del runner, state
+  gbs = hbm_bandwidth_gbs(1 << 28)
+  return dict(layers=rng.describe(), weights=weights, ms_per_token=1e3 * float(np.median(times[1:])),
+              read_bytes=int(read), gbs=gbs, floor_ms=1e3 * read / (gbs * 1e9))
