@@ -1,6 +1,6 @@
 """Worker CLI parity: ds4-worker's spelling (what LocalAI's --ds4-args pass) on scripts/worker.py.
 
-The spelling starting a real worker is covered by e2e_test.py; here the translation and the
+The spelling starting a real worker is covered by localai_e2e_test.py; here the translation and the
 one-line errors."""
 
 import os
