@@ -55,8 +55,8 @@ def einsum(spec: str, x, w):
     return _dot(spec, x, w.dense())
   # Row tiles of w: each gives a slice of the last output axis.
   tiles = w.tiles(n_tiles)
-  y_n = jax.lax.map(lambda data: _dot(spec, x, Packed(data, w.qtype, tiles.shape[1:],
-                                                      w.dtype).dense()), tiles.data)
+  y_n = jax.lax.map(lambda planes: _dot(spec, x, Packed(tuple(planes), w.qtype, tiles.shape[1:],
+                                                        w.dtype).dense()), tiles.planes)
   y_n = jnp.moveaxis(y_n, 0, -2)  # [..., n, rows/n]
   return y_n.reshape(y_n.shape[:-2] + (w.shape[0],))
 

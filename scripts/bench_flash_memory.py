@@ -1,0 +1,308 @@
+r"""Peak host memory of a split against one process on a Flash-dims GGUF (issue 12, item 5).
+
+    python scripts/make_tiny_gguf.py --preset=flash --n_layers=4 --out=/tmp/flash4.gguf
+    python scripts/bench_flash_memory.py --gguf=/tmp/flash4.gguf --split=1
+
+Runs, one after the other: (a) `scripts/generate.py` with the whole file in one process, and
+(b) a coordinator `generate.py --layers=0:K --listen=...` with `scripts/worker.py
+--layers=K+1:output`. Each generates --max_new_tokens greedy tokens after the same fixed
+prompt. A thread samples the RSS of each process tree (the process and its children, from
+/proc) every --sample_s seconds. Prints per process: its slice, the GGUF bytes of the slice,
+the peak RSS, the budget (--ratio x slice + --allowance_gb) and PASS/FAIL, the load time, and
+the tokens (which must match). Exits 1 if the tokens differ or a peak is over its budget.
+"""
+
+import json
+import os
+import pathlib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app, flags
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+GEN = REPO / "scripts" / "generate.py"
+WORKER = REPO / "scripts" / "worker.py"
+GB = 1e9
+
+_GGUF = flags.DEFINE_string("gguf", "/tmp/flash4.gguf", "A ds4 GGUF (e.g. the Flash fixture).")
+_SPLIT = flags.DEFINE_integer("split", 1, "The coordinator runs layers 0:SPLIT, the worker "
+                              "SPLIT+1:output.", lower_bound=0)
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 24, "Fixed prompt length.", lower_bound=1)
+_NEW = flags.DEFINE_integer("max_new_tokens", 6, "Greedy tokens to generate.", lower_bound=1)
+_CTX = flags.DEFINE_integer("ctx_size", 64, "KV capacity per session.", lower_bound=1)
+_RATIO = flags.DEFINE_float("ratio", 1.25, "Budget: RATIO x slice bytes + ALLOWANCE.")
+_ALLOW = flags.DEFINE_float("allowance_gb", 1.5, "Budget: RATIO x slice bytes + ALLOWANCE.")
+_SAMPLE = flags.DEFINE_float("sample_s", 0.1, "RSS sampling period.", lower_bound=0.01)
+_TIMEOUT = flags.DEFINE_float("timeout_s", 900.0, "Give up on a run after this long.")
+_ONLY = flags.DEFINE_enum("only", "both", ["both", "single", "split"], "Which runs to do.")
+_LOGS = flags.DEFINE_string("logs", None, "Keep the processes' logs here (default: temp).")
+_OUT_JSON = flags.DEFINE_string("out_json", None, "Write the results here (JSON).")
+_EXTRA = flags.DEFINE_list("extra_args", [], "More flags for every generate.py/worker.py.")
+
+_LOADED = re.compile(r"loaded layers \S+ (?:of \S+ )?in ([0-9.]+)s")
+
+
+# ------------------------------------------------------------------------------- sampling
+def _children() -> dict[int, list[int]]:
+  kids: dict[int, list[int]] = {}
+  for d in os.listdir("/proc"):
+    if not d.isdigit():
+      continue
+    try:
+      with open(f"/proc/{d}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    kids.setdefault(ppid, []).append(int(d))
+  return kids
+
+
+def _rss_bytes(pid: int) -> int:
+  try:
+    with open(f"/proc/{pid}/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, IndexError, ValueError):
+    return 0
+
+
+def tree_rss(pid: int, kids: dict[int, list[int]]) -> int:
+  """RSS of `pid` and all its descendants, in bytes."""
+  total, todo = 0, [pid]
+  while todo:
+    p = todo.pop()
+    total += _rss_bytes(p)
+    todo.extend(kids.get(p, ()))
+  return total
+
+
+class Sampler:
+  """Samples the tree RSS of named processes every `period` s: peaks and the whole series."""
+
+  def __init__(self, period: float):
+    self.period = period
+    self.pids: dict[str, int] = {}
+    self.peak: dict[str, int] = {}
+    self.peak_t: dict[str, float] = {}
+    self.series: dict[str, list[tuple[float, int]]] = {}  # (s since start, bytes)
+    self.t0 = time.monotonic()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, daemon=True, name="rss-sampler")
+
+  def watch(self, name: str, pid: int) -> None:
+    self.pids[name] = pid
+    self.peak.setdefault(name, 0)
+    self.series.setdefault(name, [])
+
+  def _run(self) -> None:
+    while not self._stop.wait(self.period):
+      kids = _children()
+      now = time.monotonic() - self.t0
+      for name, pid in list(self.pids.items()):
+        rss = tree_rss(pid, kids)
+        self.series[name].append((round(now, 2), rss))
+        if rss > self.peak[name]:
+          self.peak[name], self.peak_t[name] = rss, now
+
+  def __enter__(self):
+    self._thread.start()
+    return self
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+
+
+# ------------------------------------------------------------------------------- processes
+_PROCS: list[subprocess.Popen] = []
+
+
+def _spawn(args: list[str], log: pathlib.Path) -> subprocess.Popen:
+  with open(log, "wb") as f:
+    p = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=f,
+                         stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
+  _PROCS.append(p)
+  return p
+
+
+def _kill_all() -> None:
+  for p in _PROCS:
+    if p.poll() is None:
+      try:
+        os.killpg(p.pid, signal.SIGKILL)  # start_new_session: group id = pid
+      except (ProcessLookupError, PermissionError):
+        pass
+      p.wait()
+
+
+def _tail(log: pathlib.Path) -> str:
+  lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
+  return lines[-1] if lines else "(empty log)"
+
+
+def _wait(p: subprocess.Popen, log: pathlib.Path, name: str, deadline: float) -> None:
+  try:
+    p.wait(max(1.0, deadline - time.monotonic()))
+  except subprocess.TimeoutExpired:
+    raise RuntimeError(f"{name} still running after {_TIMEOUT.value:.0f}s: {_tail(log)}") from None
+  if p.returncode != 0:
+    raise RuntimeError(f"{name} exited with status {p.returncode}: {_tail(log)}")
+
+
+def _load_s(log: pathlib.Path) -> float | None:
+  m = _LOADED.search(log.read_text(errors="replace"))
+  return float(m.group(1)) if m else None
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+  with socket.socket() as s:
+    s.settimeout(0.2)
+    return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+# ------------------------------------------------------------------------------- runs
+def _gen_args(gguf: str, prompt: list[int], out_json: pathlib.Path) -> list[str]:
+  return [str(GEN), f"--gguf={gguf}", f"--prompt_tokens={','.join(map(str, prompt))}",
+          "--nochat", f"--max_new_tokens={_NEW.value}", "--temperature=0",
+          f"--ctx_size={_CTX.value}", f"--output_json={out_json}", "--nostream", *_EXTRA.value]
+
+
+def run_single(gguf, prompt, logs, sampler) -> dict:
+  out, log = logs / "single.json", logs / "single.log"
+  t0 = time.monotonic()
+  p = _spawn(_gen_args(gguf, prompt, out), log)
+  sampler.watch("single", p.pid)
+  _wait(p, log, "single process", t0 + _TIMEOUT.value)
+  wall = time.monotonic() - t0
+  return {"single": dict(load_s=_load_s(log), wall_s=wall, log=str(log)),
+          "tokens": json.loads(out.read_text())["tokens"]}
+
+
+def run_split(gguf, prompt, logs, sampler, n_layers: int) -> dict:
+  k = _SPLIT.value
+  if k + 1 >= n_layers:
+    raise ValueError(f"--split={k} leaves no layers for the worker ({n_layers} layers)")
+  port = _free_port()
+  out, clog, wlog = logs / "split.json", logs / "coordinator.log", logs / "worker.log"
+  t0 = time.monotonic()
+  coord = _spawn([*_gen_args(gguf, prompt, out), f"--layers=0:{k}",
+                  f"--listen=127.0.0.1:{port}", "--route_timeout=900"], clog)
+  sampler.watch("coordinator", coord.pid)
+  # The coordinator listens only once its layers are loaded: that is its load time here
+  # (process start included). The worker dials after that, and loads on ACCEPT.
+  while not _port_open(port):
+    if coord.poll() is not None:
+      raise RuntimeError(f"coordinator exited with status {coord.returncode}: {_tail(clog)}")
+    if time.monotonic() - t0 > _TIMEOUT.value:
+      raise RuntimeError(f"coordinator not listening after {_TIMEOUT.value:.0f}s: {_tail(clog)}")
+    time.sleep(0.2)
+  coord_load = time.monotonic() - t0
+  t1 = time.monotonic()
+  worker = _spawn([str(WORKER), f"--gguf={gguf}", f"--layers={k + 1}:output",
+                   f"--coordinator=127.0.0.1:{port}", f"--ctx_size={_CTX.value}",
+                   *_EXTRA.value], wlog)
+  sampler.watch("worker", worker.pid)
+  _wait(coord, clog, "coordinator", t0 + _TIMEOUT.value)
+  wall = time.monotonic() - t0
+  worker_wall = time.monotonic() - t1
+  try:
+    os.killpg(worker.pid, signal.SIGTERM)
+    worker.wait(10)
+  except (ProcessLookupError, subprocess.TimeoutExpired):
+    pass
+  return {"coordinator": dict(load_s=coord_load, load_how="start to listening", wall_s=wall,
+                              log=str(clog)),
+          "worker": dict(load_s=_load_s(wlog), wall_s=worker_wall, log=str(wlog)),
+          "tokens": json.loads(out.read_text())["tokens"]}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from ds4jax.gguf.reader import open_gguf
+  gguf = _GGUF.value
+  if not os.path.isfile(gguf):
+    raise FileNotFoundError(f"no GGUF at {gguf} (make one with scripts/make_tiny_gguf.py "
+                            "--preset=flash --n_layers=4)")
+  r = open_gguf(gguf)
+  embed, per_layer, head = r.layer_bytes()
+  n, k, vocab = len(per_layer), _SPLIT.value, r.cfg.vocab_size
+  del r
+  slices = {"single": ("all", embed + sum(per_layer) + head),
+            "coordinator": (f"0:{k}", embed + sum(per_layer[:k + 1])),
+            "worker": (f"{k + 1}:output", sum(per_layer[k + 1:]) + head)}
+  prompt = [(1 + 7919 * i) % vocab for i in range(_PROMPT_LEN.value)]  # fixed, spread over vocab
+  logs = pathlib.Path(_LOGS.value or tempfile.mkdtemp(prefix="ds4jax-flashmem-"))
+  logs.mkdir(parents=True, exist_ok=True)
+  res, tokens = {}, {}
+  load0 = os.getloadavg()
+  try:
+    for which in ("single", "split"):
+      if _ONLY.value not in ("both", which):
+        continue
+      with Sampler(_SAMPLE.value) as s:
+        out = (run_single(gguf, prompt, logs, s) if which == "single"
+               else run_split(gguf, prompt, logs, s, n))
+      tokens[which] = out.pop("tokens")
+      for name, row in out.items():
+        row.update(peak_rss=s.peak[name], peak_at_s=s.peak_t.get(name), rss=s.series[name])
+        res[name] = row
+  finally:
+    _kill_all()
+  load1 = os.getloadavg()
+  ok = True
+  print(f"\n{gguf}: {n} layers, prompt {len(prompt)} tokens, {_NEW.value} greedy tokens, "
+        f"ctx {_CTX.value}; budget = {_RATIO.value} x slice + {_ALLOW.value} GB")
+  print(f"{'process':<12} {'slice':<10} {'slice GB':>9} {'peak RSS GB':>12} {'budget GB':>10} "
+        f"{'load s':>7} {'wall s':>7}  result")
+  for name, row in res.items():
+    rng, nbytes = slices[name]
+    budget = _RATIO.value * nbytes + _ALLOW.value * GB
+    row.update(slice=rng, slice_bytes=nbytes, budget=budget, ok=row["peak_rss"] <= budget)
+    ok &= row["ok"]
+    load = f"{row['load_s']:.1f}" if row["load_s"] is not None else "?"
+    print(f"{name:<12} {rng:<10} {nbytes / GB:>9.2f} {row['peak_rss'] / GB:>12.2f} "
+          f"{budget / GB:>10.2f} {load:>7} {row['wall_s']:>7.1f}  "
+          f"{'PASS' if row['ok'] else 'FAIL'}")
+  for which, toks in tokens.items():
+    print(f"tokens ({which}): {toks}")
+  same = len(set(map(tuple, tokens.values()))) <= 1
+  if len(tokens) == 2:
+    print(f"tokens identical: {'yes' if same else 'NO'}")
+  ok &= same
+  print(f"load average before {load0[0]:.2f}, after {load1[0]:.2f} (1 min); logs in {logs}")
+  if _OUT_JSON.value:
+    with open(_OUT_JSON.value, "w") as f:
+      json.dump(dict(gguf=gguf, prompt=prompt, tokens=tokens, rows=res, loadavg=[load0, load1],
+                     ratio=_RATIO.value, allowance_gb=_ALLOW.value), f, indent=1)
+  return 0 if ok else 1
+
+
+def _main(argv):
+  try:
+    sys.exit(main(argv))
+  except (ValueError, RuntimeError, OSError) as e:
+    _kill_all()
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    _kill_all()
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  signal.signal(signal.SIGTERM, lambda *_: (_kill_all(), os._exit(143)))
+  app.run(_main)
