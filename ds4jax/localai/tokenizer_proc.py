@@ -24,7 +24,8 @@ import os
 import subprocess
 import sys
 import threading
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from ds4jax.localai.options import LoadError
 
