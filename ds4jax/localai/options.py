@@ -132,8 +132,9 @@ def model_path(model: str, model_file: str, model_dir: str) -> str:
 def load_spec(req) -> LoadSpec:
   """Checks a `ModelOptions` message (anything with its field names) and the model file.
 
-  Reads the GGUF's metadata (not its tensors) to check the layer range against the model;
-  raises LoadError with a one-line message on any problem.
+  Checks everything that needs no GGUF parsing (the option values, that the file exists, that
+  the listen port is free); `fit_to_model` adds the checks against the model. Raises LoadError
+  with a one-line message on any problem.
   """
   model_dir = req.ModelPath or ""
   path = model_path(req.Model, req.ModelFile, model_dir)
@@ -181,21 +182,12 @@ def load_spec(req) -> LoadSpec:
   for k in ignored:
     log.warning("ignoring ds4 option %s: ds4jax has no equivalent", k)
 
-  n_layers, context_length = _check_model(path)
-  if n_layers is not None and coordinator:
-    from ds4jax.config import LayerRange, LayerRangeError
-    try:
-      LayerRange.parse(layers, n_layers)
-    except LayerRangeError as e:
-      raise LoadError(f"ds4: {e}") from None
+  _check_path(path)
   ctx = int(req.ContextSize) if req.ContextSize > 0 else DEFAULT_CTX
-  if context_length and ctx > context_length:
-    log.info("ContextSize %d is more than the model's context length %d: using %d", ctx,
-             context_length, context_length)
-    ctx = context_length
   if coordinator:
     _check_port(*listen)
-  return LoadSpec(identity=req.Model, path=path, ctx_size=ctx, coordinator=coordinator,
+  return LoadSpec(identity=req.Model, path=os.path.abspath(path), ctx_size=ctx,
+                  coordinator=coordinator,
                   layers=layers, listen=listen, route_timeout=float(route_timeout),
                   activation_dtype=dtype, key_file=key_file, tls_cert=tls_cert, tls_key=tls_key,
                   prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored)
@@ -213,26 +205,30 @@ def parse_listen(value: Any) -> tuple[str, int]:
   return host, int(port)
 
 
-def _check_model(path: str) -> tuple[int | None, int | None]:
-  """(n_layers, context length) of the GGUF at path; LoadError if it is missing or not a ds4
-  GGUF. A ds4jax checkpoint directory is passed on unchecked (its reader imports JAX)."""
+def _check_path(path: str) -> None:
+  """A GGUF file or a ds4jax checkpoint directory exists at path (its contents are checked by
+  the tokenizer process, `fit_to_model`)."""
   if not os.path.exists(path):
     raise LoadError(f"ds4: model file not found: {path}")
-  if os.path.isdir(path):
-    if os.path.isfile(os.path.join(path, "ds4jax_checkpoint.json")):
-      return None, None
+  if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "ds4jax_checkpoint.json")):
     raise LoadError(f"ds4: {path} is a directory, not a GGUF file (set parameters.model in "
                     "the model YAML)")
-  from ds4jax.gguf.reader import read_config
-  from ds4jax.tokenizer import Tokenizer
-  try:
-    cfg = read_config(path)
-    Tokenizer.from_gguf(path)  # a GGUF without ds4's vocab fails here, not in the model process
-  except (ValueError, OSError) as e:
-    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    raise LoadError(f"ds4: cannot load {path}: {msg}" if path not in msg else f"ds4: {msg}"
-                    ) from None
-  return cfg.n_layers, int(cfg.context_length)
+
+
+def fit_to_model(spec: LoadSpec, *, n_layers: int, context_length: int) -> LoadSpec:
+  """The spec checked against the model: the coordinator's range fits, the context is capped
+  at the model's context length."""
+  if spec.coordinator:
+    from ds4jax.config import LayerRange, LayerRangeError
+    try:
+      LayerRange.parse(spec.layers, n_layers)
+    except LayerRangeError as e:
+      raise LoadError(f"ds4: {e}") from None
+  if context_length and spec.ctx_size > context_length:
+    log.info("ContextSize %d is more than the model's context length %d: using %d",
+             spec.ctx_size, context_length, context_length)
+    return dataclasses.replace(spec, ctx_size=context_length)
+  return spec
 
 
 def _check_security(key_file, tls_cert, tls_key) -> None:

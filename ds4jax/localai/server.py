@@ -5,7 +5,8 @@
 
 Everything runs on one event loop, and only Health, Status, LoadModel, Free, Predict(Stream),
 TokenizeString and Detokenize are served (the rest answer UNIMPLEMENTED). Nothing on the loop
-blocks: option checks and the model process start run in threads (`asyncio.to_thread`), the
+blocks: option checks, the tokenizer and the model process start run in threads
+(`asyncio.to_thread`; GGUF parsing and the tokenizer live in a child process), the
 route wait polls a snapshot, and generation events arrive from the model process's reader
 thread. LoadModel and Free take a lock; Health and Status never do, so both answer within
 milliseconds while a model loads or a Predict waits for workers.
@@ -108,7 +109,7 @@ class Servicer(pb_grpc.BackendServicer):
     if model is None:
       state = pb.StatusResponse.BUSY if self.loading else pb.StatusResponse.UNINITIALIZED
       from ds4jax.localai.status import memory
-      total, breakdown = memory(None, [], None)
+      total, breakdown = memory()
     else:
       if model.exited:
         state = pb.StatusResponse.ERROR
@@ -181,7 +182,8 @@ class Servicer(pb_grpc.BackendServicer):
   async def TokenizeString(self, request, context):
     try:
       model = self._require(request)
-      ids = predict.prompt_ids(request, model.tokenizer, allow_empty=True)
+      ids = await asyncio.to_thread(predict.prompt_ids, request, model.tokenizer,
+                                    allow_empty=True)
     except _Abort as e:
       await context.abort(e.code, e.message)
     except predict.RequestError as e:
@@ -196,9 +198,10 @@ class Servicer(pb_grpc.BackendServicer):
       if bad:
         raise _Abort(Code.INVALID_ARGUMENT, f"ds4jax: token id {bad[0]} is outside the vocab "
                      f"(0..{model.tokenizer.vocab_size - 1})")
+      text = await asyncio.to_thread(model.tokenizer.decode, ids)
     except _Abort as e:
       await context.abort(e.code, e.message)
-    return pb.DetokenizeResponse(content=model.tokenizer.decode(ids))
+    return pb.DetokenizeResponse(content=text)
 
   async def Predict(self, request, context):
     pieces: list[str] = []
@@ -227,9 +230,12 @@ class Servicer(pb_grpc.BackendServicer):
     """Yields (Reply, text) per text piece, then (final Reply, None) with the totals."""
     model = self._require(request)
     try:
-      job, n_prompt = predict.build_job(request, model.tokenizer, ctx_size=model.spec.ctx_size)
+      job, n_prompt = await asyncio.to_thread(predict.build_job, request, model.tokenizer,
+                                              ctx_size=model.spec.ctx_size)
     except predict.RequestError as e:
       raise _Abort(Code.INVALID_ARGUMENT, str(e)) from None
+    except Exception as e:  # the tokenizer process failed
+      raise _Abort(Code.INTERNAL, f"ds4 generation failed: {_one_line(e)}") from None
     model.active += 1
     try:
       await self._wait_route(model)

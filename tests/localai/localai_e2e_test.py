@@ -93,7 +93,8 @@ def test_load_as_coordinator(split):
   assert st.state == pb.StatusResponse.READY
   mem = st.memory.breakdown
   assert mem["stage 0:1@local"] > 0 and mem["model_process_rss"] > 0
-  assert st.memory.total == mem["backend_rss"] + mem["model_process_rss"]
+  assert mem["tokenizer_process_rss"] > 0
+  assert st.memory.total == sum(v for k, v in mem.items() if k.endswith("_rss"))
 
 
 def test_identity_mismatch_is_not_found(split):

@@ -8,7 +8,10 @@ import gguf
 import pytest
 
 from ds4jax.localai import options
-from ds4jax.localai.options import LoadError, load_spec, parse_options
+from ds4jax.localai.options import LoadError, fit_to_model, load_spec, parse_options
+from ds4jax.localai.tokenizer_proc import TokenizerProcess
+
+TINY = {"n_layers": 4, "context_length": 4096}  # the tiny preset
 
 
 def req(path="", *opts, model="tiny", ctx=0, model_path=""):
@@ -30,7 +33,8 @@ def test_single_node_defaults(tiny_gguf):
   spec = load_spec(req(tiny_gguf, "unknown_key:1", "ssd_streaming", "ds4_role:worker"))
   assert not spec.coordinator and spec.layers == "all" and spec.listen is None
   assert spec.route_timeout == 60 and spec.identity == "tiny"
-  assert spec.ctx_size == 4096  # ContextSize 0 -> ds4's 32768, capped to the model's context
+  assert spec.ctx_size == 32768  # ContextSize 0 -> ds4's default
+  assert fit_to_model(spec, **TINY).ctx_size == 4096  # capped at the model's context length
   assert spec.ignored == ("ssd_streaming",)
   args = spec.model_args("/c")
   assert f"--gguf={tiny_gguf}" in args and "--layers=all" in args and "--cache_dir=/c" in args
@@ -92,7 +96,7 @@ LISTEN = "ds4_listen:127.0.0.1:45679"
 ])
 def test_bad_options_are_one_line(tiny_gguf, opts, needle):
   with pytest.raises(LoadError) as e:
-    load_spec(req(tiny_gguf, *opts))
+    fit_to_model(load_spec(req(tiny_gguf, *opts)), **TINY)
   msg = str(e.value)
   assert needle in msg and "\n" not in msg, msg
 
@@ -102,11 +106,12 @@ def test_missing_and_wrong_files(tmp_path):
     load_spec(req("/nonexistent/m.gguf"))
   with pytest.raises(LoadError, match="is a directory, not a GGUF file"):
     load_spec(req(str(tmp_path)))
+  # The contents are checked by the tokenizer process (the first thing LoadedModel.start runs).
   junk = tmp_path / "junk.gguf"
   junk.write_bytes(b"definitely not a gguf file")
   with pytest.raises(LoadError, match="not a GGUF file") as e:
-    load_spec(req(str(junk)))
-  assert "junk.gguf" in str(e.value)
+    TokenizerProcess(load_spec(req(str(junk))).path)
+  assert "junk.gguf" in str(e.value) and str(e.value).startswith("ds4: ")
   llama = tmp_path / "llama.gguf"  # a valid GGUF, another architecture
   w = gguf.GGUFWriter(str(llama), "llama")
   w.write_header_to_file()
@@ -114,8 +119,8 @@ def test_missing_and_wrong_files(tmp_path):
   w.write_tensors_to_file()
   w.close()
   with pytest.raises(LoadError) as e:
-    load_spec(req(str(llama)))
-  assert str(e.value).startswith("ds4: ") and "llama" in str(e.value), e.value
+    TokenizerProcess(str(llama))
+  assert str(e.value).startswith("ds4: ") and "\n" not in str(e.value), e.value
 
 
 def test_listen_port_in_use(tiny_gguf):
@@ -130,3 +135,21 @@ def test_listen_port_in_use(tiny_gguf):
 
 def test_ds4_engine_keys_are_known():
   assert "kv_cache_dir" in options.DS4_ENGINE_KEYS and "mtp_path" in options.DS4_ENGINE_KEYS
+
+
+def test_tokenizer_process_matches_the_tokenizer(tiny_gguf):
+  from ds4jax.tokenizer import Tokenizer
+  tok, child = Tokenizer.from_gguf(tiny_gguf), TokenizerProcess(tiny_gguf)
+  try:
+    assert (child.n_layers, child.context_length) == (4, 4096)
+    assert child.vocab_size == tok.vocab_size and len(child.layer_bytes[1]) == 4
+    assert child.encode("Hello, 世界", add_bos=True) == tok.encode("Hello, 世界", add_bos=True)
+    msgs = [("system", "Be brief."), ("user", "Hi")]
+    assert child.chat_prompt(msgs, thinking=True) == tok.chat_prompt(msgs, thinking=True)
+    ids = tok.encode("Hello, 世界")
+    assert child.decode(ids) == tok.decode(ids)
+    with pytest.raises(ValueError, match="unknown chat role"):
+      child.chat_prompt([("robot", "x")])
+  finally:
+    child.close()
+  assert child.proc.returncode == 0
