@@ -39,17 +39,16 @@ def model_info(path: str):
   """(info, Tokenizer): what the server needs to know about the model at `path` (the first
   message's fields) and its tokenizer; ValueError/OSError if it is not a ds4 GGUF (or ds4jax
   checkpoint directory) with ds4's vocab."""
-  from ds4jax.tokenizer import Tokenizer
+  from ds4jax import sources
   if os.path.isdir(path):  # a ds4jax checkpoint: its reader imports JAX (fine here)
-    from ds4jax.checkpoints.orbax_io import model_info as checkpoint_info
-    cfg, sizes = checkpoint_info(path)[0], None
+    cfg, sizes = sources.model_info(path)[0], None
   else:  # the reader's errors first: "not a GGUF file", wrong architecture, missing keys
     from ds4jax.gguf.reader import open_gguf
     f = open_gguf(path)
     cfg = f.cfg
     embed, per_layer, head = f.layer_bytes()
     sizes = [int(embed), [int(b) for b in per_layer], int(head)]
-  tok = Tokenizer.from_gguf(path)
+  tok = sources.open_tokenizer(path)
   return {"n_layers": int(cfg.n_layers), "context_length": int(cfg.context_length),
           "vocab_size": int(tok.vocab_size), "layer_bytes": sizes}, tok
 
