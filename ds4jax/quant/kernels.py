@@ -185,13 +185,9 @@ def _per_group(*xs):
   return lax.optimization_barrier(xs)
 
 
-# Doubled e2m1 values, indexed by a 4-bit code (int8 in gguf-py, exactly representable in f32).
-_MXFP4_KV = np.array(gguf.quants.MXFP4.kvalues, dtype=np.int8).astype(np.float32)
-
 _Q2_K_SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(4, 1, 1)
 _NIBBLE_SHIFTS = np.array([0, 4], dtype=np.uint8).reshape(2, 1)
 _IQ2_SIGN_SHIFTS = np.array([0, 7, 14, 21], dtype=np.uint32)
-_BIT_SHIFTS = np.arange(8, dtype=np.uint32)
 
 
 # --- one function per block type: planes -> float32 [..., B, *BLOCK_SHAPE[q]] ----------------
