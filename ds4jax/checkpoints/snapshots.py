@@ -192,24 +192,20 @@ class _LocalAdapter:
 
   def export(self, sid: str):
     b = self.b
-    with b._lock:
-      sess = b._get(sid)
-      if sess.states is None:
-        raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
-      blobs = {}
-      for r, st in zip(b.runners, sess.states):
-        n, part = stage_state.export_stage(r, st)
-        if n != len(sess.tokens):
-          raise SnapshotError(
-              f"stage {r.layers} holds {n} positions, the session {len(sess.tokens)}")
-        blobs.update(part)
-      return list(sess.tokens), blobs
+    tokens, states = b.export_states(sid)
+    if states is None:
+      raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
+    blobs = {}
+    for r, st in zip(b.runners, states):
+      n, part = stage_state.export_stage(r, st)
+      if n != len(tokens):
+        raise SnapshotError(f"stage {r.layers} holds {n} positions, the session {len(tokens)}")
+      blobs.update(part)
+    return tokens, blobs
 
   def restore(self, sid: str, tokens: list[int], read) -> None:
     b = self.b
-    with b._lock:
-      b._get(sid)  # unknown session -> SessionError before any work
-      states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
-                                         where=f"stage {r.layers}") for r in b.runners]
-      sess = b._activate(sid)
-      sess.states, sess.tokens = states, list(tokens)
+    b._get(sid)  # unknown session -> SessionError before any work
+    states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
+                                       where=f"stage {r.layers}") for r in b.runners]
+    b.import_states(sid, tokens, states)

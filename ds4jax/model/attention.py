@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ds4jax.config import ModelConfig
-from ds4jax.model import ops, qat
+from ds4jax.model import decode_state, ops, qat
 from ds4jax.model.compressor import Compressor, gather_entries, patch_entries
 from ds4jax.model.decode_state import LayerState
 from ds4jax.model.indexer import Indexer
@@ -51,41 +51,91 @@ class Attention(nnx.Module):
 
   def __call__(self, x_TD, pos0, st: LayerState):
     """x: [T, D] normalised input at positions pos0 + [0, T) -> ([T, D] f32, new LayerState)."""
-    t = x_TD.shape[0]
-    n, h, w = self.n_heads, self.head_dim, self.window
-    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
+    pos_T = pos0 + jnp.arange(x_TD.shape[0], dtype=jnp.int32)
+    o_TNH, writes = self.core(self.project(x_TD, pos_T), pos0, st)
+    return self.output(o_TNH), _store(st, writes, o_TNH)
 
+  def batched(self, x_ND, pos0_B, slots_B, pool: LayerState, t: int):
+    """The rows of B sessions at once (docs/design.md §11).
+
+    Args:
+      x_ND: [B*T, D] normalised input, row b*T + i at position pos0_B[b] + i.
+      pos0_B: int32 [B] start positions; slots_B: int32 [B] pool slots (distinct, except
+        the scratch slot of padding rows).
+      pool: this layer's pooled state, every buffer [S, rows, X].
+      t: T, the rows per session.
+
+    Returns:
+      ([B*T, D] f32, the pool with the rows written): the projections run on all B*T rows,
+      only `core` is vmapped per session, and each buffer takes one scatter.
+    """
+    b = pos0_B.shape[0]
+    pos_BT = pos0_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    proj = self.project(x_ND, pos_BT.reshape(-1))
+    proj_B = jax.tree.map(lambda a: a.reshape((b, t) + a.shape[1:]), proj)
+
+    def one(proj_T, pos0, slot):
+      return self.core(proj_T, pos0, decode_state.slot_view(pool, slot))
+
+    o_BTNH, writes = jax.vmap(one)(proj_B, pos0_B, slots_B)
+    pool = decode_state.scatter_writes(pool, writes, slots_B, o_BTNH[:, 0, 0, 0])
+    return self.output(o_BTNH.reshape((b * t,) + o_BTNH.shape[2:])), pool
+
+  def project(self, x_TD, pos_T) -> dict:
+    """The row-wise part: every projection of the chunk's rows (no state), as a dict of
+    arrays with leading axis T: qr [T, Rq], q [T, N, H], kv [T, H], and the compressor's
+    and indexer's projections (`Compressor.project`, `Indexer.project`)."""
+    t = x_TD.shape[0]
+    n, h = self.n_heads, self.head_dim
     qr_TR = self.q_a_norm(ops.einsum("TD,RD->TR", x_TD, self.q_a[...]))
     q_TNH = ops.einsum("TR,XR->TX", qr_TR, self.q_b[...]).reshape(t, n, h)
     q_TNH = self.rope(ops.rms(q_TNH, self.rms_eps), pos_T)
     kv_TH = self.rope(self.kv_norm(ops.einsum("TD,HD->TH", x_TD, self.kv[...])), pos_T)
     if self.qat:
       kv_TH = qat.fp8_kv_roundtrip(kv_TH, self.rope_dim)
+    proj = {"q": q_TNH, "kv": kv_TH}
+    if self.compressor is not None:
+      proj["comp"] = self.compressor.project(x_TD, pos_T)
+      if self.indexer is not None:
+        proj["index"] = self.indexer.project(x_TD, qr_TR, pos_T)
+    return proj
+
+  def core(self, proj: dict, pos0, st: LayerState):
+    """The state part, for one session's T rows at pos0: reads `st` (arrays, or the slot
+    views of a pool), writes nothing.
+
+    Returns:
+      (o_TNH f32 [T, N, H] before the output LoRA, writes {buffer name: (rows, start row)}).
+    """
+    q_TNH, kv_TH = proj["q"], proj["kv"]
+    t = q_TNH.shape[0]
+    n, h, w = self.n_heads, self.head_dim, self.window
+    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
 
     # Everything below reads the old buffers; the writes come last (see _store).
     # Raw rows: positions pos0-W+1 .. pos0-1 from the buffer (row W + p), then the chunk.
     kv_TH = kv_TH.astype(st.kv.dtype)
-    past_SH = jax.lax.dynamic_slice(st.kv, (pos0 + 1, 0), (w - 1, h))
+    past_SH = decode_state.read_rows(st.kv, pos0 + 1, w - 1)
     win_SH = jnp.concatenate([past_SH, kv_TH], axis=0).astype(jnp.float32)
     parts = [_window_part(q_TNH, win_SH, pos0, w)]
-    writes = [("kv", kv_TH, w + pos0)]
+    writes = {"kv": (kv_TH, w + pos0)}
 
     if self.compressor is not None:
       m = self.ratio
-      e_NH, a_TX, g_TX = self.compressor(x_TD, pos0, st.comp_a, st.comp_g)
-      writes += [("comp", e_NH, pos0 // m), ("comp_a", a_TX, m + pos0),
-                 ("comp_g", g_TX, m + pos0)]
+      e_NH, a_TX, g_TX = self.compressor.pool(*proj["comp"], pos0, st.comp_a, st.comp_g)
+      writes.update(comp=(e_NH, pos0 // m), comp_a=(a_TX, m + pos0), comp_g=(g_TX, m + pos0))
+      comp_WH = decode_state.read_all(st.comp)
       if self.indexer is not None:
-        sel_TK, valid_TK, (k_NI, ia_TX, ig_TX) = self.indexer(
-            x_TD, qr_TR, pos0, st.idx_a, st.idx_g, st.idx_keys)
-        writes += [("idx_keys", k_NI, pos0 // 4), ("idx_a", ia_TX, 4 + pos0),
-                   ("idx_g", ig_TX, 4 + pos0)]
-        ent_TKH = gather_entries(st.comp, e_NH, pos0 // m, sel_TK)
+        sel_TK, valid_TK, (k_NI, ia_TX, ig_TX) = self.indexer.select(
+            proj["index"], pos0, st.idx_a, st.idx_g, decode_state.read_all(st.idx_keys))
+        writes.update(idx_keys=(k_NI, pos0 // 4), idx_a=(ia_TX, 4 + pos0),
+                      idx_g=(ig_TX, 4 + pos0))
+        ent_TKH = gather_entries(comp_WH, e_NH, pos0 // m, sel_TK)
         logits_TNK = jnp.einsum("TNH,TKH->TNK", q_TNH, ent_TKH, precision=ops.HIGHEST)
         logits_TNK = jnp.where(valid_TK[:, None, :], logits_TNK, -jnp.inf)
         parts.append((logits_TNK, functools.partial(_weighted, "TNK,TKH->TNH", vals=ent_TKH)))
       else:
-        ent_WH = patch_entries(st.comp, e_NH, pos0 // m)
+        ent_WH = patch_entries(comp_WH, e_NH, pos0 // m)
         vis_TW = jnp.arange(ent_WH.shape[0])[None, :] < ((pos_T + 1) // m)[:, None]
         logits_TNW = jnp.einsum("TNH,WH->TNW", q_TNH, ent_WH, precision=ops.HIGHEST)
         logits_TNW = jnp.where(vis_TW[:, None, :], logits_TNW, -jnp.inf)
@@ -102,15 +152,17 @@ class Attention(nnx.Module):
       size = logits.shape[-1]
       o_TNH = o_TNH + combine(probs_TNA[..., start:start + size])
       start += size
-    o_TNH = self.rope(o_TNH, pos_T, inverse=True)
-    st = _store(st, writes, o_TNH)
+    return self.rope(o_TNH, pos_T, inverse=True), writes
 
-    # Grouped output LoRA: heads split into G groups of N/G consecutive heads.
+  def output(self, o_TNH):
+    """Grouped output LoRA: heads split into G groups of N/G consecutive heads.
+    o [T, N, H] -> [T, D] f32."""
+    t, n, h = o_TNH.shape
     g = self.o_groups
     o_TGI = o_TNH.reshape(t, g, (n // g) * h)
     o_a_GRI = ops.dense(self.o_a[...]).reshape(g, -1, (n // g) * h)
     z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, o_a_GRI)
-    return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...]), st
+    return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...])
 
 
 def _store(st: LayerState, writes, o_TNH) -> LayerState:
@@ -124,7 +176,7 @@ def _store(st: LayerState, writes, o_TNH) -> LayerState:
   d = jnp.tanh(o_TNH[0, 0, 0])
   zero = d - d
   new = {}
-  for name, rows, start in writes:
+  for name, (rows, start) in writes.items():
     buf = getattr(st, name)
     new[name] = jax.lax.dynamic_update_slice(buf, (rows + zero).astype(buf.dtype), (start, 0))
   return st.replace(**new)

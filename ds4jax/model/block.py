@@ -37,3 +37,16 @@ class Block(nnx.Module):
       f_TD = self.moe(self.ffn_norm(y_TD), tokens_T)
       x_TCD = HyperConnection.post(x_TCD, f_TD, post_TC, comb_TCC)
     return x_TCD, st
+
+  def batched(self, x_NCD, tokens_N, pos0_B, slots_B, pool: LayerState, t: int):
+    """The rows of B sessions (N = B*T, row b*T + i at pos0_B[b] + i; docs/design.md §11):
+    -> ([N, C, D] f32, the pooled LayerState with the rows written). Only the attention core
+    runs per session; HC, norms and the MoE take all N rows at once."""
+    with jax.named_scope(f"blk.{self.layer_idx}"):
+      y_ND, post_NC, comb_NCC = self.hc_attn.pre(x_NCD)
+      a_ND, pool = self.attn.batched(self.attn_norm(y_ND), pos0_B, slots_B, pool, t)
+      x_NCD = HyperConnection.post(x_NCD, a_ND, post_NC, comb_NCC)
+      y_ND, post_NC, comb_NCC = self.hc_ffn.pre(x_NCD)
+      f_ND = self.moe(self.ffn_norm(y_ND), tokens_N)
+      x_NCD = HyperConnection.post(x_NCD, f_ND, post_NC, comb_NCC)
+    return x_NCD, pool

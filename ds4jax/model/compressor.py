@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ds4jax.config import ModelConfig
-from ds4jax.model import ops, qat
+from ds4jax.model import decode_state, ops, qat
 from ds4jax.model.norms import RMSNorm
 from ds4jax.model.rope import RoPE
 
@@ -41,33 +41,39 @@ class Compressor(nnx.Module):
     self.norm = RMSNorm(cfg, dim=self.width)
     self.rope = RoPE(cfg, layer_idx=layer_idx, kind="compress")
 
-  def __call__(self, x_TD, pos0, a_SX, g_SX):
+  def project(self, x_TD, pos_T):
+    """The row-wise part: x [T, D] at positions pos_T [T] -> (a_TX, g_TX) f32 [T, c*H'],
+    the projections and the biased gates (`a_t = W_kv x_t`, `g_t = W_gate x_t + ape[t % m]`)."""
+    a_TX = ops.einsum("TD,XD->TX", x_TD, self.kv[...])
+    g_TX = (ops.einsum("TD,XD->TX", x_TD, self.gate[...])
+            + ops.dense(self.ape[...])[pos_T % self.ratio])
+    return a_TX, g_TX
+
+  def pool(self, a_TX, g_TX, pos0, a_SX, g_SX):
     """Pools the windows a chunk can complete; reads the state, writes nothing.
 
     Args:
-      x_TD: [T, D] normalised attention input of positions pos0 .. pos0+T-1.
+      a_TX, g_TX: `project` of the chunk's rows, positions pos0 .. pos0+T-1.
       pos0: traced int32 scalar, absolute position of row 0.
-      a_SX, g_SX: [rows, c*H'] position-indexed projections and biased gates (row m + p).
+      a_SX, g_SX: [rows, c*H'] position-indexed projections and biased gates (row m + p),
+        arrays or pool slot views (`decode_state.read_rows`).
 
     Returns:
       (e_NH, a_TX, g_TX): entries of windows w0 .. w0+n-1 (w0 = pos0 // m, n = T//m + 1), to
-      be stored at w0 (`patch_entries` shows them to readers first), and the chunk's rows, to
-      be stored at row m + pos0. Entries of still-incomplete windows are garbage but stay
-      invisible (w >= floor((t+1)/m)) and are rewritten once their window completes.
+      be stored at w0 (`patch_entries` shows them to readers first), and the chunk's rows in
+      the state dtype, to be stored at row m + pos0. Entries of still-incomplete windows are
+      garbage but stay invisible (w >= floor((t+1)/m)) and are rewritten once their window
+      completes.
 
     Pipeline:
-      1. project the chunk;
-      2. read the rows of windows w0-1 (ratio 4 only) .. w0+n-1 from the buffers, with the
+      1. read the rows of windows w0-1 (ratio 4 only) .. w0+n-1 from the buffers, with the
          chunk's own rows substituted;
-      3. gather the candidates [n, K, H'], softmax over them per channel, pool;
-      4. RMSNorm, RoPE at w*m, optional QAT rounding.
+      2. gather the candidates [n, K, H'], softmax over them per channel, pool;
+      3. RMSNorm, RoPE at w*m, optional QAT rounding.
     """
     m, hw = self.ratio, self.width
-    t = x_TD.shape[0]
-    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
-    a_TX = ops.einsum("TD,XD->TX", x_TD, self.kv[...]).astype(a_SX.dtype)
-    g_TX = (ops.einsum("TD,XD->TX", x_TD, self.gate[...])
-            + ops.dense(self.ape[...])[pos_T % m]).astype(g_SX.dtype)
+    t = a_TX.shape[0]
+    a_TX, g_TX = a_TX.astype(a_SX.dtype), g_TX.astype(g_SX.dtype)
 
     n_win = t // m + 1
     w0 = pos0 // m
@@ -78,7 +84,7 @@ class Compressor(nnx.Module):
     src_S = jnp.clip(row_pos_S - pos0, 0, t - 1)
 
     def window_rows(buf_SX, new_TX):
-      old_SX = jax.lax.dynamic_slice(buf_SX, (m + first * m, 0), (rows, buf_SX.shape[1]))
+      old_SX = decode_state.read_rows(buf_SX, m + first * m, rows)
       return jnp.where(in_chunk_S[:, None], new_TX[src_S], old_SX).astype(jnp.float32)
 
     a_RX, g_RX = window_rows(a_SX, a_TX), window_rows(g_SX, g_TX)

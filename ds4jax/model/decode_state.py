@@ -97,3 +97,87 @@ def init_stage_state(cfg: ModelConfig, layers: LayerRange, cap: Capacity,
 def truncate(state: StageState, pos: int) -> StageState:
   """Rewinds to `pos` tokens: only the counter moves (see the module docstring)."""
   return state.replace(pos=jnp.asarray(pos, jnp.int32))
+
+
+# ------------------------------------------------------------------------------ state pools
+# A pool (docs/design.md §11) is a StageState whose leaves carry a leading slot axis:
+# pos int32 [S], every buffer [S, rows, X]. Slot S - 1 is scratch: the padding rows of a
+# bucketed batch read and write there, so they never touch a session's slot.
+
+
+def init_pool(cfg: ModelConfig, layers: LayerRange, cap: Capacity, n_slots: int,
+              dtype=jnp.float32) -> StageState:
+  """A pool of `n_slots` fresh states plus the scratch slot (all at pos 0)."""
+  one = init_stage_state(cfg, layers, cap, dtype)
+  return jax.tree.map(lambda x: jnp.broadcast_to(x, (n_slots + 1,) + x.shape), one)
+
+
+def pool_get(pool: StageState, slot) -> StageState:
+  """The StageState of one slot (a copy)."""
+  return jax.tree.map(lambda x: x[slot], pool)
+
+
+def pool_put(pool: StageState, slot, state: StageState) -> StageState:
+  """The pool with `state` written into `slot`."""
+  return jax.tree.map(lambda p, x: p.at[slot].set(x.astype(p.dtype)), pool, state)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotView:
+  """One slot of a pooled buffer `pool [S, rows, X]`, read through gathers: under `vmap` over
+  the slot, `read_rows` gathers only the rows asked for (the buffer is never copied)."""
+
+  pool: jax.Array
+  slot: jax.Array
+
+  @property
+  def dtype(self):
+    return self.pool.dtype
+
+  @property
+  def shape(self):
+    return self.pool.shape[1:]
+
+
+def slot_view(pool: LayerState, slot) -> LayerState:
+  """A LayerState whose buffers are the `SlotView`s of `slot` in a pooled LayerState."""
+  return LayerState(**{f.name: None if getattr(pool, f.name) is None
+                       else SlotView(getattr(pool, f.name), slot)
+                       for f in dataclasses.fields(LayerState)})
+
+
+def read_rows(buf, start, n: int):
+  """Rows start .. start+n-1 of a buffer [rows, X] or of a `SlotView`: [n, X]."""
+  if isinstance(buf, SlotView):
+    x = buf.pool.shape[-1]
+    return jax.lax.dynamic_slice(buf.pool, (buf.slot, start, 0), (1, n, x))[0]
+  return jax.lax.dynamic_slice(buf, (start, 0), (n, buf.shape[1]))
+
+
+def read_all(buf):
+  """A whole buffer [rows, X] (a `SlotView`: its slot's rows)."""
+  if isinstance(buf, SlotView):
+    return jax.lax.dynamic_index_in_dim(buf.pool, buf.slot, 0, keepdims=False)
+  return buf
+
+
+def scatter_writes(pool: LayerState, writes: dict, slots_B, d_B) -> LayerState:
+  """Applies a vmapped `Attention.core`'s writes to a pooled LayerState, one scatter per
+  buffer (in place on a donated pool).
+
+  Args:
+    writes: {name: (rows [B, n, X], start int32 [B])}.
+    slots_B: int32 [B]; d_B: f32 [B], one attention output value per row. Every written
+      value is made to depend on it (`d - d`), so XLA orders every read of the old buffer
+      before the scatter and keeps it in place (see attention._store).
+  """
+  d_B = jnp.tanh(d_B)
+  zero_B = (d_B - d_B)[:, None, None]
+  new = {}
+  for name, (rows_BNX, start_B) in writes.items():
+    buf = getattr(pool, name)
+    n = rows_BNX.shape[1]
+    row_BN = start_B[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]
+    new[name] = buf.at[slots_B[:, None], row_BN].set((rows_BNX + zero_B).astype(buf.dtype),
+                                                     mode="drop")
+  return pool.replace(**new)

@@ -31,28 +31,36 @@ class Indexer(nnx.Module):
                                  width=self.head_dim, rounding="fp4")
     self.rope = RoPE(cfg, layer_idx=layer_idx, kind="compress")
 
-  def __call__(self, x_TD, qr_TR, pos0, ia_SX, ig_SX, keys_WI):
-    """Selects compressed windows per query; reads the state, writes nothing.
-
-    Args:
-      x_TD: [T, D] normalised attention input; qr_TR: [T, Rq] normalised q-LoRA latent.
-      pos0: traced int32 scalar; ia_SX, ig_SX, keys_WI: the indexer's state buffers.
-
-    Returns:
-      (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], (k_NI, ia_TX, ig_TX)) with
-      K = min(K_I, number of key slots); the last triple is what the caller stores (new keys
-      at window pos0 // 4, rows at 4 + pos0).
-    """
+  def project(self, x_TD, qr_TR, pos_T) -> dict:
+    """The row-wise part: x [T, D], the normalised q-LoRA latent qr [T, Rq], positions
+    [T] -> {comp: the compressor's (a, g) [T, 2*dI], q: [T, HI, dI], omega: [T, HI]}."""
     t = x_TD.shape[0]
-    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
-    k_NI, ia_TX, ig_TX = self.compressor(x_TD, pos0, ia_SX, ig_SX)
-    keys_WI = patch_entries(keys_WI, k_NI, pos0 // 4)
     q_TNI = ops.einsum("TR,XR->TX", qr_TR, self.q_b[...]).reshape(t, self.n_heads, self.head_dim)
     q_TNI = self.rope(q_TNI, pos_T)
     if self.qat:
       q_TNI = qat.fp4_indexer_roundtrip(q_TNI)
     omega_TN = ops.einsum("TD,ND->TN", x_TD, self.proj[...])
     omega_TN = omega_TN * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
+    return {"comp": self.compressor.project(x_TD, pos_T), "q": q_TNI, "omega": omega_TN}
+
+  def select(self, proj: dict, pos0, ia_SX, ig_SX, keys_WI):
+    """Selects compressed windows per query; reads the state, writes nothing.
+
+    Args:
+      proj: `project` of the chunk's rows (positions pos0 .. pos0+T-1).
+      pos0: traced int32 scalar; ia_SX, ig_SX: the indexer's compressor rows (arrays or pool
+        slot views); keys_WI: f32 [W, dI] its keys.
+
+    Returns:
+      (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], (k_NI, ia_TX, ig_TX)) with
+      K = min(K_I, number of key slots); the last triple is what the caller stores (new keys
+      at window pos0 // 4, rows at 4 + pos0).
+    """
+    q_TNI, omega_TN = proj["q"], proj["omega"]
+    t = q_TNI.shape[0]
+    pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
+    k_NI, ia_TX, ig_TX = self.compressor.pool(*proj["comp"], pos0, ia_SX, ig_SX)
+    keys_WI = patch_entries(keys_WI, k_NI, pos0 // 4)
     dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI, precision=ops.HIGHEST)
     score_TW = jnp.einsum("TN,TNW->TW", omega_TN, jax.nn.relu(dots_TNW), precision=ops.HIGHEST)
     n_slots = keys_WI.shape[0]

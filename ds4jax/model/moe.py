@@ -80,10 +80,11 @@ class MoE(nnx.Module):
     block = group_block(t * self.k, self.n_experts)
     gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
     packed = isinstance(gate_EFD, Packed)
-    if t * self.k <= min(self.n_experts, 32):
-      # Decode-sized chunks: one dynamic slice per chosen (token, expert), which XLA reads in
-      # place (a batched gather copies the chosen experts' weights first: 4x slower on CPU);
-      # packed experts dequantise only the chosen expert's slabs.
+    if t == 1:
+      # One decode row: one dynamic slice per chosen expert, which XLA reads in place (a
+      # batched gather copies the chosen experts' weights first: 4x slower on CPU); packed
+      # experts dequantise only the chosen expert's slabs. Several rows (a batch of sessions,
+      # a short chunk) take the paths below, which read each chosen expert once per call.
       routed = []
       for i in range(t):
         acc_D = jnp.zeros((x_TD.shape[1],), jnp.float32)

@@ -35,13 +35,15 @@ class StageRunner:
   """
 
   def __init__(self, stage: Stage, *, ctx_size: int, max_chunk: int = 256,
-               state_dtype=None, fingerprint: str | None = None):
+               state_dtype=None, fingerprint: str | None = None, max_batch: int = 16):
     if ctx_size < 1:
       raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
     if max_chunk < 1 or max_chunk & (max_chunk - 1):
       raise ValueError(f"max_chunk must be a power of two, got {max_chunk}")
+    if max_batch < 1 or max_batch & (max_batch - 1):
+      raise ValueError(f"max_batch must be a power of two, got {max_batch}")
     self.cfg, self.layers = stage.cfg, stage.layers
-    self.ctx_size, self.max_chunk = int(ctx_size), int(max_chunk)
+    self.ctx_size, self.max_chunk, self.max_batch = int(ctx_size), int(max_chunk), int(max_batch)
     self.fingerprint = fingerprint
     self.embeds, self.has_output = stage.layers.embeds, stage.layers.has_output
     self._cap = Capacity(self.ctx_size, self.max_chunk)
@@ -62,6 +64,20 @@ class StageRunner:
       return nnx.merge(self.graphdef, params)(state, tokens_T, hc_TCD, n_valid)
 
     self._step = jax.jit(step, donate_argnames=("state",))
+
+    def batch_step(params, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+      self.n_traces += 1
+      if isinstance(params, list):
+        params = jax.tree.unflatten(self._param_def, params)
+      return nnx.merge(self.graphdef, params).batched(pool, slots_B, tokens_BT, hc_BTCD,
+                                                      n_valid_B)
+
+    self._batch_step = jax.jit(batch_step, donate_argnames=("pool",))
+    self._pools = {}  # n_slots -> jitted pool initialiser
+    self._pool_get = jax.jit(decode_state.pool_get)
+    self._pool_put = jax.jit(decode_state.pool_put, donate_argnums=(0,))
+    self._pool_pos = jax.jit(lambda pool, slot, pos: pool.replace(pos=pool.pos.at[slot].set(pos)),
+                             donate_argnums=(0,))
     # One compiled program builds a fresh state: op by op it would compile a few small
     # programs after the weights are in and copy the -inf-filled gate buffers.
     self._init = jax.jit(lambda: decode_state.init_stage_state(
@@ -83,6 +99,23 @@ class StageRunner:
       tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
       self._step.lower(params, state, tokens, hc, n_valid).compile()
 
+  def compile_batch(self, batch_sizes, chunk_sizes=(1,), n_slots: int = 1) -> None:
+    """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
+    alone, for a pool of `n_slots` (the pool's shape is part of the program)."""
+    params = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    pool = jax.eval_shape(self._pool_init(n_slots))
+    n_s = jax.ShapeDtypeStruct((), jnp.int32)
+    self._pool_get.lower(pool, n_s).compile()
+    for b in sorted({bucket(min(int(s), self.max_batch), self.max_batch) for s in batch_sizes}):
+      for t in sorted({bucket(min(int(s), self.ctx_size), self.max_chunk)
+                       for s in chunk_sizes if s}):
+        hc = None
+        if not self.embeds:
+          hc = jax.ShapeDtypeStruct((b, t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)
+        self._batch_step.lower(params, pool, jax.ShapeDtypeStruct((b,), jnp.int32),
+                               jax.ShapeDtypeStruct((b, t), jnp.int32), hc,
+                               jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
+
   def set_params(self, stage: Stage) -> None:
     """Takes the weights of `stage`, whose parameters must match this runner's in structure,
     shapes and dtypes (e.g. a runner built on `nnx.eval_shape`'s abstract stage): compiled
@@ -97,6 +130,89 @@ class StageRunner:
   def init_state(self) -> StageState:
     """Fresh state at pos 0 with capacity ctx_size."""
     return self._init()
+
+  # ------------------------------------------------------------------ pooled sessions
+  def _pool_init(self, n_slots: int):
+    if n_slots not in self._pools:
+      self._pools[n_slots] = jax.jit(lambda: decode_state.init_pool(
+          self.cfg, self.layers, self._cap, n_slots, self.state_dtype))
+    return self._pools[n_slots]
+
+  def init_pool(self, n_slots: int) -> StageState:
+    """A pool of `n_slots` session states at pos 0, plus the scratch slot (docs/design.md
+    §11): every leaf has a leading axis of n_slots + 1."""
+    if n_slots < 1:
+      raise ValueError(f"a pool needs at least one slot, got {n_slots}")
+    return self._pool_init(int(n_slots))()
+
+  def pool_get(self, pool: StageState, slot: int) -> StageState:
+    """The StageState held by `slot` (a copy, for snapshots and tools)."""
+    return self._pool_get(pool, np.int32(slot))
+
+  def pool_put(self, pool: StageState, slot: int, state: StageState) -> StageState:
+    """The pool (donated) with `state` in `slot`."""
+    return self._pool_put(pool, np.int32(slot), state)
+
+  def pool_truncate(self, pool: StageState, slot: int, pos: int) -> StageState:
+    """Rewinds (or resets, pos 0) one slot: only its counter moves (donates the pool)."""
+    if not 0 <= pos <= self.ctx_size:
+      raise ValueError(f"cannot truncate to pos {pos}")
+    return self._pool_pos(pool, np.int32(slot), np.int32(pos))
+
+  def forward_batch(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+    """One chunk for each of B sessions of `pool`, in one compiled call (docs/design.md §11).
+
+    Args:
+      pool: from init_pool / forward_batch (donated: use the returned one).
+      slots_B: int [B] distinct slots in [0, n_slots); row b runs at pool.pos[slots_B[b]]
+        (the caller knows it: the pool is not read back here).
+      tokens_BT: int [B, T] token ids, row b's first n_valid_B[b] real.
+      hc_BTCD: float32 [B, T, C, D] or None iff the stage embeds.
+      n_valid_B: int [B], each in [1, T].
+
+    Returns:
+      (out, pool): out is logits float32 [B, T, V] with the head, else hc float32
+      [B, T, C, D] (a jax.Array: rows past n_valid are padding), the pool with each slot
+      advanced by its n_valid. B is padded to a power of two (<= max_batch) with rows on the
+      scratch slot, T to a chunk bucket (<= max_chunk), so after warm-up nothing compiles.
+    """
+    tokens_BT = np.asarray(tokens_BT)
+    slots_B = np.asarray(slots_B, np.int64)
+    n_valid_B = np.asarray(n_valid_B, np.int64)
+    if tokens_BT.ndim != 2 or not tokens_BT.size or not np.issubdtype(tokens_BT.dtype, np.integer):
+      raise ValueError(f"tokens must be a non-empty int [B, T] array, got {tokens_BT.shape}")
+    b, t = tokens_BT.shape
+    n_scratch = pool.pos.shape[0] - 1
+    if b > self.max_batch:
+      raise ValueError(f"batch of {b} rows exceeds max_batch={self.max_batch}")
+    if t > self.max_chunk:
+      raise ValueError(f"chunk of {t} tokens exceeds max_chunk={self.max_chunk}")
+    if slots_B.shape != (b,) or n_valid_B.shape != (b,):
+      raise ValueError("slots and n_valid must have one entry per row")
+    if len(set(slots_B.tolist())) != b or slots_B.min() < 0 or slots_B.max() >= n_scratch:
+      raise ValueError(f"slots must be distinct and in [0, {n_scratch})")
+    if n_valid_B.min() < 1 or n_valid_B.max() > t:
+      raise ValueError(f"n_valid must be in [1, {t}]")
+    if tokens_BT.min() < 0 or tokens_BT.max() >= self.cfg.vocab_size:
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    if (hc_BTCD is None) != self.embeds:
+      raise ValueError("hc must be None iff the stage embeds (starts at layer 0)")
+    bb, tb = bucket(b, self.max_batch), bucket(t, self.max_chunk)
+    tok = np.zeros((bb, tb), np.int32)
+    tok[:b, :t] = tokens_BT
+    slots = np.full((bb,), n_scratch, np.int32)
+    slots[:b] = slots_B
+    nv = np.zeros((bb,), np.int32)
+    nv[:b] = n_valid_B
+    hc = None
+    if hc_BTCD is not None:
+      want = (b, t, self.cfg.n_hc, self.cfg.d_model)
+      if tuple(np.shape(hc_BTCD)) != want:
+        raise ValueError(f"hc has shape {np.shape(hc_BTCD)}, expected {want}")
+      hc = np.zeros((bb, tb) + want[2:], np.float32)
+      hc[:b, :t] = np.asarray(hc_BTCD, np.float32)
+    out, pool = self._batch_step(self._param_leaves, pool, slots, tok, hc, nv)
+    return out[:b, :t], pool
 
   def truncate(self, state: StageState, pos: int) -> StageState:
     """Rewinds to `pos` (0 <= pos <= state.pos); only the counter changes."""

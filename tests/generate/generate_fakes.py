@@ -30,7 +30,38 @@ class PrefixRunner:
     self.layers = layers.resolve(n_layers)
     self.cfg = types.SimpleNamespace(n_layers=n_layers, vocab_size=vocab_size)
     self.ctx_size = ctx_size
+    self.max_chunk, self.max_batch = 256, 16
+    self.embeds = self.layers.embeds
     self.calls: list[int] = []
+    self.batch_calls: list[int] = []  # rows per forward_batch call
+
+  # The pool API (docs/design.md §11): a pool is a list of states, slot -> PrefixState.
+  def init_pool(self, n_slots):
+    return [self.init_state() for _ in range(n_slots + 1)]
+
+  def pool_get(self, pool, slot):
+    return pool[slot]
+
+  def pool_put(self, pool, slot, state):
+    pool[slot] = state
+    return pool
+
+  def pool_truncate(self, pool, slot, pos):
+    pool[slot] = PrefixState(pool[slot].tokens[:pos], pos)
+    return pool
+
+  def forward_batch(self, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+    self.batch_calls.append(len(slots_B))
+    outs = []
+    for b, slot in enumerate(slots_B):
+      n = int(n_valid_B[b])
+      hc = None if hc_BTCD is None else np.asarray(hc_BTCD)[b, :n]
+      out, pool[slot] = self.forward(pool[slot], np.asarray(tokens_BT)[b, :n], hc,
+                                     pool[slot].pos)
+      pad = np.zeros((np.shape(tokens_BT)[1],) + out.shape[1:], np.float32)
+      pad[:n] = out
+      outs.append(pad)
+    return np.stack(outs), pool
 
   def init_state(self):
     return PrefixState((), 0)

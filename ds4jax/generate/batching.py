@@ -1,0 +1,364 @@
+"""Continuous batching at one stage, and admission (docs/design.md §11).
+
+`StageBatcher` owns a `StageRunner`'s pool of session states and one compute thread. Callers
+on any thread `run(slot, tokens, hc, pos0)` and block for the output; the compute thread
+takes everything pending at once:
+
+  1. control operations (truncate, get, put) in arrival order;
+  2. every pending one-token item (a decode step) of distinct slots, as ONE `forward_batch`
+     call (up to `max_batch` rows; the rest go first in the next round);
+  3. at most one longer item (a prefill chunk), as its own call.
+
+So a decode step never waits behind more than one prefill chunk, and throughput grows with
+the number of sessions decoding at once: a decode step reads every weight once for all its
+rows. Items of one session cannot interleave (its caller blocks on each), so running the
+control operations first keeps every slot's order.
+
+    batcher = StageBatcher(runner, n_slots=8)
+    slot = batcher.alloc()
+    out_TV = batcher.run(slot, [0, 17, 42], None, pos0=0)   # prefill
+    out_1V = batcher.run(slot, [7], None, pos0=3)           # decode, batched with others
+    batcher.free(slot)
+
+`Admission` bounds the generations active at once; beyond it a request queues, and after
+`queue_timeout_s` gets `Busy` (HTTP 429 with Retry-After in the server).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("ds4jax.generate.batching")
+
+
+class BatcherFull(RuntimeError):
+  """Every slot of a stage's pool is held by a session."""
+
+
+class Busy(RuntimeError):
+  """Too many generations at once: the request waited `waited_s` and was turned away."""
+
+  def __init__(self, message: str, retry_after_s: float, waited_s: float):
+    super().__init__(message)
+    self.retry_after_s = float(retry_after_s)
+    self.waited_s = float(waited_s)
+
+
+class StateLost(RuntimeError):
+  """A slot's state is not at the position the caller expects (its pool was rebuilt after a
+  failed call): the caller rebuilds the session from a shorter prefix."""
+
+
+@dataclasses.dataclass
+class _Item:
+  kind: str  # "run", "truncate", "get", "put"
+  slot: int
+  future: concurrent.futures.Future
+  tokens: np.ndarray | None = None
+  hc: Any = None
+  pos0: int = 0
+  arg: Any = None
+  t_submit: float = 0.0
+
+
+@dataclasses.dataclass
+class BatcherStats:
+  """Counters of one stage batcher (for benchmarks and /metrics)."""
+
+  calls: int = 0  # forward_batch calls
+  decode_calls: int = 0
+  decode_rows: int = 0  # rows of decode calls (rows / calls = mean batch)
+  chunk_calls: int = 0
+  chunk_tokens: int = 0
+  compute_s: float = 0.0
+  max_batch_seen: int = 0
+
+
+class StageBatcher:
+  """The per-stage scheduler: one compute thread over a pool of `n_slots` session states.
+
+  Args:
+    runner: the stage's `StageRunner`.
+    n_slots: sessions whose state the pool holds (`alloc` beyond them: BatcherFull).
+    max_batch: most decode rows per call (<= runner.max_batch; default: that).
+    name: for logs and the thread name.
+  """
+
+  def __init__(self, runner, *, n_slots: int, max_batch: int | None = None, name: str = ""):
+    if n_slots < 1:
+      raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+    self.runner = runner
+    self.n_slots = int(n_slots)
+    self.max_batch = int(min(max_batch or runner.max_batch, runner.max_batch))
+    self.name = name or str(runner.layers)
+    self.stats = BatcherStats()
+    self._pool = runner.init_pool(self.n_slots)
+    self._pos = [0] * self.n_slots  # host mirror of pool.pos
+    self._free = list(range(self.n_slots - 1, -1, -1))
+    self._cv = threading.Condition()
+    self._queue: collections.deque[_Item] = collections.deque()
+    self._closed = False
+    self._thread = threading.Thread(target=self._loop, daemon=True,
+                                    name=f"ds4jax-batcher-{self.name}")
+    self._thread.start()
+
+  # -------------------------------------------------------------------------- slots
+  def alloc(self) -> int:
+    """A free slot, at position 0."""
+    with self._cv:
+      if not self._free:
+        raise BatcherFull(f"stage {self.name}: all {self.n_slots} session slots are in use")
+      slot = self._free.pop()
+    self.truncate(slot, 0)
+    return slot
+
+  def free(self, slot: int) -> None:
+    """Returns a slot (its state is garbage from now on)."""
+    with self._cv:
+      if slot in self._free or not 0 <= slot < self.n_slots:
+        return
+      self._free.append(slot)
+
+  @property
+  def n_free(self) -> int:
+    with self._cv:
+      return len(self._free)
+
+  def pos(self, slot: int) -> int:
+    """Tokens the slot holds."""
+    with self._cv:
+      return self._pos[slot]
+
+  # ---------------------------------------------------------------------- operations
+  def truncate(self, slot: int, pos: int) -> None:
+    """Rewinds a slot to `pos` tokens (0: reset)."""
+    self._submit(_Item("truncate", slot, concurrent.futures.Future(), arg=int(pos))).result()
+
+  def get(self, slot: int):
+    """The slot's StageState (a copy, e.g. for a snapshot)."""
+    return self._submit(_Item("get", slot, concurrent.futures.Future())).result()
+
+  def put(self, slot: int, state) -> None:
+    """Writes a StageState (e.g. restored from a snapshot) into the slot."""
+    self._submit(_Item("put", slot, concurrent.futures.Future(), arg=state)).result()
+
+  def run(self, slot: int, tokens_T, hc_TCD, pos0: int) -> np.ndarray:
+    """Runs tokens at positions pos0 .. pos0+T-1 of the slot's session; blocks.
+
+    Args:
+      tokens_T: int [T] (T <= runner.max_chunk); hc_TCD: f32 [T, C, D] or None iff the
+        stage embeds; pos0: must equal the slot's position (else `StateLost`).
+
+    Returns:
+      float32 [T, V] logits (head) or [T, C, D] HC state.
+    """
+    tokens_T = np.asarray(tokens_T, np.int32).reshape(-1)
+    if not 1 <= tokens_T.shape[0] <= self.runner.max_chunk:
+      raise ValueError(f"a batcher item takes 1..{self.runner.max_chunk} tokens, "
+                       f"got {tokens_T.shape[0]}")
+    item = _Item("run", slot, concurrent.futures.Future(), tokens=tokens_T, hc=hc_TCD,
+                 pos0=int(pos0), t_submit=time.perf_counter())
+    return self._submit(item).result()
+
+  def close(self) -> None:
+    with self._cv:
+      self._closed = True
+      self._cv.notify_all()
+    self._thread.join(timeout=30)
+
+  def _submit(self, item: _Item) -> concurrent.futures.Future:
+    if not 0 <= item.slot < self.n_slots:
+      raise ValueError(f"slot {item.slot} is not in [0, {self.n_slots})")
+    with self._cv:
+      if self._closed:
+        raise RuntimeError(f"stage batcher {self.name} is closed")
+      self._queue.append(item)
+      self._cv.notify()
+    return item.future
+
+  # --------------------------------------------------------------------- compute thread
+  def _loop(self) -> None:
+    try:
+      self._rounds()
+    except BaseException as e:  # noqa: BLE001 - a bug here must not leave callers hanging
+      log.exception("stage batcher %s stopped", self.name)
+      with self._cv:
+        self._closed = True
+        pending = list(self._queue)
+        self._queue.clear()
+      for item in pending:
+        item.future.set_exception(RuntimeError(f"stage batcher {self.name} stopped: {e}"))
+
+  def _rounds(self) -> None:
+    while True:
+      with self._cv:
+        while not self._queue and not self._closed:
+          self._cv.wait()
+        if self._closed and not self._queue:
+          return
+        pending = list(self._queue)
+        self._queue.clear()
+      decode, chunks, rest = [], [], []
+      for item in pending:
+        if item.kind != "run":
+          self._control(item)
+        elif (item.tokens.shape[0] == 1 and len(decode) < self.max_batch
+              and all(d.slot != item.slot for d in decode)):
+          decode.append(item)
+        elif item.tokens.shape[0] > 1 and not chunks:
+          chunks.append(item)
+        else:
+          rest.append(item)
+      if rest:  # next round, ahead of newer arrivals
+        with self._cv:
+          self._queue.extendleft(reversed(rest))
+      if decode:
+        self._call(decode)
+      if chunks:
+        self._call(chunks)
+
+  def _control(self, item: _Item) -> None:
+    try:
+      if item.kind == "truncate":
+        self._pool = self.runner.pool_truncate(self._pool, item.slot, item.arg)
+        with self._cv:
+          self._pos[item.slot] = item.arg
+        item.future.set_result(None)
+      elif item.kind == "get":
+        item.future.set_result(self.runner.pool_get(self._pool, item.slot))
+      elif item.kind == "put":
+        self._pool = self.runner.pool_put(self._pool, item.slot, item.arg)
+        with self._cv:
+          self._pos[item.slot] = int(item.arg.pos)
+        item.future.set_result(None)
+    except BaseException as e:  # noqa: BLE001 - the caller gets it
+      self._recover()
+      item.future.set_exception(e)
+
+  def _call(self, items: list[_Item]) -> None:
+    ok = []
+    for it in items:
+      if it.pos0 != self._pos[it.slot]:
+        it.future.set_exception(StateLost(
+            f"stage {self.name}: slot {it.slot} holds {self._pos[it.slot]} tokens, "
+            f"the step starts at {it.pos0}"))
+      elif it.pos0 + it.tokens.shape[0] > self.runner.ctx_size:
+        it.future.set_exception(ValueError(
+            f"positions up to {it.pos0 + it.tokens.shape[0]} exceed ctx_size "
+            f"{self.runner.ctx_size}"))
+      else:
+        ok.append(it)
+    if not ok:
+      return
+    t = max(it.tokens.shape[0] for it in ok)
+    tokens_BT = np.zeros((len(ok), t), np.int32)
+    n_valid = np.zeros((len(ok),), np.int32)
+    hc = None
+    if not self.runner.embeds:
+      row = np.shape(ok[0].hc)[1:]  # [C, D]
+      hc = np.zeros((len(ok), t) + tuple(row), np.float32)
+    for b, it in enumerate(ok):
+      n = it.tokens.shape[0]
+      tokens_BT[b, :n], n_valid[b] = it.tokens, n
+      if hc is not None:
+        hc[b, :n] = np.asarray(it.hc, np.float32)
+    t0 = time.perf_counter()
+    try:
+      out, self._pool = self.runner.forward_batch(
+          self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid)
+      out = np.asarray(out, np.float32)
+    except BaseException as e:  # noqa: BLE001 - every item of the call gets it (even a
+      # KeyboardInterrupt: this thread must outlive any one call)
+      self._recover()
+      for it in ok:
+        it.future.set_exception(e)
+      return
+    dt = time.perf_counter() - t0
+    st = self.stats
+    st.calls += 1
+    st.compute_s += dt
+    if t == 1:
+      st.decode_calls += 1
+      st.decode_rows += len(ok)
+      st.max_batch_seen = max(st.max_batch_seen, len(ok))
+    else:
+      st.chunk_calls += 1
+      st.chunk_tokens += int(n_valid.sum())
+    with self._cv:
+      for it, n in zip(ok, n_valid):
+        self._pos[it.slot] = it.pos0 + int(n)
+    for b, (it, n) in enumerate(zip(ok, n_valid)):
+      it.future.set_result(out[b, :n])
+
+  def _recover(self) -> None:
+    """After a failed call the donated pool may be gone: rebuild it. Every slot is then at
+    position 0, which the next `run` of each session sees (`StateLost`)."""
+    pos = getattr(self._pool, "pos", None)
+    if getattr(pos, "is_deleted", lambda: False)():
+      log.warning("stage %s: rebuilding the state pool after a failed call", self.name)
+      self._pool = self.runner.init_pool(self.n_slots)
+      with self._cv:
+        self._pos = [0] * self.n_slots
+
+
+class Admission:
+  """Bounds the generations running at once (`max_active`); a request beyond them waits up
+  to `queue_timeout_s` for one to finish, then gets `Busy`.
+
+      admission = Admission(8, queue_timeout_s=30)
+      with admission.slot():      # Busy after 30 s with 8 others running
+        ...generate...
+  """
+
+  def __init__(self, max_active: int, queue_timeout_s: float = 30.0,
+               retry_after_s: float | None = None):
+    if max_active < 1:
+      raise ValueError(f"max_active must be >= 1, got {max_active}")
+    self.max_active = int(max_active)
+    self.queue_timeout_s = float(queue_timeout_s)
+    self.retry_after_s = float(retry_after_s if retry_after_s is not None
+                               else max(1.0, min(queue_timeout_s, 30.0)))
+    self._sem = threading.BoundedSemaphore(self.max_active)
+    self._lock = threading.Lock()
+    self.active = 0
+    self.waiting = 0
+    self.rejected = 0
+
+  @contextlib.contextmanager
+  def slot(self, timeout_s: float | None = None):
+    timeout = self.queue_timeout_s if timeout_s is None else float(timeout_s)
+    t0 = time.monotonic()
+    with self._lock:
+      self.waiting += 1
+    try:
+      got = self._sem.acquire(timeout=max(timeout, 0.0))
+    finally:
+      with self._lock:
+        self.waiting -= 1
+    if not got:
+      with self._lock:
+        self.rejected += 1
+      waited = time.monotonic() - t0
+      raise Busy(f"busy: {self.max_active} generations are running and none finished within "
+                 f"{waited:.1f} s; retry after {self.retry_after_s:.0f} s",
+                 self.retry_after_s, waited)
+    with self._lock:
+      self.active += 1
+    try:
+      yield
+    finally:
+      with self._lock:
+        self.active -= 1
+      self._sem.release()
+
+
+__all__ = ["Admission", "BatcherFull", "BatcherStats", "Busy", "StageBatcher", "StateLost"]
