@@ -101,7 +101,7 @@ class MoE(nnx.Module):
     n_experts = gate_EFD.shape[0]
     block = group_block(t * self.k, n_experts)
     packed = isinstance(gate_EFD, Packed)
-    if t * self.k <= min(n_experts, 32):
+    if t * self.k <= min(self.n_experts, 32):
       # Decode-sized chunks: one dynamic slice per chosen (token, expert), which XLA reads in
       # place (a batched gather copies the chosen experts' weights first: 4x slower on CPU);
       # packed experts dequantise only the chosen expert's slabs.

@@ -70,6 +70,14 @@ class StageRunner:
     self._init = jax.jit(lambda: decode_state.init_stage_state(
         self.cfg, self.layers, self._cap, self.state_dtype), **sharding.replicated_out(self.mesh))
 
+  def _abstract_params(self) -> list:
+    """The parameter leaves as ShapeDtypeStructs (with their shardings on a mesh)."""
+    if self.mesh is None:
+      return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    shardings = jax.tree.leaves(sharding.param_shardings(self.params, self.mesh))
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip(self._param_leaves, shardings)]
+
   def compile(self, sizes) -> None:
     """Compiles the step for chunks of `sizes` tokens (bucketed as `forward` does) from
     shapes alone: it needs neither the weights nor a state, so a loader can compile before
@@ -85,14 +93,6 @@ class StageRunner:
         hc = jax.ShapeDtypeStruct((t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)
       tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
       self._step.lower(params, state, tokens, hc, n_valid).compile()
-
-  def _abstract_params(self) -> list:
-    """The parameter leaves as ShapeDtypeStructs (with their shardings on a mesh)."""
-    if self.mesh is None:
-      return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
-    shardings = jax.tree.leaves(sharding.param_shardings(self.params, self.mesh))
-    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-            for x, s in zip(self._param_leaves, shardings)]
 
   def set_params(self, stage: Stage) -> None:
     """Takes the weights of `stage`, whose parameters must match this runner's in structure,
