@@ -163,26 +163,27 @@ def _plane_spec(spec: P, value) -> P:
   return spec
 
 
-def param_shardings(params, mesh: Mesh):
-  """A NamedSharding for every leaf of a stage's parameters (an `nnx.State`, abstract or
-  not; Packed planes included), as a pytree of the same structure."""
-  from flax import nnx
-  flat = []
-  for path, var in nnx.to_flat_state(params):
-    value = var.get_value() if hasattr(var, "get_value") else var
-    spec = _plane_spec(param_spec(path, value.shape), value)
-    flat.append((path, var.replace(jax.tree.map(lambda _: NamedSharding(mesh, spec), value))
-                 if hasattr(var, "replace") else NamedSharding(mesh, spec)))
-  return nnx.from_flat_state(flat)
-
-
 def leaf_shardings(path: Sequence[Any], value, mesh: Mesh):
   """The NamedSharding of a dense parameter at `path`, or the tuple of its planes' for a
-  Packed one (or abstract Packed)."""
+  Packed one (or an abstract Packed)."""
   spec = _plane_spec(param_spec(path, value.shape), value)
   if isinstance(value, Packed):
     return tuple(NamedSharding(mesh, spec) for _ in value.planes)
   return NamedSharding(mesh, spec)
+
+
+def param_shardings(params, mesh: Mesh):
+  """A NamedSharding for every leaf of a stage's parameters (an `nnx.State`, abstract or
+  not; a Packed's planes each get one), as a pytree of the same structure."""
+  from flax import nnx
+  flat = []
+  for path, var in nnx.to_flat_state(params):
+    value = var.get_value()
+    shardings = leaf_shardings(path, value, mesh)
+    if isinstance(value, Packed):
+      shardings = dataclasses.replace(value, planes=shardings)
+    flat.append((path, var.replace(shardings)))
+  return nnx.from_flat_state(flat)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -266,9 +267,7 @@ def attach(stage, mesh: Mesh | None) -> None:
 
 def stage_mesh(stage) -> Mesh | None:
   """The mesh `attach` gave `stage` (None: one device)."""
-  for block in stage.blocks:
-    return getattr(block.moe, "expert_mesh", None)
-  return None
+  return stage.blocks[0].moe.expert_mesh if len(stage.blocks) else None
 
 
 # ----------------------------------------------------------------- expert parallelism
@@ -326,7 +325,7 @@ def device_bytes(params) -> dict[str, dict[str, int]]:
   from flax import nnx
   out: dict[str, dict[str, int]] = {}
   for path, var in nnx.to_flat_state(params):
-    value = var.get_value() if hasattr(var, "get_value") else var
+    value = var.get_value()
     kind = "experts" if str(path[-1]).endswith("_exps") else "other"
     for leaf in jax.tree.leaves(value):
       for s in leaf.addressable_shards:
