@@ -43,6 +43,7 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_float("route_timeout", 60.0, "Seconds to wait for a complete route.")
   flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
   define_weight_flags()
+  define_device_flags()
   flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
@@ -77,11 +78,31 @@ def define_weight_flags() -> None:
                     "checkpoint directory).")
 
 
-def weight_options() -> dict[str, str | None]:
-  """{'weights': ..., 'dtype': ... or None (the source's)} from the run options."""
+def define_device_flags() -> None:
+  """--devices, shared by every script that loads a stage (issue 14)."""
+  flags.DEFINE_string("devices", "1", "Local devices this process's stage spans: 1 (one "
+                      "device), N, or 'all'. The routed experts are sharded over them (expert "
+                      "parallelism); N must divide the model's expert count.")
+
+
+def parse_devices(spec) -> int | str:
+  """A --devices value as an int >= 1 or 'all' (one-line ValueError otherwise). Whether
+  this host has that many devices is checked where the stage loads."""
+  text = str(spec).strip()
+  if text == "all":
+    return "all"
+  if isinstance(spec, bool) or not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--devices must be a positive integer or 'all', got {spec!r}")
+  return int(text)
+
+
+def weight_options() -> dict[str, str | int | None]:
+  """{'weights': ..., 'dtype': ... or None (the source's), 'devices': N or 'all'} from the
+  run options."""
   dtype = option("dtype")
   return {"weights": str(option("weights", "packed")),
-          "dtype": None if dtype is None else str(dtype)}
+          "dtype": None if dtype is None else str(dtype),
+          "devices": parse_devices(option("devices", 1))}
 
 
 _config_path: str | None = None
@@ -118,6 +139,18 @@ def option(name: str, default: Any = None) -> Any:
   if name in FLAGS:
     return FLAGS[name].value
   return default
+
+
+def worker_layers() -> str | None:
+  """A worker's range: --layers, else the only entry of the config's `workers` (a route
+  config with several workers needs --layers)."""
+  if FLAGS["layers"].present or config() is None or not config().get("workers"):
+    return FLAGS["layers"].value
+  workers = list(config()["workers"])
+  if len(workers) != 1:
+    raise ValueError(f"the config lists {len(workers)} workers ({', '.join(workers)}): pick "
+                     "this one's with --layers")
+  return workers[0]
 
 
 def sampling_params() -> SamplingParams:
@@ -170,10 +203,11 @@ def parse_tokens(values) -> list[int] | None:
 
 # ------------------------------------------------------------------------------- backends
 def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256,
-                  weights: str = "packed", dtype: str | None = None):
+                  weights: str = "packed", dtype: str | None = None, devices=1):
   from ds4jax.generate.local import LocalBackend
   return LocalBackend.from_gguf(gguf, ranges=ranges, ctx_size=ctx_size,
-                                prefill_chunk=prefill_chunk, weights=weights, dtype=dtype)
+                                prefill_chunk=prefill_chunk, weights=weights, dtype=dtype,
+                                devices=devices)
 
 
 def build_backend():
@@ -202,7 +236,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
                         prefill_chunk: int = 256, route_timeout: float = 60.0,
                         activation_dtype: str = "f32", key_file: str | None = None,
                         tls_cert: str | None = None, tls_key: str | None = None,
-                        weights: str = "packed", dtype: str | None = None):
+                        weights: str = "packed", dtype: str | None = None, devices=1):
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
 
   tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
@@ -223,7 +257,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   src = sources.open_source(gguf)  # a GGUF or an orbax checkpoint directory
   rng = LayerRange.parse(layers, src.cfg.n_layers)
   with heartbeat(f"loading layers {rng.describe()} of {os.path.basename(gguf)}"):
-    stage = load_stage(src, rng, weights=weights, dtype=dtype)
+    stage = load_stage(src, rng, weights=weights, dtype=dtype, devices=devices)
   runner = StageRunner(stage, ctx_size=ctx_size, fingerprint=src.fingerprint)
   auth.warn_if_exposed(host, key)
   try:

@@ -56,22 +56,25 @@ def open_tokenizer(path):
 
 
 def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
-               weights: str = "packed"):
+               weights: str = "packed", devices=1):
   """`model.load.load_stage` of `open_source(path)` (same arguments)."""
   from ds4jax.model import load
-  return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights)
+  return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights,
+                         devices=devices)
 
 
 def load_model(path, layers: str = "all", dtype: str | None = None, *, ctx_size: int = 4096,
-               max_chunk: int = 256, weights: str = "packed"):
+               max_chunk: int = 256, weights: str = "packed", devices=1):
   """Loads `layers` of a ds4 GGUF (or an orbax checkpoint directory) for notebooks: a
   `model.api.Model` (see `Model.from_source`).
 
   dtype: compute dtype ('float32' | 'bfloat16'); None is float32 for a GGUF and the stored
   dtype for a checkpoint. weights: 'packed' (default: quantised tensors stay GGUF blocks in
   device memory, dequantised inside the step) or 'dequantized' (dequantised to `dtype` at
-  load, ~13x the GGUF bytes for a q2 file in f32).
+  load, ~13x the GGUF bytes for a q2 file in f32). devices: 1 (default, one device), N or
+  "all" local devices, the routed experts sharded over them (expert parallelism,
+  docs/design.md §12); N must divide the expert count.
   """
   from ds4jax.model.api import Model
   return Model.from_source(open_source(path), layers, dtype=dtype, ctx_size=ctx_size,
-                           max_chunk=max_chunk, weights=weights)
+                           max_chunk=max_chunk, weights=weights, devices=devices)

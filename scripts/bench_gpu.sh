@@ -5,15 +5,29 @@
 # bandwidth). Needs a venv with jax[cuda] and ds4jax installed (pip install -e .).
 #
 #   bash scripts/bench_gpu.sh            # results under $OUT (default /tmp/ds4jax-gpu-bench)
+#   bash scripts/bench_gpu.sh --devices=4   # also a stage spanning 1..4 GPUs (issue 14)
 #
 # Knobs (environment): OUT, LARGE_LAYERS (4), LARGE_EXPERTS (32), FLASH_LAYERS (4),
-# DECODE (64), LENS (512,4096).
+# DECODE (64), LENS (512,4096), DEVICES (1; the same as --devices=N).
+# With --devices=N (N > 1) the bench preset and the large model are also timed as one stage
+# over 1, 2, ..., N GPUs (powers of two up to N; the routed experts sharded over them, see
+# docs/design.md §12) by scripts/bench_model.py --devices.
 # The large model has Flash's attention shapes (d_model 4096, 64 heads of 512) and 32 experts
 # of 2048: about 0.95e9 parameters per layer, 3.8 GB per layer as float32 on the device. The
 # default 4 layers (~15 GB) keeps generation + two loads inside a 15-minute device slot;
 # LARGE_LAYERS=16 fills an 80 GB card (both split processes share it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEVICES=${DEVICES:-1}
+for arg in "$@"; do
+  case "$arg" in
+    --devices=*) DEVICES=${arg#--devices=} ;;
+    *) echo "error: unknown argument $arg (expected --devices=N)" >&2; exit 2 ;;
+  esac
+done
+if ! [[ "$DEVICES" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: --devices must be a positive integer, got $DEVICES" >&2; exit 2
+fi
 OUT=${OUT:-/tmp/ds4jax-gpu-bench}
 LARGE_LAYERS=${LARGE_LAYERS:-4}
 LARGE_EXPERTS=${LARGE_EXPERTS:-32}
@@ -61,4 +75,17 @@ python scripts/bench.py --gguf="$FLASH" --prompt_lens=512 --decode_tokens="$DECO
 
 python -m ds4jax.bench.gpu floor "$OUT/bench.json" "$OUT/large.json" "$OUT/flash.json" \
   --gbs="$GBS" | tee "$OUT/floor.md"
+
+if [ "$DEVICES" -gt 1 ]; then
+  # One stage over 1, 2, 4, ... DEVICES GPUs: the routed experts sharded (expert parallelism).
+  COUNTS=1; n=2
+  while [ "$n" -le "$DEVICES" ]; do COUNTS="$COUNTS,$n"; n=$((n * 2)); done
+  [[ ",$COUNTS," == *",$DEVICES,"* ]] || COUNTS="$COUNTS,$DEVICES"
+  python -c "import jax, sys; n = len(jax.devices()); sys.exit(0 if n >= $DEVICES else
+    f'error: --devices=$DEVICES but only {n} GPU(s)')"
+  python scripts/bench_model.py --nohf --devices="$COUNTS" --prompt=512 --decode="$DECODE" \
+    | tee "$OUT/devices-bench.md"
+  python scripts/bench_model.py --nohf --devices="$COUNTS" --gguf="$LARGE" --prompt=512 \
+    --decode="$DECODE" | tee "$OUT/devices-large.md"
+fi
 echo "results in $OUT"

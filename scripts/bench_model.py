@@ -8,8 +8,14 @@ ds4jax tok/s over the row's.
     python scripts/bench_model.py --gguf=model.gguf --prompt=512 --decode=64 --rounds=5
     python scripts/bench_model.py --weights=packed,dequantized --nohf   # issue 12
     python scripts/bench_model.py --weights=packed --nohf --layer_gguf=/tmp/flash4.gguf
+    # A stage over 1, 2 and 4 devices (issue 14; on CPU, forced host devices sharing the
+    # cores), one process per count: tok/s and the bytes each device holds.
+    python scripts/bench_model.py --devices=1,2,4 --prompt=128 --decode=32
 """
 
+import json
+import os
+import subprocess
 import sys
 
 from absl import app, flags, logging
@@ -25,6 +31,10 @@ _LAYER_GGUF = flags.DEFINE_string("layer_gguf", None, "also time decode of --lay
 _LAYER_RANGE = flags.DEFINE_string("layer_range", "2:2", "the slice --layer_gguf times")
 _WEIGHTS = flags.DEFINE_list("weights", ["packed"], "ds4jax weight modes, one row each "
                              "(packed, dequantized); the first is the paired reference")
+_DEVICES = flags.DEFINE_list("devices", None, "Time a stage spanning each of these device "
+                             "counts instead (one process each, ds4jax only, the first "
+                             "--weights); on CPU the devices are forced host devices.")
+_DEVICES_CHILD = flags.DEFINE_integer("devices_child", None, "(internal) one --devices run.")
 _HF_THREADS = flags.DEFINE_list(
     "hf_threads", ["1"], "torch thread counts to run HF with, one row each (on a shared "
     "2-core CPU torch's intra-op threads thrash: 1 thread is ~8x faster there)")
@@ -47,6 +57,10 @@ def main(argv):
   if any(t < 1 for t in threads):
     print("error: --hf_threads must be >= 1", file=sys.stderr)
     sys.exit(2)
+  if _DEVICES_CHILD.value is not None:
+    return _devices_child(_DEVICES_CHILD.value)
+  if _DEVICES.value:
+    return _devices_table(_DEVICES.value)
   if _HF.value:
     from ds4jax import extras
     try:
@@ -86,6 +100,54 @@ def main(argv):
   if res["max_abs_dlogit"] is not None:
     print(f"last prefill logits row, {res['ref']} vs {res['other']}: "
           f"max |d| {res['max_abs_dlogit']:.3g}")
+
+
+def _devices_child(n: int) -> None:
+  """One --devices count in this process: prints the row as a JSON line."""
+  from ds4jax.model import bench
+  from ds4jax.testing import tiny
+  path = _GGUF.value or tiny.tiny_gguf_path("bench")
+  row = bench.bench_devices(path, n, n_prompt=_PROMPT.value, n_decode=_DECODE.value,
+                            rounds=_ROUNDS.value, dtype=_DTYPE.value, weights=_WEIGHTS.value[0])
+  print(json.dumps(row))
+
+
+def _devices_table(counts) -> None:
+  """Runs each device count in a fresh process (the CPU device count is fixed when JAX
+  starts) and prints the table."""
+  try:
+    counts = [int(c) for c in counts]
+  except ValueError:
+    print(f"error: --devices must be comma-separated integers, got {counts}", file=sys.stderr)
+    sys.exit(2)
+  if min(counts) < 1:
+    print("error: --devices must be >= 1", file=sys.stderr)
+    sys.exit(2)
+  if _GGUF.value is None:
+    from ds4jax.testing import tiny
+    tiny.tiny_gguf_path("bench")  # built once, before the children race for it
+  print(f"prompt {_PROMPT.value}, decode {_DECODE.value}, {_ROUNDS.value} rounds, "
+        f"weights {_WEIGHTS.value[0]}, dtype {_DTYPE.value}; load average {os.getloadavg()[0]:.1f}")
+  print(f"{'devices':>7s} {'prefill tok/s':>14s} {'(best)':>7s} {'decode tok/s':>13s} "
+        f"{'(best)':>7s} {'compile s':>9s} {'expert MB/dev':>13s} {'other MB/dev':>12s} "
+        f"{'total MB/dev':>12s} {'stage MB':>9s}")
+  for n in counts:
+    flags_env = os.environ.get("XLA_FLAGS", "")
+    env = dict(os.environ, XLA_FLAGS=f"{flags_env} --xla_force_host_platform_device_count={n}")
+    args = [sys.executable, __file__, f"--devices_child={n}", f"--prompt={_PROMPT.value}",
+            f"--decode={_DECODE.value}", f"--rounds={_ROUNDS.value}", f"--dtype={_DTYPE.value}",
+            f"--weights={_WEIGHTS.value[0]}"] + ([f"--gguf={_GGUF.value}"] if _GGUF.value else [])
+    p = subprocess.run(args, env=env, capture_output=True, text=True)
+    if p.returncode:
+      print(f"error: --devices={n}: {(p.stderr.strip().splitlines() or ['failed'])[-1]}",
+            file=sys.stderr)
+      sys.exit(1)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    b = r["bytes_per_device"]
+    print(f"{r['devices']:7d} {r['prefill_tok_s']:14.1f} {r['prefill_best']:7.1f} "
+          f"{r['decode_tok_s']:13.1f} {r['decode_best']:7.1f} {r['compile_s']:9.1f} "
+          f"{b['experts'] / 1e6:13.2f} {b['other'] / 1e6:12.2f} {b['total'] / 1e6:12.2f} "
+          f"{r['param_bytes'] / 1e6:9.2f}", flush=True)
 
 
 def _fmt(load) -> str:

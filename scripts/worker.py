@@ -3,6 +3,8 @@ r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until 
     python scripts/worker.py --gguf=PATH --layers=A:B|A:output --coordinator=HOST:PORT
     # ds4-worker's spelling works too (what LocalAI's --ds4-args pass; docs/localai.md):
     python scripts/worker.py --role worker --model PATH --layers A:B --coordinator HOST PORT -c N
+    # A stage over every GPU of this host (expert parallelism), from a route config:
+    python scripts/worker.py --config=configs/flash_2x4gpu.py --coordinator=HOST_A:7000
 
 With a pre-shared key, pass --key_file (or set DS4JAX_KEY); never the key itself. For TLS,
 --tls_ca=CA.pem (the coordinator runs with --tls_cert/--tls_key). A rejected key or
@@ -17,6 +19,7 @@ import threading
 import time
 
 from absl import flags
+from ml_collections import config_flags
 
 from ds4jax import cli
 
@@ -41,6 +44,10 @@ _TLS_NAME = flags.DEFINE_string("tls_server_name", None, "The name to verify in 
 _BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
 _BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
 cli.define_weight_flags()
+cli.define_device_flags()
+config_flags.DEFINE_config_file("config", None, "A route config (configs/*.py): gguf, ctx_size, "
+                                "devices, coordinator, key_file and (if it has one worker) "
+                                "--layers come from it; flags override.", lock_config=False)
 _CACHE = flags.DEFINE_string("cache_dir", None, "Where the tiny test models are cached.")
 _WITH_PARENT = flags.DEFINE_boolean("exit_with_parent", False,
                                     "Exit when the launching process dies (tests, launchers).")
@@ -66,12 +73,13 @@ def main(argv):
     _exit_with_parent()
   from ds4jax.bridge import auth, launch
   from ds4jax.bridge.worker import WorkerOptions
-  if not _LAYERS.value:
+  layers, coordinator = cli.worker_layers(), cli.option("coordinator")
+  if not layers:
     raise ValueError("--layers is required (A:B or A:output)")
-  if not _COORD.value:
+  if not coordinator:
     raise ValueError("--coordinator is required (HOST:PORT)")
-  path = cli.resolve_gguf(_GGUF.value, _CACHE.value)
-  addr = cli.parse_hostport(_COORD.value)
+  path = cli.resolve_gguf(cli.option("gguf"), _CACHE.value)
+  addr = cli.parse_hostport(coordinator)
   if addr[1] == 0:
     raise ValueError("--coordinator needs the coordinator's real port, not 0")
   if _TLS_INSECURE.value and _TLS_CA.value:
@@ -79,8 +87,8 @@ def main(argv):
   tls = None
   if _TLS.value or _TLS_CA.value or _TLS_INSECURE.value or _TLS_NAME.value:
     tls = auth.client_ssl_context(_TLS_CA.value, insecure=_TLS_INSECURE.value)
-  opt = WorkerOptions(ctx=_CTX.value, max_sessions=_SESSIONS.value,
-                      key=auth.load_key(_KEY_FILE.value), tls=tls,
+  opt = WorkerOptions(ctx=int(cli.option("ctx_size")), max_sessions=_SESSIONS.value,
+                      key=auth.load_key(cli.option("key_file")), tls=tls,
                       tls_server_name=_TLS_NAME.value,
                       backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
@@ -88,7 +96,7 @@ def main(argv):
   from ds4jax.model.load import return_big_frees
   return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
-  worker = launch.worker_from_gguf(path, _LAYERS.value, addr, options=opt,
+  worker = launch.worker_from_gguf(path, layers, addr, options=opt,
                                    **cli.weight_options())
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
   worker.run()

@@ -8,10 +8,11 @@ from ds4jax.config import LayerRange, LayerRangeError
 
 def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
                 dtype: str | None = None, weights: str = "packed", max_chunk: int = 256,
-                compile_sizes=()):
+                compile_sizes=(), devices=1):
   """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
   the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint.
-  compile_sizes: chunk sizes to compile before the weights load (lower peak memory)."""
+  compile_sizes: chunk sizes to compile before the weights load (lower peak memory).
+  devices: local devices the stage spans (1, N, "all"; model.sharding)."""
   from ds4jax import sources
   from ds4jax.model import load
   src = sources.open_source(path)
@@ -20,7 +21,7 @@ def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
   return load.load_runner(src, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
-                          weights=weights, compile_sizes=compile_sizes)
+                          weights=weights, compile_sizes=compile_sizes, devices=devices)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -34,7 +35,7 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
 
 
 def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dtype=None,
-                     weights: str = "packed", options=None):
+                     weights: str = "packed", options=None, devices=1):
   """A Worker for `layers` of the GGUF: HELLO needs only metadata; weights load on ACCEPT."""
   from ds4jax.bridge.worker import Worker, WorkerOptions
   from ds4jax import sources
@@ -42,10 +43,14 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
   rng = requested_range(layers, cfg.n_layers)
+  if devices != 1:  # a bad device count fails here, before dialing, not on ACCEPT
+    from ds4jax.model import sharding
+    sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
   # The load runs after ACCEPT, which names the prefill chunk: the warm-up shapes compile
   # before the weights load.
   w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
              vocab_size=cfg.vocab_size, layers=rng, options=opt,
              load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
-                                      weights=weights, compile_sizes=w.warm_sizes))
+                                      weights=weights, compile_sizes=w.warm_sizes,
+                                      devices=devices))
   return w

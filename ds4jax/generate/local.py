@@ -133,7 +133,7 @@ class LocalBackend:
   @classmethod
   def from_gguf(cls, path: str | os.PathLike, *, ranges: Sequence[str] = ("all",),
                 ctx_size: int = 4096, dtype: str | None = None, weights: str = "packed",
-                **kw) -> "LocalBackend":
+                devices=1, **kw) -> "LocalBackend":
     """Loads `ranges` (e.g. `("0:1", "2:output")`) of a GGUF, each into its own runner.
 
     `path` may also be an orbax checkpoint directory (scripts/convert_to_orbax.py); dtype None
@@ -153,7 +153,7 @@ class LocalBackend:
       t0 = time.perf_counter()
       size = f" ({os.path.getsize(path) / 2**30:.2f} GiB file)" if os.path.isfile(path) else ""
       with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)}{size}"):
-        stage = load_stage(src, layers, dtype=dtype, weights=weights)
+        stage = load_stage(src, layers, dtype=dtype, weights=weights, devices=devices)
       runners.append(StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint))
       log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
                time.perf_counter() - t0)

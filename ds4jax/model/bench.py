@@ -171,3 +171,36 @@ def bench_layer_decode(path, layers: str, *, n_decode: int = 8, n_prompt: int = 
   gbs = hbm_bandwidth_gbs(1 << 28)
   return dict(layers=rng.describe(), weights=weights, ms_per_token=1e3 * float(np.median(times[1:])),
               read_bytes=int(read), gbs=gbs, floor_ms=1e3 * read / (gbs * 1e9))
+
+
+def bench_devices(path, devices, *, n_prompt: int, n_decode: int, rounds: int = 3,
+                  dtype: str = "float32", weights: str = "packed") -> dict:
+  """Prefill and decode throughput of the whole model on a stage of `devices` local devices
+  (the routed experts sharded over them, `model.sharding`), plus what each device holds.
+
+  Run one device count per process (on CPU, `--xla_force_host_platform_device_count`
+  decides how many devices there are; they share the host's cores, so a CPU run shows the
+  cost of the collectives, not a speed-up). Returns {devices, compile_s, prefill_tok_s,
+  decode_tok_s (medians of `rounds`), prefill_best, decode_best, bytes_per_device:
+  {"experts", "other", "total"} (the largest device's), param_bytes (the stage's whole)}.
+  """
+  from ds4jax.model import sharding
+  from ds4jax.model.api import Model
+  from ds4jax.model.runner import param_bytes
+  model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
+                            max_chunk=_pow2_at_least(n_prompt), weights=weights,
+                            devices=devices)
+  ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
+  run = _ds4jax_round(model, ids, n_prompt)
+  t0 = time.perf_counter()
+  run(2)
+  compile_s = time.perf_counter() - t0
+  times = np.asarray([run(n_decode)[:2] for _ in range(rounds)])
+  per = sharding.device_bytes(model.runner.params)
+  return dict(devices=sharding.n_shards(model.runner.mesh), weights=weights, dtype=dtype,
+              compile_s=compile_s, prefill_tok_s=n_prompt / float(np.median(times[:, 0])),
+              decode_tok_s=n_decode / float(np.median(times[:, 1])),
+              prefill_best=n_prompt / float(times[:, 0].min()),
+              decode_best=n_decode / float(times[:, 1].min()),
+              bytes_per_device=max(per.values(), key=lambda d: d["total"]),
+              param_bytes=param_bytes(model.runner.params)["total"])

@@ -33,6 +33,7 @@ from flax import nnx
 from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf import names
 from ds4jax.gguf.writer import RawTensor
+from ds4jax.model import sharding
 from ds4jax.model.runner import StageRunner
 from ds4jax.model.stage import Stage
 from ds4jax.quant.packed import Packed
@@ -119,10 +120,13 @@ def _dotted(path: tuple) -> str:
   return ".".join(map(str, path))
 
 
-def _place(flat, items: Iterable[tuple[tuple, Any, int | None]]):
+def _place(flat, items: Iterable[tuple[tuple, Any, int | None]], mesh=None):
   """{path: Param holding a device array} for every abstract parameter in `flat`, from
-  `(path, data, qtype)` triples (`TensorSource.tensors`)."""
+  `(path, data, qtype)` triples (`TensorSource.tensors`). With a `mesh`, each parameter is
+  placed as `sharding.PARAM_AXES` says, every device given only its shard."""
   filled = {}
+  shard = (lambda path, value: None) if mesh is None else (
+      lambda path, value: sharding.leaf_shardings(path, value, mesh))
   for path, arr, qtype in items:
     var = flat.get(path)
     if var is None:
@@ -133,7 +137,9 @@ def _place(flat, items: Iterable[tuple[tuple, Any, int | None]]):
         raise ValueError(f"parameter {_dotted(path)} is {_qname(qtype)}, the stage expects "
                          f"{_qname(want.qtype)}")
       try:
-        filled[path] = var.replace(Packed.from_gguf_data(arr, qtype, var.shape, var.dtype))
+        abstract = Packed.abstract(qtype, var.shape, var.dtype)
+        filled[path] = var.replace(sharding.put_packed(arr, qtype, var.shape, var.dtype,
+                                                       shard(path, abstract)))
       except ValueError as e:
         raise ValueError(f"parameter {_dotted(path)}: {e}") from None
       del arr
@@ -144,18 +150,22 @@ def _place(flat, items: Iterable[tuple[tuple, Any, int | None]]):
     if isinstance(want, Packed):
       raise ValueError(f"parameter {_dotted(path)} is dense, but the stage expects it packed")
     if isinstance(arr, jax.Array) and arr.dtype == var.dtype:
-      filled[path] = var.replace(arr)  # already on the device, in the stage's dtype
+      # Already on the device, in the stage's dtype.
+      filled[path] = var.replace(arr if mesh is None else jax.device_put(arr, shard(path, arr)))
     else:
       # device_put copies straight from the host array (jnp.asarray compiles a copy per
       # shape); the cast happens on the host, one tensor at a time (round-to-nearest-even
       # either way).
-      filled[path] = var.replace(jax.device_put(np.asarray(arr, dtype=var.dtype)))
+      host = np.asarray(arr, dtype=var.dtype)
+      filled[path] = var.replace(sharding.put(host, shard(path, host)))
+      del host
     del arr
   for path, var in flat.items():
     if path in filled:
       continue
     if path[-1] == "bias" and path[-2] == "moe":
-      filled[path] = var.replace(jax.device_put(np.zeros(var.shape, var.dtype)))
+      zeros = np.zeros(var.shape, var.dtype)
+      filled[path] = var.replace(sharding.put(zeros, shard(path, zeros)))
     else:
       raise ValueError(f"no tensor for parameter {_dotted(path)}")
   return filled
@@ -191,7 +201,7 @@ def _abstract(source: TensorSource, layers, dtype, weights: str):
 
 
 def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
-               *, dtype=None, weights: str = "packed") -> Stage:
+               *, dtype=None, weights: str = "packed", devices=1) -> Stage:
   """Loads the slice `layers` of a source (only its tensors are read).
 
   source: a `quant.source.TensorSource` (a GGUF or an orbax checkpoint, see
@@ -203,17 +213,24 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
   weights: 'packed' (what the source holds packed, quantised and 16-bit tensors, stays GGUF
     blocks, dequantised in the step) or 'dequantized' (every tensor dequantised to `dtype`
     on the host at load).
+  devices: the stage's local devices, 1 (default: one device, no mesh), N, "all", or a
+    `jax.sharding.Mesh` with an "expert" axis: the routed experts are sharded over them
+    (expert parallelism, `model.sharding`), each device receiving only its experts' bytes.
   """
   source = as_source(source)
+  mesh = sharding.make_mesh(devices)
+  sharding.check_experts(source.cfg.n_experts, mesh)
   rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
-  return nnx.merge(graphdef, nnx.from_flat_state(
-      _place(flat, source.tensors(rng, packed=packed))))
+  stage = nnx.merge(graphdef, nnx.from_flat_state(
+      _place(flat, source.tensors(rng, packed=packed), mesh)))
+  sharding.attach(stage, mesh)
+  return stage
 
 
 def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
                 *, ctx_size: int, max_chunk: int = 256, dtype=None, weights: str = "packed",
-                fingerprint: str | None = None,
-                compile_sizes: Sequence[int] = ()) -> StageRunner:
+                fingerprint: str | None = None, compile_sizes: Sequence[int] = (),
+                devices=1) -> StageRunner:
   """A StageRunner for `layers` of a source (as in `load_stage`), built in the order that
   keeps the process's peak memory low (issue 7):
 
@@ -224,19 +241,26 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
 
   What was compiled is what `forward` runs: nothing compiles again for those sizes.
   fingerprint: None is the source's; another one is a ValueError (the wrong model).
+  devices: as in `load_stage` (the step compiles for the sharded placement).
   """
   source = as_source(source)
+  mesh = sharding.make_mesh(devices)
+  sharding.check_experts(source.cfg.n_experts, mesh)
   if fingerprint is not None and fingerprint != source.fingerprint:
     raise ValueError(f"{source.path} is of another model (fingerprint "
                      f"{source.fingerprint[:16]}, expected {fingerprint[:16]})")
   rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
-  runner = StageRunner(nnx.merge(graphdef, nnx.from_flat_state(flat)), ctx_size=ctx_size,
-                       max_chunk=max_chunk, fingerprint=source.fingerprint)
+  abstract = nnx.merge(graphdef, nnx.from_flat_state(flat))
+  sharding.attach(abstract, mesh)
+  runner = StageRunner(abstract, ctx_size=ctx_size, max_chunk=max_chunk,
+                       fingerprint=source.fingerprint)
   if compile_sizes:
     runner.compile(compile_sizes)
     trim_heap()
   items = source.tensors(rng, packed=packed)
-  runner.set_params(nnx.merge(graphdef, nnx.from_flat_state(_place(flat, items))))
+  stage = nnx.merge(graphdef, nnx.from_flat_state(_place(flat, items, mesh)))
+  sharding.attach(stage, mesh)
+  runner.set_params(stage)
   trim_heap()
   return runner
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ds4jax.config import ModelConfig
-from ds4jax.model import ops
+from ds4jax.model import ops, sharding
 from ds4jax.quant.packed import Packed
 
 
@@ -60,6 +60,8 @@ class MoE(nnx.Module):
     self.shared_gate = ops.param(rngs, (f, d), dtype)
     self.shared_up = ops.param(rngs, (f, d), dtype)
     self.shared_down = ops.param(rngs, (d, f), dtype)
+    # A jax Mesh: the routed experts run expert-parallel on it (`sharding.attach`); static.
+    self.expert_mesh = None
 
   def route(self, x_TD, tokens_T):
     """Returns (experts int32 [T, k], weights f32 [T, k])."""
@@ -75,10 +77,29 @@ class MoE(nnx.Module):
 
   def __call__(self, x_TD, tokens_T):
     """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32."""
-    t = x_TD.shape[0]
     idx_TK, w_TK = self.route(x_TD, tokens_T)
-    block = group_block(t * self.k, self.n_experts)
-    gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
+    if self.expert_mesh is None:
+      routed_TD = self.routed(x_TD, idx_TK, w_TK)
+    else:  # experts sharded over the stage's devices (docs/design.md §12)
+      routed_TD = sharding.routed_experts(self, x_TD, idx_TK, w_TK)
+    sg_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_gate[...])
+    su_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_up[...])
+    shared_TD = ops.einsum("TF,DF->TD", swiglu(sg_TF, su_TF, self.limit), self.shared_down[...])
+    return routed_TD + shared_TD
+
+  def routed(self, x_TD, idx_TK, w_TK, experts=None):
+    """The routed experts' weighted sum, f32 [T, D], for x [T, D], chosen ids int32 [T, k]
+    and weights f32 [T, k].
+
+    experts: (gate [E', F, D], up [E', F, D], down [E', D, F]) instead of the module's own:
+    a device's local slice under expert parallelism (`sharding.routed_experts`), where an id
+    E' marks a pair of another device's expert (weight 0).
+    """
+    t = x_TD.shape[0]
+    gate_EFD, up_EFD, down_EDF = experts or (self.gate_exps[...], self.up_exps[...],
+                                             self.down_exps[...])
+    n_experts = gate_EFD.shape[0]
+    block = group_block(t * self.k, n_experts)
     packed = isinstance(gate_EFD, Packed)
     if t == 1:
       # One decode row: one dynamic slice per chosen expert, which XLA reads in place (a
@@ -96,24 +117,21 @@ class MoE(nnx.Module):
           acc_D = acc_D + ops.einsum("F,DF->D", h_F, _expert(down_EDF, e))
         routed.append(acc_D)
       routed_TD = jnp.stack(routed)
-    elif packed or t * self.k + self.n_experts * block < t * self.n_experts:
+    elif packed or t * self.k + n_experts * block < t * n_experts:
       # The grouped rows (the pairs, plus under a block of padding per expert) are fewer; packed
       # experts always go this way (the dense path below would dequantise every expert).
-      routed_TD = self._grouped(x_TD, idx_TK, w_TK, block)
+      routed_TD = self._grouped(x_TD, idx_TK, w_TK, block, (gate_EFD, up_EFD, down_EDF))
     else:
       # Few tokens per expert: every expert on every token, unchosen ones weighted 0.
-      comb_TE = jnp.sum(jax.nn.one_hot(idx_TK, self.n_experts, dtype=jnp.float32)
+      comb_TE = jnp.sum(jax.nn.one_hot(idx_TK, n_experts, dtype=jnp.float32)
                         * w_TK[:, :, None], axis=1)
       g_TEF = ops.einsum("TD,EFD->TEF", x_TD, gate_EFD)
       u_TEF = ops.einsum("TD,EFD->TEF", x_TD, up_EFD)
       h_TEF = swiglu(g_TEF, u_TEF, self.limit) * comb_TE[:, :, None]
       routed_TD = ops.einsum("TEF,EDF->TD", h_TEF, down_EDF)
-    sg_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_gate[...])
-    su_TF = ops.einsum("TD,FD->TF", x_TD, self.shared_up[...])
-    shared_TD = ops.einsum("TF,DF->TD", swiglu(sg_TF, su_TF, self.limit), self.shared_down[...])
-    return routed_TD + shared_TD
+    return routed_TD
 
-  def _grouped(self, x_TD, idx_TK, w_TK, block: int):
+  def _grouped(self, x_TD, idx_TK, w_TK, block: int, experts):
     """Routed experts for many tokens: the (token, expert) pairs sorted by expert, then a
     rolled loop over the experts that have pairs (ascending; a dynamic trip count) that slices
     (packed: dequantises) each one's weights once and runs its pairs
@@ -129,7 +147,8 @@ class MoE(nnx.Module):
       3. each token sums its k rows (gathered from their slots).
     """
     t, d = x_TD.shape
-    e_n, k = self.n_experts, self.k
+    gate_EFD, up_EFD, down_EDF = experts
+    e_n, k = gate_EFD.shape[0], self.k
     n_pairs = t * k
     e_P = idx_TK.reshape(-1)
     order_S = jnp.argsort(e_P, stable=True).astype(jnp.int32)  # sorted slot -> pair
@@ -138,7 +157,6 @@ class MoE(nnx.Module):
     x_SD = jnp.concatenate([x_TD.astype(jnp.float32)[order_S // k],
                             jnp.zeros((block, d), jnp.float32)])
     w_S = jnp.concatenate([w_TK.reshape(-1)[order_S], jnp.zeros((block,), jnp.float32)])
-    gate_EFD, up_EFD, down_EDF = self.gate_exps[...], self.up_exps[...], self.down_exps[...]
     # Experts with pairs, ascending, then padding: only the first n_active are visited.
     active_E = count_E > 0
     n_active = jnp.sum(active_E.astype(jnp.int32))

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ds4jax.model import decode_state
+from ds4jax.model import decode_state, sharding
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
 from ds4jax.quant.packed import Packed
@@ -56,6 +56,9 @@ class StageRunner:
     # Python per leaf (~2 ms per call for 250 leaves on a busy 2-core CPU, paid once per stage
     # per decode token). A plain list of the leaves flattens in microseconds.
     self._param_leaves, self._param_def = jax.tree.flatten(self.params)
+    # A stage spanning several devices (`sharding.attach`): the step follows the weights'
+    # shardings; the state is built replicated on the mesh (docs/design.md §12).
+    self.mesh = sharding.stage_mesh(stage)
 
     def step(params, state, tokens_T, hc_TCD, n_valid):
       self.n_traces += 1  # runs only while tracing: counts compilations
@@ -81,14 +84,22 @@ class StageRunner:
     # One compiled program builds a fresh state: op by op it would compile a few small
     # programs after the weights are in and copy the -inf-filled gate buffers.
     self._init = jax.jit(lambda: decode_state.init_stage_state(
-        self.cfg, self.layers, self._cap, self.state_dtype))
+        self.cfg, self.layers, self._cap, self.state_dtype), **sharding.replicated_out(self.mesh))
+
+  def _abstract_params(self) -> list:
+    """The parameter leaves as ShapeDtypeStructs (with their shardings on a mesh)."""
+    if self.mesh is None:
+      return [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    shardings = jax.tree.leaves(sharding.param_shardings(self.params, self.mesh))
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip(self._param_leaves, shardings)]
 
   def compile(self, sizes) -> None:
     """Compiles the step for chunks of `sizes` tokens (bucketed as `forward` does) from
     shapes alone: it needs neither the weights nor a state, so a loader can compile before
     it allocates them (the compiler's transient peak then does not add to theirs). `forward`
     reuses what this compiled."""
-    params = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    params = self._abstract_params()
     self._init.lower().compile()
     state = jax.eval_shape(self._init)
     n_valid = jax.ShapeDtypeStruct((), jnp.int32)
