@@ -113,7 +113,7 @@ class StageRunner:
   def compile_batch(self, batch_sizes, chunk_sizes=(1,), n_slots: int = 1) -> None:
     """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
     alone, for a pool of `n_slots` (the pool's shape is part of the program)."""
-    params = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in self._param_leaves]
+    params = self._abstract_params()
     pool = jax.eval_shape(self._pool_init(n_slots))
     n_s = jax.ShapeDtypeStruct((), jnp.int32)
     self._pool_get.lower(pool, n_s).compile()
@@ -146,7 +146,8 @@ class StageRunner:
   def _pool_init(self, n_slots: int):
     if n_slots not in self._pools:
       self._pools[n_slots] = jax.jit(lambda: decode_state.init_pool(
-          self.cfg, self.layers, self._cap, n_slots, self.state_dtype))
+          self.cfg, self.layers, self._cap, n_slots, self.state_dtype),
+          **sharding.replicated_out(self.mesh))
     return self._pools[n_slots]
 
   def init_pool(self, n_slots: int) -> StageState:
