@@ -45,6 +45,9 @@ def define_run_flags(*, prompt: bool = True) -> None:
   define_weight_flags()
   define_device_flags()
   flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
+  flags.DEFINE_integer("max_sessions", 8, "Sessions whose decode state this process keeps (the "
+                       "pool slots of each stage); that many generations at once batch their "
+                       "steps.", lower_bound=1)
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
   flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
@@ -203,11 +206,12 @@ def parse_tokens(values) -> list[int] | None:
 
 # ------------------------------------------------------------------------------- backends
 def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256,
-                  weights: str = "packed", dtype: str | None = None, devices=1):
+                  weights: str = "packed", dtype: str | None = None, devices=1,
+                  max_sessions: int = 8):
   from ds4jax.generate.local import LocalBackend
   return LocalBackend.from_gguf(gguf, ranges=ranges, ctx_size=ctx_size,
                                 prefill_chunk=prefill_chunk, weights=weights, dtype=dtype,
-                                devices=devices)
+                                devices=devices, max_sessions=max_sessions)
 
 
 def build_backend():
@@ -222,21 +226,23 @@ def build_backend():
     layers = option("layers", "all") or "all"
     ranges = ("all",) if layers == "all" else tuple(layers.split(","))
     backend = local_backend(gguf, ranges=ranges, ctx_size=ctx_size, prefill_chunk=chunk,
-                            **weight_options())
+                            max_sessions=int(option("max_sessions", 8)), **weight_options())
     return backend, lambda: None
   return coordinator_backend(gguf, layers=option("layers", "0:0"), listen=listen,
                              ctx_size=ctx_size, prefill_chunk=chunk,
                              route_timeout=float(option("route_timeout", 60.0)),
                              activation_dtype=option("activation_dtype", "f32"),
                              key_file=option("key_file"), tls_cert=option("tls_cert"),
-                             tls_key=option("tls_key"), **weight_options())
+                             tls_key=option("tls_key"),
+                             max_sessions=int(option("max_sessions", 8)), **weight_options())
 
 
 def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 4096,
                         prefill_chunk: int = 256, route_timeout: float = 60.0,
                         activation_dtype: str = "f32", key_file: str | None = None,
                         tls_cert: str | None = None, tls_key: str | None = None,
-                        weights: str = "packed", dtype: str | None = None, devices=1):
+                        weights: str = "packed", dtype: str | None = None, devices=1,
+                        max_sessions: int = 8):
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
 
   tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
@@ -263,7 +269,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   try:
     coord = coord_lib.Coordinator(runner, coord_lib.CoordinatorOptions(
         host=host, port=port, route_timeout=route_timeout, prefill_chunk=prefill_chunk,
-        activation_dtype=activation_dtype, key=key, tls=tls))
+        activation_dtype=activation_dtype, key=key, tls=tls, max_sessions=max_sessions))
   except OSError as e:
     if e.errno == errno.EADDRINUSE:
       raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None

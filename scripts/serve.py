@@ -88,7 +88,7 @@ def main(argv):
     name = FLAGS.model_name or os.path.splitext(os.path.basename(gguf))[0]
     timeout = float(cli.option("route_timeout", 60.0))
     app = create_app(backend, tokenizer, name, route_timeout=timeout,
-                     max_concurrency=FLAGS.max_concurrency,
+                     max_concurrency=FLAGS.max_concurrency, queue_timeout=FLAGS.queue_timeout,
                      default_max_tokens=int(cli.option("max_new_tokens", 256)))
     host, port = sock.getsockname()[:2]
     print(f"serving http://{host}:{port} model={name} listen={listen or '-'}", flush=True)

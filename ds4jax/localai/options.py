@@ -72,7 +72,7 @@ class LoadSpec:
     """The command line of the model process (`ds4jax.serving.model_proc`, serve.py's flags)."""
     args = [f"--gguf={self.path}", f"--ctx_size={self.ctx_size}",
             f"--route_timeout={self.route_timeout}", f"--prefill_chunk={self.prefill_chunk}",
-            f"--layers={self.layers}"]
+            f"--layers={self.layers}", f"--max_sessions={max(self.max_concurrency, 8)}"]
     if self.coordinator:
       args += [f"--listen={self.listen[0]}:{self.listen[1]}",
                f"--activation_dtype={self.activation_dtype}"]

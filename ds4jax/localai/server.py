@@ -33,6 +33,7 @@ from collections.abc import Callable
 import grpc
 
 from ds4jax.bridge.errors import RouteUnavailable
+from ds4jax.generate import batching
 from ds4jax.localai import backend_pb2 as pb
 from ds4jax.localai import backend_pb2_grpc as pb_grpc
 from ds4jax.localai import options, predict
@@ -256,6 +257,8 @@ class Servicer(pb_grpc.BackendServicer):
                              timing_token_generation=1e3 * float(t.get("decode_s", 0.0))), None
     except (_Abort, GeneratorExit):
       raise
+    except batching.Busy as e:
+      raise _Abort(Code.RESOURCE_EXHAUSTED, f"ds4jax: {_one_line(e)}") from None
     except RouteUnavailable as e:
       raise _Abort(Code.UNAVAILABLE, f"ds4 distributed route error: {_one_line(e)}") from None
     except Exception as e:

@@ -28,6 +28,7 @@ fastapi = extras.need("serve", "fastapi", "ds4jax.serving.app (the OpenAI server
 from fastapi import exceptions as fastapi_exceptions  # noqa: E402
 from fastapi import responses
 
+from ds4jax.generate import batching
 from ds4jax.serving import schemas
 from ds4jax.serving.engine import Engine, RouteNotReady, SessionTracker
 from ds4jax.serving.generation import Finished, GenerationJob, Piece, Stepped, make_work
@@ -61,7 +62,8 @@ class InProcess(SessionTracker):
 
 def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout: float = 60.0,
                max_concurrency: int = 8, default_max_tokens: int = 256,
-               serialize_steps: bool = False, generator_cls=None) -> fastapi.FastAPI:
+               serialize_steps: bool = False, generator_cls=None,
+               queue_timeout: float = 30.0) -> fastapi.FastAPI:
   """Builds the server around a `Backend` (LocalBackend or Coordinator) and its tokenizer.
 
   Args:
@@ -70,7 +72,9 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     tokenizer: the model's `Tokenizer` (unused with a ModelProcess, which has its own).
     model_name: the id `/v1/models` lists and requests must name (or omit).
     route_timeout: seconds a request waits for a complete route before HTTP 503.
-    max_concurrency: requests generating at once; the rest queue (see /metrics).
+    max_concurrency: requests generating at once (their steps batch in the backend); the
+      rest queue (see /metrics) for up to `queue_timeout` seconds, then get HTTP 429 with
+      Retry-After.
     default_max_tokens: chat completion length when the request gives none.
     serialize_steps: one `step` at a time, for backends that are not thread-safe.
     generator_cls: `(backend, tokenizer) -> Generator`; defaults to `generate.loop.Generator`.
@@ -83,7 +87,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
       from ds4jax.generate.loop import Generator as generator_cls
     tracked = InProcess(backend, tokenizer, generator_cls, serialize_steps)
   engine = Engine(tracked, route_timeout=route_timeout, max_concurrency=max_concurrency,
-                  metrics=metrics)
+                  metrics=metrics, queue_timeout=queue_timeout)
   created = int(time.time())
 
   @contextlib.asynccontextmanager
@@ -266,6 +270,10 @@ async def _client_gone(events, metrics, endpoint: str):
 
 
 def _generation_error(e: BaseException, endpoint: str, error_response):
+  if isinstance(e, batching.Busy):
+    resp = error_response(429, str(e), "rate_limit_error", "busy", endpoint=endpoint)
+    resp.headers["Retry-After"] = str(int(round(e.retry_after_s)))
+    return resp
   if _route_error_kind(e):
     return error_response(503, f"distributed route lost: {e}", "service_unavailable",
                           "route_unavailable", endpoint=endpoint)

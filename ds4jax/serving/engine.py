@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
+from ds4jax.generate import batching
 from ds4jax.serving.metrics import Metrics
 
 # How long a route query may take before /health answers from the cached state instead.
@@ -152,10 +153,14 @@ class Engine:
   """Runs requests against one backend without ever blocking the event loop."""
 
   def __init__(self, backend: SessionTracker, *, route_timeout: float = 60.0,
-               max_concurrency: int = 16, metrics: Optional[Metrics] = None):
+               max_concurrency: int = 16, metrics: Optional[Metrics] = None,
+               queue_timeout: float = 30.0):
     self.backend = backend
     self.route_timeout = float(route_timeout)
     self.max_concurrency = int(max_concurrency)
+    # A request waits this long for one of the max_concurrency generation slots, then gets
+    # batching.Busy (HTTP 429 with Retry-After).
+    self.queue_timeout = float(queue_timeout)
     self.metrics = metrics or Metrics()
     self._route_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="route")
     self._route_future: Optional[concurrent.futures.Future] = None
@@ -217,12 +222,22 @@ class Engine:
 
   @contextlib.asynccontextmanager
   async def slot(self) -> AsyncIterator[None]:
-    """Waits for a generation slot; counts as queued while waiting."""
+    """Waits up to `queue_timeout` for a generation slot (counted as queued meanwhile), then
+    raises `batching.Busy`. The generations holding slots run concurrently: the backend
+    batches their steps (docs/design.md §11)."""
     if self._slots is None:  # created lazily so it binds to the server's loop
       self._slots = asyncio.Semaphore(self.max_concurrency)
     self.metrics.add_queue(1)
+    t0 = time.monotonic()
     try:
-      await self._slots.acquire()
+      await asyncio.wait_for(self._slots.acquire(), self.queue_timeout)
+    except asyncio.TimeoutError:
+      waited = time.monotonic() - t0
+      retry = max(1.0, min(self.queue_timeout, 30.0))
+      raise batching.Busy(
+          f"busy: {self.max_concurrency} generations are running and none finished within "
+          f"{waited:.1f} s (--max_concurrency, --queue_timeout); retry after {retry:.0f} s",
+          retry, waited) from None
     finally:
       self.metrics.add_queue(-1)
     self.metrics.add_active(1)

@@ -49,6 +49,8 @@ def define_flags() -> None:
   # sessions than a worker keeps makes it evict and rebuild KV on every step.
   flags.DEFINE_integer("max_concurrency", 8, "Requests generating at once; the rest queue. "
                        "Keep it <= the workers' --max_sessions.", lower_bound=1)
+  flags.DEFINE_float("queue_timeout", 30.0, "Seconds a request waits for a generation slot "
+                     "(--max_concurrency) before HTTP 429 with Retry-After.", lower_bound=0.0)
   flags.DEFINE_enum("http_log_level", "warning", ["debug", "info", "warning", "error"],
                     "uvicorn's log level (access lines at info).")
   flags.DEFINE_boolean("in_process", False, "Run the model inside the HTTP server's process "
