@@ -117,7 +117,7 @@ class MoE(nnx.Module):
           acc_D = acc_D + ops.einsum("F,DF->D", h_F, _expert(down_EDF, e))
         routed.append(acc_D)
       routed_TD = jnp.stack(routed)
-    elif packed or t * self.k + n_experts * block < t * n_experts:
+    elif packed or t * self.k <= 64 or t * self.k + n_experts * block < t * n_experts:
       # The grouped rows (the pairs, plus under a block of padding per expert) are fewer; packed
       # experts always go this way (the dense path below would dequantise every expert).
       routed_TD = self._grouped(x_TD, idx_TK, w_TK, block, (gate_EFD, up_EFD, down_EDF))
