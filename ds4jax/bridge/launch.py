@@ -42,10 +42,9 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
   rng = requested_range(layers, cfg.n_layers)
-  # The load runs after ACCEPT, which names the prefill chunk: the warm-up shapes compile
-  # before the weights load.
-  w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
-             vocab_size=cfg.vocab_size, layers=rng, options=opt,
-             load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
-                                      weights=weights, compile_sizes=w.warm_sizes))
-  return w
+  # The load runs after ACCEPT, which names the prefill chunk; the worker then compiles the
+  # batched shapes it serves (worker.warmup_batched).
+  return Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
+                vocab_size=cfg.vocab_size, layers=rng, options=opt,
+                load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
+                                         weights=weights))
