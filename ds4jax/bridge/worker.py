@@ -602,15 +602,6 @@ def _pong_stats(batcher) -> list[int]:
   return [st.calls, st.decode_calls, st.decode_rows, st.max_batch_seen]
 
 
-def warmup(runner, sizes) -> None:
-  """Runs each chunk size once on a scratch state (compiles its shapes; state discarded)."""
-  for t in sorted(set(min(int(s), runner.ctx_size) for s in sizes if s)):
-    hc = None
-    if not runner.layers.embeds:
-      hc = np.zeros((t, runner.cfg.n_hc, runner.cfg.d_model), np.float32)
-    runner.forward(runner.init_state(), np.zeros((t,), np.int32), hc, 0)
-
-
 @functools.cache
 def _greedy():
   from ds4jax.generate import sampling
