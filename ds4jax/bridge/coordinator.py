@@ -20,6 +20,11 @@ and continues. Without the cache (over its cap) the session rewinds far enough t
 Worker KV slots: each step leases its session's slot on every hop (`residency.py`), evicting
 idle sessions with DROP and queueing beyond a worker's `max_sessions`, so concurrent sessions
 never evict each other mid-step.
+
+Batching (docs/design.md §11): the local stage's session states are slots of one
+`StageBatcher` pool, so concurrent steps of different sessions (one caller thread each) run
+their local decode rows as one `forward_batch`, and each worker batches their WORK frames
+the same way; several sessions are in flight on different hops at once.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from ds4jax.bridge.links import WorkerLink
 from ds4jax.bridge.protocol import MsgType
 from ds4jax.bridge.session_sync import CoordSession, Stepper
 from ds4jax.config import LayerRange
+from ds4jax.generate.batching import BatcherFull, StageBatcher, StateLost
 
 log = logging.getLogger("ds4jax.bridge.coordinator")
 
@@ -72,7 +78,10 @@ class CoordinatorOptions:
   # step waited this long: residency.py.
   lease_grace_s: float = 0.1
   warmup: bool = False  # compile the local decode/chunk shapes in the background at start
-  max_sessions: int = 64  # sessions whose local KV is kept (LRU beyond that)
+  # Sessions whose local KV is kept (LRU beyond that): the slots of the local stage's pool,
+  # allocated up front (max_sessions x one session's state of the local layers).
+  max_sessions: int = 16
+  warm_batches: tuple[int, ...] = (1,)  # decode batch sizes the warm-up compiles
 
 
 class Coordinator:
@@ -102,7 +111,11 @@ class Coordinator:
     self._cv = threading.Condition()
     self.generation = 0
     self._sessions: dict[str, CoordSession] = {}
-    self._compute_lock = threading.Lock()
+    self.batcher = StageBatcher(runner, n_slots=opt.max_sessions, name=f"coordinator {self.local}")
+    self._slot_cv = threading.Condition()  # notified when a step ends (a slot may be free)
+    self._warm = threading.Event()
+    if not opt.warmup:
+      self._warm.set()
     self._stop = threading.Event()
     self._admitting = threading.BoundedSemaphore(max(1, opt.max_handshakes))
     self.last_step: dict[str, Any] = {}
@@ -149,6 +162,7 @@ class Coordinator:
       link.fail(LinkLost("coordinator closing"), quiet=True)
     for t in self._threads:
       t.join(timeout=5)
+    self.batcher.close()
 
   def __enter__(self):
     return self
@@ -312,7 +326,8 @@ class Coordinator:
       plan, reason = self._plan_locked()
       workers = [{"id": l.wid, "peer": l.peer, "layers": l.layers.describe(),
                   "ready": l.ready, "ctx": l.ctx, "host": l.hello.get("host", ""),
-                  "sessions": len(l.residency), "max_sessions": l.residency.capacity}
+                  "sessions": len(l.residency), "max_sessions": l.residency.capacity,
+                  "batch": dict(l.batch_stats)}
                  for l in self._links.values()]
       hops = [] if plan is None else [self._links[h.wid] for h in plan]
     stages = ([{"layers": str(self.local), "host": "local"}] +
@@ -322,6 +337,7 @@ class Coordinator:
         "listen": f"{self.address[0]}:{self.address[1]}", "route": stages, "stages": stages,
         "workers": workers, "sessions": len(self._sessions),
         "activation_dtype": self.opt.activation_dtype, "last_step": self.last_step,
+        "batch": dataclasses.asdict(self.batcher.stats),
     }
 
   # -------------------------------------------------------------------------------- backend
@@ -330,14 +346,15 @@ class Coordinator:
     if dtype not in tensors.WIRE_DTYPES:
       raise ValueError(f"activation_dtype must be one of {tensors.WIRE_DTYPES}")
     sid = secrets.token_hex(8)
-    self._sessions[sid] = CoordSession(sid, dtype, int(self.opt.replay_cache_mb * 2**20))
+    self._sessions[sid] = CoordSession(sid, dtype, int(self.opt.replay_cache_mb * 2**20),
+                                       free_slot=self.batcher.free)
     return sid
 
   def _evict_idle(self, keep: str) -> None:
     """Keeps at most max_sessions sessions' local KV: the least recently used idle session
     forgets its state (its id stays valid; its next step recomputes from position 0)."""
     live = [s for s in list(self._sessions.values())
-            if s.local_state is not None and s.sid != keep]
+            if s.local_slot is not None and s.sid != keep]
     extra = len(live) + 1 - self.opt.max_sessions
     for s in sorted(live, key=lambda s: s.last_used)[:max(extra, 0)]:
       if s.lock.acquire(blocking=False):  # a session mid-step is not idle
@@ -349,9 +366,13 @@ class Coordinator:
           s.lock.release()
 
   def close_session(self, sid: str) -> None:
+    """Forgets a session: its local slot is freed (after a step it is running, if any) and
+    every worker gets DROP."""
     sess = self._sessions.pop(sid, None)
     if sess is None:
       return
+    sess.closed = True
+    self._free_closed(sess)
     with self._cv:
       links = list(self._links.values())
     for link in links:
@@ -359,11 +380,33 @@ class Coordinator:
         link.send(MsgType.DROP, {"sid": sid})
         link.residency.forget(sid)
 
+  def _free_closed(self, sess: CoordSession) -> None:
+    """Frees a closed session's local slot, unless a step of it runs (that step's end
+    does it: whichever of the two comes last sees both the flag and a free lock)."""
+    if sess.lock.acquire(blocking=False):
+      try:
+        sess.reset()
+      finally:
+        sess.lock.release()
+
   def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
            top_logprobs: int = 0, return_logits: bool = False):
     sess = self._sessions.get(sid)
     if sess is None:
       raise KeyError(f"unknown session {sid!r}")
+    try:
+      return self._step(sess, transcript, sampling, step, top_logprobs, return_logits)
+    finally:
+      if sess.closed:  # closed while this step ran: its leases were still held then
+        self._free_closed(sess)
+        with self._cv:
+          links = list(self._links.values())
+        for link in links:
+          link.residency.forget(sid)
+
+  def _step(self, sess: CoordSession, transcript: Sequence[int], sampling, step: int,
+            top_logprobs: int, return_logits: bool):
+    sid = sess.sid
     if not len(transcript):
       raise ValueError("transcript is empty")
     if len(transcript) > self.ctx:
@@ -373,31 +416,49 @@ class Coordinator:
       tokens = _checked(transcript, sess.tokens, self.vocab_size)
       sess.last_used = time.monotonic()
       self._evict_idle(keep=sid)
-      recoveries = mismatches = 0
-      while True:
-        hops = self.wait_route()
-        try:
-          with self._leases(sess, hops):
-            res = stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
-          wire = sum(t.bytes_in + t.bytes_out for t in res.telemetry)
-          self.last_step = {"sid": sid, "n_computed": res.n_computed, "wire_bytes": wire,
-                            "wire_bytes_per_token": wire / max(res.n_computed, 1)}
-          return res
-        except LinkLost as e:
-          recoveries += 1
-          if recoveries > self.opt.max_recoveries:
-            raise
-          self._event(f"session {sid} step {step}: {e}; waiting up to "
-                      f"{self.opt.route_timeout:.0f}s for a worker to take over")
-        except RemoteError as e:
-          # A worker that lost the session (evicted it itself, e.g. after a snapshot restore
-          # filled its slots) is rebuilt. Leases make this rare, so a bound that legitimate
-          # churn does not reach still stops a peer that keeps answering PrefixMismatch.
-          mismatches += 1
-          if e.etype != "PrefixMismatch" or mismatches > self.opt.max_mismatches:
-            raise
-          sess.held.pop(getattr(e, "wid", -1), None)
-          self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
+      recoveries = mismatches = lost = 0
+      try:
+        while True:
+          if sess.closed:
+            raise KeyError(f"session {sid!r} was closed")
+          if sess.local_slot is None:
+            # Before any worker lease (the local layers come first in the one global order
+            # in which a step takes its resources), so waits for slots cannot form a cycle.
+            sess.local_slot = self._local_slot(sess)
+          hops = self.wait_route()
+          try:
+            with self._leases(sess, hops):
+              res = stepper.run(hops, tokens, sampling, step, top_logprobs, return_logits)
+            wire = sum(t.bytes_in + t.bytes_out for t in res.telemetry)
+            self.last_step = {"sid": sid, "n_computed": res.n_computed, "wire_bytes": wire,
+                              "wire_bytes_per_token": wire / max(res.n_computed, 1)}
+            return res
+          except StateLost as e:
+            # The local pool was rebuilt after another session's batched call failed: this
+            # session was reset by `_local` and recomputes from position 0, once.
+            lost += 1
+            if lost > 1:
+              raise
+            self._event(f"session {sid} step {step}: {e}; recomputing from position 0")
+          except LinkLost as e:
+            recoveries += 1
+            if recoveries > self.opt.max_recoveries:
+              raise
+            self._event(f"session {sid} step {step}: {e}; waiting up to "
+                        f"{self.opt.route_timeout:.0f}s for a worker to take over")
+          except RemoteError as e:
+            # A worker that lost the session (evicted it itself, e.g. after a snapshot
+            # restore filled its slots) is rebuilt. Leases make this rare, so a bound that
+            # legitimate churn does not reach still stops a peer that keeps answering
+            # PrefixMismatch.
+            mismatches += 1
+            if e.etype != "PrefixMismatch" or mismatches > self.opt.max_mismatches:
+              raise
+            sess.held.pop(getattr(e, "wid", -1), None)
+            self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
+      finally:
+        with self._slot_cv:
+          self._slot_cv.notify_all()  # a step waiting for a local slot may find one now
 
   def _leases(self, sess: CoordSession, hops):
     """Leases sess's session slot on every hop for one step (see residency.py): the worker
@@ -406,22 +467,65 @@ class Coordinator:
                             self._sessions)
 
   # --------------------------------------------------------------------- local stage helpers
-  def local_forward(self, state, tokens: list[int], pos0: int):
-    with self._compute_lock:
-      t0 = time.monotonic()
-      if state is None:
-        state = self.runner.init_state()
-      out, state = self.runner.forward(state, np.asarray(tokens, np.int32), None, pos0)
-      return np.asarray(out, np.float32), state, time.monotonic() - t0
+  def local_forward(self, sess: CoordSession, tokens: list[int], pos0: int):
+    """Runs tokens at pos0.. of sess through the local stage (its batcher: concurrent
+    sessions' decode rows run as one call); -> (float32 [T, C, D] or [T, V], seconds)."""
+    if not self._warm.is_set():  # the first step waits for the warm-up, not compiles twice
+      self._warm.wait(self.opt.route_timeout)
+    t0 = time.monotonic()
+    slot = sess.local_slot
+    if slot is None:
+      if pos0 != 0:
+        raise StateLost(f"session {sess.sid} has no local state but the chunk starts at {pos0}")
+      slot = sess.local_slot = self._local_slot(sess)
+    tokens_T = np.asarray(tokens, np.int32)
+    step = self.runner.max_chunk
+    outs = [self.batcher.run(slot, tokens_T[a:a + step], None, pos0 + a)
+            for a in range(0, tokens_T.shape[0], step)]
+    out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+    return out, time.monotonic() - t0
 
-  def local_truncate(self, state, pos: int):
-    with self._compute_lock:
-      return self.runner.truncate(state, pos)
+  def local_truncate(self, sess: CoordSession, pos: int) -> None:
+    """Rewinds sess's local state to pos tokens (nothing to do without one)."""
+    if sess.local_slot is not None:
+      self.batcher.truncate(sess.local_slot, pos)
+
+  def local_put(self, sess: CoordSession, state) -> None:
+    """Installs a StageState of the local layers (a snapshot) as sess's local state."""
+    if sess.local_slot is None:
+      sess.local_slot = self._local_slot(sess)
+    self.batcher.put(sess.local_slot, state)
+
+  def _local_slot(self, sess: CoordSession) -> int:
+    """A free slot of the local pool, evicting an idle session's state if none is free and
+    waiting (up to route_timeout) while every slot is held by a running step."""
+    deadline = time.monotonic() + self.opt.route_timeout
+    while True:
+      try:
+        return self.batcher.alloc()
+      except BatcherFull:
+        self._evict_idle(keep=sess.sid)
+      try:
+        return self.batcher.alloc()
+      except BatcherFull:
+        pass
+      left = deadline - time.monotonic()
+      if left <= 0:
+        raise RouteUnavailable(
+            f"all {self.opt.max_sessions} local session slots are held by running steps "
+            f"(max_sessions={self.opt.max_sessions}); waited {self.opt.route_timeout:.0f}s")
+      with self._slot_cv:
+        self._slot_cv.wait(min(left, 0.05))
 
   def _warmup(self) -> None:
-    from ds4jax.bridge.worker import warmup
-    with self._compute_lock:  # the first step waits for it instead of compiling twice
-      warmup(self.runner, (1, self.opt.prefill_chunk))
+    from ds4jax.bridge.worker import warmup_batched
+    try:
+      warmup_batched(self.runner, self.opt.warm_batches, (1, self.opt.prefill_chunk),
+                     self.opt.max_sessions)
+    except Exception as e:  # the first step compiles instead
+      log.warning("local warm-up failed: %s: %s", type(e).__name__, e)
+    finally:
+      self._warm.set()
 
   def window(self, n_hops: int) -> int:
     return self.opt.window or min(max(n_hops + 2, 2), 8)

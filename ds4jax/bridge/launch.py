@@ -46,11 +46,9 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   if devices != 1:  # a bad device count fails here, before dialing, not on ACCEPT
     from ds4jax.model import sharding
     sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
-  # The load runs after ACCEPT, which names the prefill chunk: the warm-up shapes compile
-  # before the weights load.
-  w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
-             vocab_size=cfg.vocab_size, layers=rng, options=opt,
-             load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
-                                      weights=weights, compile_sizes=w.warm_sizes,
-                                      devices=devices))
-  return w
+  # The load runs after ACCEPT, which names the prefill chunk; the worker then compiles the
+  # batched shapes it serves (worker.warmup_batched).
+  return Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
+                vocab_size=cfg.vocab_size, layers=rng, options=opt,
+                load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
+                                         weights=weights, devices=devices))

@@ -45,6 +45,10 @@ class _Pending:
   callback: Callback
 
 
+# The batching counters a worker's PONG carries ("b"), in order (worker._pong_stats).
+_BATCH_KEYS = ("calls", "decode_calls", "decode_rows", "max_batch_seen")
+
+
 class WorkerLink:
   """One accepted, handshaken worker."""
 
@@ -60,6 +64,8 @@ class WorkerLink:
     self.dtypes = tuple(hello.get("dtypes", ("f32",)))
     # The worker's session slots (HELLO max_sessions; 0 = not announced, the worker evicts).
     self.residency = Residency(int(hello.get("max_sessions", 0)))
+    # The worker's batching counters, from its last PONG (route_info; informational).
+    self.batch_stats: dict[str, int] = {}
     self.heartbeat_s = heartbeat_s
     self.dead_after = dead_after
     self.request_timeout = request_timeout
@@ -174,7 +180,12 @@ class WorkerLink:
     elif f.type == MsgType.READY:
       self.ready = True
       self._on_change(self, None)  # the route may now form
-    elif f.type != MsgType.PONG:
+    elif f.type == MsgType.PONG:
+      b = f.header.get("b")
+      if (isinstance(b, list) and len(b) == len(_BATCH_KEYS)
+          and all(type(v) is int and 0 <= v < 1 << 53 for v in b)):  # noqa: E721
+        self.batch_stats = dict(zip(_BATCH_KEYS, b))  # malformed: informational, ignored
+    else:
       raise ProtocolError(f"unexpected {f.type.name} frame from a worker")
 
   def try_claim(self) -> bool:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from ds4jax.bridge import protocol, tensors
 from ds4jax.bridge.errors import LinkLost, ProtocolError
@@ -35,15 +35,21 @@ class _Entry:
 
 
 class CoordSession:
-  """The coordinator's record of one session (guarded by `lock` during a step)."""
+  """The coordinator's record of one session (guarded by `lock` during a step).
 
-  def __init__(self, sid: str, dtype: str, cache_cap: int):
+  Its local state is a slot of the coordinator's StageBatcher pool (`local_slot`, None
+  until the first local compute or after a reset); `free_slot` returns it to the pool."""
+
+  def __init__(self, sid: str, dtype: str, cache_cap: int,
+               free_slot: Callable[[int], None] | None = None):
     self.sid = sid
     self.dtype = dtype
     self.lock = threading.Lock()
     self.tokens: list[int] = []
     self.hashes: list[int] = [protocol.FNV_INIT]
-    self.local_state = None
+    self.local_slot: int | None = None
+    self._free_slot = free_slot
+    self.closed = False  # close_session ran (a step still running frees the slot at its end)
     self.held: dict[int, int] = {}  # worker id -> positions of `tokens` it holds
     self.cache: dict[int, list[_Entry]] = {}  # layer start -> its inputs from position 0
     self.cache_bytes = 0
@@ -60,7 +66,11 @@ class CoordSession:
     self.tokens.extend(int(t) for t in toks)
 
   def reset(self) -> None:
-    self.tokens, self.hashes, self.local_state, self.held = [], [protocol.FNV_INIT], None, {}
+    """Forgets every position (and frees the local slot): the next step starts at 0."""
+    slot, self.local_slot = self.local_slot, None
+    if slot is not None and self._free_slot is not None:
+      self._free_slot(slot)
+    self.tokens, self.hashes, self.held = [], [protocol.FNV_INIT], {}
     with self._cache_lock:
       self.cache, self.cache_bytes = {}, 0
 
@@ -142,7 +152,7 @@ class Stepper:
     local_s = 0.0
     if not hops:  # the coordinator owns the head: one process
       for c in chunks:
-        out, sess.local_state, dt = self._local(c)
+        out, dt = self._local(c)
         local_s += dt
       logits_V = out[-1]
       res = {"token": sampling_mod.sample_token(logits_V, sampling, step)}
@@ -159,7 +169,7 @@ class Stepper:
       if not ps.acquire():
         break
       try:
-        out, sess.local_state, dt = self._local(c)
+        out, dt = self._local(c)
       except BaseException as e:
         ps._settle(e)
         break
@@ -182,21 +192,22 @@ class Stepper:
 
   # ------------------------------------------------------------------------------ helpers
   def _local(self, c: Chunk):
+    """Runs a chunk through the local stage (batched with other sessions' steps there):
+    -> (out [T, C, D] or logits [T, V], seconds)."""
     sess = self.sess
     try:
-      out, state, dt = self.coord.local_forward(sess.local_state, c.tokens, c.pos0)
+      out, dt = self.coord.local_forward(sess, c.tokens, c.pos0)
     except BaseException:
       sess.reset()  # the local state may have been donated half-way: start over cleanly
       raise
     sess.append(c.tokens, c.hashes)
-    return out, state, dt
+    return out, dt
 
   def _rewind(self, p: int) -> None:
     sess = self.sess
     if p >= len(sess.tokens):
       return
-    if sess.local_state is not None:
-      sess.local_state = self.coord.local_truncate(sess.local_state, p)
+    self.coord.local_truncate(sess, p)
     del sess.tokens[p:]
     del sess.hashes[p + 1:]
     sess.held = {w: min(k, p) for w, k in sess.held.items()}

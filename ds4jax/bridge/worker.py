@@ -1,11 +1,18 @@
 """The worker: dial the coordinator (with backoff), say HELLO, serve a StageRunner.
 
-Threads per connection: two, trading roles (`_serve`): one reads frames (answers PING at
-once, so a busy worker still looks alive); WORK that finds the worker idle runs on the
-thread that read it while the other takes over reading; WORK that finds it busy queues, in
-arrival order. When the
-coordinator goes away (EOF, error, or no frame for `dead_after`), the worker drops every
-session and dials again: coordinator restarts need no worker restart.
+Every session's state is a slot of one `generate.batching.StageBatcher` pool, whose compute
+thread runs the one-token WORK of all sessions that are pending together as ONE
+`forward_batch` call (docs/design.md §11). Frames stay per session on the wire; a worker
+batches what is queued (docs/protocol.md §3).
+
+Threads per connection (`_serve`): a few serving threads that trade roles. At any time one
+reads frames (it answers PING at once, so a busy worker still looks alive); each session's
+frames form a *lane*, run in arrival order by one thread at a time (the coordinator
+pipelines several prefill chunks of a session), and lanes of different sessions run on
+different threads at once, each blocking in `batcher.run`, which is how their rows meet in
+one batch. A frame whose lane is idle runs on the thread that read it; another takes over
+reading. When the coordinator goes away (EOF, error, or no frame for `dead_after`), the
+worker drops every session and dials again: coordinator restarts need no worker restart.
 """
 
 from __future__ import annotations
@@ -28,31 +35,47 @@ from ds4jax.bridge.errors import (HandshakeRefused, LinkLost, PrefixMismatch, Pr
 from ds4jax.bridge.protocol import MsgType, field
 from ds4jax.bridge.sessions import SessionStore
 from ds4jax.config import LayerRange
+from ds4jax.generate.batching import StageBatcher, StateLost
 
 log = logging.getLogger("ds4jax.bridge.worker")
-CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry")
-# Frames that run in arrival order on the computing thread.
+CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch")
+# Frames that run in arrival order per session (its lane) on the serving threads.
 _QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
-# The waiting thread checks this often whether a compute left the reader role free: a decode
-# token does not wake it (a wake-up on the hot path costs more than the token's bookkeeping),
-# so a long one is covered within this time (far below the 1 s minimum liveness deadline).
+# An idle serving thread checks this often whether the reader role is free. With a single
+# resident session a decode token does not wake it (a wake-up on the hot path costs more
+# than the token's bookkeeping, and no other session's frame can be waiting), so a long
+# compute is covered within this time (far below the 1 s minimum liveness deadline).
 _TAKEOVER_S = 0.1
+_JOIN_S = 30.0  # how long a closing connection waits for its serving threads
+
+
+class _Lane:
+  """One session's queued frames, in arrival order; at most one thread runs them."""
+
+  __slots__ = ("queue", "owned", "listed", "computing")
+
+  def __init__(self):
+    self.queue: collections.deque = collections.deque()  # (frame, t_recv)
+    self.owned = False  # a thread runs this lane
+    self.listed = False  # waiting in _Conn.ready for a thread
+    self.computing = False  # a frame was taken and its reply is not yet built
 
 
 class _Conn:
-  """The two serving threads' shared state for one connection (guarded by `cv`).
+  """The serving threads' shared state for one connection (guarded by `cv`)."""
 
-  Invariant: `queue` is non-empty only while `busy` (a thread computes); so a WORK read
-  while not busy may run at once on the reading thread.
-  """
-
-  def __init__(self, ch: transport.Channel, dead_after: float, idle: float):
+  def __init__(self, ch: transport.Channel, dead_after: float, poll: float, max_owners: int):
     self.ch = ch
     self.dead_after = dead_after
-    self.idle = idle
+    self.poll = poll
     self.cv = threading.Condition()
-    self.queue: collections.deque = collections.deque()
-    self.busy = True  # the helper loads and compiles first
+    self.lanes: dict[str, _Lane] = {}
+    self.ready: collections.deque[str] = collections.deque()  # lanes waiting for a thread
+    self.owners = 0  # threads running a lane
+    self.max_owners = max_owners
+    self.idle = 0  # threads waiting for a role
+    self.threads: list[threading.Thread] = []
+    self.serving = False  # the stage is loaded and compiled (READY sent)
     self.reader_free = True
     self.done = False
     self.error: BaseException | None = None
@@ -84,6 +107,9 @@ class WorkerOptions:
   # Compile the decode and prefill-chunk shapes before READY, so first requests do not pay
   # for compilation against their deadlines.
   warmup: bool = True
+  # Decode batch sizes compiled by the warm-up (others compile on first use; buckets are
+  # powers of two up to the runner's max_batch).
+  warm_batches: tuple[int, ...] = (1,)
 
 
 class Worker:
@@ -107,6 +133,7 @@ class Worker:
     self._load = load
     self.opt = options or WorkerOptions()
     self.runner = None
+    self.batcher: StageBatcher | None = None  # the pool of session states (after the load)
     self.sessions = SessionStore(self.opt.max_sessions)
     self.host = socket.gethostname()
     self._stop = threading.Event()
@@ -128,7 +155,17 @@ class Worker:
   # ------------------------------------------------------------------------------ dial loop
   def run(self) -> None:
     """Serves until stop(); raises HandshakeRefused when the coordinator refuses this worker
-    or the key/certificate check fails (final: redialing cannot fix it; see final_reason)."""
+    or the key/certificate check fails (final: redialing cannot fix it; see final_reason).
+    The session pool's compute thread stops when it returns."""
+    try:
+      self._dial_loop()
+    finally:
+      b, self.batcher = self.batcher, None
+      if b is not None:
+        self.sessions.clear()
+        b.close()
+
+  def _dial_loop(self) -> None:
     delay = self.opt.backoff_min
     while not self._stop.is_set():
       try:
@@ -211,46 +248,71 @@ class Worker:
     return (1, self._chunk) if self.opt.warmup else ()
 
   def _prepare(self, ch: transport.Channel) -> None:
-    """Loads the slice (once) and compiles its shapes, then says READY. Runs on the compute
-    thread, so the reader keeps answering heartbeats meanwhile."""
+    """Loads the slice and builds its session pool (once), compiles its shapes, then says
+    READY. Runs on a serving thread, so the reader keeps answering heartbeats meanwhile."""
     if self.runner is None:
       t0 = time.monotonic()
       self.runner = self._load()
       log.info("loaded layers %s in %.1fs", self.layers.describe(), time.monotonic() - t0)
+    if self.batcher is None:
+      self.use_runner(self.runner)
     if self.opt.warmup:
       t0 = time.monotonic()
-      warmup(self.runner, self.warm_sizes)
+      warmup_batched(self.runner, self.opt.warm_batches, self.warm_sizes, self.opt.max_sessions)
       log.info("compiled chunk shapes in %.1fs", time.monotonic() - t0)
     ch.send(MsgType.READY, {})
     log.info("serving layers %s for coordinator %s", self.layers.describe(), ch.peer)
 
+  def use_runner(self, runner) -> None:
+    """Serves `runner`: its pool of max_sessions session states and the compute thread
+    that batches them (`_prepare` calls it after the load; tests that drive `_work`
+    directly call it themselves)."""
+    self.runner = runner
+    self.batcher = StageBatcher(runner, n_slots=self.opt.max_sessions,
+                                name=f"worker {self.layers}")
+    self.sessions.bind(self.batcher)
+
+  def batch_stats(self) -> dict[str, Any]:
+    """The session pool's batching counters (calls, decode rows, largest batch, ...)."""
+    b = self.batcher
+    return {} if b is None else dataclasses.asdict(b.stats)
+
   # ----------------------------------------------------------------------------- serving
   def _serve(self, ch: transport.Channel, hb: float) -> None:
-    """Serves one connection with two threads (this one and a helper) that trade roles.
+    """Serves one connection with serving threads that trade roles (module docstring).
 
     Exactly one thread reads frames at a time (it answers PING at once, so a busy worker
-    still looks alive); at most one computes. A WORK that arrives while nothing computes
-    runs on the thread that read it, with no hand-off (the decode hot path), and the other
-    thread takes over reading meanwhile (woken at once for a prefill chunk, or by itself
-    within _TAKEOVER_S while a decode token computes); frames that arrive during a compute
-    queue up and run in arrival order.
+    still looks alive). A frame whose session has nothing queued runs on the thread that
+    read it, with no hand-off (the decode hot path), and another thread takes over reading:
+    woken at once when other sessions may send meanwhile (or for a prefill chunk), else by
+    itself within _TAKEOVER_S. Frames of a session that is computing queue in its lane.
+    Threads are started as lanes need them, at most max_sessions + 1.
     """
+    owners = max(self.opt.max_sessions, 1) + 1  # + 1: a DROP/snapshot lane of an evictee
     conn = _Conn(ch, max(3 * hb, 1.0) if hb > 0 else self.opt.dead_after,
-                 min(hb, 1.0) if hb > 0 else 1.0)
+                 min(hb, 1.0) if hb > 0 else 1.0, owners)
     self._ch = ch
-    helper = threading.Thread(target=self._helper, args=(conn,), daemon=True,
-                              name="ds4jax-worker-compute")
-    helper.start()
+    self._spawn(conn, self._helper)
     try:
       self._roles(conn)
     finally:
       conn.end(None)
       ch.close()
-      helper.join(timeout=30)
+      deadline = time.monotonic() + _JOIN_S
+      with conn.cv:
+        threads = list(conn.threads)
+      for t in threads:
+        t.join(timeout=max(deadline - time.monotonic(), 0.0))
     if conn.error is not None:
       raise conn.error
 
-  def _helper(self, conn: "_Conn") -> None:
+  def _spawn(self, conn: _Conn, target) -> None:
+    t = threading.Thread(target=target, args=(conn,), daemon=True, name="ds4jax-worker-serve")
+    with conn.cv:
+      conn.threads.append(t)
+    t.start()
+
+  def _helper(self, conn: _Conn) -> None:
     """Loads and compiles (the reader answers heartbeats meanwhile), then trades roles."""
     try:
       self._prepare(conn.ch)
@@ -264,60 +326,112 @@ class Worker:
       conn.end(None)
       conn.ch.close()
       return
+    with conn.cv:
+      conn.serving = True
+      conn.cv.notify_all()
+    self._thread(conn)
+
+  def _thread(self, conn: _Conn) -> None:
     try:
-      self._roles(conn, computing=True)
+      self._roles(conn)
     except BaseException as e:  # never leave the connection without a thread
       conn.end(e)
 
-  def _roles(self, conn: "_Conn", computing: bool = False) -> None:
-    """One thread's life on a connection: compute queued work, else read, else wait."""
+  def _roles(self, conn: _Conn) -> None:
+    """One thread's life on a connection: run a waiting lane, else read, else wait."""
+    sid = None
     while True:
+      if sid is not None and not self._run_lane(conn, sid):
+        conn.end(None)
+        return
+      sid = None
       with conn.cv:
-        if conn.done:
-          return
-        if computing:  # just finished an item (or the warm-up)
-          computing = bool(conn.queue)
-          conn.busy = computing
-        while not computing:
+        while True:
           if conn.done:
             return
+          if conn.serving and conn.ready and conn.owners < conn.max_owners:
+            sid = conn.ready.popleft()
+            lane = conn.lanes[sid]
+            lane.listed, lane.owned = False, True
+            conn.owners += 1
+            break
           if conn.reader_free:
             conn.reader_free = False
             break
+          conn.idle += 1
           conn.cv.wait(_TAKEOVER_S)
-        item = conn.queue.popleft() if computing else None
-      if item is None:
-        item = self._read(conn)  # returns with the reader role handed over, or None
-        if item is None:
+          conn.idle -= 1
+      if sid is None:
+        sid = self._read(conn)  # returns with a lane to run and the reader role handed over
+        if sid is None:
           return
-      if not self._process(conn.ch, *item):
-        conn.end(None)
-        return
-      computing = True
 
-  def _read(self, conn: "_Conn"):
-    """Reads frames until one must run on this thread (returned, reader role released)."""
+  def _run_lane(self, conn: _Conn, sid: str) -> bool:
+    """Runs sid's queued frames in order until none is left; False once the link is lost."""
+    while True:
+      with conn.cv:
+        lane = conn.lanes[sid]
+        if conn.done or not lane.queue:
+          lane.owned = False
+          conn.owners -= 1
+          if not lane.queue:
+            del conn.lanes[sid]
+          if conn.ready:
+            conn.cv.notify()  # a lane waited for a thread
+          return True
+        f, t_recv = lane.queue.popleft()
+        lane.computing = True
+      if not self._process(conn, lane, f, t_recv):
+        return False
+
+  def _read(self, conn: _Conn) -> str | None:
+    """Reads frames until one must run on this thread: returns its session id with this
+    thread owning its lane and the reader role released (None: the connection ended)."""
     ch = conn.ch
     try:
       while not self._stop.is_set() and not conn.done:
         try:
-          f = ch.recv(idle_timeout=conn.idle)
+          f = ch.recv(idle_timeout=conn.poll)
         except protocol.IdleTimeout:
           if ch.silent_for(time.monotonic()) > conn.dead_after:
             raise LinkLost(f"no frame from the coordinator for {conn.dead_after:.1f}s") from None
           continue
         if f.type == MsgType.PING:
-          ch.send(MsgType.PONG, {"t": f.header.get("t", 0)})
+          ch.send(MsgType.PONG, {"t": f.header.get("t", 0), "b": _pong_stats(self.batcher)})
         elif f.type in _QUEUED:
-          item = (f, time.monotonic())
+          sid = f.header.get("sid")
+          sid = sid if isinstance(sid, str) else ""  # _process refuses it in its lane
+          spawn = False
           with conn.cv:
-            if conn.busy:
-              conn.queue.append(item)
-              continue
-            conn.busy, conn.reader_free = True, True
-            if not (f.type == MsgType.DROP or f.type == MsgType.WORK and f.header.get("n") == 1):
-              conn.cv.notify()  # a chunk or snapshot part: the other thread reads meanwhile
-          return item
+            lane = conn.lanes.get(sid)
+            if f.type == MsgType.DROP and (lane is None or not (lane.queue or lane.computing)):
+              lane = None  # nothing of sid runs or waits: drop it here, now
+            else:
+              if lane is None:
+                lane = conn.lanes[sid] = _Lane()
+              lane.queue.append((f, time.monotonic()))
+              if lane.owned or lane.listed:
+                continue  # its owner (or the next free thread) runs it in order
+              if not conn.serving or conn.owners >= conn.max_owners:
+                lane.listed = True
+                conn.ready.append(sid)
+                continue
+              lane.owned, conn.reader_free = True, True
+              conn.owners += 1
+              # Wake a reader unless this is a lone session's decode token (nobody else can
+              # be waiting to send; an idle thread takes over by itself if it runs long).
+              if (f.type != MsgType.WORK or f.header.get("n") != 1
+                  or len(self.sessions) > 1 or conn.owners > 1):
+                if conn.idle:
+                  conn.cv.notify()
+                else:
+                  spawn = len(conn.threads) < conn.max_owners  # + this thread
+          if lane is None:
+            self.sessions.drop(sid)
+            continue
+          if spawn:
+            self._spawn(conn, self._thread)
+          return sid
         else:
           raise ProtocolError(f"unexpected {f.type.name} frame from the coordinator")
     except BaseException as e:
@@ -326,17 +440,27 @@ class Worker:
     conn.end(None)
     return None
 
-  def _process(self, ch: transport.Channel, f: protocol.Frame, t_recv: float) -> bool:
-    """Runs one queued frame and sends its reply; False once the link is lost."""
+  def _process(self, conn: _Conn, lane: _Lane, f: protocol.Frame, t_recv: float) -> bool:
+    """Runs one frame of a lane and sends its reply; False once the link is lost."""
+    ch = conn.ch
+
+    def computed():  # the session's state is settled: a DROP may now run on the reader
+      with conn.cv:
+        lane.computing = False
+
     if f.type == MsgType.DROP:
       self.sessions.drop(str(f.header.get("sid", "")))
+      computed()
       return True
     req = f.header.get("req", -1)
     try:
-      if f.type in (MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD):
-        header, payload = self._snapshot(f)
-      else:
-        header, payload = self._work(f, t_recv)
+      try:
+        if f.type in (MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD):
+          header, payload = self._snapshot(f)
+        else:
+          header, payload = self._work(f, t_recv)
+      finally:
+        computed()
       ch.send(MsgType.RESULT, header, payload)
     except LinkLost:
       return False
@@ -350,6 +474,15 @@ class Worker:
       except LinkLost:
         return False
     return True
+
+  def _compute(self, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int) -> np.ndarray:
+    """tokens [T] (+ activations [T, C, D]) through the batcher, in pieces of at most the
+    runner's max_chunk; -> float32 [T, V] logits (head) or [T, C, D]."""
+    step = self.runner.max_chunk
+    outs = [self.batcher.run(slot, tokens_T[a:a + step], None if x_TCD is None
+                             else x_TCD[a:a + step], pos0 + a)
+            for a in range(0, tokens_T.shape[0], step)]
+    return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
 
   def _snapshot(self, f: protocol.Frame) -> tuple[dict[str, Any], bytes]:
     """Session snapshot save/load parts (in order with WORK, on the compute thread)."""
@@ -394,17 +527,19 @@ class Worker:
     elif len(f.payload) != 4 * n:
       raise ProtocolError("an embedding stage takes token ids only")
     # The prefix check (and any rewind) happens before computing.
-    s, evicted = self.sessions.prepare(sid, pos0, hb_, self.runner)
+    s, evicted = self.sessions.prepare(sid, pos0, hb_)
     for old in evicted:
       log.info("evicted session %s (limit %d)", old, self.sessions.limit)
     t1 = time.monotonic()
     try:
-      out, state = self.runner.forward(s.state, tokens, x, pos0)
-      out = np.asarray(out, np.float32)
-    except Exception:
+      out = self._compute(s.slot, tokens, x, pos0)
+    except StateLost as e:  # the pool was rebuilt after another call failed
+      self.sessions.drop(sid)
+      raise PrefixMismatch(f"session {sid} lost its state on this worker ({e})") from None
+    except BaseException:
       self.sessions.drop(sid)  # the state may be half-updated
       raise
-    self.sessions.commit(s, toks, state, hashes)
+    self.sessions.commit(s, toks, hashes)
     t2 = time.monotonic()
     res: dict[str, Any] = {"req": req, "sid": sid, "ha": protocol.hash_hex(ha)}
     payload = b""
@@ -449,13 +584,22 @@ def final_reason(e: BaseException) -> str | None:
   return None
 
 
-def warmup(runner, sizes) -> None:
-  """Runs each chunk size once on a scratch state (compiles its shapes; state discarded)."""
-  for t in sorted(set(min(int(s), runner.ctx_size) for s in sizes if s)):
-    hc = None
-    if not runner.layers.embeds:
-      hc = np.zeros((t, runner.cfg.n_hc, runner.cfg.d_model), np.float32)
-    runner.forward(runner.init_state(), np.zeros((t,), np.int32), hc, 0)
+def warmup_batched(runner, batch_sizes, chunk_sizes, n_slots: int) -> None:
+  """Compiles `forward_batch` for these decode batch sizes x chunk sizes on a pool of
+  `n_slots` (what a StageBatcher of that many slots runs); a runner without `compile_batch`
+  (test fakes) compiles nothing."""
+  compile_batch = getattr(runner, "compile_batch", None)
+  sizes = sorted(set(min(int(s), runner.ctx_size) for s in chunk_sizes if s))
+  if compile_batch is not None and sizes:
+    compile_batch(tuple(batch_sizes) or (1,), sizes, n_slots=n_slots)
+
+
+def _pong_stats(batcher) -> list[int]:
+  """[forward_batch calls, decode calls, decode rows, largest decode batch] for PONG."""
+  if batcher is None:
+    return [0, 0, 0, 0]
+  st = batcher.stats
+  return [st.calls, st.decode_calls, st.decode_rows, st.max_batch_seen]
 
 
 @functools.cache

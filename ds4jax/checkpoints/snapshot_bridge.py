@@ -35,9 +35,16 @@ from ds4jax.config import LayerRange
 
 CHUNK_BYTES = 8 << 20
 # Per worker: sid -> export in progress (bytes kept until the last part is sent) and
-# sid -> import in progress. Only the worker's compute thread touches them.
+# sid -> import in progress. Only the lane of that session (one thread at a time) touches
+# an entry.
 _EXPORTS: "weakref.WeakKeyDictionary[Any, dict[str, dict]]" = weakref.WeakKeyDictionary()
 _IMPORTS: "weakref.WeakKeyDictionary[Any, dict[str, dict]]" = weakref.WeakKeyDictionary()
+_TABLES_LOCK = threading.Lock()  # lanes of different sessions run on different threads
+
+
+def _table(tables, worker) -> dict[str, dict]:
+  with _TABLES_LOCK:
+    return tables.setdefault(worker, {})
 
 
 def _n_parts(total: int) -> int:
@@ -74,7 +81,7 @@ def handle_worker_frame(worker, f: protocol.Frame) -> tuple[dict[str, Any], byte
   part = field(h, "part", int, lo=0)
   if f.type == MsgType.SNAPSHOT_SAVE:
     return _save_part(worker, req, sid, n, want, part)
-  imports = _IMPORTS.setdefault(worker, {})
+  imports = _table(_IMPORTS, worker)
   try:
     return _load_part(worker, imports, f, req, sid, n, want, part)
   except BaseException:
@@ -83,18 +90,22 @@ def handle_worker_frame(worker, f: protocol.Frame) -> tuple[dict[str, Any], byte
 
 
 def _save_part(worker, req, sid, n, want, part):
-  exports = _EXPORTS.setdefault(worker, {})
+  exports = _table(_EXPORTS, worker)
   if part == 0:
     exports.pop(sid, None)
-    s = worker.sessions.get(sid)
+    s = worker.sessions.acquire(sid)  # not evictable while its state is read
     if s is None:
       raise ProtocolError(f"session {sid} is unknown here (evicted, or this worker restarted)")
-    if s.n != n:
-      raise ProtocolError(f"session {sid} holds {s.n} positions, the snapshot expects {n}")
-    if s.hashes[n] != want:
-      raise ProtocolError(f"session {sid} prefix hash {protocol.hash_hex(s.hashes[n])} != "
-                          f"snapshot {protocol.hash_hex(want)}")
-    got_n, blobs = stage_state.export_stage(worker.runner, s.state)
+    try:
+      if s.n != n:
+        raise ProtocolError(f"session {sid} holds {s.n} positions, the snapshot expects {n}")
+      if s.hashes[n] != want:
+        raise ProtocolError(f"session {sid} prefix hash {protocol.hash_hex(s.hashes[n])} != "
+                            f"snapshot {protocol.hash_hex(want)}")
+      state = worker.batcher.get(s.slot)  # in order with the pool's compute
+    finally:
+      worker.sessions.release(s)
+    got_n, blobs = stage_state.export_stage(worker.runner, state)
     if got_n != n:
       raise ProtocolError(f"session {sid} state holds {got_n} positions, its timeline {n}")
     meta, data = stage_state.pack(blobs)
@@ -254,10 +265,9 @@ class CoordinatorAdapter:
     c, sess = self.c, self._session(sid)
     with sess.lock:
       n = len(sess.tokens)
-      if sess.local_state is None:
+      if sess.local_slot is None:
         raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
-      with c._compute_lock:
-        got, blobs = stage_state.export_stage(c.runner, sess.local_state)
+      got, blobs = stage_state.export_stage(c.runner, c.batcher.get(sess.local_slot))
       if got != n:
         raise SnapshotError(f"the coordinator's stage holds {got} positions, the session {n}")
       hops = c.wait_route()
@@ -281,7 +291,7 @@ class CoordinatorAdapter:
       with c._leases(sess, hops):  # a slot on each worker, evicting an idle session if full
         for hop in hops:
           push(hop, sid, tokens, read(hop.layers.layers()))
-      sess.local_state = local
+      c.local_put(sess, local)
       sess.append(tokens)
       sess.held = {hop.wid: len(tokens) for hop in hops}
       sess.last_used = time.monotonic()

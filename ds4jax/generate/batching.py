@@ -11,7 +11,9 @@ takes everything pending at once:
 
 So a decode step never waits behind more than one prefill chunk, and throughput grows with
 the number of sessions decoding at once: a decode step reads every weight once for all its
-rows. Items of one session cannot interleave (its caller blocks on each), so running the
+rows. A `run` that finds the stage idle (nothing queued, no call in progress) computes on
+the calling thread instead, as a one-row call: a lone stream crosses no thread hand-off, and
+items that arrive meanwhile queue for the compute thread's next round. Items of one session cannot interleave (its caller blocks on each), so running the
 control operations first keeps every slot's order.
 
     batcher = StageBatcher(runner, n_slots=8)
@@ -106,6 +108,7 @@ class StageBatcher:
     self._free = list(range(self.n_slots - 1, -1, -1))
     self._cv = threading.Condition()
     self._queue: collections.deque[_Item] = collections.deque()
+    self._busy = False  # a thread (the compute thread, or an idle stage's caller) holds the pool
     self._closed = False
     self._thread = threading.Thread(target=self._loop, daemon=True,
                                     name=f"ds4jax-batcher-{self.name}")
@@ -167,7 +170,26 @@ class StageBatcher:
                        f"got {tokens_T.shape[0]}")
     item = _Item("run", slot, concurrent.futures.Future(), tokens=tokens_T, hc=hc_TCD,
                  pos0=int(pos0), t_submit=time.perf_counter())
-    return self._submit(item).result()
+    if not 0 <= slot < self.n_slots:
+      raise ValueError(f"slot {slot} is not in [0, {self.n_slots})")
+    with self._cv:
+      if self._closed:
+        raise RuntimeError(f"stage batcher {self.name} is closed")
+      inline = not self._busy and not self._queue
+      if inline:  # an idle stage: compute here, no hand-off
+        self._busy = True
+      else:
+        self._queue.append(item)
+        self._cv.notify()
+    if inline:
+      try:
+        self._call([item])
+      finally:
+        with self._cv:
+          self._busy = False
+          if self._queue:
+            self._cv.notify()
+    return item.future.result()
 
   def close(self) -> None:
     with self._cv:
@@ -201,30 +223,39 @@ class StageBatcher:
   def _rounds(self) -> None:
     while True:
       with self._cv:
-        while not self._queue and not self._closed:
+        while not self._queue or self._busy:
+          if self._closed and not self._queue:
+            return
           self._cv.wait()
-        if self._closed and not self._queue:
-          return
         pending = list(self._queue)
         self._queue.clear()
-      decode, chunks, rest = [], [], []
-      for item in pending:
-        if item.kind != "run":
-          self._control(item)
-        elif (item.tokens.shape[0] == 1 and len(decode) < self.max_batch
-              and all(d.slot != item.slot for d in decode)):
-          decode.append(item)
-        elif item.tokens.shape[0] > 1 and not chunks:
-          chunks.append(item)
-        else:
-          rest.append(item)
-      if rest:  # next round, ahead of newer arrivals
+        self._busy = True
+      try:
+        self._round(pending)
+      finally:
         with self._cv:
-          self._queue.extendleft(reversed(rest))
-      if decode:
-        self._call(decode)
-      if chunks:
-        self._call(chunks)
+          self._busy = False
+
+  def _round(self, pending: list[_Item]) -> None:
+    """One round over the items that were pending together (see the module docstring)."""
+    decode, chunks, rest = [], [], []
+    for item in pending:
+      if item.kind != "run":
+        self._control(item)
+      elif (item.tokens.shape[0] == 1 and len(decode) < self.max_batch
+            and all(d.slot != item.slot for d in decode)):
+        decode.append(item)
+      elif item.tokens.shape[0] > 1 and not chunks:
+        chunks.append(item)
+      else:
+        rest.append(item)
+    if rest:  # next round, ahead of newer arrivals
+      with self._cv:
+        self._queue.extendleft(reversed(rest))
+    if decode:
+      self._call(decode)
+    if chunks:
+      self._call(chunks)
 
   def _control(self, item: _Item) -> None:
     try:

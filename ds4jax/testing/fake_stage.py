@@ -41,8 +41,54 @@ def _weights(cfg: FakeConfig, tag: str, shape) -> np.ndarray:
   return (np.random.default_rng(seed).standard_normal(shape) * 0.5).astype(np.float32)
 
 
-class FakeRunner:
-  """forward(state, tokens_T, hc_TCD | None, pos0) -> (hc_TCD or logits_TV, state)."""
+class _PoolAPI:
+  """The pooled-session API of `StageRunner` (docs/design.md §11) over per-slot states: a
+  pool is a list of n_slots + 1 states (the last is scratch), and `forward_batch` runs each
+  row as `forward` would, paying `delay_s` once per call (so a batch of B rows costs what one
+  row does, as a decode step does on the real model). `batch_calls` records the rows of
+  every call."""
+
+  max_chunk = 256
+  max_batch = 16
+
+  def init_pool(self, n_slots: int) -> list:
+    return [self.init_state() for _ in range(int(n_slots) + 1)]
+
+  def pool_get(self, pool: list, slot: int):
+    return pool[slot]
+
+  def pool_put(self, pool: list, slot: int, state) -> list:
+    pool[slot] = state
+    return pool
+
+  def pool_truncate(self, pool: list, slot: int, pos: int) -> list:
+    pool[slot] = dataclasses.replace(pool[slot], pos=int(pos))  # only the counter moves
+    return pool
+
+  def forward_batch(self, pool: list, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+    """tokens_BT: int [B, T]; hc_BTCD: f32 [B, T, C, D] or None; n_valid_B: int [B].
+    Returns (out [B, T, V] or [B, T, C, D] (rows past n_valid are zeros), pool)."""
+    tokens_BT = np.asarray(tokens_BT, np.int32)
+    b, t = tokens_BT.shape
+    if b > self.max_batch or len(set(int(s) for s in slots_B)) != b:
+      raise ValueError(f"bad batch: {b} rows, slots {list(slots_B)}")
+    self.batch_calls.append(b)
+    if self.delay_s:
+      time.sleep(self.delay_s)
+    outs = []
+    for r, slot in enumerate(slots_B):
+      n = int(n_valid_B[r])
+      hc = None if hc_BTCD is None else np.asarray(hc_BTCD, np.float32)[r, :n]
+      out, pool[slot] = self._row(pool[slot], tokens_BT[r, :n], hc, pool[slot].pos)
+      pad = np.zeros((t,) + out.shape[1:], np.float32)
+      pad[:n] = out
+      outs.append(pad)
+    return np.stack(outs), pool
+
+
+class FakeRunner(_PoolAPI):
+  """forward(state, tokens_T, hc_TCD | None, pos0) -> (hc_TCD or logits_TV, state), plus the
+  pool API (`_PoolAPI`)."""
 
   def __init__(self, cfg: FakeConfig, layers: LayerRange, ctx_size: int = 64,
                delay_s: float = 0.0):
@@ -51,6 +97,8 @@ class FakeRunner:
     self.ctx_size = ctx_size
     self.fingerprint = cfg.fingerprint()
     self.delay_s = delay_s  # per forward call: makes pipelining measurable in tests
+    self.embeds = self.layers.embeds
+    self.batch_calls: list[int] = []
     C, D = cfg.n_hc, cfg.d_model
     self.embed_VCD = _weights(cfg, "embed", (cfg.vocab_size, C, D))
     self.w = {il: _weights(cfg, f"blk{il}", (D, D)) for il in self.layers.layers()}
@@ -66,6 +114,11 @@ class FakeRunner:
     return FakeState(pos, state.mem_LSCD)
 
   def forward(self, state: FakeState, tokens_T, hc_TCD, pos0: int):
+    if self.delay_s:
+      time.sleep(self.delay_s)
+    return self._row(state, tokens_T, hc_TCD, pos0)
+
+  def _row(self, state: FakeState, tokens_T, hc_TCD, pos0: int):
     tokens_T = np.asarray(tokens_T, np.int32)
     T = tokens_T.shape[0]
     if pos0 != state.pos:
@@ -74,8 +127,6 @@ class FakeRunner:
       raise ValueError(f"positions {pos0}..{pos0 + T} exceed ctx {self.ctx_size}")
     if (hc_TCD is None) != self.layers.embeds:
       raise ValueError("hc_TCD must be None exactly when the stage embeds")
-    if self.delay_s:
-      time.sleep(self.delay_s)
     mem = state.mem_LSCD.copy()
     outs = []
     for t in range(T):
@@ -105,7 +156,7 @@ class EchoState:
   pos: int
 
 
-class EchoRunner:
+class EchoRunner(_PoolAPI):
   """A zero-compute stage with the `StageRunner` API, for timing the bridge alone.
 
   Activations are a constant [T, C, D] array; the head's logits row puts its maximum on
@@ -119,6 +170,9 @@ class EchoRunner:
     self.ctx_size = ctx_size
     self.fingerprint = cfg.fingerprint()
     self._hc_CD = np.zeros((cfg.n_hc, cfg.d_model), np.float32)
+    self.embeds = self.layers.embeds
+    self.delay_s = 0.0
+    self.batch_calls: list[int] = []
 
   def init_state(self) -> EchoState:
     return EchoState(0)
@@ -133,6 +187,9 @@ class EchoRunner:
     return n_tokens % cfg.vocab_size
 
   def forward(self, state: EchoState, tokens_T, hc_TCD, pos0: int):
+    return self._row(state, tokens_T, hc_TCD, pos0)
+
+  def _row(self, state: EchoState, tokens_T, hc_TCD, pos0: int):
     T = len(tokens_T)
     if pos0 != state.pos:
       raise ValueError(f"pos0={pos0} != state.pos={state.pos}")

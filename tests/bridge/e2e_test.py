@@ -6,7 +6,8 @@ runs in this process and owns only layer 0). Tests pin the route they need:
   2 workers  0:0 | 1:2 | 3:output   (uneven)
   3 workers  0:0 | 1:1 | 2:2 | 3:output
 The reference is one process running every layer with the same chunking (4-token prefill
-chunks, then one token per step), so XLA sees the same shapes.
+chunks, then one token per step) and the same batched step as every stage (a one-row
+`forward_batch`), so XLA sees the same shapes.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from ds4jax.bridge import launch
 from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.errors import HandshakeRefused
 from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.generate.batching import StageBatcher
 from ds4jax.generate.sampling import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -103,16 +105,22 @@ def cluster(tiny_gguf, tiny_cache_dir, tmp_path_factory):
 
 
 def reference_run(gguf, prompt, n, forced=None):
-  """One process, same chunking: (tokens, logits rows). `forced` replaces sampled tokens."""
+  """One process, same chunking and the same batched step every stage runs (a one-row
+  `forward_batch`, through a StageBatcher): (tokens, logits rows). `forced` replaces
+  sampled tokens."""
   r = launch.load_runner(gguf, "all", ctx_size=CTX)
-  state, rows, toks = r.init_state(), [], list(prompt)
-  for s in range(0, len(prompt), CHUNK):
-    out, state = r.forward(state, np.asarray(prompt[s:s + CHUNK], np.int32), None, s)
-  for i in range(n):
-    rows.append(out[-1])
-    toks.append(forced[i] if forced is not None else int(np.argmax(out[-1])))
-    if i + 1 < n:
-      out, state = r.forward(state, np.asarray(toks[-1:], np.int32), None, len(toks) - 1)
+  b = StageBatcher(r, n_slots=1)
+  slot, rows, toks = b.alloc(), [], list(prompt)
+  try:
+    for s in range(0, len(prompt), CHUNK):
+      out = b.run(slot, prompt[s:s + CHUNK], None, s)
+    for i in range(n):
+      rows.append(out[-1])
+      toks.append(forced[i] if forced is not None else int(np.argmax(out[-1])))
+      if i + 1 < n:
+        out = b.run(slot, toks[-1:], None, len(toks) - 1)
+  finally:
+    b.close()
   return toks[len(prompt):], rows
 
 
@@ -254,3 +262,82 @@ def test_coordinator_restart_workers_redial(cluster, reference):
   use_route(cluster, 3)
   toks, _, _ = split_run(cluster.coord, 3)
   assert toks == reference[0][:3]
+
+
+# ------------------------------------------------------------------ batching across the route
+PROMPTS4 = [PROMPT, PROMPT[::-1], [5, 6, 7, 8] * 2, [300, 1, 2, 3, 4, 5, 6, 7]]
+N_BATCH = 24
+
+
+def concurrent_runs(coord, n, kill_after=None, on_kill=None):
+  """Greedy generations of PROMPTS4 on one thread each, at once; `on_kill` runs once (on the
+  thread of the first session to reach step `kill_after`) while the others decode."""
+  import threading
+  out, errs, fired = [None] * len(PROMPTS4), [], threading.Event()
+  barrier = threading.Barrier(len(PROMPTS4))  # the first decode tokens start together
+
+  def run(i):
+    try:
+      sid, toks = coord.new_session(), list(PROMPTS4[i])
+      for step in range(n):
+        if step == 1:
+          barrier.wait(timeout=120)
+        if kill_after is not None and step == kill_after and not fired.is_set():
+          fired.set()
+          on_kill()
+        toks.append(coord.step(sid, toks, GREEDY, step).token)
+      out[i] = toks[len(PROMPTS4[i]):]
+    except Exception as e:  # surfaced below
+      errs.append(e)
+
+  ts = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(PROMPTS4))]
+  [t.start() for t in ts]
+  [t.join(timeout=300) for t in ts]
+  assert not errs and not any(t.is_alive() for t in ts), errs
+  return out
+
+
+@pytest.fixture(scope="module")
+def alone4(cluster):
+  """Each of PROMPTS4 generated alone (one session at a time) on the 1-worker route."""
+  use_route(cluster, 1)
+  return [split_run(cluster.coord, N_BATCH, prompt=p)[0] for p in PROMPTS4]
+
+
+def test_four_concurrent_sessions_batch_at_every_stage_and_match_alone(cluster, alone4):
+  coord = cluster.coord
+  before = dict(coord.route_info()["batch"])
+  t0 = time.monotonic()
+  got = concurrent_runs(coord, N_BATCH)
+  took = time.monotonic() - t0
+  assert got == alone4
+  st = coord.route_info()["batch"]  # the coordinator's stage batched decode rows
+  assert st["max_batch_seen"] > 1 and (st["decode_rows"] - before["decode_rows"] >
+                                       st["decode_calls"] - before["decode_calls"])
+  # The worker process batched too: its counters arrive in its PONGs.
+  deadline = time.monotonic() + 5 * HEARTBEAT
+  while time.monotonic() < deadline:
+    w = [w for w in coord.route_info()["workers"] if w["layers"] == "1:3+output" and w["ready"]]
+    if w and w[0]["batch"].get("max_batch_seen", 0) > 1:
+      break
+    time.sleep(0.1)
+  assert w and w[0]["batch"].get("max_batch_seen", 0) > 1, coord.route_info()["workers"]
+  print(f"\n4 sessions x {N_BATCH} tokens concurrently in {took:.2f}s; worker batching "
+        f"{w[0]['batch']}, coordinator {st}")
+
+
+def test_sigkill_mid_batch_every_session_finishes_exact(cluster, alone4):
+  use_route(cluster, 1)
+  coord = cluster.coord
+  n_events = len(coord.events)
+
+  def kill_and_replace():
+    victim = cluster.procs["1:output"]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=10)
+    cluster.start_worker("1:output", name="1:output")  # a restarted worker takes over
+
+  got = concurrent_runs(coord, N_BATCH, kill_after=N_BATCH // 2, on_kill=kill_and_replace)
+  assert got == alone4
+  rebuilt = [e for e in coord.events[n_events:] if "rebuilt the KV" in e]
+  assert len(rebuilt) >= 3, coord.events[n_events:]  # the sessions in flight at the kill

@@ -39,7 +39,7 @@ class Liar:
     self.w = Worker(addr, fingerprint=CFG.fingerprint(), n_layers=CFG.n_layers,
                     vocab_size=CFG.vocab_size, layers=REMOTE, load=lambda: None,
                     options=WorkerOptions(ctx=CTX))
-    self.w.runner = FakeRunner(CFG, REMOTE, ctx_size=CTX)
+    self.w.use_runner(FakeRunner(CFG, REMOTE, ctx_size=CTX))
     self.mutation = None  # (reply index within the case, fn(mtype, header, payload) -> bytes)
     self.replies = 0
     self.lock = threading.Lock()

@@ -23,16 +23,17 @@ DELAY = 0.03  # per chunk, every stage
 
 
 class LoggingRunner(FakeRunner):
-  """A FakeRunner that records (pos0, start, end) of every forward call."""
+  """A FakeRunner that records (pos0, start, end) of every row of its (batched) calls."""
 
   def __init__(self, *a, **kw):
     super().__init__(*a, **kw)
     self.calls = []
 
-  def forward(self, state, tokens_T, hc_TCD, pos0):
+  def forward_batch(self, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+    pos = [pool[s].pos for s in slots_B]
     t0 = time.monotonic()
-    out = super().forward(state, tokens_T, hc_TCD, pos0)
-    self.calls.append((pos0, t0, time.monotonic()))
+    out = super().forward_batch(pool, slots_B, tokens_BT, hc_BTCD, n_valid_B)
+    self.calls += [(p, t0, time.monotonic()) for p in pos]
     return out
 
 
