@@ -7,6 +7,10 @@ transformers eager on the same weights. Writes JSON and markdown tables.
     # smallest run (CI smoke test):
     python scripts/bench.py --preset=tiny --prompt_lens=16 --decode_tokens=2 --workers=1 \
         --chunk=16 --skip_hf --out_json=/tmp/b.json
+    # the concurrency study (issue 13) instead: 1..16 concurrent streams, one process and
+    # split over 1 and 3 workers (ds4jax/bench/concurrency.py)
+    python scripts/bench.py --preset=bench --concurrency=1,4,8,16 --stream_prompt_len=64 \
+        --stream_decode_tokens=32 --stream_workers=1,3 --out_md=conc.md
 
 Every configuration runs in a fresh process (ds4jax/bench/child.py), one after the other.
 """
@@ -49,6 +53,16 @@ _PAIRED = flags.DEFINE_integer("paired_rounds", 4, "Split runs also decode again
                                "this many alternating rounds (same load for both; the loaded "
                                "reference slows the split ~10%, see docs); 0: off.",
                                lower_bound=0)
+_CONC = flags.DEFINE_list("concurrency", None, "Run the concurrency study instead: these "
+                         "numbers of concurrent streams (e.g. 1,4,8,16).")
+_S_PROMPT = flags.DEFINE_integer("stream_prompt_len", 64, "--concurrency: prompt tokens per "
+                                 "stream (random, its own per stream).", lower_bound=1)
+_S_DECODE = flags.DEFINE_integer("stream_decode_tokens", 32, "--concurrency: greedy decode "
+                                 "tokens per stream.", lower_bound=2)
+_S_WORKERS = flags.DEFINE_list("stream_workers", ["1", "3"], "--concurrency: worker counts for "
+                               "the split runs (empty: one process only).")
+_S_WARM = flags.DEFINE_integer("stream_warm_tokens", 4, "--concurrency: decode tokens per "
+                               "stream of each level's untimed warm-up round.", lower_bound=1)
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
 
 
@@ -92,9 +106,75 @@ def _logits(workdir: pathlib.Path, name: str, n: int):
   return np.load(p) if p.exists() else None
 
 
+def _machine() -> dict:
+  return {"cpu": _cpu_model(), "cpus": os.cpu_count(), "loadavg_before": env_info()["loadavg"]}
+
+
+def _write(results: dict, md: str) -> None:
+  if _OUT_JSON.value:
+    pathlib.Path(_OUT_JSON.value).write_text(json.dumps(results, indent=1))
+  if _OUT_MD.value:
+    pathlib.Path(_OUT_MD.value).write_text(md)
+  print(md)
+
+
+def concurrency_main() -> None:
+  """The concurrency study: one process, then each split, each in its own child process."""
+  from ds4jax.bench import concurrency
+  levels = sorted(set(_ints(_CONC.value, "concurrency")))
+  workers = _ints(_S_WORKERS.value, "stream_workers") if _S_WORKERS.value else []
+  if _CHUNK.value & (_CHUNK.value - 1):
+    raise ValueError(f"--chunk must be a power of two, got {_CHUNK.value}")
+  gguf = cli.resolve_gguf(_GGUF.value or _PRESET.value, _CACHE.value)
+  from ds4jax.gguf.reader import read_config
+  cfg = read_config(gguf)
+  if max(levels) > 16:
+    raise ValueError(f"--concurrency: at most 16 streams (the largest batch bucket), got "
+                     f"{max(levels)}")
+  ctx = _S_PROMPT.value + max(_S_DECODE.value, _S_WARM.value) + 8
+  if ctx > cfg.context_length:
+    raise ValueError(f"prompt + decode ({ctx} tokens) exceeds the model context "
+                     f"{cfg.context_length}")
+  if workers and max(workers) + 1 > cfg.n_layers:
+    raise ValueError(f"--stream_workers={max(workers)} needs {max(workers) + 1} stages, the "
+                     f"model has {cfg.n_layers} layers")
+  workdir = pathlib.Path(tempfile.mkdtemp(prefix="ds4jax-bench-"))
+  base = {"mode": "concurrency", "gguf": gguf, "ctx": ctx, "levels": levels,
+          "prompt_len": _S_PROMPT.value, "decode_tokens": _S_DECODE.value,
+          "warm_tokens": _S_WARM.value, "seed": _SEED.value, "chunk": _CHUNK.value,
+          "cache_dir": str(workdir / "cache") if _COLD.value else _CACHE.value}
+  results = {
+      "command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
+      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+      "machine": _machine(),
+      "model": {"preset": os.path.basename(_GGUF.value) if _GGUF.value else _PRESET.value,
+                "gguf": gguf, "n_layers": cfg.n_layers},
+      "settings": {"levels": levels, "prompt_len": _S_PROMPT.value,
+                   "decode_tokens": _S_DECODE.value, "warm_tokens": _S_WARM.value,
+                   "workers": workers, "chunk": _CHUNK.value, "ctx": ctx, "seed": _SEED.value},
+      "configs": {},
+  }
+  try:
+    runs = [("single", "single process", ["all"])]
+    runs += [(f"split{n}", f"split, {n} worker(s)", report.split_ranges(cfg.n_layers, n + 1))
+             for n in workers]
+    for name, label, ranges in runs:
+      spec = dict(base, ranges=ranges, log_dir=str(workdir / f"logs-{name}"))
+      res = _run_child(spec, workdir, f"concurrency-{name}")
+      res["label"] = label
+      results["configs"][name] = res
+  finally:
+    shutil.rmtree(workdir, ignore_errors=True)
+  results["machine"]["loadavg_after"] = env_info()["loadavg"]
+  concurrency.evaluate(results)
+  _write(results, concurrency.to_markdown(results))
+
+
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _CONC.value:
+    return concurrency_main()
   lens = _ints(_LENS.value, "prompt_lens")
   workers = _ints(_WORKERS.value, "workers")
   if _CHUNK.value & (_CHUNK.value - 1):
@@ -117,8 +197,7 @@ def main(argv):
   results = {
       "command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
       "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(),
-                  "loadavg_before": env_info()["loadavg"]},
+      "machine": _machine(),
       "model": {"preset": os.path.basename(_GGUF.value) if _GGUF.value else _PRESET.value, "gguf": gguf, "n_layers": cfg.n_layers,
                 "d_model": cfg.d_model, "n_hc": cfg.n_hc, "vocab_size": cfg.vocab_size,
                 "activation_row_bytes": 4 * cfg.n_hc * cfg.d_model},
@@ -159,12 +238,7 @@ def main(argv):
     shutil.rmtree(workdir, ignore_errors=True)
   results["machine"]["loadavg_after"] = env_info()["loadavg"]
   report.evaluate(results)
-  md = report.to_markdown(results)
-  if _OUT_JSON.value:
-    pathlib.Path(_OUT_JSON.value).write_text(json.dumps(results, indent=1))
-  if _OUT_MD.value:
-    pathlib.Path(_OUT_MD.value).write_text(md)
-  print(md)
+  _write(results, report.to_markdown(results))
 
 
 if __name__ == "__main__":

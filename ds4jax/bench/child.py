@@ -2,13 +2,16 @@
 
     python -m ds4jax.bench.child SPEC.json OUT.json
 
-SPEC keys: mode ('single' | 'split' | 'hf'), gguf, ranges (split: the coordinator's range
-first, then one per worker), ctx, prompt_lens, decode_tokens, seed, chunk, cache_dir,
-log_dir, floor_rounds. OUT gets the measurements; last-position logits go next to it as .npy.
+SPEC keys: mode ('single' | 'split' | 'hf' | 'concurrency'), gguf, ranges (split: the
+coordinator's range first, then one per worker), ctx, prompt_lens, decode_tokens, seed, chunk,
+cache_dir, log_dir, floor_rounds. OUT gets the measurements; last-position logits go next to it
+as .npy. 'concurrency' (ds4jax/bench/concurrency.py) also takes levels, prompt_len,
+warm_tokens, and ranges (absent or ["all"]: one process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import pathlib
@@ -44,32 +47,12 @@ def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
 def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bench.probe import HopProbe
   from ds4jax.bench.tcp_floor import measure_floor
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.bridge.launch import load_runner
-  from ds4jax.local_cluster import LocalWorkers
 
   probe = HopProbe().install()
-  if spec.get("log_dir"):
-    pathlib.Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
-  coord_range, worker_ranges = spec["ranges"][0], spec["ranges"][1:]
+  worker_ranges = spec["ranges"][1:]
   t0 = time.perf_counter()
-  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"],
-                       compile_sizes=(1, spec["chunk"]))
-  # Generous deadlines: a worker compiling on a loaded 2-core machine is slow, not dead.
-  coord = Coordinator(runner, CoordinatorOptions(
-      port=0, prefill_chunk=spec["chunk"], request_timeout=1800.0, route_timeout=900.0,
-      heartbeat_s=2.0))
-  workers = LocalWorkers(spec["gguf"], worker_ranges, coordinator=coord.address,
-                         ctx_size=spec["ctx"], cache_dir=spec.get("cache_dir"),
-                         log_dir=spec.get("log_dir"))
-  try:
-    workers.start()
-    deadline = time.monotonic() + 900
-    while not coord.route_ready()[0]:
-      workers.check()
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"route incomplete after 900 s: {coord.route_ready()[1]}")
-      time.sleep(0.2)
+  with split_cluster(spec) as (coord, workers):
     load_s = time.perf_counter() - t0
     route = coord.route_info()
     stage_order = [s["layers"] for s in route["route"]]
@@ -105,6 +88,69 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
           coord, ref, ids, prompt_len=spec["prompt_lens"][0], rounds=spec["paired_rounds"],
           steps=max(1, spec["decode_tokens"] // spec["paired_rounds"]))
     return res
+
+
+def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
+  """The concurrency study on one process (LocalBackend) or a split (Coordinator)."""
+  from ds4jax.bench import concurrency
+  from ds4jax.bridge.launch import load_runner
+  ranges = spec.get("ranges") or ["all"]
+  n_max = max(spec["levels"])
+  kw = dict(levels=spec["levels"], prompt_len=spec["prompt_len"],
+            decode_tokens=spec["decode_tokens"], warm_tokens=spec.get("warm_tokens", 4),
+            seed=spec.get("seed", 0))
+  t0 = time.perf_counter()
+  if ranges == ["all"]:
+    from ds4jax.generate.local import LocalBackend
+    runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"])
+    backend = LocalBackend([runner], prefill_chunk=spec["chunk"], max_sessions=n_max)
+    try:
+      # Decode buckets 1, 2, 4, ... and the prefill chunk, compiled before anything is timed.
+      backend.warmup(batch_sizes=[2**k for k in range(n_max.bit_length() + 1)
+                                  if 2**k < 2 * n_max], chunk_sizes=(1,))
+      backend.warmup(batch_sizes=(1,), chunk_sizes=(min(spec["prompt_len"], spec["chunk"]),))
+      load_s = time.perf_counter() - t0
+      res = concurrency.bench_levels(backend, runner.cfg.vocab_size, **kw)
+    finally:
+      backend.close()
+  else:
+    with split_cluster(spec, max_sessions=n_max) as (coord, _):
+      load_s = time.perf_counter() - t0
+      res = concurrency.bench_levels(coord, coord.vocab_size, **kw)
+  res.update(load_s=load_s, stages=ranges, memory={"process_peak_rss_mb": measure.peak_rss_mb()})
+  return res
+
+
+@contextlib.contextmanager
+def split_cluster(spec: dict[str, Any], max_sessions: int = 8):
+  """(Coordinator for spec["ranges"][0], LocalWorkers: one process per further range),
+  yielded once the route is complete; `max_sessions` sessions stay resident everywhere."""
+  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.launch import load_runner
+  from ds4jax.local_cluster import LocalWorkers
+  if spec.get("log_dir"):
+    pathlib.Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
+  coord_range, worker_ranges = spec["ranges"][0], spec["ranges"][1:]
+  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"],
+                       compile_sizes=(1, spec["chunk"]))
+  # Generous deadlines: a worker compiling on a loaded 2-core machine is slow, not dead.
+  coord = Coordinator(runner, CoordinatorOptions(
+      port=0, prefill_chunk=spec["chunk"], request_timeout=1800.0, route_timeout=900.0,
+      heartbeat_s=2.0, max_sessions=max(64, max_sessions)))
+  workers = LocalWorkers(spec["gguf"], worker_ranges, coordinator=coord.address,
+                         ctx_size=spec["ctx"], cache_dir=spec.get("cache_dir"),
+                         log_dir=spec.get("log_dir"),
+                         extra_args=[f"--max_sessions={max(8, max_sessions)}"])
+  try:
+    workers.start()
+    deadline = time.monotonic() + 900
+    while not coord.route_ready()[0]:
+      workers.check()
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"route incomplete after 900 s: {coord.route_ready()[1]}")
+      time.sleep(0.2)
+    yield coord, workers
+    workers.check()
   finally:
     workers.stop()
     coord.close()
@@ -131,13 +177,15 @@ def main(argv: list[str]) -> None:
     logging.getLogger(name).setLevel(logging.WARNING)
   from ds4jax.gguf.reader import read_config
   cfg = read_config(spec["gguf"])
-  ids = measure.prompt_ids(cfg.vocab_size, max(spec["prompt_lens"]), spec.get("seed", 0))
+  ids = measure.prompt_ids(cfg.vocab_size, max(spec.get("prompt_lens", [1])),
+                          spec.get("seed", 0))
   if spec["mode"] != "hf":
     from ds4jax import cli
     from ds4jax.model.load import return_big_frees
     cli.enable_compilation_cache(spec.get("cache_dir"))
     return_big_frees()  # as scripts/worker.py does: the same allocator for every stage
-  run = {"single": run_single, "split": run_split, "hf": run_hf}[spec["mode"]]
+  run = {"single": run_single, "split": run_split, "hf": run_hf,
+         "concurrency": run_concurrency}[spec["mode"]]
   res = run(spec, ids)
   for n, row in res.pop("logits", {}).items():
     np.save(out_path.with_suffix(f".logits{n}.npy"), row)
