@@ -8,10 +8,11 @@ from ds4jax.config import LayerRange, LayerRangeError
 
 def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
                 dtype: str | None = None, weights: str = "packed", max_chunk: int = 256,
-                compile_sizes=(), devices=1):
+                compile_sizes=(), compile_batches=None, devices=1):
   """A StageRunner for `layers` of the GGUF (or orbax checkpoint directory) at path, carrying
   the model fingerprint. dtype None: float32 for a GGUF, the stored dtype for a checkpoint.
-  compile_sizes: chunk sizes to compile before the weights load (lower peak memory).
+  compile_sizes: chunk sizes to compile before the weights load (lower peak memory);
+  compile_batches: (batch sizes, chunk sizes, n_slots) of the batched step, likewise.
   devices: local devices the stage spans (1, N, "all"; model.sharding)."""
   from ds4jax import sources
   from ds4jax.model import load
@@ -21,7 +22,8 @@ def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
   rng = rng.resolve(cfg.n_layers)
   ctx = min(int(ctx_size), int(cfg.context_length))
   return load.load_runner(src, rng, ctx_size=ctx, max_chunk=max_chunk, dtype=dtype,
-                          weights=weights, compile_sizes=compile_sizes, devices=devices)
+                          weights=weights, compile_sizes=compile_sizes,
+                          compile_batches=compile_batches, devices=devices)
 
 
 def requested_range(spec: str, n_layers: int) -> LayerRange:
@@ -46,9 +48,15 @@ def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dt
   if devices != 1:  # a bad device count fails here, before dialing, not on ACCEPT
     from ds4jax.model import sharding
     sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
-  # The load runs after ACCEPT, which names the prefill chunk; the worker then compiles the
-  # batched shapes it serves (worker.warmup_batched).
-  return Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers,
-                vocab_size=cfg.vocab_size, layers=rng, options=opt,
-                load=lambda: load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype,
-                                         weights=weights, devices=devices))
+  # The load runs after ACCEPT, which names the prefill chunk: the batched shapes the worker
+  # serves compile from the abstract stage before the weights load, so the compiler's peak
+  # does not stack on them (worker.warmup_batched then finds them compiled).
+  def load():
+    batches = ((tuple(opt.warm_batches) or (1,), w.warm_sizes, opt.max_sessions)
+               if opt.warmup and w.warm_sizes else None)
+    return load_runner(path, rng, ctx_size=opt.ctx, dtype=dtype, weights=weights,
+                       compile_batches=batches, devices=devices)
+
+  w = Worker(coordinator, fingerprint=fp, n_layers=cfg.n_layers, vocab_size=cfg.vocab_size,
+             layers=rng, options=opt, load=load)
+  return w

@@ -93,9 +93,12 @@ class StageBatcher:
     n_slots: sessions whose state the pool holds (`alloc` beyond them: BatcherFull).
     max_batch: most decode rows per call (<= runner.max_batch; default: that).
     name: for logs and the thread name.
+    gather_s: longest wait, before a decode call, for the sessions of the previous decode
+      call that have not resubmitted yet (a lone session never waits).
   """
 
-  def __init__(self, runner, *, n_slots: int, max_batch: int | None = None, name: str = ""):
+  def __init__(self, runner, *, n_slots: int, max_batch: int | None = None, name: str = "",
+               gather_s: float = 0.005):
     if n_slots < 1:
       raise ValueError(f"n_slots must be >= 1, got {n_slots}")
     self.runner = runner
@@ -109,6 +112,12 @@ class StageBatcher:
     self._cv = threading.Condition()
     self._queue: collections.deque[_Item] = collections.deque()
     self._busy = False  # a thread (the compute thread, or an idle stage's caller) holds the pool
+    # Slots of the last decode call of several rows: their callers are about to come back with
+    # their next token, so the next decode call waits up to `gather_s` for them instead of
+    # starting with whoever came first (which splits the sessions into groups that take
+    # turns: two half-size calls per token instead of one).
+    self._recent: set[int] = set()
+    self.gather_s = float(gather_s)
     self._closed = False
     self._thread = threading.Thread(target=self._loop, daemon=True,
                                     name=f"ds4jax-batcher-{self.name}")
@@ -130,6 +139,8 @@ class StageBatcher:
       if slot in self._free or not 0 <= slot < self.n_slots:
         return
       self._free.append(slot)
+      self._recent.discard(slot)
+      self._cv.notify_all()
 
   @property
   def n_free(self) -> int:
@@ -175,7 +186,7 @@ class StageBatcher:
     with self._cv:
       if self._closed:
         raise RuntimeError(f"stage batcher {self.name} is closed")
-      inline = not self._busy and not self._queue
+      inline = not self._busy and not self._queue and len(self._recent) <= 1
       if inline:  # an idle stage: compute here, no hand-off
         self._busy = True
       else:
@@ -227,6 +238,7 @@ class StageBatcher:
           if self._closed and not self._queue:
             return
           self._cv.wait()
+        self._gather()
         pending = list(self._queue)
         self._queue.clear()
         self._busy = True
@@ -235,6 +247,20 @@ class StageBatcher:
       finally:
         with self._cv:
           self._busy = False
+
+  def _gather(self) -> None:
+    """(cv held) Waits up to gather_s for the previous decode call's sessions to resubmit,
+    while only decode items are pending."""
+    deadline = time.perf_counter() + self.gather_s
+    while self._recent and not self._closed:
+      if any(it.kind != "run" or it.tokens.shape[0] != 1 for it in self._queue):
+        return
+      if self._recent <= {it.slot for it in self._queue}:
+        return
+      left = deadline - time.perf_counter()
+      if left <= 0:
+        return
+      self._cv.wait(left)
 
   def _round(self, pending: list[_Item]) -> None:
     """One round over the items that were pending together (see the module docstring)."""
@@ -318,6 +344,8 @@ class StageBatcher:
     st.calls += 1
     st.compute_s += dt
     if t == 1:
+      with self._cv:
+        self._recent = {it.slot for it in ok} if len(ok) > 1 else set()
       st.decode_calls += 1
       st.decode_rows += len(ok)
       st.max_batch_seen = max(st.max_batch_seen, len(ok))
