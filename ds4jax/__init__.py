@@ -1,6 +1,6 @@
 """ds4jax: layer-split (pipeline) inference of DeepSeek V4 GGUFs in JAX/Flax NNX.
 
-Re-exports are lazy, so that `import ds4jax.bridge.protocol` (stdlib + numpy only) does not
+Re-exports are lazy, so that `import ds4jax.bridge.wire.protocol` (stdlib + numpy only) does not
 pull in JAX.
 
     import ds4jax
@@ -15,13 +15,13 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "ds4jax.config",
     "LayerRange": "ds4jax.config",
-    "load_model": "ds4jax.sources",
-    "Model": "ds4jax.model.api",
-    "Session": "ds4jax.model.api",
-    "load_stage": "ds4jax.sources",
-    "open_source": "ds4jax.sources",
+    "load_model": "ds4jax.runtime.sources",
+    "Model": "ds4jax.runtime.api",
+    "Session": "ds4jax.runtime.api",
+    "load_stage": "ds4jax.runtime.sources",
+    "open_source": "ds4jax.runtime.sources",
     "Stage": "ds4jax.model.stage",
-    "StageRunner": "ds4jax.model.runner",
+    "StageRunner": "ds4jax.runtime.runner",
     "StageState": "ds4jax.model.decode_state",
     "hf_to_gguf": "ds4jax.convert",
 }

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from absl import app, flags
 from ml_collections import config_flags
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 FLAGS = flags.FLAGS
 PRESETS = ("tiny", "bench")
@@ -171,7 +171,7 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
   if os.path.exists(spec) and not (named and os.path.isdir(spec) and not os.path.isfile(
       os.path.join(spec, "ds4jax_checkpoint.json"))):
     if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
-      from ds4jax import sources
+      from ds4jax.runtime import sources
       sources.open_source(spec)  # reads the manifest: a one-line error if it is not one
       return spec
     if not os.path.isfile(spec):
@@ -208,7 +208,7 @@ def parse_tokens(values) -> list[int] | None:
 def local_backend(gguf: str, *, ranges=("all",), ctx_size: int = 4096, prefill_chunk: int = 256,
                   weights: str = "packed", dtype: str | None = None, devices=1,
                   max_sessions: int = 8):
-  from ds4jax.generate.local import LocalBackend
+  from ds4jax.runtime.local import LocalBackend
   return LocalBackend.from_gguf(gguf, ranges=ranges, ctx_size=ctx_size,
                                 prefill_chunk=prefill_chunk, weights=weights, dtype=dtype,
                                 devices=devices, max_sessions=max_sessions)
@@ -246,12 +246,13 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
 
   tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
-  from ds4jax.bridge import auth, coordinator as coord_lib  # deferred: the bridge is optional
+  from ds4jax.bridge.wire import auth  # deferred: the bridge is optional
+  from ds4jax.bridge.coordinator import coordinator as coord_lib
   from ds4jax.config import LayerRange
-  from ds4jax.generate.progress import heartbeat
-  from ds4jax import sources
-  from ds4jax.model.load import load_stage
-  from ds4jax.model.runner import StageRunner
+  from ds4jax.runtime.progress import heartbeat
+  from ds4jax.runtime import sources
+  from ds4jax.runtime.load import load_stage
+  from ds4jax.runtime.runner import StageRunner
 
   host, port = parse_hostport(listen)
   key = auth.load_key(key_file)
@@ -313,7 +314,7 @@ def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
       return
     now = time.monotonic()
     if now >= deadline:
-      from ds4jax.bridge.errors import RouteUnavailable
+      from ds4jax.bridge.wire.errors import RouteUnavailable
       raise RouteUnavailable(f"route unavailable: {reason} (waited {timeout:.0f}s for workers)")
     if now - last >= every_s or reason != last_reason:
       say(f"waiting for route: {reason}")
@@ -378,7 +379,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
   from ds4jax.extras import MissingExtra  # a missing optional extra: what to pip install
   errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError, MissingExtra]
   try:
-    from ds4jax.bridge.errors import BridgeError
+    from ds4jax.bridge.wire.errors import BridgeError
     errs.append(BridgeError)
   except ImportError:
     pass

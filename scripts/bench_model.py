@@ -69,7 +69,7 @@ def main(argv):
       print(f"error: {e}", file=sys.stderr)
       sys.exit(2)
   import jax
-  from ds4jax.model import bench
+  from ds4jax.bench import model as bench
   from ds4jax.testing import tiny
   logging.info("jax %s on %s", jax.__version__, jax.devices())
   path = _GGUF.value or tiny.tiny_gguf_path("bench")
@@ -104,7 +104,7 @@ def main(argv):
 
 def _devices_child(n: int) -> None:
   """One --devices count in this process: prints the row as a JSON line."""
-  from ds4jax.model import bench
+  from ds4jax.bench import model as bench
   from ds4jax.testing import tiny
   path = _GGUF.value or tiny.tiny_gguf_path("bench")
   row = bench.bench_devices(path, n, n_prompt=_PROMPT.value, n_decode=_DECODE.value,

@@ -22,7 +22,8 @@ except ImportError:
 
 from absl import flags
 
-from ds4jax import cli, sources
+from ds4jax import cli
+from ds4jax.runtime import sources
 from ds4jax.checkpoints import snapshots
 from ds4jax.generate.loop import Generator
 

@@ -66,7 +66,7 @@ def _timed_load(path, layers, **kw) -> float:
   import jax
   from flax import nnx
 
-  from ds4jax import sources
+  from ds4jax.runtime import sources
   t0 = time.perf_counter()
   stage = sources.load_stage(path, layers, **kw)
   jax.block_until_ready(nnx.state(stage))

@@ -19,9 +19,10 @@ import time
 import numpy as np
 from absl import flags
 
-from ds4jax import cli, local_cluster, sources
+from ds4jax import cli, local_cluster
+from ds4jax.runtime import sources
 from ds4jax.generate.loop import Generator
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 cli.define_run_flags()
 flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too

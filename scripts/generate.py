@@ -17,7 +17,8 @@ import sys
 
 from absl import flags
 
-from ds4jax import cli, sources
+from ds4jax import cli
+from ds4jax.runtime import sources
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags()

@@ -51,7 +51,7 @@ def _exit_cleanly(signum, frame):
 
 def _in_process(gguf: str):
   """(backend, tokenizer, listen, close) with the model in this process."""
-  from ds4jax import sources
+  from ds4jax.runtime import sources
   cli.enable_compilation_cache(cli.option("cache_dir"))
   backend, close = cli.build_backend()
   address = getattr(backend, "address", None)

@@ -71,8 +71,9 @@ def main(argv):
   cli.setup_logging()
   if _WITH_PARENT.value:
     _exit_with_parent()
-  from ds4jax.bridge import auth, launch
-  from ds4jax.bridge.worker import WorkerOptions
+  from ds4jax.bridge import launch
+  from ds4jax.bridge.wire import auth
+  from ds4jax.bridge.worker.worker import WorkerOptions
   layers, coordinator = cli.worker_layers(), cli.option("coordinator")
   if not layers:
     raise ValueError("--layers is required (A:B or A:output)")
@@ -93,7 +94,7 @@ def main(argv):
                       backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
   import jax  # deferred: flag errors stay fast
-  from ds4jax.model.load import return_big_frees
+  from ds4jax.runtime.load import return_big_frees
   return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   worker = launch.worker_from_gguf(path, layers, addr, options=opt,

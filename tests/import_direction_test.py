@@ -1,5 +1,5 @@
 """Imports flow one way (docs/design.md, top): the model, the GGUF reader, quant and the
-tokenizer never import `ds4jax.checkpoints`, nor `ds4jax.sources` (the path dispatcher that
+tokenizer never import `ds4jax.checkpoints`, nor `ds4jax.runtime.sources` (the path dispatcher that
 does), not even inside a function. Checked twice: statically, over every import statement of
 those packages, and live, in a fresh process that loads and runs a GGUF stage."""
 
@@ -12,7 +12,7 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 BELOW = ("model", "gguf", "quant", "tokenizer")  # packages below checkpoints and sources
-FORBIDDEN = ("ds4jax.checkpoints", "ds4jax.sources")
+FORBIDDEN = ("ds4jax.checkpoints", "ds4jax.runtime.sources")
 
 
 def _imports(path: pathlib.Path):
@@ -41,7 +41,7 @@ def test_lower_packages_never_import_checkpoints(package):
 LIVE = r"""
 import sys
 import numpy as np
-from ds4jax.model import api, load
+from ds4jax.runtime import api, load
 from ds4jax.tokenizer import Tokenizer
 path = sys.argv[1]
 tok = Tokenizer.from_gguf(path)
@@ -49,7 +49,7 @@ runner = load.load_runner(path, "0:output", ctx_size=8, max_chunk=4, compile_siz
 runner.forward(runner.init_state(), np.array(tok.encode("hi")[:2], np.int32), None, 0)
 api.Model.from_source(path, "all", ctx_size=8, max_chunk=4).logits([0, 1])
 bad = sorted(m for m in sys.modules
-             if m.split(".")[0] == "orbax" or m.startswith(("ds4jax.checkpoints", "ds4jax.sources")))
+             if m.split(".")[0] == "orbax" or m.startswith(("ds4jax.checkpoints", "ds4jax.runtime.sources")))
 print("LOADED", bad)
 """
 

@@ -28,7 +28,7 @@ log = logging.getLogger("ds4jax.bench")
 
 def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bridge.launch import load_runner
-  from ds4jax.generate.local import LocalBackend
+  from ds4jax.runtime.local import LocalBackend
   t0 = time.perf_counter()
   # The decode and chunk shapes compile before the weights load, as on every split stage.
   runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"],
@@ -81,7 +81,7 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     }
     if spec.get("paired_rounds", 0):
       # Memory is read above: the reference model below must not count in the coordinator.
-      from ds4jax.generate.local import LocalBackend
+      from ds4jax.runtime.local import LocalBackend
       ref = LocalBackend([load_runner(spec["gguf"], "all", ctx_size=spec["ctx"],
                                       max_chunk=spec["chunk"])], prefill_chunk=spec["chunk"])
       res["paired"] = measure.paired_decode(
@@ -101,7 +101,7 @@ def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
             seed=spec.get("seed", 0))
   t0 = time.perf_counter()
   if ranges == ["all"]:
-    from ds4jax.generate.local import LocalBackend
+    from ds4jax.runtime.local import LocalBackend
     runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"])
     backend = LocalBackend([runner], prefill_chunk=spec["chunk"], max_sessions=n_max)
     try:
@@ -125,7 +125,7 @@ def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
 def split_cluster(spec: dict[str, Any], max_sessions: int = 8):
   """(Coordinator for spec["ranges"][0], LocalWorkers: one process per further range),
   yielded once the route is complete; `max_sessions` sessions stay resident everywhere."""
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.bridge.launch import load_runner
   from ds4jax.local_cluster import LocalWorkers
   if spec.get("log_dir"):
@@ -181,7 +181,7 @@ def main(argv: list[str]) -> None:
                           spec.get("seed", 0))
   if spec["mode"] != "hf":
     from ds4jax import cli
-    from ds4jax.model.load import return_big_frees
+    from ds4jax.runtime.load import return_big_frees
     cli.enable_compilation_cache(spec.get("cache_dir"))
     return_big_frees()  # as scripts/worker.py does: the same allocator for every stage
   run = {"single": run_single, "split": run_split, "hf": run_hf,

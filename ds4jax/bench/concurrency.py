@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams()
 

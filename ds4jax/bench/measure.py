@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams()
 

@@ -38,7 +38,8 @@ class HopProbe:
     self._installed = False
 
   def install(self) -> "HopProbe":
-    from ds4jax.bridge import links, tensors
+    from ds4jax.bridge.coordinator import links
+    from ds4jax.bridge.wire import tensors
     if self._installed:
       return self
     self._installed = True
@@ -105,7 +106,7 @@ def _echo_cfg():
 def _serve(port: int, layers: str) -> None:
   """A worker process serving `layers` of the echo model (stops when the parent dies)."""
   import os
-  from ds4jax.bridge.worker import Worker, WorkerOptions
+  from ds4jax.bridge.worker.worker import Worker, WorkerOptions
   from ds4jax.config import LayerRange
   from ds4jax.testing.fake_stage import EchoRunner
   cfg = _echo_cfg()
@@ -132,9 +133,9 @@ def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
   import sys
   import numpy as np
   from ds4jax.bench.tcp_floor import measure_floor
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.config import LayerRange
-  from ds4jax.generate.sampling import SamplingParams
+  from ds4jax.runtime.sampling import SamplingParams
   from ds4jax.testing.fake_stage import EchoRunner
   cfg = _echo_cfg()
   ranges = {1: ["1:output"], 2: ["1:2", "3:output"], 3: ["1:1", "2:2", "3:output"]}[n_workers]

@@ -1,5 +1,5 @@
 """Builds bridge endpoints from a GGUF path or a checkpoint directory (deferred JAX imports
-live here, not in the wire modules; the path is opened by `ds4jax.sources`)."""
+live here, not in the wire modules; the path is opened by `ds4jax.runtime.sources`)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def load_runner(path: str, layers: str | LayerRange, *, ctx_size: int,
   compile_sizes: chunk sizes to compile before the weights load (lower peak memory);
   compile_batches: (batch sizes, chunk sizes, n_slots) of the batched step, likewise.
   devices: local devices the stage spans (1, N, "all"; model.sharding)."""
-  from ds4jax import sources
-  from ds4jax.model import load
+  from ds4jax.runtime import sources
+  from ds4jax.runtime import load
   src = sources.open_source(path)
   cfg = src.cfg
   rng = layers if isinstance(layers, LayerRange) else LayerRange.parse(layers, cfg.n_layers)
@@ -39,8 +39,8 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
 def worker_from_gguf(path: str, layers: str, coordinator: tuple[str, int], *, dtype=None,
                      weights: str = "packed", options=None, devices=1):
   """A Worker for `layers` of the GGUF: HELLO needs only metadata; weights load on ACCEPT."""
-  from ds4jax.bridge.worker import Worker, WorkerOptions
-  from ds4jax import sources
+  from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+  from ds4jax.runtime import sources
   cfg, fp = sources.model_info(path)  # a GGUF or an orbax checkpoint directory
   opt = options or WorkerOptions()
   opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more

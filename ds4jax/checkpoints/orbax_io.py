@@ -124,7 +124,7 @@ def save_stage_checkpoint(gguf, layers: LayerRange | str, out_dir, *, weights: s
   weights=weights)` holds, so a restore gives bit-identical logits.
   """
   from ds4jax.gguf.source import GGUFSource
-  from ds4jax.model.load import load_stage, parse_dtype, parse_weights
+  from ds4jax.runtime.load import load_stage, parse_dtype, parse_weights
   from ds4jax.quant.packed import Packed
 
   if parse_weights(weights) == "packed" and dtype is not None and (
@@ -368,7 +368,7 @@ def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype
     fingerprint: if given, the model the caller expects.
     verify: check every restored array against its manifest sha256.
   """
-  from ds4jax.model.load import load_stage
+  from ds4jax.runtime.load import load_stage
 
   src = OrbaxSource(path, verify=verify)
   if fingerprint is not None and fingerprint != src.fingerprint:

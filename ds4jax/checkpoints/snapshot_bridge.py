@@ -26,9 +26,9 @@ from typing import Any, Callable
 
 import jax
 
-from ds4jax.bridge import protocol
-from ds4jax.bridge.errors import BridgeError, ProtocolError, RemoteError
-from ds4jax.bridge.protocol import MsgType, field
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.errors import BridgeError, ProtocolError, RemoteError
+from ds4jax.bridge.wire.protocol import MsgType, field
 from ds4jax.checkpoints import stage_state
 from ds4jax.checkpoints.stage_state import LayerBlob
 from ds4jax.config import LayerRange

@@ -44,7 +44,7 @@ class SnapshotError(StateError):
 
 
 def _fnv(tokens: Sequence[int]) -> str:
-  from ds4jax.bridge import protocol  # stdlib + numpy only
+  from ds4jax.bridge.wire import protocol  # stdlib + numpy only
   return protocol.hash_hex(protocol.fnv1a64(tokens))
 
 
@@ -142,7 +142,7 @@ def read_layers(directory, m: dict[str, Any], layers) -> dict[int, LayerBlob]:
 
 # ------------------------------------------------------------------------------- backends
 def _adapter(backend):
-  from ds4jax.generate.local import LocalBackend
+  from ds4jax.runtime.local import LocalBackend
   if isinstance(backend, LocalBackend):
     return _LocalAdapter(backend)
   if hasattr(backend, "wait_route") and hasattr(backend, "runner"):

@@ -8,14 +8,14 @@
 """
 
 from ds4jax.generate.loop import ChatSession, GenerationResult, Generator, TextStream
-from ds4jax.generate.sampling import (Greedy, SamplingMethod, SamplingParams, Temperature, TopK,
+from ds4jax.runtime.sampling import (Greedy, SamplingMethod, SamplingParams, Temperature, TopK,
                                       TopP, sample_token, top_logprobs)
-from ds4jax.generate.types import Backend, HopTelemetry, StepResult
+from ds4jax.runtime.types import Backend, HopTelemetry, StepResult
 
 
 def __getattr__(name):
   if name == "LocalBackend":
-    from ds4jax.generate.local import LocalBackend
+    from ds4jax.runtime.local import LocalBackend
     return LocalBackend
   raise AttributeError(f"module 'ds4jax.generate' has no attribute {name!r}")
 

@@ -26,9 +26,9 @@ import dataclasses
 import time
 from typing import Any, Iterator, Sequence
 
-from ds4jax.generate.progress import heartbeat
-from ds4jax.generate.sampling import SamplingMethod, SamplingParams
-from ds4jax.generate.types import Backend, HopTelemetry
+from ds4jax.runtime.progress import heartbeat
+from ds4jax.runtime.sampling import SamplingMethod, SamplingParams
+from ds4jax.runtime.types import Backend, HopTelemetry
 
 
 @dataclasses.dataclass

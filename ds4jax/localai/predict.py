@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.serving.generation import GenerationJob
 
 # LocalAI/OpenAI roles -> the ds4 chat format's (system, user, assistant).

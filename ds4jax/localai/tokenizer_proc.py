@@ -39,7 +39,7 @@ def model_info(path: str):
   """(info, Tokenizer): what the server needs to know about the model at `path` (the first
   message's fields) and its tokenizer; ValueError/OSError if it is not a ds4 GGUF (or ds4jax
   checkpoint directory) with ds4's vocab."""
-  from ds4jax import sources
+  from ds4jax.runtime import sources
   if os.path.isdir(path):  # a ds4jax checkpoint: its reader imports JAX (fine here)
     cfg, sizes = sources.model_info(path)[0], None
   else:  # the reader's errors first: "not a GGUF file", wrong architecture, missing keys

@@ -11,11 +11,11 @@ Shape alphabet (array names carry their shape as a suffix, e.g. `x_TCD`, `logits
 
 Modules: norms (RMSNorm), rope (RoPE main/compress + inverse), hyper_connections
 (HyperConnection, Head), attention, compressor, indexer, moe, block, stage (Stage, Embed),
-decode_state (StageState pytrees), runner (StageRunner), load (load_stage), qat, api (Model).
+decode_state (StageState pytrees), qat, sharding (placement). The runtime (runner, loader,
+batcher) lives in `ds4jax.runtime`.
 """
 
 from ds4jax.model.decode_state import LayerState, StageState
-from ds4jax.model.runner import StageRunner
 from ds4jax.model.stage import Stage
 
-__all__ = ["LayerState", "Stage", "StageRunner", "StageState"]
+__all__ = ["LayerState", "Stage", "StageState"]

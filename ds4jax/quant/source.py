@@ -2,7 +2,7 @@
 
 The one interface the model loads through. A source is a GGUF (`gguf.source.GGUFSource`) or
 an orbax stage checkpoint (`checkpoints.orbax_io.OrbaxSource`); `model.load` takes either and
-imports neither package's opener. Which one a path is, is decided by `ds4jax.sources`, a
+imports neither package's opener. Which one a path is, is decided by `ds4jax.runtime.sources`, a
 module the model never imports.
 
 Paths are stage-local parameter paths (`("blocks", 0, "attn", "q_a")`, the `blocks` index

@@ -28,7 +28,7 @@ fastapi = extras.need("serve", "fastapi", "ds4jax.serving.app (the OpenAI server
 from fastapi import exceptions as fastapi_exceptions  # noqa: E402
 from fastapi import responses
 
-from ds4jax.generate import batching
+from ds4jax.runtime import batching
 from ds4jax.serving import schemas
 from ds4jax.serving.engine import Engine, RouteNotReady, SessionTracker
 from ds4jax.serving.generation import Finished, GenerationJob, Piece, Stepped, make_work
@@ -67,7 +67,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
   """Builds the server around a `Backend` (LocalBackend or Coordinator) and its tokenizer.
 
   Args:
-    backend: a `ds4jax.generate.types.Backend` run in this process, or a
+    backend: a `ds4jax.runtime.types.Backend` run in this process, or a
       `serving.remote.ModelProcess` (the model in a child process; scripts/serve.py's default).
     tokenizer: the model's `Tokenizer` (unused with a ModelProcess, which has its own).
     model_name: the id `/v1/models` lists and requests must name (or omit).

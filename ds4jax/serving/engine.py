@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from ds4jax.generate import batching
+from ds4jax.runtime import batching
 from ds4jax.serving.metrics import Metrics
 
 # How long a route query may take before /health answers from the cached state instead.

@@ -18,7 +18,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 # OpenAI knows "stop" and "length"; the loop's "eos" is a natural stop.
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}

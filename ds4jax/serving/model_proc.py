@@ -58,7 +58,7 @@ def define_flags() -> None:
 
 
 def job_from_dict(d: dict[str, Any]) -> generation.GenerationJob:
-  from ds4jax.generate.sampling import SamplingParams
+  from ds4jax.runtime.sampling import SamplingParams
   return generation.GenerationJob(prompt=d["prompt"], messages=d["messages"],
                                   max_tokens=int(d["max_tokens"]),
                                   sampling=SamplingParams.from_dict(d["sampling"]),
@@ -167,7 +167,7 @@ def main(argv):
   conn = socket.socket(fileno=flags.FLAGS.fd)
   cli.enable_compilation_cache(cli.option("cache_dir"))
   from ds4jax.generate.loop import Generator
-  from ds4jax import sources
+  from ds4jax.runtime import sources
 
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   try:

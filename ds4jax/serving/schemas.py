@@ -16,7 +16,7 @@ from typing import Any, Callable, Literal, Optional, Union
 import pydantic
 from pydantic import Field
 
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 
 # Generation bounds. The context window caps the real length; this only rejects absurd values.
 MAX_TOKENS_LIMIT = 1 << 20

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from ds4jax.bridge import protocol
+from ds4jax.bridge.wire import protocol
 
 JUNK = [None, True, False, -1, 0, 1, 7, 2**31, 2**64, -2**63, 1.5, -0.0, 1e308, "", "x",
         "0" * 16, "z" * 300, [], [1, 2], {}, {"a": 1}, "\u00fc\u0000", [[[[]]]]]
@@ -92,7 +92,7 @@ class RssMonitor:
     # Code the targets load lazily on some frames (snapshot handling pulls in JAX, which a
     # real worker has loaded anyway) is loaded first: the bound is about what input costs.
     import ds4jax.checkpoints.snapshot_bridge  # noqa: F401
-    import ds4jax.generate.sampling  # noqa: F401
+    import ds4jax.runtime.sampling  # noqa: F401
     self.proc = psutil.Process()
     self.base = self.peak = self.proc.memory_info().rss
     self._stop = threading.Event()
@@ -135,7 +135,7 @@ def drain_until_eof(sock, deadline) -> bool:
 def start_fake_worker(addr, cfg, layers, ctx: int, **opts):
   """A `Worker` serving `FakeRunner(cfg, layers)` on a daemon thread; returns (worker, thread)."""
   import numpy as np  # noqa: F401 - keeps the import cost out of callers' RSS baselines
-  from ds4jax.bridge.worker import Worker, WorkerOptions
+  from ds4jax.bridge.worker.worker import Worker, WorkerOptions
   from ds4jax.testing.fake_stage import FakeRunner
 
   opts = dict(dict(ctx=ctx, frame_timeout=0.5, connect_timeout=2.0, backoff_min=0.002,

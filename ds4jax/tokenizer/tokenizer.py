@@ -152,14 +152,14 @@ class Tokenizer:
     """Reads `tokenizer.ggml.tokens`, `merges` and (if present) `token_type` of a GGUF file.
 
     A checkpoint directory keeps its GGUF's vocabulary: open either kind with
-    `ds4jax.sources.open_tokenizer(path)` (this package never imports the checkpoints).
+    `ds4jax.runtime.sources.open_tokenizer(path)` (this package never imports the checkpoints).
     """
     import gguf  # deferred: the tokenizer is usable without a GGUF on disk
 
     path = os.fspath(path)
     if os.path.isdir(path):
       raise TokenizerError(f"{path} is a directory, not a GGUF file (open a checkpoint's "
-                           "tokenizer with ds4jax.sources.open_tokenizer)")
+                           "tokenizer with ds4jax.runtime.sources.open_tokenizer)")
     if not os.path.isfile(path):
       raise FileNotFoundError(f"GGUF file not found: {path}")
     try:

@@ -21,7 +21,7 @@ def _positive(x):
 @pytest.fixture(scope="module")
 def study(tiny_gguf):
   from ds4jax.bridge.launch import load_runner
-  from ds4jax.generate.local import LocalBackend
+  from ds4jax.runtime.local import LocalBackend
   runner = load_runner(tiny_gguf, "all", ctx_size=32, max_chunk=8)
   backend = LocalBackend([runner], prefill_chunk=8, max_sessions=max(LEVELS))
   try:

@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.errors import HandshakeRefused, RouteUnavailable
-from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.wire.errors import HandshakeRefused, RouteUnavailable
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
 CFG = FakeConfig()
@@ -221,7 +221,7 @@ def test_lossy_wire_dtypes_finish(dtype):
 
 
 def test_head_samples_with_coordinator_params_and_returns_logprobs():
-  from ds4jax.generate import sampling
+  from ds4jax.runtime import sampling
   params = SamplingParams(temperature=0.9, top_k=20, top_p=0.95, seed=7)
   with coordinator() as coord, workers(coord.address, ["1:2", "3:output"]):
     sid, toks = coord.new_session(), list(PROMPT)

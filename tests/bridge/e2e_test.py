@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge import launch
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.errors import HandshakeRefused
-from ds4jax.bridge.worker import Worker, WorkerOptions
-from ds4jax.generate.batching import StageBatcher
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.wire.errors import HandshakeRefused
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+from ds4jax.runtime.batching import StageBatcher
+from ds4jax.runtime.sampling import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CTX, CHUNK, HEARTBEAT = 128, 4, 1.0

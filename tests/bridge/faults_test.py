@@ -1,4 +1,4 @@
-"""Tests for ds4jax.bridge.faults: each fault kind is detected by the frame reader with a
+"""Tests for ds4jax.testing.faults: each fault kind is detected by the frame reader with a
 reason, deterministically, and nothing hangs."""
 
 import socket
@@ -7,9 +7,10 @@ import time
 
 import pytest
 
-from ds4jax.bridge import faults, protocol
-from ds4jax.bridge.errors import ProtocolError
-from ds4jax.bridge.faults import Fault, FaultInjector
+from ds4jax.testing import faults
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.testing.faults import Fault, FaultInjector
 
 
 def frames(n):

@@ -14,11 +14,11 @@ import time
 
 import pytest
 
-from ds4jax.bridge import protocol
-from ds4jax.bridge.errors import BridgeError
-from ds4jax.bridge.protocol import MsgType
-from ds4jax.bridge.worker import Worker, WorkerOptions
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.errors import BridgeError
+from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeRunner
 from ds4jax.testing.fuzzing import Mutator, frame, greedy_next
 

@@ -6,9 +6,9 @@ Test modules import the fixture by name (`from fuzz_setup import fake_bridge`)."
 
 import pytest
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.config import LayerRange
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
 from ds4jax.testing.fuzzing import greedy_next, start_fake_worker
 

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from ds4jax.bridge import protocol, tensors
-from ds4jax.bridge.protocol import MsgType
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.bridge.wire import protocol, tensors
+from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeRunner
 from ds4jax.testing.fuzzing import JUNK, Mutator, RssMonitor, frame, greedy_next, wait_for
 

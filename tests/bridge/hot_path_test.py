@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import pytest
 
-from ds4jax.bridge import links
-from ds4jax.bridge.protocol import MsgType
+from ds4jax.bridge.coordinator import links
+from ds4jax.bridge.wire.protocol import MsgType
 from bridge_fake_test import CFG, GREEDY, PROMPT, coordinator, full_logits, workers
 
 
@@ -67,7 +67,8 @@ def test_a_failed_direct_send_releases_the_links():
   leaked claim would park the link's reader thread for good)."""
   import socket
 
-  from ds4jax.bridge import pipeline, transport
+  from ds4jax.bridge.coordinator import pipeline
+  from ds4jax.bridge.wire import transport
   from ds4jax.config import LayerRange
   a, b = socket.socketpair()
   link = links.WorkerLink(1, transport.Channel(a, "test"), {"ctx": 64}, LayerRange(1, 3, True),

@@ -12,10 +12,10 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
 CFG = FakeConfig()

@@ -1,6 +1,6 @@
 """The contiguous route planner (bridge/route.py)."""
 
-from ds4jax.bridge.route import HopInfo, plan_route
+from ds4jax.bridge.coordinator.route import HopInfo, plan_route
 from ds4jax.config import LayerRange
 
 

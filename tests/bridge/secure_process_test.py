@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.config import LayerRange
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
 CFG = FakeConfig()
@@ -24,8 +24,8 @@ KEY = b"process-test-key-0123456789"
 WORKER = r"""
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-from ds4jax.bridge import auth
-from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.bridge.wire import auth
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
 cfg, rng = FakeConfig(), LayerRange(2, 3, True)

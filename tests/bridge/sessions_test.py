@@ -3,11 +3,11 @@ slots of a StageBatcher pool."""
 
 import pytest
 
-from ds4jax.bridge import protocol
-from ds4jax.bridge.errors import PrefixMismatch
-from ds4jax.bridge.sessions import SessionStore
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.errors import PrefixMismatch
+from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.config import LayerRange
-from ds4jax.generate.batching import StageBatcher
+from ds4jax.runtime.batching import StageBatcher
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
 
 INIT = protocol.FNV_INIT

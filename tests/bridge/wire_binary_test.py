@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds4jax.bridge import headers, protocol
-from ds4jax.bridge.errors import HandshakeRefused, ProtocolError
-from ds4jax.bridge.protocol import FLAG_BINARY, MsgType
-from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.bridge.wire import headers, protocol
+from ds4jax.bridge.wire.errors import HandshakeRefused, ProtocolError
+from ds4jax.bridge.wire.protocol import FLAG_BINARY, MsgType
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 
 H0 = protocol.hash_hex(protocol.FNV_INIT)
@@ -194,7 +194,7 @@ def test_worker_stops_on_an_accept_of_another_version():
 
 
 def test_an_older_worker_is_refused_in_its_own_frame_version():
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
   cfg = FakeConfig()
   coord = Coordinator(FakeRunner(cfg, LayerRange(0, 0, False)),
@@ -219,8 +219,8 @@ def test_tls_on_one_side_only_is_a_final_one_line_error(tmp_path, side, key):
   """A worker without TLS dialing a TLS coordinator (or the reverse) stops at once with the
   reason instead of redialing forever; the coordinator logs why it refused. With a key on
   both sides the worker's key handshake meets the TLS alert: it says so, not "no key"."""
-  from ds4jax.bridge import auth
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.wire import auth
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.testing.certs import make_self_signed
   from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
   cert, key_file = make_self_signed(str(tmp_path))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
 

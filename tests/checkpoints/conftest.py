@@ -20,7 +20,7 @@ def tiny_ckpt(tiny_gguf, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def make_runner(tiny_ckpt):
   """make_runner("A:B", ctx=...) -> a StageRunner (with the model fingerprint), cached."""
-  from ds4jax.model.runner import StageRunner
+  from ds4jax.runtime.runner import StageRunner
 
   fp = orbax_io.read_manifest(tiny_ckpt)["fingerprint"]
 

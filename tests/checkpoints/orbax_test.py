@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ds4jax import sources
+from ds4jax.runtime import sources
 from ds4jax.checkpoints import orbax_io
 from ds4jax.checkpoints.orbax_io import CheckpointError
 from ds4jax.config import LayerRange
 from ds4jax.gguf import load as gguf_load, reader
-from ds4jax.model.load import load_runner, load_stage
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import load_runner, load_stage
+from ds4jax.runtime.runner import StageRunner
 from ds4jax.quant.packed import Packed
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -276,9 +276,9 @@ def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_ru
   """A worker serving a checkpoint says the checkpoint's fingerprint in HELLO: one of another
   model is refused by the coordinator before it loads anything."""
   from ds4jax.bridge import launch
-  from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
-  from ds4jax.bridge.errors import HandshakeRefused
-  from ds4jax.bridge.worker import WorkerOptions
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.wire.errors import HandshakeRefused
+  from ds4jax.bridge.worker.worker import WorkerOptions
 
   d = _copy(tiny_ckpt, tmp_path / "other")
   m = json.loads((d / orbax_io.MANIFEST).read_text())

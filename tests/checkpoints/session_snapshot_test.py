@@ -12,11 +12,11 @@ import threading
 import numpy as np
 import pytest
 
-from ds4jax.bridge.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.worker import Worker, WorkerOptions
+from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.checkpoints import snapshots
-from ds4jax.generate.local import LocalBackend
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.local import LocalBackend
+from ds4jax.runtime.sampling import SamplingParams
 
 from conftest import CTX
 

@@ -9,14 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ds4jax.bridge import protocol
-from ds4jax.bridge.protocol import MsgType
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.protocol import MsgType
 from ds4jax.checkpoints import orbax_io, snapshot_bridge, snapshots
 from ds4jax.checkpoints.snapshots import SnapshotError
 from ds4jax.checkpoints.stage_state import StateError
-from ds4jax.generate.local import LocalBackend
-from ds4jax.generate.sampling import SamplingParams
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.local import LocalBackend
+from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.runtime.runner import StageRunner
 
 from session_snapshot_test import Route
 

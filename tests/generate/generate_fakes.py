@@ -9,7 +9,7 @@ import types
 import numpy as np
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.types import HopTelemetry, StepResult
+from ds4jax.runtime.types import HopTelemetry, StepResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from ds4jax.config import LayerRange
-from ds4jax.generate import batching
-from ds4jax.generate.local import LocalBackend, StepRequest
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime import batching
+from ds4jax.runtime.local import LocalBackend, StepRequest
+from ds4jax.runtime.sampling import SamplingParams
 
 from generate_fakes import PrefixRunner, reference_logits
 

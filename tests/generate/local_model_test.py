@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.local import LocalBackend
-from ds4jax.generate.sampling import SamplingParams
-from ds4jax.model.load import load_stage
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.local import LocalBackend
+from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.runtime.load import load_stage
+from ds4jax.runtime.runner import StageRunner
 
 GREEDY = SamplingParams()
 CTX = 64

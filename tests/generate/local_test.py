@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.local import LocalBackend, SessionError, common_prefix
-from ds4jax.generate.sampling import SamplingParams
-from ds4jax.generate.types import Backend
+from ds4jax.runtime.local import LocalBackend, SessionError, common_prefix
+from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.runtime.types import Backend
 
 from generate_fakes import PrefixRunner, reference_logits
 
@@ -119,7 +119,7 @@ def test_refusals():
 
 def test_heartbeat_logs_while_the_block_runs(caplog):
   import time
-  from ds4jax.generate.progress import heartbeat
+  from ds4jax.runtime.progress import heartbeat
   with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
     with heartbeat("loading things", every_s=0.05):
       time.sleep(0.3)

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.local import LocalBackend
+from ds4jax.runtime.local import LocalBackend
 from ds4jax.generate.loop import Generator
-from ds4jax.generate.sampling import SamplingParams, TopK, TopP
+from ds4jax.runtime.sampling import SamplingParams, TopK, TopP
 
 from generate_fakes import PrefixRunner, ScriptBackend
 

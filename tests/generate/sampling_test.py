@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ds4jax.generate import sampling as s
+from ds4jax.runtime import sampling as s
 
 
 def test_greedy_ties_to_lowest_id():

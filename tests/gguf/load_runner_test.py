@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from ds4jax.gguf import dequant, load, reader
-from ds4jax.model.load import load_runner, load_stage, stage_from_tensors
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import load_runner, load_stage, stage_from_tensors
+from ds4jax.runtime.runner import StageRunner
 
 _PXLA = "jax._src.interpreters.pxla"  # logs "Compiling <module> ..." for every lowering
 

@@ -23,7 +23,7 @@ def status(key):
       return int(line.split()[1]) * 1024
 
 jax.device_put(np.ones(4, np.float32)).block_until_ready()  # the runtime is up: not counted
-from ds4jax.model.load import load_stage, return_big_frees
+from ds4jax.runtime.load import load_stage, return_big_frees
 return_big_frees()
 before = status("VmRSS")
 stage = load_stage(sys.argv[1], sys.argv[2])

@@ -6,8 +6,8 @@ round-trip through StageState; bad calls are refused before anything runs."""
 import numpy as np
 import pytest
 
-from ds4jax.model.load import load_stage
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import load_stage
+from ds4jax.runtime.runner import StageRunner
 
 N_TOKENS = 64
 # Measured: 4.3e-6 max |d| on logits of magnitude ~4 (vmapped attention dots and the grouped

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ds4jax.model.bench import bench_interleaved
+from ds4jax.bench.model import bench_interleaved
 
 
 def test_bench_interleaved_rows_and_parity(hf_tiny):

@@ -10,9 +10,9 @@ from flax import nnx
 from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf.load import load_tensors
 from ds4jax.model.hyper_connections import sinkhorn
-from ds4jax.model.load import stage_from_tensors
+from ds4jax.runtime.load import stage_from_tensors
 from ds4jax.model.rope import RoPE, rope_freqs, yarn_ramp_range
-from ds4jax.model.runner import StageRunner, bucket
+from ds4jax.runtime.runner import StageRunner, bucket
 
 
 def test_yarn_ramp_of_flash():

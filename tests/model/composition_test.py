@@ -6,8 +6,8 @@ import pytest
 
 from ds4jax.config import LayerRange
 from ds4jax.gguf.load import load_tensors
-from ds4jax.model.load import stage_from_tensors
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import stage_from_tensors
+from ds4jax.runtime.runner import StageRunner
 
 CTX, MAX_CHUNK = 64, 32
 N_PREFILL, N_DECODE = 21, 4

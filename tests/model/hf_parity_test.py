@@ -10,8 +10,8 @@ import pytest
 
 import ds4jax
 from hf_reference import hf_logits
-from ds4jax.model.load import stage_from_tensors
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import stage_from_tensors
+from ds4jax.runtime.runner import StageRunner
 from ds4jax.gguf.load import load_tensors
 
 TOL = 1e-4

@@ -9,8 +9,8 @@ from flax import nnx
 from ds4jax.gguf import names
 from ds4jax.gguf.load import packs
 from ds4jax.gguf.reader import open_gguf
-from ds4jax.model.load import load_runner
-from ds4jax.model.runner import param_bytes
+from ds4jax.runtime.load import load_runner
+from ds4jax.runtime.runner import param_bytes
 from ds4jax.quant.packed import Packed
 from ds4jax.testing import tiny
 

@@ -8,8 +8,8 @@ import pytest
 from ds4jax.config import LayerRange
 from ds4jax.gguf.load import load_tensors
 from ds4jax.model import qat
-from ds4jax.model.load import stage_from_tensors
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import stage_from_tensors
+from ds4jax.runtime.runner import StageRunner
 
 
 def _blocks(rng, n_blocks, block, scales):

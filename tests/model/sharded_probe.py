@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ds4jax.generate.local import LocalBackend
-from ds4jax.generate.sampling import SamplingParams
+from ds4jax.runtime.local import LocalBackend
+from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.model import sharding
-from ds4jax.model.load import load_runner, load_stage
-from ds4jax.model.runner import StageRunner, param_bytes
+from ds4jax.runtime.load import load_runner, load_stage
+from ds4jax.runtime.runner import StageRunner, param_bytes
 
 PROMPT = [0, 17, 42, 5]
 N_NEW = 4

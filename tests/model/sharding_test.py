@@ -89,8 +89,8 @@ def test_grouped_and_all_experts_paths_under_the_mesh(probe):
 
 # ------------------------------------------------------------------------ in this process
 def test_one_device_is_no_mesh(tiny_gguf):
-  from ds4jax.model.load import load_stage
-  from ds4jax.model.runner import StageRunner
+  from ds4jax.runtime.load import load_stage
+  from ds4jax.runtime.runner import StageRunner
   assert sharding.make_mesh(1) is None and sharding.make_mesh("all") is None  # 1 CPU device
   stage = load_stage(tiny_gguf, "0:0", devices=1)
   assert stage.blocks[0].moe.expert_mesh is None
@@ -112,7 +112,7 @@ def test_devices_must_divide_the_experts(tiny_gguf):
   sharding.check_experts(8, 4)
   with pytest.raises(ValueError, match="--devices=3 does not divide the model's 8 experts"):
     sharding.check_experts(8, 3)
-  from ds4jax.model.load import load_stage
+  from ds4jax.runtime.load import load_stage
   with pytest.raises(ValueError, match="exceeds the 1 local device"):
     load_stage(tiny_gguf, "0:0", devices=2)
 

@@ -9,8 +9,8 @@ import time
 import httpx
 import openai
 
-from ds4jax import sources
-from ds4jax.generate.local import LocalBackend
+from ds4jax.runtime import sources
+from ds4jax.runtime.local import LocalBackend
 from ds4jax.serving.app import create_app
 
 from serving_fakes import FakeBackend, serve_in_thread, tiny_tokenizer

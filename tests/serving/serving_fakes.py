@@ -17,7 +17,7 @@ import time
 import uvicorn
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.types import HopTelemetry, StepResult
+from ds4jax.runtime.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
 
@@ -88,7 +88,7 @@ class FakeBackend:
 
   def step(self, sid, transcript, sampling, step, *, top_logprobs=0, return_logits=False):
     if not self._ready.is_set():
-      from ds4jax.bridge.errors import RouteUnavailable
+      from ds4jax.bridge.wire.errors import RouteUnavailable
       raise RouteUnavailable("route lost")
     with self._lock:
       if sid not in self.open:

@@ -4,8 +4,8 @@ request validation and the job wire format of the model process."""
 import pytest
 
 from ds4jax.config import LayerRange
-from ds4jax.generate.sampling import SamplingParams
-from ds4jax.generate.types import HopTelemetry
+from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.runtime.types import HopTelemetry
 from ds4jax.serving import generation, model_proc, remote, schemas
 from ds4jax.serving.engine import SessionTracker, missing_layers
 from ds4jax.serving.metrics import Metrics

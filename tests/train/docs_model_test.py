@@ -12,10 +12,10 @@ import pytest
 
 from ds4jax import cli
 from ds4jax import data as shipped
-from ds4jax.generate.local import LocalBackend
+from ds4jax.runtime.local import LocalBackend
 from ds4jax.generate.loop import Generator
-from ds4jax.generate.sampling import SamplingParams
-from ds4jax.model.load import load_runner
+from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.runtime.load import load_runner
 from ds4jax.tokenizer import Tokenizer
 from ds4jax.train import data
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("ds4jax.generate.batching")
+log = logging.getLogger("ds4jax.runtime.batching")
 
 
 class BatcherFull(RuntimeError):

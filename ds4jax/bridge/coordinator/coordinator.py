@@ -39,16 +39,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ds4jax.bridge import (admission, protocol, residency, route as route_mod, tensors,
-                           transport)
-from ds4jax.bridge.errors import LinkLost, ProtocolError, RemoteError, RouteUnavailable
-from ds4jax.bridge.links import WorkerLink
-from ds4jax.bridge.protocol import MsgType
-from ds4jax.bridge.session_sync import CoordSession, Stepper
+from ds4jax.bridge.coordinator import admission, residency, route as route_mod
+from ds4jax.bridge.wire import protocol, tensors, transport
+from ds4jax.bridge.wire.errors import LinkLost, ProtocolError, RemoteError, RouteUnavailable
+from ds4jax.bridge.coordinator.links import WorkerLink
+from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.bridge.coordinator.session_sync import CoordSession, Stepper
 from ds4jax.config import LayerRange
-from ds4jax.generate.batching import BatcherFull, StageBatcher, StateLost
+from ds4jax.runtime.batching import BatcherFull, StageBatcher, StateLost
 
-log = logging.getLogger("ds4jax.bridge.coordinator")
+log = logging.getLogger("ds4jax.bridge.coordinator.coordinator")
 
 
 @dataclasses.dataclass
@@ -102,7 +102,7 @@ class Coordinator:
     if self.local.start != 0:
       raise ValueError(f"the coordinator's range must start at layer 0, got {self.local}")
     self.dead_after = opt.dead_after or max(3 * opt.heartbeat_s, 1.0)
-    from ds4jax.bridge import auth  # stdlib only
+    from ds4jax.bridge.wire import auth  # stdlib only
     self.bind_warning = auth.warn_if_exposed(opt.host, opt.key)
     self._lsock = transport.listen(opt.host, opt.port)
     self.address = self._lsock.getsockname()[:2]
@@ -143,7 +143,7 @@ class Coordinator:
     """
     from ds4jax.bridge.launch import load_runner  # deferred: imports JAX
     if "key" not in options:
-      from ds4jax.bridge import auth
+      from ds4jax.bridge.wire import auth
       options["key"] = auth.load_key(key_file)
     options.setdefault("warmup", True)  # compile while workers join, not on the first token
     runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype, weights=weights)
@@ -518,7 +518,7 @@ class Coordinator:
         self._slot_cv.wait(min(left, 0.05))
 
   def _warmup(self) -> None:
-    from ds4jax.bridge.worker import warmup_batched
+    from ds4jax.bridge.worker.worker import warmup_batched
     try:
       warmup_batched(self.runner, self.opt.warm_batches, (1, self.opt.prefill_chunk),
                      self.opt.max_sessions)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ds4jax.bridge import protocol
-from ds4jax.bridge.protocol import field
+from ds4jax.bridge.wire import protocol
+from ds4jax.bridge.wire.protocol import field
 from ds4jax.config import LayerRange
 
 

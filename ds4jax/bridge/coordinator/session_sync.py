@@ -19,11 +19,11 @@ import dataclasses
 import threading
 from typing import Any, Callable
 
-from ds4jax.bridge import protocol, tensors
-from ds4jax.bridge.errors import LinkLost, ProtocolError
-from ds4jax.bridge.pipeline import Chunk, Pass, chunks_of
-from ds4jax.generate import sampling as sampling_mod
-from ds4jax.generate.types import HopTelemetry, StepResult
+from ds4jax.bridge.wire import protocol, tensors
+from ds4jax.bridge.wire.errors import LinkLost, ProtocolError
+from ds4jax.bridge.coordinator.pipeline import Chunk, Pass, chunks_of
+from ds4jax.runtime import sampling as sampling_mod
+from ds4jax.runtime.types import HopTelemetry, StepResult
 
 
 @dataclasses.dataclass

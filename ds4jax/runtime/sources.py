@@ -58,7 +58,7 @@ def open_tokenizer(path):
 def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
                weights: str = "packed", devices=1):
   """`model.load.load_stage` of `open_source(path)` (same arguments)."""
-  from ds4jax.model import load
+  from ds4jax.runtime import load
   return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights,
                          devices=devices)
 
@@ -75,6 +75,6 @@ def load_model(path, layers: str = "all", dtype: str | None = None, *, ctx_size:
   "all" local devices, the routed experts sharded over them (expert parallelism,
   docs/design.md §12); N must divide the expert count.
   """
-  from ds4jax.model.api import Model
+  from ds4jax.runtime.api import Model
   return Model.from_source(open_source(path), layers, dtype=dtype, ctx_size=ctx_size,
                            max_chunk=max_chunk, weights=weights, devices=devices)

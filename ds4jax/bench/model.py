@@ -32,7 +32,7 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
   """
   if n_prompt < 1 or n_decode < 1 or rounds < 1:
     raise ValueError("n_prompt, n_decode and rounds must be >= 1")
-  from ds4jax.model.api import Model
+  from ds4jax.runtime.api import Model
   load_before = os.getloadavg()
   impls: dict[str, Callable] = {}
   rows = {}
@@ -139,7 +139,7 @@ def bench_layer_decode(path, layers: str, *, n_decode: int = 8, n_prompt: int = 
   from ds4jax.config import LayerRange
   from ds4jax.gguf import names
   from ds4jax.gguf.reader import open_gguf
-  from ds4jax.model.load import load_runner
+  from ds4jax.runtime.load import load_runner
   f = open_gguf(path)
   rng = f.resolve(layers)
   if rng.embeds:
@@ -185,8 +185,8 @@ def bench_devices(path, devices, *, n_prompt: int, n_decode: int, rounds: int = 
   {"experts", "other", "total"} (the largest device's), param_bytes (the stage's whole)}.
   """
   from ds4jax.model import sharding
-  from ds4jax.model.api import Model
-  from ds4jax.model.runner import param_bytes
+  from ds4jax.runtime.api import Model
+  from ds4jax.runtime.runner import param_bytes
   model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
                             max_chunk=_pow2_at_least(n_prompt), weights=weights,
                             devices=devices)

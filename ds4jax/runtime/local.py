@@ -32,9 +32,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ds4jax.config import LayerRange
-from ds4jax.generate import batching, sampling as sampling_lib
-from ds4jax.generate.progress import heartbeat
-from ds4jax.generate.types import HopTelemetry, StepResult
+from ds4jax.runtime import batching, sampling as sampling_lib
+from ds4jax.runtime.progress import heartbeat
+from ds4jax.runtime.types import HopTelemetry, StepResult
 
 log = logging.getLogger("ds4jax.generate")
 
@@ -140,9 +140,9 @@ class LocalBackend:
     is float32 for a GGUF and the stored dtype for a checkpoint; weights 'packed' (GGUF blocks
     dequantised in the step) or 'dequantized' (at load).
     """
-    from ds4jax import sources  # deferred: model loading is heavy
-    from ds4jax.model.load import load_stage
-    from ds4jax.model.runner import StageRunner
+    from ds4jax.runtime import sources  # deferred: model loading is heavy
+    from ds4jax.runtime.load import load_stage
+    from ds4jax.runtime.runner import StageRunner
 
     path = os.fspath(path)
     src = sources.open_source(path)  # FileNotFoundError if there is nothing at path

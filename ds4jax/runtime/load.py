@@ -9,7 +9,7 @@ and placed; then `nnx.merge` builds the module. Layers outside the range never e
 even abstractly. Tensors stream in one at a time: the host never holds the slice twice.
 
 This module opens GGUF files itself (`as_source`) but never imports `ds4jax.checkpoints`:
-opening a path of either kind is `ds4jax.sources.open_source` (docs/design.md §8).
+opening a path of either kind is `ds4jax.runtime.sources.open_source` (docs/design.md §8).
 
 Weights (docs/design.md §8): `"packed"` (the default) keeps every quantised or 16-bit tensor
 of two or more dims as its GGUF bytes (`quant.Packed`), dequantised inside the step;
@@ -34,7 +34,7 @@ from ds4jax.config import LayerRange, ModelConfig
 from ds4jax.gguf import names
 from ds4jax.gguf.writer import RawTensor
 from ds4jax.model import sharding
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.runner import StageRunner
 from ds4jax.model.stage import Stage
 from ds4jax.quant.packed import Packed
 from ds4jax.quant.source import Stored, TensorSource
@@ -179,12 +179,12 @@ def _qname(qtype: int) -> str:
 def as_source(source) -> TensorSource:
   """`source` itself, or a `GGUFSource` for the path of a GGUF file. The model opens GGUFs
   (it depends on `gguf`) but never checkpoints: open a directory with
-  `ds4jax.sources.open_source` (docs/design.md §8)."""
+  `ds4jax.runtime.sources.open_source` (docs/design.md §8)."""
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     if os.path.isdir(path):
       raise ValueError(f"{path} is a directory: open a checkpoint with "
-                       "ds4jax.sources.open_source(path)")
+                       "ds4jax.runtime.sources.open_source(path)")
     from ds4jax.gguf.source import GGUFSource  # deferred: the gguf package imports lazily
     return GGUFSource(path)
   return source
@@ -205,7 +205,7 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
   """Loads the slice `layers` of a source (only its tensors are read).
 
   source: a `quant.source.TensorSource` (a GGUF or an orbax checkpoint, see
-    `ds4jax.sources.open_source`), or the path of a GGUF file.
+    `ds4jax.runtime.sources.open_source`), or the path of a GGUF file.
   layers: "all", "A:B", "A:output" or a LayerRange; None is the slice the source holds
     (all of a full GGUF, a split file's slice, a checkpoint's stored range).
   dtype: the compute dtype; None is the source's (float32 for a GGUF, the stored dtype for

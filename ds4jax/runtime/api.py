@@ -1,6 +1,6 @@
 """Notebook API: `Model` with `logits(ids)` and `session()`, over a StageRunner.
 
-`ds4jax.load_model(path)` (`ds4jax.sources.load_model`: a GGUF or a checkpoint directory)
+`ds4jax.load_model(path)` (`ds4jax.runtime.sources.load_model`: a GGUF or a checkpoint directory)
 and `Model.from_source(source)` (a `quant.source.TensorSource`, or a GGUF path) build one.
 
     model = ds4jax.load_model("tiny.gguf")
@@ -17,8 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ds4jax.model.load import as_source, load_stage
-from ds4jax.model.runner import StageRunner
+from ds4jax.runtime.load import as_source, load_stage
+from ds4jax.runtime.runner import StageRunner
 
 
 class Model:

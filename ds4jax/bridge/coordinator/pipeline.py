@@ -12,9 +12,10 @@ import dataclasses
 import threading
 from typing import Any, Callable, Sequence
 
-from ds4jax.bridge import links, protocol, tensors
-from ds4jax.bridge.errors import BridgeError, LinkLost, ProtocolError
-from ds4jax.bridge.links import WorkerLink
+from ds4jax.bridge.coordinator import links
+from ds4jax.bridge.wire import protocol, tensors
+from ds4jax.bridge.wire.errors import BridgeError, LinkLost, ProtocolError
+from ds4jax.bridge.coordinator.links import WorkerLink
 
 
 @dataclasses.dataclass

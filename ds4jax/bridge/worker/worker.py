@@ -30,14 +30,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ds4jax.bridge import protocol, tensors, transport
-from ds4jax.bridge.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
-from ds4jax.bridge.protocol import MsgType, field
-from ds4jax.bridge.sessions import SessionStore
+from ds4jax.bridge.wire import protocol, tensors, transport
+from ds4jax.bridge.wire.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
+from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.config import LayerRange
-from ds4jax.generate.batching import StageBatcher, StateLost
+from ds4jax.runtime.batching import StageBatcher, StateLost
 
-log = logging.getLogger("ds4jax.bridge.worker")
+log = logging.getLogger("ds4jax.bridge.worker.worker")
 CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch")
 # Frames that run in arrival order per session (its lane) on the serving threads.
 _QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
@@ -565,7 +565,7 @@ def final_reason(e: BaseException) -> str | None:
   """The reason when a failed connection attempt cannot succeed by redialing (a key or
   certificate the coordinator rejects, or the reverse), else None (refused connection,
   coordinator restarting, a broken link: keep redialing with backoff)."""
-  from ds4jax.bridge import auth  # stdlib only
+  from ds4jax.bridge.wire import auth  # stdlib only
   if isinstance(e, ProtocolError) and protocol.TLS_PEER in str(e):
     return _COORD_TLS
   if isinstance(e, auth.AuthError):
@@ -604,13 +604,13 @@ def _pong_stats(batcher) -> list[int]:
 
 @functools.cache
 def _greedy():
-  from ds4jax.generate import sampling
+  from ds4jax.runtime import sampling
   return sampling.SamplingParams()
 
 
 def sample_result(logits_V: np.ndarray, h: dict[str, Any]) -> dict[str, Any]:
   """Samples the head stage's last logits row with the coordinator's parameters."""
-  from ds4jax.generate import sampling  # numpy only; imported lazily to keep bridge light
+  from ds4jax.runtime import sampling  # numpy only; imported lazily to keep bridge light
   s = field(h, "s", dict, default=None)
   try:  # absent: greedy, the default parameters (built once)
     params = _greedy() if s is None else sampling.SamplingParams.from_dict(s)
