@@ -1,7 +1,8 @@
 """Model configuration and layer ranges.
 
 `ModelConfig` is a frozen, hashable dataclass, so it can be passed to `jax.jit` as a static
-argument. It is built from GGUF metadata (`ModelConfig.from_gguf`), from the published
+argument. It is built from GGUF metadata (`ds4jax.gguf.reader.read_config(path)`, which
+checks the metadata's types and calls `ModelConfig.from_metadata`), from the published
 DeepSeek V4 Flash dims (`ModelConfig.flash()`), or from tiny CPU test dims
 (`ModelConfig.tiny()`, `ModelConfig.bench()`).
 
@@ -210,12 +211,6 @@ class ModelConfig:
       return cls(**kw)
     except ConfigError as e:
       raise ConfigError(f"GGUF metadata is inconsistent: {e}") from None
-
-  @classmethod
-  def from_gguf(cls, path_or_reader, **overrides) -> "ModelConfig":
-    """Reads and type-checks the `deepseek4.*` metadata of a GGUF file."""
-    from ds4jax.gguf import reader as _reader  # deferred: config must not import gguf eagerly
-    return _reader.read_config(path_or_reader, **overrides)
 
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
