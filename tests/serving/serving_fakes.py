@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import socket
 import threading
 import time
 
 import uvicorn
 
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
@@ -102,12 +102,6 @@ class FakeBackend:
                          compute_s=self.step_s / 2, queue_s=0.0001)]
     return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
                       n_computed=1)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager
