@@ -6,7 +6,8 @@ checks the metadata's types and calls `ModelConfig.from_metadata`), from the pub
 DeepSeek V4 Flash dims (`ModelConfig.flash()`), or from tiny CPU test dims
 (`ModelConfig.tiny()`, `ModelConfig.bench()`).
 
-`LayerRange` is ds4's inclusive layer slice: `"A:B"`, `"A:output"` or `"all"`.
+`LayerRange` is ds4's inclusive layer slice: `"A:B"`, `"A:output"` or `"all"`; a stage's
+device count (`devices_option`) is N >= 1 or `"all"`.
 """
 
 from __future__ import annotations
@@ -352,7 +353,20 @@ def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
+# ---------------------------------------------------------------------------------- devices
+def devices_option(spec) -> int | str:
+  """A `devices` option (`--devices`: the local devices a stage spans) as an int >= 1 or
+  "all"; a one-line ValueError otherwise. Whether this host has that many devices is checked
+  where the stage is placed (`model.sharding.parse_devices`)."""
+  text = str(spec).strip()
+  if text == "all":
+    return "all"
+  if isinstance(spec, bool) or not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--devices must be a positive integer or 'all', got {spec!r}")
+  return int(text)
+
+
 __all__ = [
     "ConfigError", "ModelConfig", "METADATA_KEYS", "LayerRange", "LayerRangeError",
-    "flash_schedule", "ceil_div",
+    "ceil_div", "devices_option", "flash_schedule",
 ]
