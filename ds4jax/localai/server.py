@@ -34,13 +34,12 @@ import grpc
 
 from ds4jax.bridge.wire.errors import RouteUnavailable
 from ds4jax.errors import one_line
-from ds4jax.runtime import batching
 from ds4jax.localai import backend_pb2 as pb
 from ds4jax.localai import backend_pb2_grpc as pb_grpc
 from ds4jax.localai import options, predict
 from ds4jax.localai.auth import BearerTokenInterceptor
 from ds4jax.localai.model import LoadedModel
-from ds4jax.serving.engine import RouteNotReady
+from ds4jax.serving.engine import Busy, RouteNotReady
 from ds4jax.serving.generation import Finished, Piece, Stepped
 
 log = logging.getLogger("ds4jax.localai")
@@ -253,7 +252,7 @@ class Servicer(pb_grpc.BackendServicer):
                              timing_token_generation=1e3 * float(t.get("decode_s", 0.0))), None
     except (_Abort, GeneratorExit):
       raise
-    except batching.Busy as e:
+    except Busy as e:
       raise _Abort(Code.RESOURCE_EXHAUSTED, f"ds4jax: {one_line(e)}") from None
     except RouteUnavailable as e:
       raise _Abort(Code.UNAVAILABLE, f"ds4 distributed route error: {one_line(e)}") from None
