@@ -356,4 +356,14 @@ class StageBatcher:
         self._pos = [0] * self.n_slots
 
 
-__all__ = ["BatcherFull", "BatcherStats", "StageBatcher", "StateLost"]
+def warmup_batched(runner, batch_sizes, chunk_sizes, n_slots: int) -> None:
+  """Compiles `forward_batch` for these decode batch sizes x chunk sizes on a pool of
+  `n_slots` (what a StageBatcher of that many slots runs); a runner without `compile_batch`
+  (test fakes) compiles nothing."""
+  compile_batch = getattr(runner, "compile_batch", None)
+  sizes = sorted(set(min(int(s), runner.ctx_size) for s in chunk_sizes if s))
+  if compile_batch is not None and sizes:
+    compile_batch(tuple(batch_sizes) or (1,), sizes, n_slots=n_slots)
+
+
+__all__ = ["BatcherFull", "BatcherStats", "StageBatcher", "StateLost", "warmup_batched"]
