@@ -20,14 +20,14 @@ import numpy as np
 
 
 class SamplingMethod(abc.ABC):
-  """Maps one logits row [V] to a token id."""
+  """Maps one logits row [V] to a token id: by default, as its wire form (`to_params`)."""
+
+  def get_next_token(self, logits_V: np.ndarray, step: int) -> int:
+    return self.to_params().sample(logits_V, step)
 
   @abc.abstractmethod
-  def get_next_token(self, logits_V: np.ndarray, step: int) -> int:
-    ...
-
   def to_params(self) -> "SamplingParams":
-    raise NotImplementedError
+    ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,9 +96,6 @@ class Temperature(SamplingMethod):
   temperature: float = 1.0
   seed: int = 0
 
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
-
   def to_params(self):
     return SamplingParams(temperature=self.temperature, seed=self.seed)
 
@@ -109,9 +106,6 @@ class TopK(SamplingMethod):
   temperature: float = 1.0
   seed: int = 0
 
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
-
   def to_params(self):
     return SamplingParams(temperature=self.temperature, top_k=self.k, seed=self.seed)
 
@@ -121,9 +115,6 @@ class TopP(SamplingMethod):
   p: float = 0.9
   temperature: float = 1.0
   seed: int = 0
-
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
 
   def to_params(self):
     return SamplingParams(temperature=self.temperature, top_p=self.p, seed=self.seed)
