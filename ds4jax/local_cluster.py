@@ -43,15 +43,19 @@ def free_port(host: str = "127.0.0.1") -> int:
     return s.getsockname()[1]
 
 
-def spawn(args: Sequence[str], log: pathlib.Path, env: dict[str, str] | None = None
-          ) -> subprocess.Popen:
+def spawn(args: Sequence[str], log: pathlib.Path | None, env: dict[str, str] | None = None
+            ) -> subprocess.Popen:
   """`python *args` in its own process group (stop it with `signal_group`), from the
-  repository root, stdin closed, stdout and stderr into the file `log`."""
+  repository root, stdin closed, stdout and stderr into the file `log` (None: this
+  process's)."""
   # No preexec_fn: running Python between fork and exec is unsafe with JAX's threads.
-  with open(log, "wb") as f:
-    return subprocess.Popen([sys.executable, *map(str, args)], stdin=subprocess.DEVNULL,
-                            stdout=f, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
+  argv = [sys.executable, *map(str, args)]
+  if log is None:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, cwd=str(REPO), env=env,
                             start_new_session=True)
+  with open(log, "wb") as f:
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                            cwd=str(REPO), env=env, start_new_session=True)
 
 
 def log_tail(log: pathlib.Path, n: int = 1) -> str:

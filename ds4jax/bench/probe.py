@@ -129,12 +129,11 @@ def _serve(port: int, layers: str) -> None:
 def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
               floor: bool = True, **coord_options) -> dict[str, Any]:
   """Decode steps through `n_workers` echo workers; medians of step time and hop RTT."""
-  import subprocess
-  import sys
   import numpy as np
   from ds4jax.bench.tcp_floor import measure_floor
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.config import LayerRange
+  from ds4jax.local_cluster import spawn
   from ds4jax.runtime.sampling import SamplingParams
   from ds4jax.bench.echo import EchoRunner
   cfg = _echo_cfg()
@@ -142,9 +141,8 @@ def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
   probe = HopProbe().install()
   coord = Coordinator(EchoRunner(cfg, LayerRange.parse("0:0", cfg.n_layers)),
                       CoordinatorOptions(port=0, route_timeout=60, **coord_options))
-  procs = [subprocess.Popen([sys.executable, "-m", "ds4jax.bench.probe",
-                             f"--serve={r}", f"--port={coord.address[1]}"])
-           for r in ranges]
+  procs = [spawn(["-m", "ds4jax.bench.probe", f"--serve={r}", f"--port={coord.address[1]}"],
+                 None) for r in ranges]
   try:
     coord.wait_route(60)
     greedy = SamplingParams()
