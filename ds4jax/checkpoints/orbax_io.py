@@ -120,7 +120,7 @@ def save_stage_checkpoint(gguf, layers: LayerRange | str, out_dir, *, weights: s
     dtype: the stored dtype of a dequantised checkpoint (None: float32).
     overwrite: replace an existing checkpoint at `out_dir`.
 
-  The arrays are exactly what `model.load.load_stage(gguf, layers, dtype=dtype,
+  The arrays are exactly what `runtime.load.load_stage(gguf, layers, dtype=dtype,
   weights=weights)` holds, so a restore gives bit-identical logits.
   """
   from ds4jax.gguf.source import GGUFSource
@@ -356,7 +356,7 @@ def _np_dtype(name: str) -> np.dtype:
 def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype=None,
                           weights: str = "packed", fingerprint: str | None = None,
                           verify: bool = True):
-  """Restores a Stage from a checkpoint directory (`model.load.load_stage` of its source).
+  """Restores a Stage from a checkpoint directory (`runtime.load.load_stage` of its source).
 
   Args:
     path: the checkpoint directory.

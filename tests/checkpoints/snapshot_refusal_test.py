@@ -11,7 +11,8 @@ import pytest
 
 from ds4jax.bridge.wire import protocol
 from ds4jax.bridge.wire.protocol import MsgType
-from ds4jax.checkpoints import orbax_io, snapshot_bridge, snapshots
+from ds4jax.bridge.coordinator import snapshots as snapshot_bridge
+from ds4jax.checkpoints import orbax_io, snapshots, stage_state
 from ds4jax.checkpoints.snapshots import SnapshotError
 from ds4jax.checkpoints.stage_state import StateError
 from ds4jax.runtime.local import LocalBackend
@@ -174,7 +175,7 @@ def test_worker_refuses_bad_snapshot_requests(prefilled, snap):
 
 def test_multi_part_transfer(prefilled, monkeypatch):
   """With a small chunk cap, a save and a load move in many parts and round-trip exactly."""
-  monkeypatch.setattr(snapshot_bridge, "CHUNK_BYTES", 4096)
+  monkeypatch.setattr(stage_state, "CHUNK_BYTES", 4096)
   sent = []
   c, sid, hop = prefilled
   real_request = hop.request
