@@ -91,7 +91,7 @@ class RssMonitor:
   def __init__(self):
     # Code the targets load lazily on some frames (snapshot handling pulls in JAX, which a
     # real worker has loaded anyway) is loaded first: the bound is about what input costs.
-    import ds4jax.checkpoints.snapshot_bridge  # noqa: F401
+    import ds4jax.bridge.worker.snapshots  # noqa: F401
     import ds4jax.runtime.sampling  # noqa: F401
     self.proc = psutil.Process()
     self.base = self.peak = self.proc.memory_info().rss

@@ -100,7 +100,7 @@ def test_broken_worker_link_is_detected_and_recovered(caplog, kind, kw, reason):
   out, elapsed, coord = run(caplog, worker_wrap=inj)
   assert out == reference()
   assert [e[2] for e in inj.events][:1] == [kind]  # the fault really fired, on link 0
-  msg = logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1", reason)
+  msg = logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1", reason)
   assert "127.0.0.1:" in msg
   assert any("worker lost" in e for e in coord.events)  # the user sees a warning
   print(f"\n{kind}: detected ({msg.split(': ', 1)[1][:70]}...) and recovered in {elapsed:.2f}s")
@@ -111,7 +111,7 @@ def test_silent_worker_is_declared_dead_by_heartbeat(caplog):
   inj = FaultInjector([Fault("drop", after_frames=2, length=None)], only=[0])  # after READY
   out, _, _ = run(caplog, worker_wrap=inj)
   assert out == reference()
-  logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1",
+  logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1",
          ("sent nothing for", "did not answer request"))
 
 
@@ -123,8 +123,8 @@ def test_corrupted_work_is_detected_by_the_worker(caplog):
   out, _, coord = run(caplog, coord_wrap=inj)
   assert out == reference()
   assert inj.events and inj.events[0][1:3] == ("send", "corrupt")
-  logged(caplog, "ds4jax.bridge.worker.worker", "link to coordinator lost", "bad magic")
-  logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1")
+  logged(caplog, "ds4jax.bridge.worker", "link to coordinator lost", "bad magic")
+  logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1")
 
 
 def test_probabilistic_corruption_is_deterministic_per_seed():

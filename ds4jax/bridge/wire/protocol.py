@@ -76,7 +76,7 @@ class MsgType(enum.IntEnum):
   PING = 8
   PONG = 9
   DROP = 10
-  # Session snapshots (ds4jax/checkpoints/snapshot_bridge.py), coordinator -> worker.
+  # Session snapshots (ds4jax/bridge/{coordinator,worker}/snapshots.py), coordinator -> worker.
   SNAPSHOT_SAVE = 11
   SNAPSHOT_LOAD = 12
 

@@ -24,7 +24,7 @@ from ds4jax.bridge.wire.errors import LinkLost, PrefixMismatch, ProtocolError
 from ds4jax.bridge.wire.protocol import MsgType
 from ds4jax.bridge.worker.work import pong_stats
 
-log = logging.getLogger("ds4jax.bridge.worker.connection")
+log = logging.getLogger("ds4jax.bridge.worker")
 # Frames that run in arrival order per session (its lane) on the serving threads.
 _QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
 # An idle serving thread checks this often whether the reader role is free. With a single

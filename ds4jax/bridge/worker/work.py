@@ -22,7 +22,7 @@ from ds4jax.bridge.wire.errors import PrefixMismatch, ProtocolError
 from ds4jax.bridge.wire.protocol import field
 from ds4jax.runtime.batching import StateLost
 
-log = logging.getLogger("ds4jax.bridge.worker.work")
+log = logging.getLogger("ds4jax.bridge.worker")
 
 
 def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], bytes]:

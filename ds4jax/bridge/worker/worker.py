@@ -28,7 +28,7 @@ from ds4jax.bridge.worker.work import run_work
 from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher, warmup_batched
 
-log = logging.getLogger("ds4jax.bridge.worker.worker")
+log = logging.getLogger("ds4jax.bridge.worker")
 CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch")
 
 
@@ -77,6 +77,7 @@ class Worker:
     self.opt = options or WorkerOptions()
     self.runner = None
     self.batcher: StageBatcher | None = None  # the pool of session states (after the load)
+    self._transfers = None  # session snapshot exchanges in progress (worker/snapshots.py)
     self.sessions = SessionStore(self.opt.max_sessions)
     self.host = socket.gethostname()
     self._stop = threading.Event()
@@ -231,8 +232,10 @@ class Worker:
 
   def _snapshot(self, f: protocol.Frame) -> tuple[dict[str, Any], bytes]:
     """Session snapshot save/load parts (in order with WORK, on the compute thread)."""
-    from ds4jax.checkpoints import snapshot_bridge  # deferred: only snapshots need it
-    return snapshot_bridge.handle_worker_frame(self, f)
+    if self._transfers is None:
+      from ds4jax.bridge.worker.snapshots import SnapshotTransfers  # only snapshots need it
+      self._transfers = SnapshotTransfers(self)
+    return self._transfers.handle(f)
 
   def _work(self, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], bytes]:
     """One WORK frame -> the RESULT header and payload (`work.run_work`)."""
