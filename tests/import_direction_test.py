@@ -40,11 +40,7 @@ FLOORS = {
 # Imports within one row that the row allows: (importer, imported).
 SAME_ROW = {("ds4jax.gguf", "ds4jax.quant"), ("ds4jax.localai", "ds4jax.serving")}
 # The imports that may climb a floor (at most two): (file, imported module) -> why.
-CLIMBS = {
-    ("ds4jax/checkpoints/orbax_io.py", "ds4jax.runtime.load"):
-        "a stage checkpoint stores, and restores through, exactly the arrays the stage loader "
-        "builds (save_stage_checkpoint / load_stage_checkpoint)",
-}
+CLIMBS: dict[tuple[str, str], str] = {}
 TESTING = "ds4jax.testing"
 GENERATED = ("ds4jax/localai/backend_pb2.py", "ds4jax/localai/backend_pb2_grpc.py")
 MAX_LINES = 500
