@@ -31,10 +31,7 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   t0 = time.monotonic()
   h = f.header
   opt = worker.opt
-  req = field(h, "req", int, lo=0)
-  sid = field(h, "sid", str)
-  if not 0 < len(sid) <= 64:
-    raise ProtocolError("session id must be 1..64 characters")
+  req, sid = request_ids(h)
   pos0 = field(h, "p", int, lo=0)
   n = field(h, "n", int, lo=1, hi=opt.ctx)
   if pos0 + n > opt.ctx:
@@ -94,6 +91,15 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   # [compute_us, queue_us]: the coordinator knows the hop, bytes and positions already.
   res["t"] = [round((t2 - t1) * 1e6), max(0, round((t0 - t_recv) * 1e6))]
   return res, payload
+
+
+def request_ids(h: dict[str, Any]) -> tuple[int, str]:
+  """(request id, session id) of a WORK or snapshot frame's header, checked."""
+  req = field(h, "req", int, lo=0)
+  sid = field(h, "sid", str)
+  if not 0 < len(sid) <= 64:
+    raise ProtocolError("session id must be 1..64 characters")
+  return req, sid
 
 
 def compute(worker, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int) -> np.ndarray:
