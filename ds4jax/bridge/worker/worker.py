@@ -30,9 +30,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ds4jax.bridge.wire import protocol, tensors, transport
-from ds4jax.bridge.wire.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol, tensors, transport
+from ds4jax.wire.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher, StateLost
@@ -568,7 +568,7 @@ def final_reason(e: BaseException) -> str | None:
   """The reason when a failed connection attempt cannot succeed by redialing (a key or
   certificate the coordinator rejects, or the reverse), else None (refused connection,
   coordinator restarting, a broken link: keep redialing with backoff)."""
-  from ds4jax.bridge.wire import auth  # stdlib only
+  from ds4jax.wire import auth  # stdlib only
   if isinstance(e, ProtocolError) and protocol.TLS_PEER in str(e):
     return _COORD_TLS
   if isinstance(e, auth.AuthError):
