@@ -25,7 +25,7 @@ PKG = REPO / "ds4jax"
 # The layer table of docs/design.md §0: package (or module) -> floor.
 FLOORS = {
     "ds4jax.config": 1, "ds4jax.extras": 1, "ds4jax.errors": 1, "ds4jax.data": 1,
-    "ds4jax.tokenizer": 1, "ds4jax.bridge.wire": 1, "ds4jax.local_cluster": 1,
+    "ds4jax.tokenizer": 1, "ds4jax.wire": 1, "ds4jax.local_cluster": 1,
     "ds4jax.quant": 2, "ds4jax.gguf": 2,
     "ds4jax.model": 3,
     "ds4jax.checkpoints": 4, "ds4jax.partition": 4,

@@ -44,7 +44,7 @@ class SnapshotError(StateError):
 
 
 def _fnv(tokens: Sequence[int]) -> str:
-  from ds4jax.bridge.wire import protocol  # stdlib + numpy only
+  from ds4jax.wire import protocol  # stdlib + numpy only
   return protocol.hash_hex(protocol.fnv1a64(tokens))
 
 

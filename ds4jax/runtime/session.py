@@ -20,7 +20,7 @@ import dataclasses
 import threading
 from typing import Any, Callable, Sequence
 
-from ds4jax.bridge.wire import protocol, tensors
+from ds4jax.wire import protocol, tensors
 
 
 @dataclasses.dataclass

@@ -33,7 +33,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ds4jax.bridge.wire import protocol
+from ds4jax.wire import protocol
 from ds4jax.runtime import sampling as sampling_lib
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.types import HopTelemetry, StepResult

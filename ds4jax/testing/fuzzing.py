@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from ds4jax.bridge.wire import protocol
+from ds4jax.wire import protocol
 
 JUNK = [None, True, False, -1, 0, 1, 7, 2**31, 2**64, -2**63, 1.5, -0.0, 1e308, "", "x",
         "0" * 16, "z" * 300, [], [1, 2], {}, {"a": 1}, "\u00fc\u0000", [[[[]]]]]

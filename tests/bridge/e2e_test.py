@@ -23,7 +23,7 @@ import pytest
 
 from ds4jax.bridge import launch
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused
+from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.local_cluster import free_port
 from ds4jax.runtime.batching import StageBatcher

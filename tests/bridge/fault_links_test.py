@@ -15,7 +15,7 @@ import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.testing.faults import Fault, FaultInjector
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.runtime.sampling import SamplingParams
@@ -131,7 +131,7 @@ def test_probabilistic_corruption_is_deterministic_per_seed():
   """The same seed corrupts the same frames at the same bytes."""
   def events(seed):
     import socket
-    from ds4jax.bridge.wire import protocol
+    from ds4jax.wire import protocol
     a, b = socket.socketpair()
     inj = FaultInjector([Fault("corrupt", after_frames=0, offset=30, p=0.25, count=None,
                                frame_type=MsgType.WORK)], seed=seed)

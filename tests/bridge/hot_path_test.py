@@ -9,7 +9,7 @@ import pytest
 
 from ds4jax.bridge.coordinator import links
 from ds4jax.runtime import step as step_lib
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.protocol import MsgType
 from bridge_fake_test import CFG, GREEDY, PROMPT, coordinator, full_logits, workers
 
 
@@ -69,7 +69,7 @@ def test_a_failed_direct_send_releases_the_links():
   import socket
 
   from ds4jax.bridge.coordinator import pipeline
-  from ds4jax.bridge.wire import transport
+  from ds4jax.wire import transport
   from ds4jax.config import LayerRange
   a, b = socket.socketpair()
   link = links.WorkerLink(1, transport.Channel(a, "test"), {"ctx": 64}, LayerRange(1, 3, True),

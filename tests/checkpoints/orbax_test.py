@@ -278,7 +278,7 @@ def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_ru
   model is refused by the coordinator before it loads anything."""
   from ds4jax.bridge import launch
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-  from ds4jax.bridge.wire.errors import HandshakeRefused
+  from ds4jax.wire.errors import HandshakeRefused
   from ds4jax.bridge.worker.worker import WorkerOptions
 
   d = _copy(tiny_ckpt, tmp_path / "other")

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import protocol
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.coordinator import snapshots as snapshot_bridge
 from ds4jax.checkpoints import orbax_io, snapshots, stage_state
 from ds4jax.runtime import checkpoint

@@ -90,7 +90,7 @@ class FakeBackend:
 
   def step(self, sid, transcript, sampling, step, *, top_logprobs=0, return_logits=False):
     if not self._ready.is_set():
-      from ds4jax.bridge.wire.errors import RouteUnavailable
+      from ds4jax.wire.errors import RouteUnavailable
       raise RouteUnavailable("route lost")
     with self._lock:
       if sid not in self.open:

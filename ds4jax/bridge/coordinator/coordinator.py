@@ -43,9 +43,9 @@ from ds4jax.bridge.coordinator import residency, route as route_mod, snapshots
 from ds4jax.bridge.coordinator.links import WorkerLink
 from ds4jax.bridge.coordinator.listener import Listener, check_hello
 from ds4jax.bridge.coordinator.remote import RemoteHops
-from ds4jax.bridge.wire import tensors, transport
-from ds4jax.bridge.wire.errors import LinkLost, RemoteError, RouteUnavailable
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import tensors, transport
+from ds4jax.wire.errors import LinkLost, RemoteError, RouteUnavailable
+from ds4jax.wire.protocol import MsgType
 from ds4jax.config import LayerRange
 from ds4jax.runtime.backend import RouteBackend
 from ds4jax.runtime.session import RouteSession
@@ -105,7 +105,7 @@ class Coordinator(RouteBackend):
     self.vocab_size = runner.cfg.vocab_size
     self.ctx = runner.ctx_size
     self.dead_after = opt.dead_after or max(3 * opt.heartbeat_s, 1.0)
-    from ds4jax.bridge.wire import auth  # stdlib only
+    from ds4jax.wire import auth  # stdlib only
     self.bind_warning = auth.warn_if_exposed(opt.host, opt.key)
     lsock = transport.listen(opt.host, opt.port)
     self.address = lsock.getsockname()[:2]
@@ -143,7 +143,7 @@ class Coordinator(RouteBackend):
     """
     from ds4jax.bridge.launch import load_runner  # deferred: imports JAX
     if "key" not in options:
-      from ds4jax.bridge.wire import auth
+      from ds4jax.wire import auth
       options["key"] = auth.load_key(key_file)
     options.setdefault("warmup", True)  # compile while workers join, not on the first token
     runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype, weights=weights)
@@ -371,10 +371,9 @@ class Coordinator(RouteBackend):
     sess.held = {hop.wid: len(tokens) for hop in hops}
 
   def _warmup(self) -> None:
-    from ds4jax.bridge.worker.worker import warmup_batched
     try:
-      warmup_batched(self.runner, self.opt.warm_batches, (1, self.opt.prefill_chunk),
-                     self.opt.max_sessions)
+      chunks = sorted({1, min(self.opt.prefill_chunk, self.ctx)})
+      self.warmup(tuple(self.opt.warm_batches) or (1,), chunks)
     except Exception as e:  # the first step compiles instead
       log.warning("local warm-up failed: %s: %s", type(e).__name__, e)
     finally:

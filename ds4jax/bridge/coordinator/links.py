@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Any, Callable
 
-from ds4jax.bridge.wire import protocol, transport
-from ds4jax.bridge.wire.errors import (BridgeError, DeadlineExceeded, LinkLost, ProtocolError,
+from ds4jax.wire import protocol, transport
+from ds4jax.wire.errors import (BridgeError, DeadlineExceeded, LinkLost, ProtocolError,
                                   RemoteError)
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.coordinator.residency import Residency
 from ds4jax.config import LayerRange
 

@@ -13,9 +13,9 @@ import logging
 import threading
 from typing import Callable
 
-from ds4jax.bridge.wire import protocol, transport
-from ds4jax.bridge.wire.errors import ProtocolError
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol, transport
+from ds4jax.wire.errors import ProtocolError
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.config import LayerRange
 
 log = logging.getLogger("ds4jax.bridge.coordinator")

@@ -13,8 +13,8 @@ import threading
 from typing import Any, Callable, Sequence
 
 from ds4jax.bridge.coordinator import links
-from ds4jax.bridge.wire import protocol, tensors
-from ds4jax.bridge.wire.errors import BridgeError, LinkLost, ProtocolError
+from ds4jax.wire import protocol, tensors
+from ds4jax.wire.errors import BridgeError, LinkLost, ProtocolError
 from ds4jax.bridge.coordinator.links import WorkerLink
 from ds4jax.runtime.step import Chunk
 

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ds4jax.bridge.coordinator.pipeline import Pass
-from ds4jax.bridge.wire import protocol, tensors
-from ds4jax.bridge.wire.errors import LinkLost, ProtocolError
+from ds4jax.wire import protocol, tensors
+from ds4jax.wire.errors import LinkLost, ProtocolError
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.step import Chunk
 from ds4jax.runtime.types import HopTelemetry

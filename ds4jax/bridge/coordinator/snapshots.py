@@ -23,9 +23,9 @@ from typing import Any, Callable, Sequence
 
 import jax
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import BridgeError, ProtocolError, RemoteError
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import BridgeError, ProtocolError, RemoteError
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.checkpoints import stage_state
 from ds4jax.checkpoints.snapshots import SnapshotError
 from ds4jax.checkpoints.stage_state import LayerBlob

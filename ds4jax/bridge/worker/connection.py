@@ -19,9 +19,9 @@ import threading
 import time
 import traceback
 
-from ds4jax.bridge.wire import protocol, transport
-from ds4jax.bridge.wire.errors import LinkLost, PrefixMismatch, ProtocolError
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import protocol, transport
+from ds4jax.wire.errors import LinkLost, PrefixMismatch, ProtocolError
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.worker.work import pong_stats
 
 log = logging.getLogger("ds4jax.bridge.worker")

@@ -17,8 +17,8 @@ import collections
 import dataclasses
 import threading
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import PrefixMismatch
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import PrefixMismatch
 
 
 @dataclasses.dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import ProtocolError
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import ProtocolError
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.bridge.worker.work import request_ids
 from ds4jax.checkpoints import stage_state
 

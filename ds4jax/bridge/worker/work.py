@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from ds4jax.bridge.wire import protocol, tensors
-from ds4jax.bridge.wire.errors import PrefixMismatch, ProtocolError
-from ds4jax.bridge.wire.protocol import field
+from ds4jax.wire import protocol, tensors
+from ds4jax.wire.errors import PrefixMismatch, ProtocolError
+from ds4jax.wire.protocol import field
 from ds4jax.runtime.batching import StateLost
 
 log = logging.getLogger("ds4jax.bridge.worker")

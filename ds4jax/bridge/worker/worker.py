@@ -19,9 +19,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from ds4jax.bridge.wire import protocol, tensors, transport
-from ds4jax.bridge.wire.errors import HandshakeRefused, LinkLost, ProtocolError
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol, tensors, transport
+from ds4jax.wire.errors import HandshakeRefused, LinkLost, ProtocolError
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.bridge.worker.connection import Connection
 from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.bridge.worker.work import run_work
@@ -250,7 +250,7 @@ def final_reason(e: BaseException) -> str | None:
   """The reason when a failed connection attempt cannot succeed by redialing (a key or
   certificate the coordinator rejects, or the reverse), else None (refused connection,
   coordinator restarting, a broken link: keep redialing with backoff)."""
-  from ds4jax.bridge.wire import auth  # stdlib only
+  from ds4jax.wire import auth  # stdlib only
   if isinstance(e, ProtocolError) and protocol.TLS_PEER in str(e):
     return _COORD_TLS
   if isinstance(e, auth.AuthError):
@@ -269,5 +269,4 @@ def final_reason(e: BaseException) -> str | None:
   return None
 
 
-# warmup_batched is runtime.batching's; the name stays here for the coordinator's import.
-__all__ = ["CAPABILITIES", "Worker", "WorkerOptions", "final_reason", "warmup_batched"]
+__all__ = ["CAPABILITIES", "Worker", "WorkerOptions", "final_reason"]

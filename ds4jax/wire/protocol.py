@@ -45,8 +45,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ds4jax.bridge.wire import headers
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire import headers
+from ds4jax.wire.errors import ProtocolError
 
 MAGIC = b"DS4J"
 PROTOCOL_VERSION = 3
