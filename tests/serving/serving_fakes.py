@@ -70,11 +70,14 @@ class FakeBackend:
     return False, f"missing layer {self.coord_end + 1}"
 
   def route_info(self) -> dict:
-    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag.
+    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag, and the
+    # layers no ready stage serves.
+    ready = self._ready.is_set()
     workers = ([{"peer": "127.0.0.1:9", "ready": True,
-                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}]
-               if self._ready.is_set() else [])
-    return {"ready": self._ready.is_set(), "workers": workers}
+                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}] if ready else [])
+    missing = [] if ready else list(range(self.coord_end + 1, self.n_layers))
+    return {"ready": ready, "workers": workers, "n_layers": self.n_layers,
+            "missing_layers": missing}
 
   def new_session(self) -> str:
     with self._lock:
