@@ -366,7 +366,43 @@ def devices_option(spec) -> int | str:
   return int(text)
 
 
+# The named points of a step (issue 22): model/taps.py documents them, runtime/capture.py
+# plans their capture. Points computed inside a layer's step, in the order a layer passes
+# them; then the lens (the head on a layer's hc_out) and the model's logits.
+STEP_POINTS = ("attn_out", "router_scores", "router_ids", "router_weights", "ffn_out", "hc_out")
+LAYER_POINTS = STEP_POINTS + ("lens",)
+POINTS = LAYER_POINTS + ("logits",)
+
+
+def point_shape(cfg: ModelConfig, point: str) -> tuple[int, ...]:
+  """The per-row shape of a named point for this model, e.g. (C, D) for hc_out."""
+  shapes = {
+      "attn_out": (cfg.d_model,), "ffn_out": (cfg.d_model,),
+      "hc_out": (cfg.n_hc, cfg.d_model), "router_ids": (cfg.n_experts_used,),
+      "router_weights": (cfg.n_experts_used,), "router_scores": (cfg.n_experts,),
+      "lens": (cfg.vocab_size,), "logits": (cfg.vocab_size,),
+  }
+  if point not in shapes:
+    raise ValueError(f"unknown capture point {point!r} (known: {', '.join(POINTS)})")
+  return shapes[point]
+
+
+def point_name(point: str, layer: int | None) -> str:
+  """The key of a captured array: "{point}.{layer}", or "logits"."""
+  return point if layer is None else f"{point}.{layer}"
+
+
+def split_point_name(key: str) -> tuple[str, int | None]:
+  """Inverse of `point_name`: "ffn_out.3" -> ("ffn_out", 3), "logits" -> ("logits", None)."""
+  point, _, layer = key.partition(".")
+  if point not in POINTS or (point == "logits") != (layer == "") or not (
+      layer == "" or layer.isdigit()):
+    raise ValueError(f"bad capture name {key!r} (expected point.layer or logits)")
+  return point, (int(layer) if layer else None)
+
+
 __all__ = [
     "ConfigError", "ModelConfig", "METADATA_KEYS", "LayerRange", "LayerRangeError",
-    "ceil_div", "devices_option", "flash_schedule",
+    "LAYER_POINTS", "POINTS", "STEP_POINTS", "ceil_div", "devices_option", "flash_schedule",
+    "point_name", "point_shape", "split_point_name",
 ]

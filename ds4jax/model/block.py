@@ -38,15 +38,25 @@ class Block(nnx.Module):
       x_TCD = HyperConnection.post(x_TCD, f_TD, post_TC, comb_TCC)
     return x_TCD, st
 
-  def batched(self, x_NCD, tokens_N, pos0_B, slots_B, pool: LayerState, t: int):
+  def batched(self, x_NCD, tokens_N, pos0_B, slots_B, pool: LayerState, t: int, taps=None):
     """The rows of B sessions (N = B*T, row b*T + i at pos0_B[b] + i; docs/design.md §11):
     -> ([N, C, D] f32, the pooled LayerState with the rows written). Only the attention core
-    runs per session; HC, norms and the MoE take all N rows at once."""
-    with jax.named_scope(f"blk.{self.layer_idx}"):
+    runs per session; HC, norms and the MoE take all N rows at once. `taps` (model/taps.py)
+    sees attn_out [N, D], the router's points, ffn_out [N, D] and hc_out [N, C, D]; None
+    traces exactly the plain step."""
+    il = self.layer_idx
+    tap = None if taps is None or not taps.wants_layer(il) else taps.at(il)
+    with jax.named_scope(f"blk.{il}"):
       y_ND, post_NC, comb_NCC = self.hc_attn.pre(x_NCD)
       a_ND, pool = self.attn.batched(self.attn_norm(y_ND), pos0_B, slots_B, pool, t)
+      if tap is not None:
+        a_ND = tap("attn_out", a_ND)
       x_NCD = HyperConnection.post(x_NCD, a_ND, post_NC, comb_NCC)
       y_ND, post_NC, comb_NCC = self.hc_ffn.pre(x_NCD)
-      f_ND = self.moe(self.ffn_norm(y_ND), tokens_N)
+      f_ND = self.moe(self.ffn_norm(y_ND), tokens_N, tap)
+      if tap is not None:
+        f_ND = tap("ffn_out", f_ND)
       x_NCD = HyperConnection.post(x_NCD, f_ND, post_NC, comb_NCC)
+      if tap is not None:
+        x_NCD = tap("hc_out", x_NCD)
     return x_NCD, pool

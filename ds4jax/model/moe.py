@@ -63,9 +63,12 @@ class MoE(nnx.Module):
     # A jax Mesh: the routed experts run expert-parallel on it (`sharding.attach`); static.
     self.expert_mesh = None
 
-  def route(self, x_TD, tokens_T):
-    """Returns (experts int32 [T, k], weights f32 [T, k])."""
+  def route(self, x_TD, tokens_T, tap=None):
+    """Returns (experts int32 [T, k], weights f32 [T, k]). `tap(point, value) -> value` sees
+    router_scores [T, E], router_ids and router_weights (model/taps.py); None: no points."""
     p_TE = jnp.sqrt(jax.nn.softplus(ops.einsum("TD,ED->TE", x_TD, self.gate[...])))
+    if tap is not None:
+      p_TE = tap("router_scores", p_TE)
     if self.is_hash:
       idx_TK = self.tid2eid[...][tokens_T]
     else:
@@ -73,11 +76,14 @@ class MoE(nnx.Module):
     w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
     if self.norm_topk:
       w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)
-    return idx_TK.astype(jnp.int32), w_TK * self.routed_scale
+    idx_TK, w_TK = idx_TK.astype(jnp.int32), w_TK * self.routed_scale
+    if tap is not None:
+      idx_TK, w_TK = tap("router_ids", idx_TK), tap("router_weights", w_TK)
+    return idx_TK, w_TK
 
-  def __call__(self, x_TD, tokens_T):
-    """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32."""
-    idx_TK, w_TK = self.route(x_TD, tokens_T)
+  def __call__(self, x_TD, tokens_T, tap=None):
+    """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32 (tap: see `route`)."""
+    idx_TK, w_TK = self.route(x_TD, tokens_T, tap)
     if self.expert_mesh is None:
       routed_TD = self.routed(x_TD, idx_TK, w_TK)
     else:  # experts sharded over the stage's devices (docs/design.md §12)

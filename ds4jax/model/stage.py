@@ -61,7 +61,7 @@ class Stage(nnx.Module):
     out = self.head(x_TCD) if self.head is not None else x_TCD
     return out, StageState(pos=pos0 + n_valid.astype(jnp.int32), layers=tuple(new_layers))
 
-  def batched(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+  def batched(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B, taps=None):
     """One chunk for each of B sessions held in a pool (docs/design.md §11).
 
     Args:
@@ -69,6 +69,8 @@ class Stage(nnx.Module):
       slots_B: int32 [B] pool slots (distinct; padding rows use the scratch slot S - 1).
       tokens_BT: int32 [B, T]; hc_BTCD: f32 [B, T, C, D] or None iff this stage embeds.
       n_valid_B: int32 [B] real rows of each session (the rest is padding).
+      taps: a `model.taps.Taps` whose `saved` collects the wanted points as [B*T, ...]
+        arrays (None: the plain step).
 
     Returns:
       (logits f32 [B, T, V] if the stage has the head else hc f32 [B, T, C, D], the pool
@@ -83,7 +85,7 @@ class Stage(nnx.Module):
       x_NCD = hc_BTCD.astype(jnp.float32).reshape((b * t,) + hc_BTCD.shape[2:])
     new_layers = []
     for block, lp in zip(self.blocks, pool.layers):
-      x_NCD, lp = block.batched(x_NCD, tokens_N, pos0_B, slots_B, lp, t)
+      x_NCD, lp = block.batched(x_NCD, tokens_N, pos0_B, slots_B, lp, t, taps)
       new_layers.append(lp)
     out = self.head(x_NCD) if self.head is not None else x_NCD
     pos_S = pool.pos.at[slots_B].set(pos0_B + n_valid_B.astype(jnp.int32))

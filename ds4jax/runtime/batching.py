@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from ds4jax.config import point_name
+
 log = logging.getLogger("ds4jax.runtime.batching")
 
 
@@ -57,6 +59,7 @@ class _Item:
   pos0: int = 0
   arg: Any = None
   t_submit: float = 0.0
+  want: frozenset | None = None  # captured points (runner.forward_capture); None: none
 
 
 @dataclasses.dataclass
@@ -162,12 +165,21 @@ class StageBatcher:
     Returns:
       float32 [T, V] logits (head) or [T, C, D] HC state.
     """
+    return self._run(slot, tokens_T, hc_TCD, pos0, None)
+
+  def run_capture(self, slot: int, tokens_T, hc_TCD, pos0: int, want):
+    """`run` that also keeps the named points `want` ((point, layer) pairs; model/taps.py)
+    -> (out, {"{point}.{layer}": np.ndarray [T, ...]}). It batches with plain items: the
+    call captures the union of its items' points and each item gets its own."""
+    return self._run(slot, tokens_T, hc_TCD, pos0, frozenset(want))
+
+  def _run(self, slot: int, tokens_T, hc_TCD, pos0: int, want):
     tokens_T = np.asarray(tokens_T, np.int32).reshape(-1)
     if not 1 <= tokens_T.shape[0] <= self.runner.max_chunk:
       raise ValueError(f"a batcher item takes 1..{self.runner.max_chunk} tokens, "
                        f"got {tokens_T.shape[0]}")
     item = _Item("run", slot, concurrent.futures.Future(), tokens=tokens_T, hc=hc_TCD,
-                 pos0=int(pos0), t_submit=time.perf_counter())
+                 pos0=int(pos0), t_submit=time.perf_counter(), want=want)
     if not 0 <= slot < self.n_slots:
       raise ValueError(f"slot {slot} is not in [0, {self.n_slots})")
     with self._cv:
@@ -315,10 +327,17 @@ class StageBatcher:
       tokens_BT[b, :n], n_valid[b] = it.tokens, n
       if hc is not None:
         hc[b, :n] = np.asarray(it.hc, np.float32)
+    want = frozenset().union(*(it.want for it in ok if it.want))
+    caps = {}
     t0 = time.perf_counter()
     try:
-      out, self._pool = self.runner.forward_batch(
-          self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid)
+      if want:
+        out, caps, self._pool = self.runner.forward_capture(
+            self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid, want)
+        caps = {k: np.asarray(v) for k, v in caps.items()}
+      else:
+        out, self._pool = self.runner.forward_batch(
+            self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid)
       out = np.asarray(out, np.float32)
     except BaseException as e:  # noqa: BLE001 - every item of the call gets it (even a
       # KeyboardInterrupt: this thread must outlive any one call)
@@ -343,7 +362,11 @@ class StageBatcher:
       for it, n in zip(ok, n_valid):
         self._pos[it.slot] = it.pos0 + int(n)
     for b, (it, n) in enumerate(zip(ok, n_valid)):
-      it.future.set_result(out[b, :n])
+      if it.want is None:
+        it.future.set_result(out[b, :n])
+      else:
+        it.future.set_result((out[b, :n], {point_name(p, il): caps[point_name(p, il)][b, :n]
+                                           for p, il in it.want}))
 
   def _recover(self) -> None:
     """After a failed call the donated pool may be gone: rebuild it. Every slot is then at

@@ -17,6 +17,7 @@ from flax import nnx
 from ds4jax.model import decode_state, sharding
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
+from ds4jax.model.taps import Taps
 from ds4jax.quant.packed import Packed
 
 
@@ -76,6 +77,27 @@ class StageRunner:
                                                       n_valid_B)
 
     self._batch_step = jax.jit(batch_step, donate_argnames=("pool",))
+
+    # The capturing variant (issue 22): a separate program, so a step that captures nothing
+    # runs (and compiles) exactly `_batch_step`. `want` (static) is a frozenset of
+    # (point, absolute layer) pairs of model.taps.STEP_POINTS.
+    def capture_step(params, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B, want):
+      self.n_traces += 1
+      params = jax.tree.unflatten(self._param_def, params)
+      taps = Taps(want)
+      out, pool = nnx.merge(self.graphdef, params).batched(pool, slots_B, tokens_BT, hc_BTCD,
+                                                           n_valid_B, taps=taps)
+      b, t = tokens_BT.shape
+      return out, {k: v.reshape((b, t) + v.shape[1:]) for k, v in taps.saved.items()}, pool
+
+    self._capture_step = jax.jit(capture_step, donate_argnames=("pool",),
+                                 static_argnames=("want",))
+
+    def head_step(params, hc_RCD):
+      self.n_traces += 1
+      return nnx.merge(self.graphdef, jax.tree.unflatten(self._param_def, params)).head(hc_RCD)
+
+    self._head_step = jax.jit(head_step)
     self._pools = {}  # n_slots -> jitted pool initialiser
     self._pool_get = jax.jit(decode_state.pool_get)
     self._pool_put = jax.jit(decode_state.pool_put, donate_argnums=(0,))
@@ -188,6 +210,47 @@ class StageRunner:
       advanced by its n_valid. B is padded to a power of two (<= max_batch) with rows on the
       scratch slot, T to a chunk bucket (<= max_chunk), so after warm-up nothing compiles.
     """
+    args, (b, t) = self._batch_args(pool, slots_B, tokens_BT, hc_BTCD, n_valid_B)
+    out, pool = self._batch_step(self._param_leaves, pool, *args)
+    return out[:b, :t], pool
+
+  def forward_capture(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B, want):
+    """`forward_batch` that also keeps named points (model/taps.py): `want` is a set of
+    (point, absolute layer) pairs of STEP_POINTS for layers of this stage.
+
+    Returns:
+      (out, {"{point}.{layer}": jax.Array [B, T, ...]}, pool), rows past n_valid padding.
+      Each distinct `want` compiles its own program once per shape; the plain step's
+      program is never touched.
+    """
+    want = frozenset((str(p), int(il)) for p, il in want)
+    outside = sorted(il for _, il in want if not self.layers.start <= il <= self.layers.end)
+    if outside:
+      raise ValueError(f"layer {outside[0]} is not in this stage's range {self.layers}")
+    args, (b, t) = self._batch_args(pool, slots_B, tokens_BT, hc_BTCD, n_valid_B)
+    out, caps, pool = self._capture_step(self._param_leaves, pool, *args, want=want)
+    return out[:b, :t], {k: v[:b, :t] for k, v in caps.items()}, pool
+
+  def head_rows(self, hc_RCD) -> np.ndarray:
+    """The model's head on HC rows: float32 [R, C, D] -> logits float32 [R, V] (the logit
+    lens of a layer is this on its hc_out). Only a stage with the head has one; R is padded
+    to a power of two, so a few shapes compile."""
+    if not self.has_output:
+      raise ValueError(f"stage {self.layers} has no output head")
+    hc_RCD = np.asarray(hc_RCD, np.float32)
+    want = (self.cfg.n_hc, self.cfg.d_model)
+    if hc_RCD.ndim != 3 or hc_RCD.shape[1:] != want:
+      raise ValueError(f"hc rows have shape {hc_RCD.shape}, expected [R, {want[0]}, {want[1]}]")
+    r = hc_RCD.shape[0]
+    if r == 0:
+      return np.zeros((0, self.cfg.vocab_size), np.float32)
+    rb = bucket(r, 1 << 30)
+    pad = np.zeros((rb,) + want, np.float32)
+    pad[:r] = hc_RCD
+    return np.asarray(self._head_step(self._param_leaves, pad)[:r], np.float32)
+
+  def _batch_args(self, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B):
+    """forward_batch's checks and bucket padding: ((slots, tokens, hc, n_valid), (B, T))."""
     tokens_BT = np.asarray(tokens_BT)
     slots_B = np.asarray(slots_B, np.int64)
     n_valid_B = np.asarray(n_valid_B, np.int64)
@@ -223,8 +286,7 @@ class StageRunner:
         raise ValueError(f"hc has shape {np.shape(hc_BTCD)}, expected {want}")
       hc = np.zeros((bb, tb) + want[2:], np.float32)
       hc[:b, :t] = np.asarray(hc_BTCD, np.float32)
-    out, pool = self._batch_step(self._param_leaves, pool, slots, tok, hc, nv)
-    return out[:b, :t], pool
+    return (slots, tok, hc, nv), (b, t)
 
   def truncate(self, state: StageState, pos: int) -> StageState:
     """Rewinds to `pos` (0 <= pos <= state.pos); only the counter changes."""

@@ -35,6 +35,7 @@ import numpy as np
 
 from ds4jax.wire import protocol
 from ds4jax.runtime import sampling as sampling_lib
+from ds4jax.runtime.capture import StepCapture
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.types import HopTelemetry, StepResult
 
@@ -89,6 +90,7 @@ class StepRequest:
   step: int
   top_logprobs: int = 0
   return_logits: bool = False
+  capture: Any = None  # a runtime.capture.CaptureSpec
 
 
 class Stream(Protocol):
@@ -119,22 +121,32 @@ class Downstream(Protocol):
   def catch_up(self, sess: RouteSession, p: int) -> None:
     """Replays cached inputs through the hops that hold fewer than p positions."""
 
+  def check_capture(self, capture: StepCapture) -> None:
+    """Raises CaptureError when a remote hop cannot capture (before any compute)."""
+
   def begin(self, sess: RouteSession, params, step: int, top_logprobs: int,
-            return_logits: bool, n_chunks: int) -> Stream:
-    """Starts a pass of n_chunks chunks, the last one sampled by the final hop."""
+            return_logits: bool, n_chunks: int, capture: StepCapture | None = None) -> Stream:
+    """Starts a pass of n_chunks chunks, the last one sampled by the final hop; with a
+    capture, each hop's WORK names what it returns (runtime/capture.py)."""
 
 
 def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], params,
              step: int, *, prefill_chunk: int, top_logprobs: int = 0,
              return_logits: bool = False, downstream: Downstream | None = None,
-             progress_every_s: float = 2.0) -> StepResult:
+             progress_every_s: float = 2.0, capture: StepCapture | None = None) -> StepResult:
   """One step of `sess` over the route `local` (StageBatchers, in layer order, in whose pools
   `sess.slots` are) + `downstream`; see the module docstring. The caller holds sess.lock and
-  has given the session its slots; `transcript` is a checked list of ids."""
+  has given the session its slots; `transcript` is a checked list of ids. `capture` (one
+  per step, kept across its attempts) makes every hop keep the named points of its layers
+  for the positions the step computes; None runs exactly the plain step."""
   p = min(common_prefix(sess.tokens, transcript), len(transcript) - 1)
   p = min([p] + [b.pos(s) for b, s in zip(local, sess.slots)])
   if downstream is not None:
     p = downstream.reach(sess, p)
+  if capture is not None:  # its refusals come before any compute (a rewind computes nothing)
+    if downstream is not None:
+      downstream.check_capture(capture)
+    p = capture.begin(p, len(transcript))
   if p < len(sess.tokens):
     for b, s in zip(local, sess.slots):
       if b.pos(s) > p:
@@ -145,8 +157,11 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
 
   suffix = transcript[p:]
   chunks = chunks_of(suffix, p, sess.hashes[p], prefill_chunk)
-  stream = (downstream.begin(sess, params, step, top_logprobs, return_logits, len(chunks))
-            if downstream is not None else None)
+  stream = None
+  if downstream is not None:
+    more = {} if capture is None else {"capture": capture}
+    stream = downstream.begin(sess, params, step, top_logprobs, return_logits, len(chunks),
+                              **more)
   compute_s = [0.0] * len(local)
   t_start = t_log = time.perf_counter()
   out = None
@@ -154,7 +169,7 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
     if stream is not None and not stream.acquire():
       break
     try:
-      out = _through_local(local, sess.slots, c, compute_s)
+      out = _through_local(local, sess.slots, c, compute_s, capture)
     except BaseException as e:
       sess.reset()  # the local state may have been donated half-way: start over cleanly
       if stream is not None:
@@ -174,24 +189,42 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
                       n_tokens=len(suffix)) for k, b in enumerate(local)]
   if stream is not None:
     token, logprobs, logits_V, remote_tel = stream.finish()
-    return StepResult(token, logprobs, logits_V, tel + remote_tel, len(suffix))
+    return StepResult(token, logprobs, logits_V, tel + remote_tel, len(suffix),
+                      None if capture is None else capture.result())
   logits_V = np.asarray(out[-1], np.float32)
   token = sampling_lib.sample_token(logits_V, params, step)
   logprobs = sampling_lib.top_logprobs(logits_V, top_logprobs) if top_logprobs > 0 else []
-  return StepResult(token, logprobs, logits_V if return_logits else None, tel, len(suffix))
+  return StepResult(token, logprobs, logits_V if return_logits else None, tel, len(suffix),
+                    None if capture is None else capture.result())
 
 
-def _through_local(local, slots, c: Chunk, compute_s: list[float]) -> np.ndarray:
+def _through_local(local, slots, c: Chunk, compute_s: list[float],
+                   capture: StepCapture | None = None) -> np.ndarray:
   """Runs a chunk through the local hops in order (each in pieces of at most its runner's
-  max_chunk); -> the last hop's output, float32 [T, C, D] or logits [T, V]."""
+  max_chunk); -> the last hop's output, float32 [T, C, D] or logits [T, V]. With a capture,
+  a hop that owns asked layers keeps their points, and the hop with the head adds the logits
+  and the lens (runtime/capture.py)."""
   tokens_T = np.asarray(c.tokens, np.int32)
+  n = tokens_T.shape[0]
   x = None
   for k, (b, slot) in enumerate(zip(local, slots)):
     t0 = time.perf_counter()
     size = b.runner.max_chunk
-    outs = [b.run(slot, tokens_T[a:a + size], None if x is None else x[a:a + size], c.pos0 + a)
-            for a in range(0, tokens_T.shape[0], size)]
+    want = None
+    if capture is not None and len(capture.rows(c.pos0, n)):
+      want = capture.want(b.runner.layers) or None
+    pieces = [(tokens_T[a:a + size], None if x is None else x[a:a + size], c.pos0 + a)
+              for a in range(0, n, size)]
+    if want is None:
+      outs = [b.run(slot, *piece) for piece in pieces]
+    else:
+      got = [b.run_capture(slot, *piece, want) for piece in pieces]
+      outs = [o for o, _ in got]
+      capture.keep(c.pos0, {key: np.concatenate([caps[key] for _, caps in got])
+                            for key in got[0][1]})
     x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+    if capture is not None and b.runner.has_output:
+      capture.head(c.pos0, x, b.runner)
     compute_s[k] += time.perf_counter() - t0
   return x
 

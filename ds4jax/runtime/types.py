@@ -49,7 +49,8 @@ class StepResult:
   `logprobs` holds the `top_logprobs` most likely (id, logprob) pairs, best first, empty when
   not requested. `logits_V` is the float32 logits row [V] the token was sampled from, only with
   `return_logits=True`. `n_computed` is how many transcript tokens the backend had to run
-  through the model (the rest came from the reused prefix).
+  through the model (the rest came from the reused prefix). `captured` is a
+  `runtime.capture.Captured` with the step's rows of the asked points, only with `capture=`.
   """
 
   token: int
@@ -57,6 +58,7 @@ class StepResult:
   logits_V: np.ndarray | None
   telemetry: list[HopTelemetry]
   n_computed: int
+  captured: Any = None
 
 
 @runtime_checkable
@@ -89,8 +91,9 @@ class Backend(Protocol):
     ...
 
   def step(self, sid: str, transcript: Sequence[int], sampling: SamplingParams, step: int, *,
-           top_logprobs: int = 0, return_logits: bool = False) -> StepResult:
-    ...
+           top_logprobs: int = 0, return_logits: bool = False,
+           capture: Any = None) -> StepResult:
+    """capture: a `runtime.capture.CaptureSpec` (None: the plain step)."""
 
   def step_many(self, requests: Sequence[Any]) -> list[StepResult | BaseException]:
     ...

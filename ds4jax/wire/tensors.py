@@ -105,3 +105,34 @@ def slice_tokens(desc: dict[str, Any], buf, lo: int, hi: int) -> tuple[dict[str,
   scales = bytes(buf[4 * lo * rows_per_tok: 4 * hi * rows_per_tok])
   vals = bytes(buf[4 * rows + lo * per_tok: 4 * rows + hi * per_tok])
   return out, scales + vals
+
+
+def encode_named(arrays) -> tuple[list, bytes]:
+  """Named f32 arrays (a capture's, docs/protocol.md §11) -> ([[name, shape], ...], bytes):
+  each array's little-endian f32 bytes in order."""
+  descs, parts = [], []
+  for name, x in arrays:
+    x = np.asarray(x, np.float32)
+    descs.append([str(name), [int(d) for d in x.shape]])
+    parts.append(x.astype("<f4", copy=False).tobytes())
+  return descs, b"".join(parts)
+
+
+def decode_named(descs: Any, buf) -> dict[str, np.ndarray]:
+  """Inverse of `encode_named`: every descriptor checked, the bytes must match exactly."""
+  if not isinstance(descs, list):
+    raise ProtocolError("captured arrays must be a list of [name, shape]")
+  out, at = {}, 0
+  for d in descs:
+    if (not isinstance(d, list) or len(d) != 2 or not isinstance(d[0], str)
+        or d[0] in out):
+      raise ProtocolError(f"bad captured array descriptor {d!r}")
+    _, shape, nbytes = check_desc({"dtype": "f32", "shape": d[1]})
+    if at + nbytes > len(buf):
+      raise ProtocolError(f"captured array {d[0]} runs past the payload")
+    out[d[0]] = np.frombuffer(buf, "<f4", count=nbytes // 4, offset=at).astype(
+        np.float32).reshape(shape)
+    at += nbytes
+  if at != len(buf):
+    raise ProtocolError(f"{len(buf) - at} payload bytes follow the captured arrays")
+  return out

@@ -42,11 +42,15 @@ class Pass:
       thread (links.claim_all), relaying between hops there too, instead of waking up for
       each reader thread's callback. Falls back to the reader threads when another stepper
       reads one of the links.
+    capture: the step's `runtime.capture.StepCapture`: each hop's WORK names what it
+      returns (`cap`), and the arrays after a reply's tensor go to it, not to the next hop.
   """
 
   def __init__(self, sid: str, hops: Sequence[WorkerLink], *, window: int,
                extra: dict[str, Any], out_dtype: str,
-               on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False):
+               on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False,
+               capture=None):
+    self.capture = capture
     self.sid = sid
     self.hops = list(hops)
     self.window = max(1, window)
@@ -123,6 +127,11 @@ class Pass:
     if last and chunk.want == "out":
       h.update(self.extra)
     payload = protocol.tokens_to_bytes(chunk.tokens) + bytes(x)
+    if self.capture is not None:
+      cap, lens_in = self.capture.remote_request(hop.layers, chunk.pos0, len(chunk.tokens))
+      if cap is not None:
+        h["cap"] = cap
+        payload += lens_in
     try:
       self.stats[i].bytes_in += hop.request(h, payload,
                                             lambda f, e: self._on_reply(i, chunk, f, e))
@@ -152,6 +161,8 @@ class Pass:
       compute_s, queue_s = _telemetry(h)
       st.compute_s += compute_s
       st.queue_s += queue_s
+      if "cap" in h:
+        f = self._captured(chunk, f)
       self.on_done(i, chunk, f)
       if last:
         chunk.result = f
@@ -166,6 +177,27 @@ class Pass:
       self._settle(e)
       return
     self._send(i + 1, chunk, desc, f.payload)
+
+
+  def _captured(self, chunk: Chunk, f: protocol.Frame) -> protocol.Frame:
+    """Hands a reply's captured arrays (after its tensor) to the capture; -> the frame with
+    the tensor only (what is relayed and cached)."""
+    h = f.header
+    if self.capture is None:
+      raise ProtocolError("the hop returned captured arrays nobody asked for")
+    main = 0
+    if h.get("kind") == "hidden":
+      main = tensors.check_desc(h.get("x"))[2]
+    elif "logits" in h:
+      main = tensors.check_desc(h.get("logits"))[2]
+    buf = memoryview(f.payload)
+    if main > len(buf):
+      raise ProtocolError("the reply's payload is shorter than its tensor")
+    try:
+      self.capture.store(chunk.pos0, len(chunk.tokens), tensors.decode_named(h["cap"], buf[main:]))
+    except ValueError as e:  # a bad name or shape
+      raise ProtocolError(str(e)) from None
+    return dataclasses.replace(f, payload=buf[:main])
 
 
 def _telemetry(h: dict[str, Any]) -> tuple[float, float]:

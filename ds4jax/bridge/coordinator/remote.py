@@ -22,6 +22,7 @@ import numpy as np
 from ds4jax.bridge.coordinator.pipeline import Pass
 from ds4jax.wire import protocol, tensors
 from ds4jax.wire.errors import LinkLost, ProtocolError
+from ds4jax.runtime.capture import CaptureError
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.step import Chunk
 from ds4jax.runtime.types import HopTelemetry
@@ -65,10 +66,16 @@ class RemoteHops:
       if h < p:
         self._rebuild(sess, hop, h, p)
 
+  def check_capture(self, capture) -> None:
+    """A capture needs every hop to know the WORK `cap` field (HELLO caps "capture")."""
+    old = [hop for hop in self.hops if "capture" not in hop.hello.get("caps", ())]
+    if old:
+      raise CaptureError(f"{old[0]!r} cannot capture (its worker predates capture)")
+
   def begin(self, sess: RouteSession, params, step: int, top_logprobs: int,
-            return_logits: bool, n_chunks: int) -> "_Stream":
+            return_logits: bool, n_chunks: int, capture=None) -> "_Stream":
     extra = _sampling_fields(params, step, top_logprobs, return_logits)
-    return _Stream(self, sess, extra, return_logits, direct=n_chunks == 1)
+    return _Stream(self, sess, extra, return_logits, direct=n_chunks == 1, capture=capture)
 
   def _done(self, sess: RouteSession, hops, i: int, c: Chunk, f: protocol.Frame) -> None:
     sess.held[hops[i].wid] = c.pos0 + len(c.tokens)
@@ -99,13 +106,15 @@ class _Stream:
   extra: dict[str, Any]
   return_logits: bool
   direct: bool
+  capture: Any = None
 
   def __post_init__(self):
     r, sess = self.remote, self.sess
     self.dtype = r._dtype(sess)
     self.last: Chunk | None = None
     self.ps = Pass(sess.sid, r.hops, window=r.window, extra=self.extra, out_dtype=self.dtype,
-                   on_done=lambda i, c, f: r._done(sess, r.hops, i, c, f), direct=self.direct)
+                   on_done=lambda i, c, f: r._done(sess, r.hops, i, c, f), direct=self.direct,
+                   capture=self.capture)
 
   def acquire(self) -> bool:
     return self.ps.acquire()

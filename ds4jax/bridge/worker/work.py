@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ds4jax.bridge.worker import capture
 from ds4jax.wire import protocol, tensors
 from ds4jax.wire.errors import PrefixMismatch, ProtocolError
 from ds4jax.wire.protocol import field
@@ -53,22 +54,30 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   if hashes[-1] != ha:
     raise ProtocolError("work token prefix hash metadata mismatch")
   x = None
+  rest = memoryview(f.payload)[4 * n:]
   if not worker.layers.embeds:
     # WORK names only the wire dtype; the shape is this stage's input shape for n tokens
     # (check_desc checks the dtype, decode the payload length).
     desc = {"dtype": field(h, "x", str),
             "shape": [n, worker.runner.cfg.n_hc, worker.runner.cfg.d_model]}
-    tensors.check_desc(desc)
-    x = tensors.decode(desc, memoryview(f.payload)[4 * n:])
-  elif len(f.payload) != 4 * n:
+    nbytes = tensors.check_desc(desc)[2]
+    x = tensors.decode(desc, rest[:nbytes] if "cap" in h else rest)
+    rest = rest[nbytes:]
+  elif "cap" not in h and len(rest):
     raise ProtocolError("an embedding stage takes token ids only")
+  # A capture (docs/protocol.md §11) is checked here too; lens inputs follow the activations.
+  cap = capture.parse(worker, h, n, rest) if "cap" in h else None
   # The prefix check (and any rewind) happens before computing.
   s, evicted = worker.sessions.prepare(sid, pos0, hb_)
   for old in evicted:
     log.info("evicted session %s (limit %d)", old, worker.sessions.limit)
   t1 = time.monotonic()
+  named = None
   try:
-    out = compute(worker, s.slot, tokens, x, pos0)
+    if cap is None:
+      out = compute(worker, s.slot, tokens, x, pos0)
+    else:
+      out, named = capture.run(worker, s.slot, tokens, x, pos0, cap)
   except StateLost as e:  # the pool was rebuilt after another call failed
     worker.sessions.drop(sid)
     raise PrefixMismatch(f"session {sid} lost its state on this worker ({e})") from None
@@ -88,6 +97,9 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   else:
     res["kind"] = "hidden"
     res["x"], payload = tensors.encode(out, field(h, "od", str, default="f32"))
+  if named is not None:  # the captured arrays follow the reply's tensor
+    res["cap"], data = tensors.encode_named(named)
+    payload = bytes(payload) + data
   # [compute_us, queue_us]: the coordinator knows the hop, bytes and positions already.
   res["t"] = [round((t2 - t1) * 1e6), max(0, round((t0 - t_recv) * 1e6))]
   return res, payload

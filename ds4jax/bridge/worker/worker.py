@@ -29,7 +29,7 @@ from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher, warmup_batched
 
 log = logging.getLogger("ds4jax.bridge.worker")
-CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch")
+CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch", "capture")
 
 
 @dataclasses.dataclass
