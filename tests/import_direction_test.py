@@ -32,13 +32,14 @@ FLOORS = {
     "ds4jax.runtime": 5,
     "ds4jax.bridge.worker": 6, "ds4jax.bridge.coordinator": 6,
     "ds4jax.build": 7,
-    "ds4jax.generate": 8,
+    "ds4jax.generate": 8, "ds4jax.research": 8,
     "ds4jax.cli": 9,
     "ds4jax.serving": 10, "ds4jax.localai": 10, "ds4jax.train": 10, "ds4jax.bench": 10,
     "ds4jax.entry_points": 11,
 }
 # Imports within one row that the row allows: (importer, imported).
-SAME_ROW = {("ds4jax.gguf", "ds4jax.quant"), ("ds4jax.localai", "ds4jax.serving")}
+SAME_ROW = {("ds4jax.gguf", "ds4jax.quant"), ("ds4jax.localai", "ds4jax.serving"),
+            ("ds4jax.research", "ds4jax.generate")}
 # The imports that may climb a floor (at most two): (file, imported module) -> why.
 CLIMBS: dict[tuple[str, str], str] = {}
 TESTING = "ds4jax.testing"

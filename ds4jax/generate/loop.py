@@ -26,6 +26,7 @@ import dataclasses
 import time
 from typing import Any, Iterator, Sequence
 
+from ds4jax.runtime.capture import Captured, CaptureSpec
 from ds4jax.runtime.progress import heartbeat
 from ds4jax.runtime.sampling import SamplingMethod, SamplingParams
 from ds4jax.runtime.types import Backend, HopTelemetry
@@ -50,6 +51,9 @@ class GenerationResult:
   # One list of per-hop telemetry per backend step (the first step is the prefill).
   telemetry: list[list[HopTelemetry]]
   logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+  # With `capture=`: the asked points of every position the model processed, in order (the
+  # prompt, then each sampled token fed back), a `runtime.capture.Captured`.
+  captured: Captured | None = None
 
   def hop_summary(self) -> list[dict[str, Any]]:
     """Per-hop totals: prefill and decode compute time, queue time and bytes."""
@@ -134,11 +138,12 @@ class Generator:
                max_new_tokens: int = 64, sampling: SamplingMethod | None = None,
                stop: Sequence[str] = (), stop_tokens: Sequence[int] = (), chat: bool = False,
                system: str | None = None, thinking: bool = False, top_logprobs: int = 0,
-               sid: str | None = None) -> GenerationResult:
+               sid: str | None = None, capture: CaptureSpec | None = None) -> GenerationResult:
     """Generates to completion; same arguments as `stream`."""
     it = self.stream(prompt, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
                      sampling=sampling, stop=stop, stop_tokens=stop_tokens, chat=chat,
-                     system=system, thinking=thinking, top_logprobs=top_logprobs, sid=sid)
+                     system=system, thinking=thinking, top_logprobs=top_logprobs, sid=sid,
+                     capture=capture)
     for _ in it:
       pass
     return it.result
@@ -147,7 +152,7 @@ class Generator:
              max_new_tokens: int = 64, sampling: SamplingMethod | None = None,
              stop: Sequence[str] = (), stop_tokens: Sequence[int] = (), chat: bool = False,
              system: str | None = None, thinking: bool = False, top_logprobs: int = 0,
-             sid: str | None = None) -> TextStream:
+             sid: str | None = None, capture: CaptureSpec | None = None) -> TextStream:
     """Streams text pieces; the returned iterator's `.result` is set at the end.
 
     Args:
@@ -160,6 +165,8 @@ class Generator:
       top_logprobs: also collect the k most likely (id, logprob) per step.
       sid: an existing backend session to reuse (its KV prefix); None uses a fresh one that is
         closed at the end.
+      capture: named points to keep on every step (`result.captured`); with a reused `sid`
+        the rows start where the session's reused prefix ends.
     """
     ids = self.prompt_ids(prompt, prompt_tokens, chat=chat, system=system, thinking=thinking)
     # Checked here, not on the first next(), so a bad call fails where it is made.
@@ -170,10 +177,10 @@ class Generator:
     if any(not s for s in stop):
       raise ValueError("stop strings must be non-empty")
     return TextStream(self._run(ids, max_new_tokens, sampling, stop, stop_tokens, top_logprobs,
-                                sid))
+                                sid, capture))
 
   def _run(self, transcript: list[int], max_new_tokens: int, sampling, stop, stop_tokens,
-           top_logprobs: int, sid: str | None):
+           top_logprobs: int, sid: str | None, capture: CaptureSpec | None = None):
     params = (sampling or SamplingParams()).to_params()
     end_ids = {self.tokenizer.eos_id, *map(int, stop_tokens)}
     own_session = sid is None
@@ -186,6 +193,8 @@ class Generator:
     tokens: list[int] = []
     telemetry: list[list[HopTelemetry]] = []
     logprobs: list[list[tuple[int, float]]] = []
+    captured: list[Captured] = []
+    kw = {} if capture is None else {"capture": capture}  # backends without capture: as before
     finish, n_prefill, cut = "length", 0, False
     # Backend time only: what the consumer does between pieces is not the model's speed.
     prefill_s = decode_s = 0.0
@@ -196,14 +205,17 @@ class Generator:
         if i == 0 and not self.backend.reports_prefill_progress:
           # One step runs the whole prompt: say it is alive if that takes a while.
           with heartbeat(f"prefilling {len(transcript)} prompt tokens", self.progress_every_s):
-            res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
+            res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs,
+                                    **kw)
         else:
-          res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)
+          res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs, **kw)
         if i == 0:
           prefill_s, n_prefill = time.perf_counter() - t_step, res.n_computed
         else:
           decode_s += time.perf_counter() - t_step
         telemetry.append(res.telemetry)
+        if capture is not None:
+          captured.append(res.captured)
         if top_logprobs:
           logprobs.append(res.logprobs)
         tokens.append(res.token)
@@ -245,7 +257,8 @@ class Generator:
     }
     return GenerationResult(tokens=tokens, text=text, finish_reason=finish, prompt_tokens=prompt,
                             n_prefill_computed=n_prefill, timings=timings, telemetry=telemetry,
-                            logprobs=logprobs)
+                            logprobs=logprobs,
+                            captured=None if capture is None else Captured.concat(captured))
 
   # ------------------------------------------------------------------------------- chat
   def chat(self, *, system: str | None = None, thinking: bool = False) -> "ChatSession":

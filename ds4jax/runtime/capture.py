@@ -72,19 +72,39 @@ def _ints(spec: str, what: str) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CaptureSpec:
-  """What a step captures.
+  """What a step captures: every point of `points` at every layer of `layers`, or exactly
+  the arrays named by `keys`.
 
-  points: names from `model.taps.POINTS`.
+  points: names from `config.POINTS`.
   layers: "all", or absolute layer indices (`parse`: "A:B" inclusive, "i,j,...").
   positions: "all" (every position the step computes), "last" (the step's last position),
     or absolute positions (those of them the step computes).
   max_bytes: the most bytes of captured arrays one step may return.
+  keys: "{point}.{layer}" / "logits" names (`of_keys`); then points and layers are theirs.
   """
 
   points: tuple[str, ...]
   layers: str | tuple[int, ...] = "all"
   positions: str | tuple[int, ...] = "all"
   max_bytes: int = DEFAULT_MAX_BYTES
+  keys: tuple[str, ...] | None = None
+
+  @classmethod
+  def of_keys(cls, keys: Sequence[str], positions: str | Sequence[int] = "all",
+              max_bytes: int = DEFAULT_MAX_BYTES) -> "CaptureSpec":
+    """Exactly the named arrays, e.g. ("ffn_out.3", "router_ids.0", "logits")."""
+    pairs = []
+    for k in keys:
+      try:
+        pairs.append(split_point_name(str(k)))
+      except ValueError as e:
+        raise CaptureError(str(e)) from None
+    if not pairs:
+      raise CaptureError("a capture names at least one array")
+    names = tuple(dict.fromkeys(point_name(p, il) for p, il in pairs))
+    spec = cls.parse([p for p, _ in pairs], sorted({il for _, il in pairs if il is not None}),
+                     positions, max_bytes)
+    return dataclasses.replace(spec, keys=names)
 
   @classmethod
   def parse(cls, points: str | Sequence[str], layers: str | Sequence[int] = "all",
@@ -102,12 +122,14 @@ class CaptureSpec:
       positions = tuple(sorted({int(v) for v in positions}))
     if int(max_bytes) < 1:
       raise CaptureError(f"max_bytes must be >= 1, got {max_bytes}")
-    return cls(parse_points(points), layers, positions, int(max_bytes))
+    return cls(parse_points(points), layers, positions, int(max_bytes), None)
 
   def resolve(self, cfg) -> "CaptureSpec":
     """This spec with its layers as a tuple, checked against the model: unknown points,
     layers out of range and negative positions are a one-line CaptureError."""
     spec = CaptureSpec.parse(self.points, self.layers, self.positions, self.max_bytes)
+    if self.keys is not None:
+      spec = CaptureSpec.of_keys(self.keys, self.positions, self.max_bytes)
     n = cfg.n_layers
     layers = tuple(range(n)) if spec.layers == "all" else spec.layers
     bad = [il for il in layers if not 0 <= il < n]
@@ -119,15 +141,21 @@ class CaptureSpec:
       raise CaptureError("capture positions are absolute (>= 0)")
     return dataclasses.replace(spec, layers=layers)
 
-  def names(self) -> list[str]:
-    """The keys of the captured arrays (resolved spec), in point then layer order."""
-    return [point_name(p, None if p == "logits" else il)
+  def pairs(self) -> list[tuple[str, int | None]]:
+    """(point, layer | None) of every captured array (resolved spec), in point then layer
+    order, or in the order of `keys`."""
+    if self.keys is not None:
+      return [split_point_name(k) for k in self.keys]
+    return [(p, None if p == "logits" else il)
             for p in self.points for il in ((None,) if p == "logits" else self.layers)]
+
+  def names(self) -> list[str]:
+    """The keys of the captured arrays (resolved spec)."""
+    return [point_name(p, il) for p, il in self.pairs()]
 
   def row_bytes(self, cfg) -> int:
     """Bytes of one captured position (resolved spec)."""
-    return sum(4 * int(np.prod(point_shape(cfg, p))) * (1 if p == "logits" else len(self.layers))
-               for p in self.points)
+    return sum(4 * int(np.prod(point_shape(cfg, p))) for p, _ in self.pairs())
 
 
 @dataclasses.dataclass
@@ -168,10 +196,10 @@ class StepCapture:
   def __init__(self, spec: CaptureSpec, cfg):
     self.spec = spec.resolve(cfg)
     self.cfg = cfg
-    pts = set(self.spec.points)
-    self.step_points = [p for p in STEP_POINTS if p in pts]
-    self.lens = "lens" in pts
-    self.logits = "logits" in pts
+    pairs = self.spec.pairs()
+    self.step_pairs = [(p, il) for p, il in pairs if p in STEP_POINTS]
+    self.lens_layers = [il for p, il in pairs if p == "lens"]
+    self.logits = ("logits", None) in pairs
     self.start: int | None = None  # the first attempt's first computed position
     self.end = 0
     self._lock = threading.Lock()
@@ -208,16 +236,12 @@ class StepCapture:
     """Chunk-relative indices of the captured rows of positions pos0..pos0+n-1."""
     return self._positions(pos0, n) - pos0
 
-  def _own(self, layers: LayerRange) -> list[int]:
-    return [il for il in self.spec.layers if layers.start <= il <= layers.end]
-
   def want(self, layers: LayerRange) -> frozenset:
     """The in-step points a stage of `layers` keeps: the asked step points of its layers,
-    plus hc_out of its layers for the lens."""
-    own = self._own(layers)
-    pts = self.step_points + (["hc_out"] if self.lens and "hc_out" not in self.step_points
-                              else [])
-    return frozenset((p, il) for p in pts for il in own)
+    plus hc_out of its layers whose lens is asked."""
+    own = lambda il: layers.start <= il <= layers.end  # noqa: E731
+    return frozenset([(p, il) for p, il in self.step_pairs if own(il)]
+                     + [("hc_out", il) for il in self.lens_layers if own(il)])
 
   # ---------------------------------------------------------------------------- storing
   def _put(self, pos0: int, arrays: dict[str, np.ndarray], positions: np.ndarray) -> None:
@@ -241,9 +265,8 @@ class StepCapture:
     out = {}
     if self.logits:
       out["logits"] = np.asarray(logits_TV, np.float32)[r]
-    if self.lens:
-      for il in self.spec.layers:
-        out[point_name("lens", il)] = runner.head_rows(self._hc(il, pos0))
+    for il in self.lens_layers:
+      out[point_name("lens", il)] = runner.head_rows(self._hc(il, pos0))
     self._put(pos0, out, r + pos0)
 
   def _hc(self, il: int, pos0: int) -> np.ndarray:
@@ -255,17 +278,17 @@ class StepCapture:
     bytes that follow the activations (lens inputs, head hop only): (None, b"") when the
     hop returns nothing for this chunk."""
     rows = self.rows(pos0, n)
-    own = self._own(layers)
-    names = [point_name(p, il) for p in self.step_points for il in own]
-    if self.lens and not layers.has_output and "hc_out" not in self.step_points:
-      names += [point_name("hc_out", il) for il in own]  # lens inputs for the head's hop
+    own = lambda il: layers.start <= il <= layers.end  # noqa: E731
+    names = [point_name(p, il) for p, il in self.step_pairs if own(il)]
     lens_in: list[int] = []
     if layers.has_output:
-      if self.lens:
-        names += [point_name("lens", il) for il in self.spec.layers]
-        lens_in = [il for il in self.spec.layers if il < layers.start]
+      names += [point_name("lens", il) for il in self.lens_layers]
+      lens_in = [il for il in self.lens_layers if il < layers.start]
       if self.logits:
         names.append("logits")
+    else:  # the hc_out rows of lens layers go on to the head's hop
+      names += [k for k in (point_name("hc_out", il) for il in self.lens_layers if own(il))
+                if k not in names]
     if not names or not len(rows):
       return None, b""
     cap: dict = {"n": names}
