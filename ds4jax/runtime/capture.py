@@ -61,12 +61,12 @@ def _ints(spec: str, what: str) -> tuple[int, ...]:
     if ":" in spec:
       a, b = (int(v) for v in spec.split(":"))
       vals = range(a, b + 1)
-      if b < a:
-        raise CaptureError(f"{what} range {spec!r} is empty")
     else:
       vals = [int(v) for v in spec.split(",")]
   except ValueError:
     raise CaptureError(f"bad {what} list {spec!r} (expected all, A:B or i,j,...)") from None
+  if not vals:
+    raise CaptureError(f"{what} range {spec!r} is empty")
   return tuple(sorted(set(vals)))
 
 
