@@ -51,6 +51,14 @@ def workers(addr, specs, cfg=CFG, delay_s=0.0, **kw):
       t.join(timeout=5)
 
 
+def wait_for(cond, what: str, timeout: float = 30.0) -> None:
+  """Polls cond() under a hang guard."""
+  deadline = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.01)
+
+
 def coordinator(local="0:0", ctx=64, delay_s=0.0, **kw):
   opt = dict(port=0, route_timeout=5, prefill_chunk=3, heartbeat_s=0.2, request_timeout=5)
   opt.update(kw)
@@ -184,6 +192,43 @@ def test_refusals_show_the_reason_on_both_sides(kind, expect):
     assert expect in errors[0].reason
     assert any(expect in e for e in coord.events)
     assert not coord.route_ready()[0]
+
+
+def test_route_unavailable_names_why_the_last_worker_was_refused():
+  with coordinator(route_timeout=0.5) as coord, workers(coord.address, ["1:1"]), \
+      workers(coord.address, ["2:output"], cfg=FakeConfig(seed=1)) as (_, errors):
+    wait_for(lambda: errors, "the refused worker's error")
+    sid = coord.new_session()
+    with pytest.raises(RouteUnavailable) as e:
+      coord.step(sid, PROMPT, GREEDY, 0)
+    msg = str(e.value)
+    assert "missing layer 2" in msg and "model mismatch" in msg
+    assert "the last worker offering layer 2 was refused" in msg
+    with workers(coord.address, ["2:output"]):  # an accepted worker clears the note
+      generate(coord, PROMPT, 1, sid=sid)
+      assert "refused" not in coord._unavailable("x", 0.0).args[0]
+
+
+def test_route_reason_names_workers_still_loading():
+  gate = threading.Event()
+  with coordinator() as coord:
+    rng = LayerRange.parse("1:output", CFG.n_layers)
+    w = Worker(tuple(coord.address), fingerprint=CFG.fingerprint(), n_layers=CFG.n_layers,
+               vocab_size=CFG.vocab_size, layers=rng, options=WorkerOptions(ctx=64),
+               load=lambda: gate.wait(30) and FakeRunner(CFG, rng, 64))
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+      wait_for(lambda: "loading" in coord.route_ready()[1], "the loading worker in the reason")
+      ok, reason = coord.route_ready()
+      assert not ok and reason.startswith("missing layer 1")
+      assert "worker#1 loading 1:3+output" in reason
+      gate.set()
+      wait_for(lambda: coord.route_ready()[0], "the route")
+    finally:
+      gate.set()
+      w.abort()
+      t.join(timeout=5)
 
 
 def test_route_unavailable_while_status_answers():
