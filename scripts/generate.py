@@ -10,6 +10,9 @@ r"""Generates from a prompt, whole model in one process or as the coordinator of
     # Save the session (transcript + every stage's KV) and continue it later, on any route:
     python scripts/generate.py --gguf=tiny --prompt="Hello" --save_session=/tmp/s1
     python scripts/generate.py --gguf=tiny --load_session=/tmp/s1 --max_new_tokens=16
+    # Capture named points of every processed position (prompt, then each token fed back):
+    python scripts/generate.py --gguf=tiny --prompt="Hello" --capture=ffn_out,router_ids,lens \
+        --capture_layers=1:2 --capture_out=/tmp/cap.npz
 """
 
 import json
@@ -19,6 +22,7 @@ from absl import flags
 
 from ds4jax import cli
 from ds4jax.runtime import sources
+from ds4jax.runtime.capture import CaptureSpec
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags()
@@ -29,6 +33,14 @@ _SAVE = flags.DEFINE_string("save_session", None, "After generating, save the se
                             "(transcript and every stage's KV state) to this directory.")
 _LOAD = flags.DEFINE_string("load_session", None, "Restore a saved session and continue it; a "
                             "--prompt (a new user turn with --chat) or --prompt_tokens is appended.")
+_CAPTURE = flags.DEFINE_string(
+    "capture", None, "Capture these points (comma list of attn_out, ffn_out, hc_out, router_ids, "
+    "router_weights, router_scores, lens, logits) at every position the model processes "
+    "(the prompt, then each generated token fed back), on whichever stage runs the layer.")
+_CAPTURE_LAYERS = flags.DEFINE_string("capture_layers", "all",
+                                      "Layers to capture: all, A:B (inclusive) or i,j,...")
+_CAPTURE_OUT = flags.DEFINE_string("capture_out", None, "Write the captured arrays to this .npz: "
+                                   "keys {point}.{layer} (e.g. ffn_out.3), logits, positions.")
 
 
 def main(argv):
@@ -41,8 +53,14 @@ def main(argv):
     raise ValueError("give exactly one of --prompt and --prompt_tokens")
   if prompt is None and prompt_tokens is None and not _LOAD.value:
     raise ValueError("give exactly one of --prompt and --prompt_tokens (or --load_session)")
+  if bool(_CAPTURE.value) != bool(_CAPTURE_OUT.value):
+    raise ValueError("--capture and --capture_out go together")
+  capture = (CaptureSpec.parse(_CAPTURE.value, _CAPTURE_LAYERS.value) if _CAPTURE.value
+             else None)  # a bad point or layer list fails here, before any load
   backend, close = cli.build_backend()
   try:
+    if capture is not None:
+      capture = capture.resolve(backend.cfg)  # layers past the model: before any compute
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
     gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
     tokenizer = sources.open_tokenizer(gguf)
@@ -60,7 +78,7 @@ def main(argv):
                         max_new_tokens=int(cli.option("max_new_tokens")),
                         sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
                         chat=bool(cli.option("chat")), system=cli.option("system"),
-                        thinking=bool(cli.option("thinking")))
+                        thinking=bool(cli.option("thinking")), capture=capture)
     for piece in stream:
       if _STREAM.value:
         sys.stdout.write(piece)
@@ -80,6 +98,10 @@ def main(argv):
         f"{t['decode_tokens']} tok at {t['decode_tok_s']:.1f} tok/s ({res.finish_reason})",
         file=sys.stderr)
   print(cli.format_hop_table(res.hop_summary()), file=sys.stderr)
+  if capture is not None:
+    res.captured.save_npz(_CAPTURE_OUT.value)
+    print(f"captured {len(res.captured.keys())} arrays x {len(res.captured.positions)} positions "
+          f"-> {_CAPTURE_OUT.value}", file=sys.stderr)
   if _OUTPUT_JSON.value:
     out = res.to_dict()
     out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)

@@ -1,0 +1,36 @@
+"""generate.py --capture / --capture_layers / --capture_out (issue 22), as a user runs it."""
+
+import json
+
+import numpy as np
+
+from scripts_test import assert_one_line_error, env, run  # noqa: F401 (env is a fixture)
+
+
+def test_generate_writes_the_captured_npz(env, tmp_path):  # noqa: F811
+  out, js = tmp_path / "cap.npz", tmp_path / "out.json"
+  p = run("generate.py", "--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=3",
+          "--ctx_size=512", "--prefill_chunk=16", "--capture=ffn_out,router_ids,lens,logits",
+          "--capture_layers=1:2", f"--capture_out={out}", f"--output_json={js}", env=env)
+  assert p.returncode == 0, p.stderr
+  d = json.loads(js.read_text())
+  n = len(d["prompt_tokens"]) + len(d["tokens"]) - 1  # the prompt, then each token fed back
+  with np.load(out) as z:
+    assert sorted(z.files) == ["ffn_out.1", "ffn_out.2", "lens.1", "lens.2", "logits",
+                               "positions", "router_ids.1", "router_ids.2"]
+    assert z["positions"].tolist() == list(range(n))
+    assert z["ffn_out.2"].shape == (n, 256) and z["router_ids.1"].dtype == np.int32
+    assert z["lens.1"].shape == z["logits"].shape == (n, 512)
+    # each greedy token is the argmax of the captured logits of the position before it
+    assert z["logits"].argmax(-1)[len(d["prompt_tokens"]) - 1:].tolist() == d["tokens"]
+  assert f"captured 7 arrays x {n} positions" in p.stderr
+
+
+def test_bad_capture_flags_are_one_line_errors(env, tmp_path):  # noqa: F811
+  base = ["generate.py", "--gguf=tiny", "--prompt=x", f"--capture_out={tmp_path}/c.npz"]
+  assert_one_line_error(run(*base, "--capture=ffn_out,nope", env=env),
+                        "unknown capture point 'nope'")
+  assert_one_line_error(run(*base, "--capture=ffn_out", "--capture_layers=2:9", env=env),
+                        "capture layer 4 is out of range")
+  assert_one_line_error(run("generate.py", "--gguf=tiny", "--prompt=x", "--capture=lens",
+                            env=env), "--capture and --capture_out go together")
