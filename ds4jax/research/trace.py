@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ds4jax.config import LAYER_POINTS, point_name
-from ds4jax.runtime.capture import DEFAULT_MAX_BYTES, Captured, CaptureError, CaptureSpec
+from ds4jax.runtime.capture import Captured, CaptureError, CaptureSpec
 from ds4jax.runtime.sampling import SamplingParams
 
 # nnsight's spelling: a layer's output is its HC streams.
@@ -168,4 +168,4 @@ class Trace:
       s._fill(self.captured)
 
 
-__all__ = ["ALIASES", "Layer", "Layers", "Point", "Saved", "Trace", "DEFAULT_MAX_BYTES"]
+__all__ = ["ALIASES", "Layer", "Layers", "Point", "Saved", "Trace"]

@@ -47,7 +47,8 @@ def hf(hf_tiny, ours):
 
   for il, layer in enumerate(model.model.layers):
     hooks += [
-        layer.self_attn.register_forward_hook(lambda m, a, o, il=il: keep(f"attn_out.{il}", o[0][0])),
+        layer.self_attn.register_forward_hook(
+            lambda m, a, o, il=il: keep(f"attn_out.{il}", o[0][0])),
         layer.mlp.register_forward_hook(lambda m, a, o, il=il: keep(f"ffn_out.{il}", o[0])),
         layer.register_forward_hook(lambda m, a, o, il=il: keep(f"hc_out.{il}", o[0])),
         layer.mlp.gate.register_forward_hook(router(il)),

@@ -15,6 +15,8 @@ import pytest
 from ds4jax.bridge import launch
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+from ds4jax.config import LAYER_POINTS
+from ds4jax.research import Lab
 from ds4jax.runtime.capture import Captured, CaptureError, CaptureSpec
 from ds4jax.runtime.local import LocalBackend
 from ds4jax.runtime.sampling import SamplingParams
@@ -189,3 +191,30 @@ def test_bad_requests_fail_before_compute_and_the_session_survives(route, spec, 
   res = coord.step(sid, PROMPT + [first], GREEDY, 1)
   assert res.n_computed == 1
   coord.close_session(sid)
+
+
+def test_the_notebook_api_is_the_same_on_a_route(route, reference):
+  """`research.Lab` traces through the coordinator as through one process (every point on
+  every layer: the programs the other tests compiled)."""
+  coord, _ = route
+  lab = Lab(coord)
+  with lab.trace(PROMPT) as t:
+    saved = {p: getattr(t.layers.all, p).save() for p in LAYER_POINTS}
+    one = t.layers[2].output.save()  # nnsight's name for hc_out
+    logits = t.logits.save()
+    with pytest.raises(RuntimeError, match="has not run yet"):
+      one.value
+  assert t.next_token == reference[0][0] and t.captured.positions.tolist() == list(range(10))
+  for p, s in saved.items():
+    assert s.value.shape[:2] == (4, len(PROMPT))
+    for il in range(4):
+      np.testing.assert_array_equal(s.value[il], reference[1][f"{p}.{il}"][:len(PROMPT)])
+  np.testing.assert_array_equal(one.value, reference[1]["hc_out.2"][:len(PROMPT)])
+  np.testing.assert_array_equal(logits.value, reference[1]["logits"][:len(PROMPT)])
+  with pytest.raises(CaptureError, match="nothing is saved"):
+    with lab.trace(PROMPT):
+      pass
+  with pytest.raises(IndexError, match="layer 4 is out of range"):
+    t.layers[4]
+  with pytest.raises(AttributeError, match="no point 'mlp'"):
+    t.layers[0].mlp
