@@ -115,3 +115,14 @@ def test_byte_limit_counts_the_positions_the_step_computes():
   with pytest.raises(CaptureError, match="needs 32768 bytes, over the limit of 24576"):
     StepCapture(spec, CFG).begin(4, 8)
   StepCapture(CaptureSpec.parse("hc_out", "0:1", "last", max_bytes=8192), CFG).begin(0, 8)
+
+
+def test_a_route_with_a_worker_that_cannot_capture_refuses_before_compute():
+  from ds4jax.bridge.coordinator.remote import RemoteHops
+  new = types.SimpleNamespace(hello={"caps": ["sample", "capture"]})
+  old = types.SimpleNamespace(hello={"caps": ["sample"]})  # a worker before capture
+  hops = RemoteHops([new, old], vocab_size=512, window=2, event=print)
+  cap = StepCapture(CaptureSpec.parse("ffn_out"), CFG)
+  with pytest.raises(CaptureError, match="cannot capture"):
+    hops.check_capture(cap)
+  RemoteHops([new], vocab_size=512, window=2, event=print).check_capture(cap)
