@@ -54,6 +54,7 @@ class StageRunner:
       state_dtype = _stage_dtype(self.params)
     self.state_dtype = state_dtype
     self.n_traces = 0
+    self._compiled_BT: dict[int, list[tuple[int, int]]] = {}  # n_slots -> compiled (B, T)
     # jit flattens its arguments on every call, and flattening an nnx.State goes through
     # Python per leaf (~2 ms per call for 250 leaves on a busy 2-core CPU, paid once per stage
     # per decode token). A plain list of the leaves flattens in microseconds.
@@ -131,8 +132,10 @@ class StageRunner:
     n_s = jax.ShapeDtypeStruct((), jnp.int32)
     self._pool_get.lower(pool, n_s).compile()
     self._pool_pos.lower(pool, n_s, n_s).compile()  # every alloc resets its slot
-    shapes = sorted({(bucket(min(int(b), self.max_batch), self.max_batch),
-                      bucket(min(int(t), self.ctx_size), self.max_chunk)) for b, t in shapes_BT})
+    shapes = list(dict.fromkeys((bucket(min(int(b), self.max_batch), self.max_batch),
+                                 bucket(min(int(t), self.ctx_size), self.max_chunk))
+                                for b, t in shapes_BT))
+    done = self._compiled_BT.setdefault(int(n_slots), [])
     for k, (b, t) in enumerate(shapes):
       t0 = time.perf_counter()
       hc = None
@@ -141,6 +144,8 @@ class StageRunner:
       self._batch_step.lower(params, pool, jax.ShapeDtypeStruct((b,), jnp.int32),
                              jax.ShapeDtypeStruct((b, t), jnp.int32), hc,
                              jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
+      if (b, t) not in done:
+        done.append((b, t))
       if on_shape is not None:
         on_shape(k + 1, len(shapes), (b, t), time.perf_counter() - t0)
 
@@ -148,6 +153,21 @@ class StageRunner:
     """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
     alone, for a pool of `n_slots` (the pool's shape is part of the program)."""
     self.compile_shapes([(b, t) for b in batch_sizes for t in chunk_sizes if t], n_slots)
+
+  def first_runs(self, pool: StageState) -> StageState:
+    """Runs every shape `compile_shapes` compiled for a pool of this size once, each row on
+    the pool's scratch slot (no session's state changes; donates the pool): a program's first
+    execution costs up to ~10x its later ones (XLA's runtime sets up then), and that belongs
+    at load, not in front of the first requests. Returns the pool."""
+    n_scratch = int(pool.pos.shape[0]) - 1
+    for b, t in self._compiled_BT.get(n_scratch, ()):
+      hc = None if self.embeds else np.zeros((b, t, self.cfg.n_hc, self.cfg.d_model), np.float32)
+      out, pool = self._batch_step(self._param_leaves, pool, np.full((b,), n_scratch, np.int32),
+                                   np.zeros((b, t), np.int32), hc, np.zeros((b,), np.int32))
+      np.asarray(out)
+    if n_scratch in self._compiled_BT:
+      pool = self._pool_pos(pool, np.int32(n_scratch), np.int32(0))
+    return pool
 
   def set_params(self, stage: Stage) -> None:
     """Takes the weights of `stage`, whose parameters must match this runner's in structure,
