@@ -28,7 +28,7 @@ from ds4jax.checkpoints import snapshots
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags(prompt=False)
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
 _SAVE = flags.DEFINE_string("save_session", None, "After every reply, save the chat so far "
                             "(transcript and every stage's KV state) to this directory.")
 _LOAD = flags.DEFINE_string("load_session", None, "Continue a chat saved with --save_session "

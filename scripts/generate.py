@@ -22,7 +22,7 @@ from ds4jax.runtime import sources
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags()
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write tokens, text, speed, route, telemetry.")
 _STREAM = flags.DEFINE_boolean("stream", True, "Print text as it is generated.")
 _SAVE = flags.DEFINE_string("save_session", None, "After generating, save the session "

@@ -15,7 +15,8 @@ import shutil
 
 from absl import flags, logging
 
-from ds4jax.gguf import cli, table
+from ds4jax import cli
+from ds4jax.gguf import table
 from ds4jax.testing import tiny
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", tiny.PRESETS,

@@ -71,7 +71,7 @@ def main(argv):
   cli.setup_logging()
   if _WITH_PARENT.value:
     _exit_with_parent()
-  from ds4jax.bridge import launch
+  from ds4jax import build
   from ds4jax.bridge.wire import auth
   from ds4jax.bridge.worker.worker import WorkerOptions
   layers, coordinator = cli.worker_layers(), cli.option("coordinator")
@@ -97,8 +97,7 @@ def main(argv):
   from ds4jax.runtime.load import return_big_frees
   return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
-  worker = launch.worker_from_gguf(path, layers, addr, options=opt,
-                                   **cli.weight_options())
+  worker = build.worker(path, layers, addr, options=opt, **cli.weight_options())
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
   worker.run()
 

@@ -11,6 +11,7 @@ rows and the buckets of one prefill chunk (docs/design.md §11).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -86,16 +87,18 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
     raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
   src, rng, name = _open(path, layers)
   spent = [0.0]
-
-  def prepare(runner):
-    spent[0] = compile_serving(runner, prefill_chunk, max_sessions)
-
   t0 = time.perf_counter()
-  with heartbeat(f"loading layers {rng.describe()} of {name}"):
+  with contextlib.ExitStack() as streaming:
+
+    def prepare(runner):  # compiled shapes first; then the weights stream in, with a heartbeat
+      spent[0] = compile_serving(runner, prefill_chunk, max_sessions)
+      streaming.enter_context(heartbeat(f"loading the weights of layers {rng.describe()} of "
+                                        f"{name}"))
+
     runner = load.load_runner(src, rng, ctx_size=min(int(ctx_size), src.cfg.context_length),
                               max_chunk=max_chunk_for(prefill_chunk), dtype=dtype,
                               weights=weights, devices=devices, prepare=prepare)
-  log.info("layers %s ready in %.1fs (%.1fs of it compiling)", rng.describe(),
+  log.info("layers %s loaded in %.1fs (%.1fs of it compiling)", rng.describe(),
            time.perf_counter() - t0, spent[0])
   return runner
 

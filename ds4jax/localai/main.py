@@ -38,10 +38,10 @@ def _import_server():
     from ds4jax.localai import server
   except ImportError as e:  # grpcio or protobuf older than the committed stubs
     raise extras.MissingExtra(f"the LocalAI backend needs newer grpcio/protobuf: pip install "
-                              f"-U 'ds4jax[localai]' ({cli._one_line(e)})") from None
+                              f"-U 'ds4jax[localai]' ({cli.one_line(e)})") from None
   except Exception as e:  # protobuf's VersionError, grpc's "generated code" RuntimeError
     raise extras.MissingExtra(f"the LocalAI backend needs newer grpcio/protobuf: pip install "
-                              f"-U 'ds4jax[localai]' ({cli._one_line(e)})") from None
+                              f"-U 'ds4jax[localai]' ({cli.one_line(e)})") from None
   return server
 
 
