@@ -31,7 +31,7 @@ def study(tiny_gguf):
   results = {
       "machine": {"cpu": "test", "cpus": 2, "loadavg_before": [0, 0, 0],
                   "loadavg_after": [0, 0, 0]},
-      "model": {"preset": "tiny", "n_layers": runner.cfg.n_layers},
+      "model": {"preset": "tiny", "n_layers": backend.cfg.n_layers},
       "settings": {"levels": list(LEVELS), "prompt_len": 1, "decode_tokens": DECODE},
       "configs": {"single": res},
   }
