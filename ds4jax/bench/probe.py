@@ -39,7 +39,7 @@ class HopProbe:
 
   def install(self) -> "HopProbe":
     from ds4jax.bridge.coordinator import links
-    from ds4jax.bridge.wire import tensors
+    from ds4jax.wire import tensors
     if self._installed:
       return self
     self._installed = True

@@ -67,7 +67,7 @@ def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
   `coord.close()`.
   """
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-  from ds4jax.bridge.wire import auth  # stdlib only
+  from ds4jax.wire import auth  # stdlib only
   host, port = parse_hostport(listen)
   key = options.pop("key") if "key" in options else auth.load_key(key_file)
   if tls_key and not tls_cert:

@@ -27,7 +27,7 @@ def input_errors() -> tuple[type[BaseException], ...]:
   from ds4jax.extras import MissingExtra  # a missing optional extra: what to pip install
   errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError, MissingExtra]
   try:
-    from ds4jax.bridge.wire.errors import BridgeError
+    from ds4jax.wire.errors import BridgeError
     errs.append(BridgeError)
   except ImportError:
     pass

@@ -64,7 +64,7 @@ def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
       return
     now = time.monotonic()
     if now >= deadline:
-      from ds4jax.bridge.wire.errors import RouteUnavailable
+      from ds4jax.wire.errors import RouteUnavailable
       raise RouteUnavailable(f"route unavailable: {reason} (waited {timeout:.0f}s for workers)")
     if now - last >= every_s or reason != last_reason:
       say(f"waiting for route: {reason}")

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import grpc
 
-from ds4jax.bridge.wire.errors import RouteUnavailable
+from ds4jax.wire.errors import RouteUnavailable
 from ds4jax.runtime import batching
 from ds4jax.localai import backend_pb2 as pb
 from ds4jax.localai import backend_pb2_grpc as pb_grpc

@@ -1,7 +1,7 @@
 """Opening a path as a weight source: a file is a ds4 GGUF, a directory an orbax checkpoint.
 
     src = sources.open_source("model.gguf")          # or a checkpoint directory
-    stage = model.load.load_stage(src, "0:3")
+    stage = runtime.load.load_stage(src, "0:3")
     cfg, fingerprint = sources.model_info(path)      # metadata / manifest only
     tok = sources.open_tokenizer(path)
 
@@ -56,7 +56,7 @@ def open_tokenizer(path):
 
 def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
                weights: str = "packed", devices=1):
-  """`model.load.load_stage` of `open_source(path)` (same arguments)."""
+  """`runtime.load.load_stage` of `open_source(path)` (same arguments)."""
   from ds4jax.runtime import load
   return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights,
                          devices=devices)

@@ -91,6 +91,8 @@ class SessionTracker:
   `step` for backends that are not thread-safe; sessions still interleave token by token.
   """
 
+  route_is_cached = False  # route_ready/route_info ask the backend (ModelProcess: a snapshot)
+
   def __init__(self, backend, serialize_steps: bool = False):
     self.backend = backend
     self._lock = threading.Lock()
@@ -125,25 +127,13 @@ class SessionTracker:
     return self.backend.route_info()
 
   def uncovered_layers(self, info: dict) -> Optional[list[int]]:
-    """Layers no ready worker (nor the coordinator) serves, for a Coordinator-like backend
-    (`n_layers`, `local` and `route_info()['workers'][i]['layers']` as 'A:B[+output]')."""
-    n_layers, local = getattr(self.backend, "n_layers", None), getattr(self.backend, "local", None)
-    workers = info.get("workers")
-    if not isinstance(n_layers, int) or local is None or not isinstance(workers, list):
-      return None
-    covered = set(range(local.start, local.end + 1))
-    for w in workers:
-      m = _RANGE_RE.fullmatch(str(w.get("layers", "")))
-      if m and w.get("ready", True):
-        covered.update(range(int(m.group(1)), int(m.group(2)) + 1))
-    return [i for i in range(n_layers) if i not in covered]
+    """The layers no ready stage serves, as the backend's route_info reports them."""
+    got = info.get("missing_layers") if isinstance(info, dict) else None
+    return sorted(int(i) for i in got) if isinstance(got, list) else None
 
   def route_ready(self) -> tuple[bool, str]:
-    fn = getattr(self.backend, "route_ready", None)
-    if fn is None:  # a local backend holds the whole model
-      return True, "complete"
-    ok, reason = fn()
-    return bool(ok), str(reason)
+    ok, reason = self.backend.route_ready()
+    return bool(ok), str(reason) or "complete"
 
   def __getattr__(self, name):
     return getattr(self.backend, name)
@@ -183,7 +173,7 @@ class Engine:
 
   async def route_state(self, deadline_s: float = ROUTE_QUERY_DEADLINE_S) -> RouteState:
     """The route now, or the last known state (stale=True) if the backend is slow to say."""
-    if getattr(self.backend, "route_is_cached", False):
+    if self.backend.route_is_cached:
       # A snapshot read (the model process pushes it): no thread hop needed.
       self._route = self._query_route()
       return self._route

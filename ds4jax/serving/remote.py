@@ -22,7 +22,7 @@ import sys
 import threading
 from typing import Any, Callable, Optional, Sequence
 
-from ds4jax.bridge.wire.errors import RouteUnavailable
+from ds4jax.wire.errors import RouteUnavailable
 from ds4jax.serving import generation
 
 log = logging.getLogger("ds4jax.serving")

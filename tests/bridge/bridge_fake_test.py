@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused, RouteUnavailable
+from ds4jax.wire.errors import HandshakeRefused, RouteUnavailable
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.runtime.sampling import SamplingParams

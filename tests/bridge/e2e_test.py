@@ -24,7 +24,7 @@ import pytest
 
 from ds4jax import build
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused
+from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.runtime.batching import StageBatcher
 from ds4jax.runtime.sampling import SamplingParams

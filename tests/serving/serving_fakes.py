@@ -39,6 +39,8 @@ def next_token(transcript, eos: bool = True) -> int:
 class FakeBackend:
   """A thread-safe fake Backend with a route that completes on `join()`."""
 
+  reports_prefill_progress = False  # the Generator logs prefill progress itself
+
   def __init__(self, *, n_layers: int = 4, coord_end: int = 1, ready: bool = True,
                step_s: float = 0.002, fail_on_token: int | None = None, eos: bool = True):
     self.n_layers = n_layers
@@ -88,7 +90,7 @@ class FakeBackend:
 
   def step(self, sid, transcript, sampling, step, *, top_logprobs=0, return_logits=False):
     if not self._ready.is_set():
-      from ds4jax.bridge.wire.errors import RouteUnavailable
+      from ds4jax.wire.errors import RouteUnavailable
       raise RouteUnavailable("route lost")
     with self._lock:
       if sid not in self.open:

@@ -1,6 +1,6 @@
 """The worker: dial the coordinator (with backoff), say HELLO, serve a StageRunner.
 
-Every session's state is a slot of one `generate.batching.StageBatcher` pool, whose compute
+Every session's state is a slot of one `runtime.batching.StageBatcher` pool, whose compute
 thread runs the one-token WORK of all sessions that are pending together as ONE
 `forward_batch` call (docs/design.md §11). Frames stay per session on the wire; a worker
 batches what is queued (docs/protocol.md §3).
@@ -30,14 +30,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ds4jax.bridge.wire import protocol, tensors, transport
-from ds4jax.bridge.wire.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
-from ds4jax.bridge.wire.protocol import MsgType, field
+from ds4jax.wire import protocol, tensors, transport
+from ds4jax.wire.errors import (HandshakeRefused, LinkLost, PrefixMismatch, ProtocolError)
+from ds4jax.wire.protocol import MsgType, field
 from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher, StateLost
 
-log = logging.getLogger("ds4jax.bridge.worker.worker")
+log = logging.getLogger("ds4jax.bridge.worker")
 CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch")
 # Frames that run in arrival order per session (its lane) on the serving threads.
 _QUEUED = (MsgType.WORK, MsgType.DROP, MsgType.SNAPSHOT_SAVE, MsgType.SNAPSHOT_LOAD)
@@ -134,6 +134,7 @@ class Worker:
     self.opt = options or WorkerOptions()
     self.runner = None
     self.batcher: StageBatcher | None = None  # the pool of session states (after the load)
+    self._transfers = None  # session snapshot exchanges in progress (worker/snapshots.py)
     self.sessions = SessionStore(self.opt.max_sessions)
     self.host = socket.gethostname()
     self._stop = threading.Event()
@@ -486,8 +487,10 @@ class Worker:
 
   def _snapshot(self, f: protocol.Frame) -> tuple[dict[str, Any], bytes]:
     """Session snapshot save/load parts (in order with WORK, on the compute thread)."""
-    from ds4jax.checkpoints import snapshot_bridge  # deferred: only snapshots need it
-    return snapshot_bridge.handle_worker_frame(self, f)
+    if self._transfers is None:
+      from ds4jax.bridge.worker.snapshots import SnapshotTransfers  # only snapshots need it
+      self._transfers = SnapshotTransfers(self)
+    return self._transfers.handle(f)
 
   def _work(self, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], bytes]:
     t0 = time.monotonic()
@@ -565,7 +568,7 @@ def final_reason(e: BaseException) -> str | None:
   """The reason when a failed connection attempt cannot succeed by redialing (a key or
   certificate the coordinator rejects, or the reverse), else None (refused connection,
   coordinator restarting, a broken link: keep redialing with backoff)."""
-  from ds4jax.bridge.wire import auth  # stdlib only
+  from ds4jax.wire import auth  # stdlib only
   if isinstance(e, ProtocolError) and protocol.TLS_PEER in str(e):
     return _COORD_TLS
   if isinstance(e, auth.AuthError):
