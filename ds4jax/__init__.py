@@ -23,7 +23,7 @@ _EXPORTS = {
     "Stage": "ds4jax.model.stage",
     "StageRunner": "ds4jax.runtime.runner",
     "StageState": "ds4jax.model.decode_state",
-    "hf_to_gguf": "ds4jax.convert",
+    "hf_to_gguf": "ds4jax.gguf.hf",
 }
 
 __all__ = sorted(_EXPORTS)

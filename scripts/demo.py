@@ -62,7 +62,7 @@ def main(argv):
   say(f"model: {gguf}")
   ctx, sessions = int(cli.option("ctx_size")), int(cli.option("max_sessions"))
   host, port = cli.parse_hostport(cli.option("listen") or "127.0.0.1:0")
-  port = port or cli.free_port(host)
+  port = port or local_cluster.free_port(host)
   # Workers start first (they dial until the coordinator is up), before this process starts
   # JAX's threads, and share its persistent compilation cache.
   cli.compilation_cache_env(cache_dir)

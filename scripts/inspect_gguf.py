@@ -19,7 +19,8 @@ from absl import flags
 
 from ds4jax.config import ModelConfig
 from ds4jax import cli
-from ds4jax.gguf import summary, table
+from ds4jax.gguf import table
+from ds4jax.partition import summary
 
 _GGUF = flags.DEFINE_string("gguf", None, "A ds4 GGUF (full or split).")
 _SPLIT = flags.DEFINE_integer("split", 0, "Suggest a balanced split into N contiguous ranges.",

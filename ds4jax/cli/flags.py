@@ -17,6 +17,7 @@ from typing import Any
 from absl import flags
 from ml_collections import config_flags
 
+from ds4jax.config import devices_option as parse_devices  # the --devices flag's rules
 from ds4jax.errors import one_line
 from ds4jax.runtime.sampling import SamplingParams
 
@@ -77,17 +78,6 @@ def define_device_flags() -> None:
   flags.DEFINE_string("devices", "1", "Local devices this process's stage spans: 1 (one "
                       "device), N, or 'all'. The routed experts are sharded over them (expert "
                       "parallelism); N must divide the model's expert count.")
-
-
-def parse_devices(spec) -> int | str:
-  """A --devices value as an int >= 1 or 'all' (one-line ValueError otherwise). Whether
-  this host has that many devices is checked where the stage loads."""
-  text = str(spec).strip()
-  if text == "all":
-    return "all"
-  if isinstance(spec, bool) or not text.isdigit() or int(text) < 1:
-    raise ValueError(f"--devices must be a positive integer or 'all', got {spec!r}")
-  return int(text)
 
 
 def weight_options() -> dict[str, str | int | None]:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
-import pathlib
+
+from ds4jax.data import cache_root
 
 PRESETS = ("tiny", "bench")
 
@@ -34,17 +35,9 @@ def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
     from ds4jax.data import docs_gguf_path
     return docs_gguf_path()
   if spec in PRESETS:
-    from ds4jax.testing import tiny  # deferred: only needed for the test models
+    from ds4jax.gguf import tiny  # deferred: only needed for the test models
     return tiny.tiny_gguf_path(spec, cache_dir)
   raise FileNotFoundError(f"GGUF file not found: {spec}")
-
-
-def cache_root(path: str | os.PathLike | None = None) -> pathlib.Path:
-  """`path`, else `$DS4JAX_CACHE`, else `~/.cache/ds4jax`; created if needed."""
-  d = pathlib.Path(path or os.environ.get("DS4JAX_CACHE") or
-                   pathlib.Path.home() / ".cache" / "ds4jax")
-  d.mkdir(parents=True, exist_ok=True)
-  return d
 
 
 def compilation_cache_dir(cache_dir: str | None = None) -> str:
@@ -71,11 +64,3 @@ def enable_compilation_cache(cache_dir: str | None = None) -> str:
   jax.config.update("jax_compilation_cache_dir", d)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   return d
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-  """An ephemeral port that is free right now (for starting workers before the listener)."""
-  import socket
-  with socket.socket() as s:
-    s.bind((host, 0))
-    return s.getsockname()[1]

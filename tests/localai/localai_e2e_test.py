@@ -26,7 +26,7 @@ grpc = pytest.importorskip("grpc")
 
 from localai_client import REPO, Backend, Prober, assert_fast, backend_env
 
-from ds4jax.cli import free_port
+from ds4jax.local_cluster import free_port
 from ds4jax.localai import backend_pb2 as pb
 from ds4jax.tokenizer import Tokenizer
 

@@ -107,14 +107,13 @@ def test_chat_reuses_prefix(env):
 
 def test_generate_as_coordinator_matches_one_process(env, tmp_path, tiny_gguf):
   """generate.py --listen with two worker processes dialing in = generate.py in one process."""
-  from ds4jax import cli
-  from ds4jax.local_cluster import LocalWorkers
+  from ds4jax.local_cluster import LocalWorkers, free_port
   # The demo's shapes (ctx 512, an 11-token prompt, chunk 16): compiled once, cached by XLA.
   common = ["--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=6", "--ctx_size=512",
             "--prefill_chunk=16"]
   p = run("generate.py", *common, f"--output_json={tmp_path}/one.json", env=env)
   assert p.returncode == 0, p.stderr
-  port = cli.free_port()
+  port = free_port()
   with LocalWorkers(tiny_gguf, ["2:2", "3:output"], ("127.0.0.1", port), ctx_size=512,
                     cache_dir=env["DS4JAX_CACHE"]):
     p = run("generate.py", *common, "--layers=0:1", f"--listen=127.0.0.1:{port}",

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import socket
 import threading
 import time
 
 import uvicorn
 
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
@@ -70,11 +70,14 @@ class FakeBackend:
     return False, f"missing layer {self.coord_end + 1}"
 
   def route_info(self) -> dict:
-    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag.
+    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag, and the
+    # layers no ready stage serves.
+    ready = self._ready.is_set()
     workers = ([{"peer": "127.0.0.1:9", "ready": True,
-                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}]
-               if self._ready.is_set() else [])
-    return {"ready": self._ready.is_set(), "workers": workers}
+                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}] if ready else [])
+    missing = [] if ready else list(range(self.coord_end + 1, self.n_layers))
+    return {"ready": ready, "workers": workers, "n_layers": self.n_layers,
+            "missing_layers": missing}
 
   def new_session(self) -> str:
     with self._lock:
@@ -104,12 +107,6 @@ class FakeBackend:
                          compute_s=self.step_s / 2, queue_s=0.0001)]
     return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
                       n_computed=1)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager
