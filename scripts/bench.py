@@ -11,6 +11,9 @@ transformers eager on the same weights. Writes JSON and markdown tables.
     # split over 1 and 3 workers (ds4jax/bench/concurrency.py)
     python scripts/bench.py --preset=bench --concurrency=1,4,8,16 --stream_prompt_len=64 \
         --stream_decode_tokens=32 --stream_workers=1,3 --out_md=conc.md
+    # first-use costs (issue 20 item 8): generate.py against the model's own step, the
+    # server's first burst against its later ones, restarts; this tree and another (A/B)
+    python scripts/bench.py --preset=bench --first_use --first_use_trees=.,/tmp/base
 
 Every configuration runs in a fresh process (ds4jax/bench/child.py), one after the other.
 """
@@ -63,6 +66,13 @@ _S_WORKERS = flags.DEFINE_list("stream_workers", ["1", "3"], "--concurrency: wor
                                "the split runs (empty: one process only).")
 _S_WARM = flags.DEFINE_integer("stream_warm_tokens", 4, "--concurrency: decode tokens per "
                                "stream of each level's untimed warm-up round.", lower_bound=1)
+_FIRST = flags.DEFINE_boolean("first_use", False, "Measure first-use costs instead "
+                              "(ds4jax/bench/first_use.py): generate.py against the model's "
+                              "step, the server's bursts, its time to ready.")
+_TREES = flags.DEFINE_list("first_use_trees", ["."], "--first_use: repository roots to "
+                           "measure, each through its own scripts (A/B against a checkout).")
+_ROUNDS = flags.DEFINE_integer("first_use_rounds", 3, "--first_use: alternating rounds of "
+                               "generate.py and the model's step.", lower_bound=1)
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
 
 
@@ -170,9 +180,26 @@ def concurrency_main() -> None:
   _write(results, concurrency.to_markdown(results))
 
 
+def first_use_main() -> None:
+  """First-use costs of each tree in --first_use_trees, in one run (first_use.run)."""
+  from ds4jax.bench import first_use
+  from ds4jax.gguf.reader import read_config
+  gguf = os.path.abspath(cli.resolve_gguf(_GGUF.value or _PRESET.value, _CACHE.value))
+  trees = [os.path.abspath(t) for t in _TREES.value]
+  with tempfile.TemporaryDirectory(prefix="ds4jax-bench-") as work:
+    res = first_use.run(trees, gguf, read_config(gguf).vocab_size, work,
+                        rounds=_ROUNDS.value, decode_tokens=_DECODE.value)
+  results = {"command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
+             "machine": _machine(), "model": gguf, "trees": res}
+  results["machine"]["loadavg_after"] = env_info()["loadavg"]
+  _write(results, first_use.to_markdown(res))
+
+
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _FIRST.value:
+    return first_use_main()
   if _CONC.value:
     return concurrency_main()
   lens = _ints(_LENS.value, "prompt_lens")
