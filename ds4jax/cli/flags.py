@@ -165,8 +165,11 @@ def parse_flags(argv: list[str]) -> list[str]:
   try:
     return FLAGS(argv)
   except Exception as e:  # flags.Error, or whatever a broken config file raises on import
+    unknown = _unknown_override(argv) if _config_path and os.path.isfile(_config_path) else None
     if _config_path and not os.path.isfile(_config_path):
       msg = f"config file not found: {_config_path}"
+    elif unknown:
+      msg = unknown
     elif isinstance(e, flags.Error) and "config" not in str(e).lower():
       msg = one_line(e)
     elif _config_path:
@@ -175,3 +178,25 @@ def parse_flags(argv: list[str]) -> list[str]:
       msg = one_line(e)
     print(f"error: {msg}", file=sys.stderr)
     sys.exit(2)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """'--config.X=...: the config file has no field X (its fields: ...)' for the first
+  override naming a field the config lacks; None if every one exists (or it cannot tell)."""
+  import runpy
+  try:
+    cfg = runpy.run_path(_config_path)["get_config"]()
+  except Exception:  # a broken file: the caller says why
+    return None
+  for a in argv[1:]:
+    if not a.startswith("--config."):
+      continue
+    node, names = cfg, a[len("--config."):].split("=", 1)[0].split(".")
+    for k, name in enumerate(names):
+      if not hasattr(node, "keys") or name not in node:
+        where = ".".join(names[:k]) or _config_path
+        fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+        return (f"--config.{'.'.join(names)}: {where} has no field {name!r} (its fields: "
+                f"{fields})")
+      node = node[name]
+  return None
