@@ -28,7 +28,8 @@ _LAYERS = flags.DEFINE_string("layers", None, "Inclusive range A:B, or A:output 
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator.")
 _CTX = flags.DEFINE_integer("ctx_size", 4096, "KV capacity per session, in tokens.",
                             lower_bound=1)
-_SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction.",
+_SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction; "
+                                 "every decode batch size up to it compiles before READY.",
                                  lower_bound=1)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "File with the pre-shared key "
                                 "(default: the DS4JAX_KEY environment variable).")

@@ -36,10 +36,12 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
   define_weight_flags()
   define_device_flags()
-  flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call.")
+  flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call (its power-of-two "
+                       "buckets compile at load).", lower_bound=1)
   flags.DEFINE_integer("max_sessions", 8, "Sessions whose decode state this process keeps (the "
                        "pool slots of each stage); that many generations at once batch their "
-                       "steps.", lower_bound=1)
+                       "steps. Every decode batch size up to it compiles at load.",
+                       lower_bound=1)
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
   flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
@@ -54,8 +56,8 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
   flags.DEFINE_boolean("thinking", False, "Chat format with <think> instead of </think>.")
   flags.DEFINE_string("system", None, "A system prompt for the chat format.")
-  flags.DEFINE_boolean("warmup", False, "Run a 2-token generation first, so reported speeds "
-                       "exclude XLA compilation.")
+  flags.DEFINE_boolean("warmup", False, "Run a 2-token generation first (not needed since "
+                       "every shape compiles at load; kept for old command lines).")
   if prompt:
     flags.DEFINE_string("prompt", None, "Text prompt.")
     flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")
