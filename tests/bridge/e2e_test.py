@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge import launch
+from ds4jax import build
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
@@ -63,7 +63,8 @@ class Cluster:
 
   def start_coordinator(self):
     if self.runner is None:
-      self.runner = launch.load_runner(self.gguf, "0:0", ctx_size=CTX)
+      self.runner = build.load_runner(self.gguf, "0:0", ctx_size=CTX, prefill_chunk=CHUNK,
+                                        max_sessions=16)
     # A restart reuses the loaded (and compiled) runner: only the bridge restarts.
     self.coord = Coordinator(self.runner, CoordinatorOptions(
         port=self.port, prefill_chunk=CHUNK, heartbeat_s=HEARTBEAT, route_timeout=120.0,
@@ -102,7 +103,7 @@ def reference_run(gguf, prompt, n, forced=None):
   """One process, same chunking and the same batched step every stage runs (a one-row
   `forward_batch`, through a StageBatcher): (tokens, logits rows). `forced` replaces
   sampled tokens."""
-  r = launch.load_runner(gguf, "all", ctx_size=CTX)
+  r = build.load_runner(gguf, "all", ctx_size=CTX, prefill_chunk=CHUNK, max_sessions=1)
   b = StageBatcher(r, n_slots=1)
   slot, rows, toks = b.alloc(), [], list(prompt)
   try:
@@ -234,7 +235,7 @@ def test_refusals_reason_on_both_sides(cluster, tiny_cache_dir):
   procs = {k: cluster.start_worker(spec, *extra, gguf=g, name=f"refused-{k}")
            for k, (spec, extra, g, _) in cases.items()}
   future = Worker(("127.0.0.1", cluster.port), fingerprint=cluster.coord.fingerprint,
-                  n_layers=4, vocab_size=512, layers=launch.requested_range("1:output", 4),
+                  n_layers=4, vocab_size=512, layers=build.requested_range("1:output", 4),
                   load=lambda: None, options=WorkerOptions(ctx=CTX, protocol_version=99))
   with pytest.raises(HandshakeRefused, match="protocol version 99 is not supported"):
     future.run()

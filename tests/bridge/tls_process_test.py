@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ds4jax import cli
+from ds4jax import local_cluster
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--prompt_tokens=7,300,42,9,1,77", "--max_new_tokens=4", "--ctx_size=64",
@@ -30,7 +30,7 @@ def test_tls_and_key_split_generation(tiny_gguf, tiny_cache_dir, tmp_path):
   key_file = tmp_path / "bridge.key"
   key_file.write_bytes(os.urandom(24).hex().encode())
   key_file.chmod(0o600)
-  port = cli.free_port()
+  port = local_cluster.free_port()
   worker_args = [f"--gguf={tiny_gguf}", "--layers=1:output", f"--coordinator=127.0.0.1:{port}",
                  "--ctx_size=64", "--backoff_min=0.1", "--backoff_max=0.5", f"--key_file={key_file}",
                  "--exit_with_parent"]

@@ -276,7 +276,7 @@ def test_convert_script(tiny_gguf, tmp_path):
 def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_runner, tmp_path):
   """A worker serving a checkpoint says the checkpoint's fingerprint in HELLO: one of another
   model is refused by the coordinator before it loads anything."""
-  from ds4jax.bridge import launch
+  from ds4jax import build
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.wire.errors import HandshakeRefused
   from ds4jax.bridge.worker.worker import WorkerOptions
@@ -287,12 +287,12 @@ def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_ru
   (d / orbax_io.MANIFEST).write_text(json.dumps(m))
   coord = Coordinator(make_runner("0:1"), CoordinatorOptions(port=0))
   try:
-    w = launch.worker_from_gguf(str(d), "2:output", coord.address,
-                                options=WorkerOptions(ctx=64, connect_timeout=5.0))
+    w = build.worker(str(d), "2:output", coord.address,
+                     options=WorkerOptions(ctx=64, connect_timeout=5.0))
     with pytest.raises(HandshakeRefused, match="model mismatch: worker fingerprint abab"):
       w.run()
     assert w.runner is None  # refused before loading
-    ok = launch.worker_from_gguf(tiny_ckpt, "2:output", coord.address)
+    ok = build.worker(tiny_ckpt, "2:output", coord.address)
     assert ok.fingerprint == coord.fingerprint
   finally:
     coord.close()

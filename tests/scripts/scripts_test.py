@@ -57,6 +57,12 @@ def test_missing_file(env, tmp_path):
   assert_one_line_error(p, "nope.py")
 
 
+def test_unknown_config_field_is_named_with_the_fields(env):
+  p = run("generate.py", "--config=configs/tiny_local.py", "--config.bogus=1", env=env)
+  assert_one_line_error(p, "--config.bogus: configs/tiny_local.py has no field 'bogus'")
+  assert "ctx_size" in p.stderr and "max_new_tokens" in p.stderr
+
+
 def test_port_in_use(env):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -9,8 +9,8 @@ import time
 import httpx
 import openai
 
+from ds4jax import build
 from ds4jax.runtime import sources
-from ds4jax.runtime.local import LocalBackend
 from ds4jax.serving.app import create_app
 
 from serving_fakes import FakeBackend, serve_in_thread, tiny_tokenizer
@@ -21,7 +21,7 @@ MAX_TOKENS = 12
 
 
 def test_eight_concurrent_streams_equal_sequential_and_batch(tiny_gguf):
-  backend = LocalBackend.from_gguf(tiny_gguf, ctx_size=128, max_sessions=N_STREAMS)
+  backend = build.local_backend(tiny_gguf, ctx_size=128, max_sessions=N_STREAMS)
   tok = sources.open_tokenizer(tiny_gguf)
   prompts = [f"stream {i} says" + " more" * i for i in range(N_STREAMS)]
   try:

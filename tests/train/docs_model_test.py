@@ -10,9 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from ds4jax import cli
+from ds4jax import build, cli
 from ds4jax import data as shipped
-from ds4jax.runtime.local import LocalBackend
 from ds4jax.generate.loop import Generator
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.runtime.load import load_runner
@@ -48,7 +47,7 @@ def docs():
 
 def test_sampled_speaks_the_corpus(docs):
   path, tok = docs
-  gen = Generator(LocalBackend.from_gguf(path, ctx_size=256), tok)
+  gen = Generator(build.local_backend(path, ctx_size=256, max_sessions=1), tok)
   for seed in (0, 1):
     res = gen.generate("The assert statement", max_new_tokens=48, chat=False,
                        sampling=SamplingParams(temperature=0.8, top_p=0.95, seed=seed))
