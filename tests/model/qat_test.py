@@ -84,7 +84,7 @@ def hadamard_ref(n):
 
 
 def fp4_indexer_ref(x):
-  """The +-1 rotation summed in float64, then divided by sqrt(n) in float32 (as the model scales)."""
+  """The +-1 rotation summed in float64, then divided by sqrt(n) in float32 (as the model does)."""
   n = x.shape[-1]
   sums = (np.asarray(x, np.float64) @ sylvester(n).T).astype(np.float32)
   rotated = sums * np.float32(1.0 / np.sqrt(n))
