@@ -105,10 +105,15 @@ def test_fnv1a64_matches_byte_reference_and_rolls():
   assert protocol.fnv1a64([]) == protocol.FNV_INIT
   assert protocol.fnv1a64(toks) == _fnv_reference(toks)
   assert protocol.fnv1a64(toks[3:], protocol.fnv1a64(toks[:3])) == _fnv_reference(toks)
-  # Known FNV-1a 64 vector: the single byte 'a' (0x61) gives af63dc4c8601ec8c; token 0x61
-  # adds three zero bytes after it.
+  # The published FNV-1a 64 vectors: "" is the offset basis cbf29ce484222325 and "a" (0x61)
+  # is af63dc4c8601ec8c. Token 0x61 is the bytes 61 00 00 00 (u32 little-endian): the three
+  # zero bytes each multiply by the prime 100000001b3 (xor with 0 changes nothing).
   assert protocol.fnv1a64([]) == 0xCBF29CE484222325
-  assert protocol.hash_hex(protocol.fnv1a64([1])) == f"{_fnv_reference([1]):016x}"
+  want = 0xAF63DC4C8601EC8C
+  for _ in range(3):
+    want = want * 0x100000001B3 % 2**64
+  assert protocol.fnv1a64([0x61]) == want
+  assert protocol.hash_hex(protocol.fnv1a64([0x61])) == f"{want:016x}"
 
 
 def test_field_validation():
