@@ -72,9 +72,10 @@ def split_route(tiny_gguf, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_reference(tiny_gguf):
-  """reference(prompt, max_new_tokens, chat=...) -> the whole tiny model's greedy
-  GenerationResult, in this process at the standard shapes (memoised): what a front end on a
-  split must return. That a split equals one process is tests/bridge/e2e_test.py's proof."""
+  """reference(prompt, max_new_tokens, chat=..., sampling=...) -> the whole tiny model's
+  GenerationResult (greedy unless `sampling`), in this process at the standard shapes,
+  memoised: what a front end on a split must return. That a split equals one process is
+  tests/bridge/e2e_test.py's proof."""
   from ds4jax.generate.loop import Generator
   from ds4jax.runtime.local import LocalBackend
   from ds4jax.tokenizer import Tokenizer
@@ -82,10 +83,11 @@ def tiny_reference(tiny_gguf):
   gen = Generator(backend, Tokenizer.from_gguf(tiny_gguf))
   memo = {}
 
-  def reference(prompt=None, max_new_tokens=8, *, chat=False, prompt_tokens=None):
-    key = (prompt, max_new_tokens, chat, tuple(prompt_tokens or ()))
+  def reference(prompt=None, max_new_tokens=8, *, chat=False, prompt_tokens=None,
+                sampling=None):
+    key = (prompt, max_new_tokens, chat, tuple(prompt_tokens or ()), sampling)
     if key not in memo:
-      memo[key] = gen.generate(prompt, prompt_tokens=prompt_tokens,
+      memo[key] = gen.generate(prompt, prompt_tokens=prompt_tokens, sampling=sampling,
                                max_new_tokens=max_new_tokens, chat=chat)
     return memo[key]
 
