@@ -3,7 +3,6 @@
 import socket
 import struct
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -79,17 +78,15 @@ def test_bad_magic_type_json(pair):
 
 def test_idle_timeout_consumes_nothing_and_stall_is_bounded(pair):
   a, b = pair
-  t0 = time.monotonic()
-  with pytest.raises(protocol.IdleTimeout):
+  with pytest.raises(protocol.IdleTimeout):  # nothing sent: the idle deadline ends the wait
     protocol.recv_frame(b, idle_timeout=0.1)
-  assert time.monotonic() - t0 < 1.0
-  protocol.send_frame(a, MsgType.PING, {"t": 1})
+  protocol.send_frame(a, MsgType.PING, {"t": 1})  # ... and the next frame is read whole
   assert protocol.recv_frame(b, idle_timeout=1).header == {"t": 1}
   a.sendall(protocol.encode_header(MsgType.WORK, {}, 10))  # slowloris: payload never comes
-  t0 = time.monotonic()
+  # "stalled", not IdleTimeout: the frame deadline (0.3 s) fired inside the frame, although
+  # the idle deadline (120 s) was far away.
   with pytest.raises(ProtocolError, match="stalled"):
-    protocol.recv_frame(b, idle_timeout=1, frame_timeout=0.3)
-  assert time.monotonic() - t0 < 2.0
+    protocol.recv_frame(b, idle_timeout=120, frame_timeout=0.3)
 
 
 def _fnv_reference(tokens):
