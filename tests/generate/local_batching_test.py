@@ -157,7 +157,7 @@ def test_admission_queues_then_busy():
   with pytest.raises(batching.Busy, match="busy: 1 generations") as e:
     with adm.slot():
       pass
-  assert 0.2 <= time.monotonic() - t0 < 2 and e.value.retry_after_s >= 1
+  assert time.monotonic() - t0 >= 0.2 and e.value.retry_after_s >= 1  # it queued first
   release.set()
   t.join()
   with adm.slot():  # free again
