@@ -29,6 +29,8 @@ from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.runtime.batching import StageBatcher
 from ds4jax.runtime.sampling import SamplingParams
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CTX, CHUNK, HEARTBEAT = 128, 4, 1.0
 PROMPT = [7, 300, 42, 9, 1, 77, 256, 3]

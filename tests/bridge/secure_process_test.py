@@ -17,6 +17,7 @@ from ds4jax.config import LayerRange
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
+pytestmark = pytest.mark.e2e
 CFG = FakeConfig()
 CTX = 32
 KEY = b"process-test-key-0123456789"
@@ -28,6 +29,7 @@ from ds4jax.bridge.wire import auth
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
+
 cfg, rng = FakeConfig(), LayerRange(2, 3, True)
 port, key_file = int(sys.argv[1]), (sys.argv[2] or None)
 Worker(("127.0.0.1", port), fingerprint=cfg.fingerprint(), n_layers=cfg.n_layers,

@@ -11,6 +11,8 @@ import pytest
 
 from ds4jax import cli
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 COMMON = ["--prompt_tokens=7,300,42,9,1,77", "--max_new_tokens=4", "--ctx_size=64",
           "--prefill_chunk=4", "--nostream"]

@@ -7,9 +7,13 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = b"worker-exit-test-key-0123456789"

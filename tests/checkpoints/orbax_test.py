@@ -250,6 +250,7 @@ def _script(*args, **kw):
                         capture_output=True, text=True, timeout=300, cwd=str(REPO), **kw)
 
 
+@pytest.mark.e2e
 def test_convert_script(tiny_gguf, tmp_path):
   out = tmp_path / "c"
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}",

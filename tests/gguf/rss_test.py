@@ -16,9 +16,12 @@ from probes import run_probe
 
 from ds4jax.gguf import reader
 
+pytestmark = pytest.mark.e2e
+
 _PROBE = r"""
 import json, os, sys, tracemalloc
 from ds4jax.gguf import load, reader
+
 path, spec = sys.argv[1], sys.argv[2]
 real = os.path.realpath(path)
 

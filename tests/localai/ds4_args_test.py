@@ -44,6 +44,7 @@ def test_bad_ds4_arguments(args, needle):
     translate(["w", *args])
 
 
+@pytest.mark.e2e
 def test_worker_script_one_line_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", DS4JAX_CACHE=str(tmp_path))
   for args, needle in [(["--role", "coordinator", "--model", "x"], "this is the worker"),

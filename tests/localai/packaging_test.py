@@ -26,6 +26,7 @@ def installed(tmp_path):
 
 
 @pytest.mark.parametrize("python_from", ["env", "venv"])
+@pytest.mark.e2e
 def test_run_sh_starts_the_server(installed, tiny_cache_dir, logs_dir, python_from):
   pytest.importorskip("grpc")
   from ds4jax.localai import backend_pb2 as pb
@@ -46,6 +47,7 @@ def test_run_sh_starts_the_server(installed, tiny_cache_dir, logs_dir, python_fr
     assert b.stop() == 0
 
 
+@pytest.mark.e2e
 def test_ds4_worker_and_entry_points_run_the_worker(installed, tmp_path):
   env = dict(os.environ, DS4JAX_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
              DS4JAX_CACHE=str(tmp_path))
@@ -92,6 +94,7 @@ def _blocked(tmp_path, *modules):
     ("localai_backend.py", ["--addr", "127.0.0.1:0"], ["grpc"],
      "the LocalAI backend needs the 'localai' extra: pip install 'ds4jax[localai]'"),
 ])
+@pytest.mark.e2e
 def test_missing_extra_is_one_line(tmp_path, script, args, blocked, needle):
   env = backend_env(tmp_path, PYTHONPATH=_blocked(tmp_path, *blocked))
   p = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], env=env, cwd=REPO,

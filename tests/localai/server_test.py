@@ -15,6 +15,8 @@ from localai_client import REPO, Backend, backend_env
 
 from ds4jax.localai import backend_pb2 as pb
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def backend(tiny_cache_dir, logs_dir):

@@ -23,6 +23,8 @@ from jax.sharding import PartitionSpec as P
 from ds4jax.model import sharding
 from ds4jax.quant.packed import Packed
 
+pytestmark = pytest.mark.e2e
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 BOUND = 2e-5
 

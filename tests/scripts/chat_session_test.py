@@ -11,6 +11,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.e2e
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # ctx 512 and this first turn reuse the compilations of scripts_test's chat (XLA cache).
 COMMON = ["--gguf=tiny", "--max_new_tokens=4", "--ctx_size=512"]

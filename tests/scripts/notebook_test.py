@@ -7,6 +7,9 @@ import sys
 
 import nbclient
 import nbformat
+import pytest
+
+pytestmark = pytest.mark.e2e
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
