@@ -1,6 +1,6 @@
 """ds4jax: layer-split (pipeline) inference of DeepSeek V4 GGUFs in JAX/Flax NNX.
 
-Re-exports are lazy, so that `import ds4jax.bridge.wire.protocol` (stdlib + numpy only) does not
+Re-exports are lazy, so that `import ds4jax.wire.protocol` (stdlib + numpy only) does not
 pull in JAX.
 
     import ds4jax
@@ -23,7 +23,7 @@ _EXPORTS = {
     "Stage": "ds4jax.model.stage",
     "StageRunner": "ds4jax.runtime.runner",
     "StageState": "ds4jax.model.decode_state",
-    "hf_to_gguf": "ds4jax.convert",
+    "hf_to_gguf": "ds4jax.gguf.hf",
 }
 
 __all__ = sorted(_EXPORTS)

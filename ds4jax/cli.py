@@ -246,7 +246,7 @@ def coordinator_backend(gguf: str, *, layers: str, listen: str, ctx_size: int = 
   """A listening `Coordinator` that runs `layers` (0:K) here. Returns (coordinator, close).
 
   tls_cert (+ tls_key): workers connect over TLS (stdlib ssl, TLS >= 1.2)."""
-  from ds4jax.bridge.wire import auth  # deferred: the bridge is optional
+  from ds4jax.wire import auth  # deferred: the bridge is optional
   from ds4jax.bridge.coordinator import coordinator as coord_lib
   from ds4jax.config import LayerRange
   from ds4jax.runtime.progress import heartbeat
@@ -314,7 +314,7 @@ def wait_for_route(backend, timeout: float, *, every_s: float = 2.0,
       return
     now = time.monotonic()
     if now >= deadline:
-      from ds4jax.bridge.wire.errors import RouteUnavailable
+      from ds4jax.wire.errors import RouteUnavailable
       raise RouteUnavailable(f"route unavailable: {reason} (waited {timeout:.0f}s for workers)")
     if now - last >= every_s or reason != last_reason:
       say(f"waiting for route: {reason}")
@@ -379,7 +379,7 @@ def _input_errors() -> tuple[type[BaseException], ...]:
   from ds4jax.extras import MissingExtra  # a missing optional extra: what to pip install
   errs: list[type[BaseException]] = [ValueError, OSError, KeyError, TimeoutError, MissingExtra]
   try:
-    from ds4jax.bridge.wire.errors import BridgeError
+    from ds4jax.wire.errors import BridgeError
     errs.append(BridgeError)
   except ImportError:
     pass

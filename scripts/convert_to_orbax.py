@@ -40,11 +40,11 @@ def main(argv):
     raise ValueError("--out is required (the checkpoint directory to write)")
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # orbax logs every file at INFO
-  from ds4jax.checkpoints import orbax_io  # deferred: imports JAX
+  from ds4jax.runtime import checkpoint  # deferred: imports JAX
   path = cli.resolve_gguf(_GGUF.value, _CACHE.value)
   t0 = time.perf_counter()
-  m = orbax_io.save_stage_checkpoint(path, _LAYERS.value, _OUT.value, weights=_WEIGHTS.value,
-                                     dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
+  m = checkpoint.save_stage_checkpoint(path, _LAYERS.value, _OUT.value, weights=_WEIGHTS.value,
+                                      dtype=_DTYPE.value, overwrite=_OVERWRITE.value)
   what = "packed" if m["weights"] == "packed" else f"dequantized {m['dtype']}"
   print(f"wrote {_OUT.value} (layers {m['layers']}, {what}, {len(m['params'])} arrays, "
         f"fingerprint {m['fingerprint'][:16]}) in {time.perf_counter() - t0:.1f}s")

@@ -72,7 +72,7 @@ def main(argv):
   if _WITH_PARENT.value:
     _exit_with_parent()
   from ds4jax.bridge import launch
-  from ds4jax.bridge.wire import auth
+  from ds4jax.wire import auth
   from ds4jax.bridge.worker.worker import WorkerOptions
   layers, coordinator = cli.worker_layers(), cli.option("coordinator")
   if not layers:

@@ -158,8 +158,9 @@ def split_cluster(spec: dict[str, Any], max_sessions: int = 8):
 
 def run_hf(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bench import hf
+  from ds4jax.gguf.hf import hf_model_from_gguf
   t0 = time.perf_counter()
-  model = hf.hf_model_from_gguf(spec["gguf"])
+  model = hf_model_from_gguf(spec["gguf"])
   load_s = time.perf_counter() - t0
   res = hf.measure_hf(model, ids, prompt_lens=spec["prompt_lens"],
                       decode_tokens=spec["decode_tokens"])

@@ -38,12 +38,8 @@ def stream_prompts(vocab_size: int, n: int, prompt_len: int, seed: int = 0) -> l
 
 
 def stage_stats(backend) -> list[Any]:
-  """The stage batchers' stats objects a backend exposes (none where it has no batchers)."""
-  batchers = getattr(backend, "batchers", None)
-  if batchers is None:
-    one = getattr(backend, "batcher", None)
-    batchers = [one] if one is not None else []
-  return [b.stats for b in batchers if hasattr(getattr(b, "stats", None), "decode_calls")]
+  """The stats of a backend's local stage batchers (a RouteBackend: local or coordinator)."""
+  return [b.stats for b in backend.batchers]
 
 
 def _snap(stats) -> list[tuple[int, int, float, int]]:

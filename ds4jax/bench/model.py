@@ -93,7 +93,7 @@ def _ds4jax_round(model, ids, n_prompt: int):
 
 
 def _hf_model(path):
-  from ds4jax.convert import hf_model_from_gguf
+  from ds4jax.gguf.hf import hf_model_from_gguf
   return hf_model_from_gguf(path)
 
 

@@ -1,3 +1,3 @@
 """Orbax stage checkpoints (`orbax_io`) and topology-neutral session snapshots (`snapshots`,
-`stage_state`, and `snapshot_bridge` for the split route), both directories marked by a JSON
-manifest (`manifest`); see docs/design.md §7."""
+`stage_state`), both directories marked by a JSON manifest (`manifest`); see docs/design.md §7.
+A split route's snapshot moves over the bridge: bridge/{coordinator,worker}/snapshots.py."""

@@ -37,7 +37,6 @@ from typing import Any, Iterator
 
 import jax
 import numpy as np
-from flax import nnx
 
 from ds4jax.checkpoints import manifest
 from ds4jax.config import LayerRange, ModelConfig
@@ -107,69 +106,53 @@ def _config_from_dict(d: dict) -> ModelConfig:
 
 
 # ------------------------------------------------------------------------------------ save
-def save_stage_checkpoint(gguf, layers: LayerRange | str, out_dir, *, weights: str = "packed",
-                          dtype: str | None = None, overwrite: bool = False) -> dict[str, Any]:
-  """Writes `layers` of a GGUF as a checkpoint; returns the manifest.
+def check_target(out_dir, *, overwrite: bool = False):
+  """The path a checkpoint may be written to (CheckpointError otherwise); cheap, so a bad
+  path fails before a long load."""
+  return manifest.check_target(out_dir, name=MANIFEST, what="ds4jax checkpoint",
+                               error=CheckpointError, overwrite=overwrite,
+                               how="pass overwrite=True / --overwrite")
 
-  Args:
-    gguf: the GGUF path (or a `gguf.source.GGUFSource`).
-    layers: the slice to store ("all", "A:B", "A:output", a LayerRange).
-    out_dir: the checkpoint directory to write.
-    weights: 'packed' (the GGUF blocks; dtype must be None or float32: the compute dtype is
-      chosen at restore) or 'dequantized' (every parameter dequantised to `dtype`).
-    dtype: the stored dtype of a dequantised checkpoint (None: float32).
-    overwrite: replace an existing checkpoint at `out_dir`.
 
-  The arrays are exactly what `model.load.load_stage(gguf, layers, dtype=dtype,
-  weights=weights)` holds, so a restore gives bit-identical logits.
-  """
-  from ds4jax.gguf.source import GGUFSource
-  from ds4jax.runtime.load import load_stage, parse_dtype, parse_weights
+def leaf_entry(path: tuple, val, start: int) -> tuple[tuple[str, ...], np.ndarray, dict]:
+  """(absolute key, host array, manifest entry) of one stage parameter: `path` its local nnx
+  path, `val` an array or a `quant.packed.Packed` (stored as its GGUF bytes)."""
   from ds4jax.quant.packed import Packed
+  key = _abs_key(path, start)
+  # A Packed's `data`: its GGUF bytes (`quant.packed.storage`), whatever its device layout.
+  arr = np.asarray(jax.device_get(val.data if isinstance(val, Packed) else val))
+  entry = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256(arr),
+           "qtype": None}
+  if isinstance(val, Packed):
+    entry.update(qtype=int(val.qtype), element_shape=list(val.shape))
+  return key, arr, entry
 
-  if parse_weights(weights) == "packed" and dtype is not None and (
-      str(parse_dtype(dtype)) != "float32"):
-    raise CheckpointError(f"a packed checkpoint keeps the GGUF's own precision, not {dtype} "
-                          "(choose the compute dtype when loading, or store "
-                          "weights='dequantized' / --weights=dequantized)")
-  dt = str(parse_dtype(dtype or "float32"))
-  out = manifest.check_target(out_dir, name=MANIFEST, what="ds4jax checkpoint",
-                              error=CheckpointError, overwrite=overwrite,
-                              how="pass overwrite=True / --overwrite")
+
+def write_checkpoint(out_dir, *, src, rng: LayerRange, weights: str, dtype: str,
+                     flat: dict[tuple[str, ...], np.ndarray], params: dict[str, dict],
+                     overwrite: bool = False) -> dict[str, Any]:
+  """Writes a checkpoint of `rng` of the GGUF source `src` (a `gguf.source.GGUFSource`):
+  `flat` {absolute key: host array} and `params` {"/".join(key): entry}, both from
+  `leaf_entry`. Returns the manifest (written last: a directory without it is an unfinished
+  conversion). The stage side is `runtime.checkpoint.save_stage_checkpoint`."""
+  out = check_target(out_dir, overwrite=overwrite)
   if out.exists():
     shutil.rmtree(out)
-  src = gguf if isinstance(gguf, GGUFSource) else GGUFSource(gguf)
-  rng = src.resolve(layers)
-  stage = load_stage(src, rng, dtype=dt, weights=weights)
-  flat, params = {}, {}
-  for p, v in nnx.to_flat_state(nnx.state(stage)):
-    key = _abs_key(p, rng.start)
-    val = v.get_value()
-    # A Packed's `data`: its GGUF bytes (`quant.packed.storage`), whatever its device layout.
-    arr = np.asarray(jax.device_get(val.data if isinstance(val, Packed) else val))
-    entry = {"shape": list(arr.shape), "dtype": str(arr.dtype), "sha256": _sha256(arr),
-             "qtype": None}
-    if isinstance(val, Packed):
-      entry.update(qtype=int(val.qtype), element_shape=list(val.shape))
-    flat[key], params["/".join(key)] = arr, entry
-  del stage
   cfg = src.cfg
   meta = {
       "format": FORMAT, "version": VERSION, "weights": weights, "fingerprint": src.fingerprint,
       "layers": str(rng), "start": rng.start, "end": rng.end, "has_output": rng.has_output,
-      "n_layers": cfg.n_layers, "dtype": dt, "config": cfg.to_dict(),
+      "n_layers": cfg.n_layers, "dtype": dtype, "config": cfg.to_dict(),
       "source": os.path.basename(src.path), "params": params, "tokenizer": None,
   }
   out.mkdir(parents=True)
   import orbax.checkpoint as ocp  # deferred: heavy, and only needed here
   with _quiet_orbax(), ocp.PyTreeCheckpointer() as ckpt:
     ckpt.save(out / "params", args=ocp.args.PyTreeSave(_nest(flat)))
-  del flat
   tok = _tokenizer_dict(src.file)
   if tok is not None:
     (out / "tokenizer.json").write_text(json.dumps(tok))
     meta["tokenizer"] = "tokenizer.json"
-  # The manifest goes last: a directory without it is an unfinished conversion.
   (out / MANIFEST).write_text(json.dumps(meta, indent=1))
   return meta
 
@@ -351,30 +334,6 @@ def _np_dtype(name: str) -> np.dtype:
     import ml_dtypes
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(name)
-
-
-def load_stage_checkpoint(path, layers: LayerRange | str | None = None, *, dtype=None,
-                          weights: str = "packed", fingerprint: str | None = None,
-                          verify: bool = True):
-  """Restores a Stage from a checkpoint directory (`model.load.load_stage` of its source).
-
-  Args:
-    path: the checkpoint directory.
-    layers: the slice to build ("all", "A:B", a LayerRange); None = the stored range.
-      Any sub-range of the stored one is allowed.
-    dtype: the compute dtype. None = the stored dtype; a dequantised checkpoint refuses any
-      other (no silent casts), a packed one serves any.
-    weights: 'packed' (what the checkpoint holds packed stays packed) or 'dequantized'.
-    fingerprint: if given, the model the caller expects.
-    verify: check every restored array against its manifest sha256.
-  """
-  from ds4jax.runtime.load import load_stage
-
-  src = OrbaxSource(path, verify=verify)
-  if fingerprint is not None and fingerprint != src.fingerprint:
-    raise CheckpointError(f"checkpoint {path} is of another model (fingerprint "
-                          f"{src.fingerprint[:16]}, expected {fingerprint[:16]})")
-  return load_stage(src, layers, dtype=dtype, weights=weights)
 
 
 def tokenizer_from_checkpoint(path):

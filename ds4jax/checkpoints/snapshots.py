@@ -44,7 +44,7 @@ class SnapshotError(StateError):
 
 
 def _fnv(tokens: Sequence[int]) -> str:
-  from ds4jax.bridge.wire import protocol  # stdlib + numpy only
+  from ds4jax.wire import protocol  # stdlib + numpy only
   return protocol.hash_hex(protocol.fnv1a64(tokens))
 
 
@@ -141,71 +141,29 @@ def read_layers(directory, m: dict[str, Any], layers) -> dict[int, LayerBlob]:
 
 
 # ------------------------------------------------------------------------------- backends
-def _adapter(backend):
-  from ds4jax.runtime.local import LocalBackend
-  if isinstance(backend, LocalBackend):
-    return _LocalAdapter(backend)
-  if hasattr(backend, "wait_route") and hasattr(backend, "runner"):
-    from ds4jax.checkpoints.snapshot_bridge import CoordinatorAdapter
-    return CoordinatorAdapter(backend)
-  raise TypeError(f"session snapshots are not supported by {type(backend).__name__}")
-
-
 def save_session(backend, sid: str, directory, *, transcript: Sequence[int] | None = None,
                  overwrite: bool = False) -> dict[str, Any]:
-  """Saves session `sid` of a LocalBackend or Coordinator; returns the manifest.
+  """Saves session `sid` of a backend (`runtime.types.Backend`: local or a coordinator, which
+  gathers its workers' layers); returns the manifest.
 
   `transcript` (default: the tokens the state holds) may extend past the state by tokens not
   computed yet (e.g. the last sampled one); it must start with the state's tokens.
   """
-  ad = _adapter(backend)
-  held, blobs = ad.export(sid)
+  held, blobs = backend.export_session(sid)
   tokens = list(held) if transcript is None else [int(t) for t in transcript]
   if tokens[:len(held)] != list(held):
     raise SnapshotError(f"session {sid} holds a state for tokens that are not a prefix of the "
                         "given transcript")
-  return write_snapshot(directory, cfg=ad.cfg, fingerprint=ad.fingerprint, tokens=tokens,
-                        n_kv=len(held), blobs=blobs, overwrite=overwrite)
+  return write_snapshot(directory, cfg=backend.cfg, fingerprint=backend.fingerprint,
+                        tokens=tokens, n_kv=len(held), blobs=blobs, overwrite=overwrite)
 
 
 def load_session(backend, sid: str, directory) -> list[int]:
   """Restores a snapshot into session `sid` (replacing its state); returns the transcript."""
-  ad = _adapter(backend)
-  m = read_manifest(directory, cfg=ad.cfg, fingerprint=ad.fingerprint)
+  m = read_manifest(directory, cfg=backend.cfg, fingerprint=backend.fingerprint)
   tokens, n_kv = m["tokens"], m["n_kv"]
-  if n_kv > ad.ctx_size:
+  if n_kv > backend.ctx_size:
     raise SnapshotError(f"snapshot {directory} holds {n_kv} positions, more than this "
-                        f"backend's context {ad.ctx_size}")
-  ad.restore(sid, tokens[:n_kv], lambda layers: read_layers(directory, m, layers))
+                        f"backend's context {backend.ctx_size}")
+  backend.import_session(sid, tokens[:n_kv], lambda layers: read_layers(directory, m, layers))
   return list(tokens)
-
-
-class _LocalAdapter:
-  """LocalBackend: every stage is in this process."""
-
-  def __init__(self, backend):
-    self.b = backend
-    self.cfg = backend.cfg
-    fps = {r.fingerprint for r in backend.runners} - {None}
-    self.fingerprint = fps.pop() if len(fps) == 1 else None
-    self.ctx_size = backend.ctx_size
-
-  def export(self, sid: str):
-    b = self.b
-    tokens, states = b.export_states(sid)
-    if states is None:
-      raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
-    blobs = {}
-    for r, st in zip(b.runners, states):
-      n, part = stage_state.export_stage(r, st)
-      if n != len(tokens):
-        raise SnapshotError(f"stage {r.layers} holds {n} positions, the session {len(tokens)}")
-      blobs.update(part)
-    return tokens, blobs
-
-  def restore(self, sid: str, tokens: list[int], read) -> None:
-    b = self.b
-    b._get(sid)  # unknown session -> SessionError before any work
-    states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
-                                       where=f"stage {r.layers}") for r in b.runners]
-    b.import_states(sid, tokens, states)

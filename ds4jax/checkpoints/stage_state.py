@@ -173,6 +173,15 @@ def import_stage(runner, n: int, blobs: dict[int, LayerBlob], *, verify: bool = 
 
 
 # ------------------------------------------------------------------------ concatenated form
+# Snapshot transfers over the bridge move a stage's packed state in parts of at most this.
+CHUNK_BYTES = 8 << 20
+
+
+def n_parts(total: int) -> int:
+  """How many parts of at most CHUNK_BYTES carry `total` bytes (at least one)."""
+  return max(1, -(-total // CHUNK_BYTES))
+
+
 def pack(blobs: dict[int, LayerBlob]) -> tuple[dict[str, Any], bytes]:
   """Layer blobs in layer order as one buffer: ({str(il): meta + offset}, bytes)."""
   meta, parts, off = {}, [], 0

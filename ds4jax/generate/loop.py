@@ -193,7 +193,7 @@ class Generator:
     try:
       for i in range(max_new_tokens):
         t_step = time.perf_counter()
-        if i == 0 and not getattr(self.backend, "reports_prefill_progress", False):
+        if i == 0 and not self.backend.reports_prefill_progress:
           # One step runs the whole prompt: say it is alive if that takes a while.
           with heartbeat(f"prefilling {len(transcript)} prompt tokens", self.progress_every_s):
             res = self.backend.step(sid, transcript, params, i, top_logprobs=top_logprobs)

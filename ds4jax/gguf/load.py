@@ -48,7 +48,7 @@ def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
                  packed: bool = False) -> Iterator[tuple[str, np.ndarray | RawTensor]]:
   """Yields `(gguf_name, array)` for the slice `rng` of `f`, one tensor at a time.
 
-  A consumer that places each array and drops it (model.load) never holds more than one
+  A consumer that places each array and drops it (runtime.load) never holds more than one
   tensor on the host: the slice is not materialised twice. With `packed`, a tensor that
   `packs` comes as a `RawTensor` holding a copy of its GGUF data (uint8 blocks shaped
   `[*numpy_shape[:-1], row_bytes]`, or the float16/bfloat16 array), the rest dequantised.

@@ -232,7 +232,7 @@ def fit_to_model(spec: LoadSpec, *, n_layers: int, context_length: int) -> LoadS
 
 
 def _check_security(key_file, tls_cert, tls_key) -> None:
-  from ds4jax.bridge.wire import auth  # stdlib only
+  from ds4jax.wire import auth  # stdlib only
   try:
     auth.load_key(key_file)
     if tls_cert:

@@ -1,7 +1,7 @@
 """`TensorSource`: the tensors of a slice, packed, by parameter path (docs/design.md §8).
 
 The one interface the model loads through. A source is a GGUF (`gguf.source.GGUFSource`) or
-an orbax stage checkpoint (`checkpoints.orbax_io.OrbaxSource`); `model.load` takes either and
+an orbax stage checkpoint (`checkpoints.orbax_io.OrbaxSource`); `runtime.load` takes either and
 imports neither package's opener. Which one a path is, is decided by `ds4jax.runtime.sources`, a
 module the model never imports.
 

@@ -50,7 +50,7 @@ class Model:
   def _check_full(self) -> None:
     if not (self.layers.embeds and self.layers.has_output):
       raise ValueError(f"layer slice {self.layers} has no embedding or no head: use "
-                       "model.runner.forward to pass HC states between slices")
+                       "runtime.runner.forward to pass HC states between slices")
 
   def logits(self, token_ids: Sequence[int]) -> np.ndarray:
     """One-shot prefill from position 0: float32 [T, V]."""

@@ -1,13 +1,13 @@
 """Opening a path as a weight source: a file is a ds4 GGUF, a directory an orbax checkpoint.
 
     src = sources.open_source("model.gguf")          # or a checkpoint directory
-    stage = model.load.load_stage(src, "0:3")
+    stage = runtime.load.load_stage(src, "0:3")
     cfg, fingerprint = sources.model_info(path)      # metadata / manifest only
     tok = sources.open_tokenizer(path)
 
 The only module that knows both kinds (docs/design.md §8). `ds4jax.model` loads from a
 `quant.source.TensorSource` and never imports `ds4jax.checkpoints`; `ds4jax.tokenizer` reads
-GGUFs only. The callers that take a user's path (cli, bridge.launch, generate.local, the
+GGUFs only. The callers that take a user's path (cli, bridge.launch, runtime.local, the
 notebook API below) open it here. Nothing below `ds4jax` imports this module at import time.
 
 It also holds the path-taking notebook entry points re-exported as `ds4jax.load_model` and
@@ -57,7 +57,7 @@ def open_tokenizer(path):
 
 def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
                weights: str = "packed", devices=1):
-  """`model.load.load_stage` of `open_source(path)` (same arguments)."""
+  """`runtime.load.load_stage` of `open_source(path)` (same arguments)."""
   from ds4jax.runtime import load
   return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights,
                          devices=devices)
@@ -66,7 +66,7 @@ def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
 def load_model(path, layers: str = "all", dtype: str | None = None, *, ctx_size: int = 4096,
                max_chunk: int = 256, weights: str = "packed", devices=1):
   """Loads `layers` of a ds4 GGUF (or an orbax checkpoint directory) for notebooks: a
-  `model.api.Model` (see `Model.from_source`).
+  `runtime.api.Model` (see `Model.from_source`).
 
   dtype: compute dtype ('float32' | 'bfloat16'); None is float32 for a GGUF and the stored
   dtype for a checkpoint. weights: 'packed' (default: quantised tensors stay GGUF blocks in

@@ -1,6 +1,6 @@
 """The backend interface shared by the local and the split executors (design.md §5).
 
-`generate.local.LocalBackend` (one process) and `bridge.coordinator.Coordinator` (a route of
+`runtime.local.LocalBackend` (one process) and `bridge.coordinator.Coordinator` (a route of
 workers) both implement `Backend`, so `generate.loop.Generator` and every script run unchanged
 whether the model is local or split.
 
@@ -61,19 +61,59 @@ class StepResult:
 
 @runtime_checkable
 class Backend(Protocol):
-  """An executor of the whole model over per-session KV state."""
+  """An executor of the whole model over per-session state: `runtime.local.LocalBackend` (one
+  process) and `bridge.coordinator.Coordinator` (a split route) implement all of it, so no
+  caller needs to probe for a method (both are `runtime.backend.RouteBackend`s).
 
-  def new_session(self) -> str:
+  `route_info()` returns at least: ready (bool), reason (str, '' when ready), n_layers,
+  ctx_size, route / stages (one {layers, host} per stage, in order), missing_layers (the
+  layer indices no ready stage serves).
+  """
+
+  cfg: Any  # the ModelConfig
+  ctx_size: int
+  # The backend logs prefill progress itself (the Generator adds no heartbeat of its own).
+  reports_prefill_progress: bool
+
+  @property
+  def fingerprint(self) -> str | None:
+    ...
+
+  def new_session(self, activation_dtype: str | None = None) -> str:
     ...
 
   def close_session(self, sid: str) -> None:
+    ...
+
+  def session_tokens(self, sid: str) -> list[int]:
     ...
 
   def step(self, sid: str, transcript: Sequence[int], sampling: SamplingParams, step: int, *,
            top_logprobs: int = 0, return_logits: bool = False) -> StepResult:
     ...
 
+  def step_many(self, requests: Sequence[Any]) -> list[StepResult | BaseException]:
+    ...
+
+  def route_ready(self) -> tuple[bool, str]:
+    ...
+
+  def wait_route(self, timeout: float | None = None) -> Any:
+    """Returns once the route is complete; RouteUnavailable after timeout."""
+
   def route_info(self) -> dict:
+    ...
+
+  def export_session(self, sid: str) -> tuple[list[int], dict]:
+    """(tokens, {layer: checkpoints.stage_state.LayerBlob}) of the session's whole state."""
+
+  def import_session(self, sid: str, tokens: Sequence[int], read: Any) -> None:
+    """Installs the state of `tokens` (read(layers) -> {layer: LayerBlob}) into sid."""
+
+  def warmup(self, batch_sizes: Sequence[int] = (1,), chunk_sizes: Sequence[int] = (1,)) -> None:
+    ...
+
+  def close(self) -> None:
     ...
 
 

@@ -24,7 +24,6 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from ds4jax.runtime import batching
 from ds4jax.serving.metrics import Metrics
 
 # How long a route query may take before /health answers from the cached state instead.
@@ -33,6 +32,16 @@ ROUTE_QUERY_DEADLINE_S = 0.05
 ROUTE_POLL_S = 0.05
 
 _MISSING_RE = re.compile(r"missing layers? (\d+)(?:\s*(?:-|:|\.\.)\s*(\d+))?")
+
+
+class Busy(RuntimeError):
+  """Too many generations at once: the request waited `waited_s` for a generation slot and
+  was turned away (HTTP 429 with Retry-After; LocalAI: RESOURCE_EXHAUSTED)."""
+
+  def __init__(self, message: str, retry_after_s: float, waited_s: float):
+    super().__init__(message)
+    self.retry_after_s = float(retry_after_s)
+    self.waited_s = float(waited_s)
 
 
 class RouteNotReady(Exception):
@@ -91,6 +100,8 @@ class SessionTracker:
   `step` for backends that are not thread-safe; sessions still interleave token by token.
   """
 
+  route_is_cached = False  # route_ready/route_info ask the backend (ModelProcess: a snapshot)
+
   def __init__(self, backend, serialize_steps: bool = False):
     self.backend = backend
     self._lock = threading.Lock()
@@ -125,25 +136,13 @@ class SessionTracker:
     return self.backend.route_info()
 
   def uncovered_layers(self, info: dict) -> Optional[list[int]]:
-    """Layers no ready worker (nor the coordinator) serves, for a Coordinator-like backend
-    (`n_layers`, `local` and `route_info()['workers'][i]['layers']` as 'A:B[+output]')."""
-    n_layers, local = getattr(self.backend, "n_layers", None), getattr(self.backend, "local", None)
-    workers = info.get("workers")
-    if not isinstance(n_layers, int) or local is None or not isinstance(workers, list):
-      return None
-    covered = set(range(local.start, local.end + 1))
-    for w in workers:
-      m = _RANGE_RE.fullmatch(str(w.get("layers", "")))
-      if m and w.get("ready", True):
-        covered.update(range(int(m.group(1)), int(m.group(2)) + 1))
-    return [i for i in range(n_layers) if i not in covered]
+    """The layers no ready stage serves, as the backend's route_info reports them."""
+    got = info.get("missing_layers") if isinstance(info, dict) else None
+    return sorted(int(i) for i in got) if isinstance(got, list) else None
 
   def route_ready(self) -> tuple[bool, str]:
-    fn = getattr(self.backend, "route_ready", None)
-    if fn is None:  # a local backend holds the whole model
-      return True, "complete"
-    ok, reason = fn()
-    return bool(ok), str(reason)
+    ok, reason = self.backend.route_ready()
+    return bool(ok), str(reason) or "complete"
 
   def __getattr__(self, name):
     return getattr(self.backend, name)
@@ -159,7 +158,7 @@ class Engine:
     self.route_timeout = float(route_timeout)
     self.max_concurrency = int(max_concurrency)
     # A request waits this long for one of the max_concurrency generation slots, then gets
-    # batching.Busy (HTTP 429 with Retry-After).
+    # Busy (HTTP 429 with Retry-After).
     self.queue_timeout = float(queue_timeout)
     self.metrics = metrics or Metrics()
     self._route_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="route")
@@ -183,7 +182,7 @@ class Engine:
 
   async def route_state(self, deadline_s: float = ROUTE_QUERY_DEADLINE_S) -> RouteState:
     """The route now, or the last known state (stale=True) if the backend is slow to say."""
-    if getattr(self.backend, "route_is_cached", False):
+    if self.backend.route_is_cached:
       # A snapshot read (the model process pushes it): no thread hop needed.
       self._route = self._query_route()
       return self._route
@@ -223,7 +222,7 @@ class Engine:
   @contextlib.asynccontextmanager
   async def slot(self) -> AsyncIterator[None]:
     """Waits up to `queue_timeout` for a generation slot (counted as queued meanwhile), then
-    raises `batching.Busy`. The generations holding slots run concurrently: the backend
+    raises `Busy`. The generations holding slots run concurrently: the backend
     batches their steps (docs/design.md §11)."""
     if self._slots is None:  # created lazily so it binds to the server's loop
       self._slots = asyncio.Semaphore(self.max_concurrency)
@@ -234,7 +233,7 @@ class Engine:
     except asyncio.TimeoutError:
       waited = time.monotonic() - t0
       retry = max(1.0, min(self.queue_timeout, 30.0))
-      raise batching.Busy(
+      raise Busy(
           f"busy: {self.max_concurrency} generations are running and none finished within "
           f"{waited:.1f} s (--max_concurrency, --queue_timeout); retry after {retry:.0f} s",
           retry, waited) from None

@@ -67,6 +67,10 @@ class _StepHook:
     self._cancel = cancel
     self._on_step = on_step
 
+  @property
+  def reports_prefill_progress(self) -> bool:
+    return self._backend.reports_prefill_progress
+
   def new_session(self) -> str:
     return self._backend.new_session()
 

@@ -66,7 +66,7 @@ class Fault:
 
 def bridge_frame_size(head: bytes) -> int:
   """Total bytes of a bridge protocol frame, from its fixed header."""
-  from ds4jax.bridge.wire import protocol
+  from ds4jax.wire import protocol
   magic, _, _, _, hlen, plen = protocol.HEADER.unpack(head)
   if magic != protocol.MAGIC:
     raise ValueError("not a frame")
@@ -74,7 +74,7 @@ def bridge_frame_size(head: bytes) -> int:
 
 
 def _bridge_head_size() -> int:
-  from ds4jax.bridge.wire import protocol
+  from ds4jax.wire import protocol
   return protocol.HEADER.size
 
 

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from ds4jax.bridge.wire import protocol
+from ds4jax.wire import protocol
 
 JUNK = [None, True, False, -1, 0, 1, 7, 2**31, 2**64, -2**63, 1.5, -0.0, 1e308, "", "x",
         "0" * 16, "z" * 300, [], [1, 2], {}, {"a": 1}, "\u00fc\u0000", [[[[]]]]]
@@ -91,7 +91,7 @@ class RssMonitor:
   def __init__(self):
     # Code the targets load lazily on some frames (snapshot handling pulls in JAX, which a
     # real worker has loaded anyway) is loaded first: the bound is about what input costs.
-    import ds4jax.checkpoints.snapshot_bridge  # noqa: F401
+    import ds4jax.bridge.worker.snapshots  # noqa: F401
     import ds4jax.runtime.sampling  # noqa: F401
     self.proc = psutil.Process()
     self.base = self.peak = self.proc.memory_info().rss

@@ -121,7 +121,8 @@ def test_hf_model_from_gguf_holds_the_same_weights(tiny_gguf):
   import torch
   import ds4jax
   ids = np.random.default_rng(0).integers(2, 512, 12).astype(np.int32)
-  model = hf.hf_model_from_gguf(tiny_gguf)
+  from ds4jax.gguf.hf import hf_model_from_gguf
+  model = hf_model_from_gguf(tiny_gguf)
   with torch.no_grad():
     want = model(torch.as_tensor(ids[None]).long()).logits[0].numpy()
   got = ds4jax.load_model(tiny_gguf, ctx_size=32, max_chunk=16).logits(ids)

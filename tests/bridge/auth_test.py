@@ -1,4 +1,4 @@
-"""Tests for ds4jax.bridge.wire.auth: key loading, the mutual HMAC handshake, TLS, bind checks."""
+"""Tests for ds4jax.wire.auth: key loading, the mutual HMAC handshake, TLS, bind checks."""
 
 import logging
 import os
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ds4jax.bridge.wire import auth
+from ds4jax.wire import auth
 from ds4jax.testing.certs import make_self_signed
 
 KEY = b"k" * 32
@@ -88,7 +88,7 @@ def test_handshake_restores_socket_timeout():
 
 
 def test_wrong_key_refused_on_both_sides_with_logged_reason(caplog):
-  caplog.set_level(logging.WARNING, logger="ds4jax.bridge.wire.auth")
+  caplog.set_level(logging.WARNING, logger="ds4jax.wire.auth")
   s, c = run_pair(lambda s: auth.server_handshake(s, KEY, timeout=5),
                   lambda c: auth.client_handshake(c, OTHER_KEY, timeout=5))
   assert_auth_error(s, auth.WRONG_KEY)
@@ -99,7 +99,7 @@ def test_wrong_key_refused_on_both_sides_with_logged_reason(caplog):
 
 
 def test_keyless_client_refused_immediately_with_reason(caplog):
-  caplog.set_level(logging.WARNING, logger="ds4jax.bridge.wire.auth")
+  caplog.set_level(logging.WARNING, logger="ds4jax.wire.auth")
 
   def client(c):
     c.sendall(b"DS4J" + b"\x00" * 60)  # a protocol frame, not an auth HELLO
@@ -195,7 +195,7 @@ def capture_handshake():
 
 
 def test_replayed_client_handshake_refused_on_both_sides(caplog):
-  caplog.set_level(logging.WARNING, logger="ds4jax.bridge.wire.auth")
+  caplog.set_level(logging.WARNING, logger="ds4jax.wire.auth")
   client_bytes, _ = capture_handshake()
   hello, proof = client_bytes[:40], client_bytes[40:112]
 
@@ -229,7 +229,7 @@ def test_replay_with_patched_nonce_echo_is_a_wrong_mac():
 
 
 def test_replayed_server_handshake_refused_by_client(caplog):
-  caplog.set_level(logging.WARNING, logger="ds4jax.bridge.wire.auth")
+  caplog.set_level(logging.WARNING, logger="ds4jax.wire.auth")
   _, server_bytes = capture_handshake()
   challenge, welcome = server_bytes[:40], server_bytes[40:112]
 
@@ -315,7 +315,7 @@ def test_world_readable_key_file_warns(tmp_path, caplog):
   p = tmp_path / "key"
   p.write_bytes(b"0123456789abcdef0123")
   os.chmod(p, 0o644)
-  with caplog.at_level(logging.WARNING, logger="ds4jax.bridge.wire.auth"):
+  with caplog.at_level(logging.WARNING, logger="ds4jax.wire.auth"):
     auth.load_key(str(p))
   assert any("chmod 600" in r.getMessage() for r in caplog.records)
 
@@ -331,7 +331,7 @@ def test_loopback_binds_do_not_warn(host):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "", "::", "10.1.2.3", "192.168.0.7"])
 def test_exposed_bind_without_key_warns(host, caplog):
-  with caplog.at_level(logging.WARNING, logger="ds4jax.bridge.wire.auth"):
+  with caplog.at_level(logging.WARNING, logger="ds4jax.wire.auth"):
     msg = auth.warn_if_exposed(host, None)
   assert msg and "without a key" in msg
   assert any("without a key" in r.getMessage() for r in caplog.records)

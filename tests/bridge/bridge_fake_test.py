@@ -3,7 +3,6 @@ stage whose outputs depend on every earlier token. Fast; the same behaviour with
 model and real processes is in e2e_test.py."""
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -11,20 +10,15 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused, RouteUnavailable
+from ds4jax.wire.errors import HandshakeRefused, RouteUnavailable
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
 CFG = FakeConfig()
 GREEDY = SamplingParams()
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,8 +23,9 @@ import pytest
 
 from ds4jax.bridge import launch
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused
+from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.batching import StageBatcher
 from ds4jax.runtime.sampling import SamplingParams
 
@@ -40,12 +40,6 @@ SPECS = ("1:output", "1:2", "3:output", "1:1", "2:2")
 ROUTES = {1: ("1:output",), 2: ("1:2", "3:output"), 3: ("1:1", "2:2", "3:output")}
 # Greedy tokens a lossy wire (bf16, int8) reproduces before its first divergence from f32.
 MIN_AGREE = 16
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import RouteUnavailable
+from ds4jax.wire.errors import RouteUnavailable
 from ds4jax.bridge.coordinator.residency import Residency
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange

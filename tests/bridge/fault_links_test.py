@@ -15,7 +15,7 @@ import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.testing.faults import Fault, FaultInjector
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.runtime.sampling import SamplingParams
@@ -100,7 +100,7 @@ def test_broken_worker_link_is_detected_and_recovered(caplog, kind, kw, reason):
   out, elapsed, coord = run(caplog, worker_wrap=inj)
   assert out == reference()
   assert [e[2] for e in inj.events][:1] == [kind]  # the fault really fired, on link 0
-  msg = logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1", reason)
+  msg = logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1", reason)
   assert "127.0.0.1:" in msg
   assert any("worker lost" in e for e in coord.events)  # the user sees a warning
   print(f"\n{kind}: detected ({msg.split(': ', 1)[1][:70]}...) and recovered in {elapsed:.2f}s")
@@ -111,7 +111,7 @@ def test_silent_worker_is_declared_dead_by_heartbeat(caplog):
   inj = FaultInjector([Fault("drop", after_frames=2, length=None)], only=[0])  # after READY
   out, _, _ = run(caplog, worker_wrap=inj)
   assert out == reference()
-  logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1",
+  logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1",
          ("sent nothing for", "did not answer request"))
 
 
@@ -123,15 +123,15 @@ def test_corrupted_work_is_detected_by_the_worker(caplog):
   out, _, coord = run(caplog, coord_wrap=inj)
   assert out == reference()
   assert inj.events and inj.events[0][1:3] == ("send", "corrupt")
-  logged(caplog, "ds4jax.bridge.worker.worker", "link to coordinator lost", "bad magic")
-  logged(caplog, "ds4jax.bridge.coordinator.coordinator", "dropping worker#1")
+  logged(caplog, "ds4jax.bridge.worker", "link to coordinator lost", "bad magic")
+  logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1")
 
 
 def test_probabilistic_corruption_is_deterministic_per_seed():
   """The same seed corrupts the same frames at the same bytes."""
   def events(seed):
     import socket
-    from ds4jax.bridge.wire import protocol
+    from ds4jax.wire import protocol
     a, b = socket.socketpair()
     inj = FaultInjector([Fault("corrupt", after_frames=0, offset=30, p=0.25, count=None,
                                frame_type=MsgType.WORK)], seed=seed)

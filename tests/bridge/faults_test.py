@@ -8,8 +8,8 @@ import time
 import pytest
 
 from ds4jax.testing import faults
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import ProtocolError
 from ds4jax.testing.faults import Fault, FaultInjector
 
 

@@ -8,8 +8,8 @@ import tracemalloc
 
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import ProtocolError
 
 H = protocol.HEADER
 
@@ -121,7 +121,7 @@ def test_payload_cap_zero_refuses_any_payload():
 # errors (never an IndexError/TypeError/RecursionError from the parsing code).
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from ds4jax.bridge.wire import auth  # noqa: E402
+from ds4jax.wire import auth  # noqa: E402
 
 _prefixes = st.sampled_from([b"", protocol.MAGIC, head()[:6], head(), head(hlen=3),
                              head(plen=4), head(hlen=2**16, plen=2**31)])

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import BridgeError
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import BridgeError
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeRunner

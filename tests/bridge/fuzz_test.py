@@ -17,8 +17,8 @@ import socket
 import threading
 import time
 
-from ds4jax.bridge.wire import auth, protocol
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import auth, protocol
+from ds4jax.wire.protocol import MsgType
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fuzzing import (Mutator, RssMonitor, drain_until_eof, frame, greedy_next,
                                     wait_for)

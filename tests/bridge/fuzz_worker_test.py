@@ -15,8 +15,8 @@ import time
 
 import numpy as np
 
-from ds4jax.bridge.wire import protocol, tensors
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import protocol, tensors
+from ds4jax.wire.protocol import MsgType
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeRunner
 from ds4jax.testing.fuzzing import JUNK, Mutator, RssMonitor, frame, greedy_next, wait_for

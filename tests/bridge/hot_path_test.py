@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from ds4jax.bridge.coordinator import links
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.runtime import step as step_lib
+from ds4jax.wire.protocol import MsgType
 from bridge_fake_test import CFG, GREEDY, PROMPT, coordinator, full_logits, workers
 
 
@@ -68,7 +69,7 @@ def test_a_failed_direct_send_releases_the_links():
   import socket
 
   from ds4jax.bridge.coordinator import pipeline
-  from ds4jax.bridge.wire import transport
+  from ds4jax.wire import transport
   from ds4jax.config import LayerRange
   a, b = socket.socketpair()
   link = links.WorkerLink(1, transport.Channel(a, "test"), {"ctx": 64}, LayerRange(1, 3, True),
@@ -82,7 +83,7 @@ def test_a_failed_direct_send_releases_the_links():
     ps = pipeline.Pass("s1", [link], window=2, extra={}, out_dtype="f32",
                        on_done=lambda *_: None, direct=True)
     assert ps.acquire()
-    chunk = pipeline.chunks_of([5], 0, 0, 4, "out")[0]
+    chunk = step_lib.chunks_of([5], 0, 0, 4, "out")[0]
     with pytest.raises(RuntimeError, match="boom"):
       ps.submit(chunk, None, b"")
     assert link._claims == 0 and link.try_claim()

@@ -7,9 +7,9 @@ import threading
 import numpy as np
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import ProtocolError
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import ProtocolError
+from ds4jax.wire.protocol import MsgType
 
 
 @pytest.fixture

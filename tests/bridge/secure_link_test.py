@@ -12,9 +12,9 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge.wire import auth
+from ds4jax.wire import auth
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-from ds4jax.bridge.wire.errors import HandshakeRefused
+from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.runtime.sampling import SamplingParams
@@ -122,9 +122,9 @@ def test_wrong_key_refused_and_logged_on_both_sides(cluster, caplog):
   coordinator, worker = cluster
   coord = coordinator(key=KEY)
   w = worker(coord, key=WRONG)
-  msg = wait_logged(caplog, "ds4jax.bridge.coordinator.coordinator", "wrong key")
+  msg = wait_logged(caplog, "ds4jax.bridge.coordinator", "wrong key")
   assert "rejected connection from 127.0.0.1:" in msg
-  wait_logged(caplog, "ds4jax.bridge.worker.worker", "auth failed: wrong key")
+  wait_logged(caplog, "ds4jax.bridge.worker", "auth failed: wrong key")
   w.thread.join(5)  # redialing cannot fix a wrong key: the worker stops with the reason
   assert "wrong key" in str(w.refusal)
   assert not coord.route_ready()[0] and coord.route_info()["workers"] == []
@@ -135,8 +135,8 @@ def test_missing_key_refused_and_logged_on_both_sides(cluster, caplog):
   coordinator, worker = cluster
   coord = coordinator(key=KEY)
   w = worker(coord)  # no key: it sends HELLO straight away
-  wait_logged(caplog, "ds4jax.bridge.coordinator.coordinator", "peer sent no auth")
-  wait_logged(caplog, "ds4jax.bridge.worker.worker", "expects a pre-shared key handshake")
+  wait_logged(caplog, "ds4jax.bridge.coordinator", "peer sent no auth")
+  wait_logged(caplog, "ds4jax.bridge.worker", "expects a pre-shared key handshake")
   w.thread.join(5)
   assert "expects a pre-shared key handshake" in str(w.refusal)
   assert coord.route_info()["workers"] == []
@@ -147,8 +147,8 @@ def test_keyed_worker_against_keyless_coordinator_fails_clearly(cluster, caplog)
   coordinator, worker = cluster
   coord = coordinator()
   worker(coord, key=KEY)
-  wait_logged(caplog, "ds4jax.bridge.coordinator.coordinator", "expects a pre-shared key handshake")
-  wait_logged(caplog, "ds4jax.bridge.worker.worker", "does the server have a key configured")
+  wait_logged(caplog, "ds4jax.bridge.coordinator", "expects a pre-shared key handshake")
+  wait_logged(caplog, "ds4jax.bridge.worker", "does the server have a key configured")
   assert coord.route_info()["workers"] == []
 
 
@@ -173,7 +173,7 @@ def test_replayed_handshake_refused_and_logged(cluster, caplog):
     s.close()
   _, _, mtype, code = auth._PREFIX.unpack(reply)
   assert mtype == auth.FAIL and auth._CODE_REASONS[code] == auth.REPLAY  # the replayer is told
-  msg = wait_logged(caplog, "ds4jax.bridge.coordinator.coordinator", "replayed/stale")
+  msg = wait_logged(caplog, "ds4jax.bridge.coordinator", "replayed/stale")
   assert "rejected connection from 127.0.0.1:" in msg
   assert len(coord.route_info()["workers"]) <= 1  # only the real worker ever got in
 
@@ -190,8 +190,8 @@ def test_tls_with_key_generates_and_untrusted_cert_is_refused(cluster, caplog, t
   generate_checks(coord)
 
   worker(coord, key=KEY, tls=auth.client_ssl_context(other))  # does not trust coord's cert
-  wait_logged(caplog, "ds4jax.bridge.worker.worker", "certificate verify failed")
-  wait_logged(caplog, "ds4jax.bridge.coordinator.coordinator", "TLS failed")
+  wait_logged(caplog, "ds4jax.bridge.worker", "certificate verify failed")
+  wait_logged(caplog, "ds4jax.bridge.coordinator", "TLS failed")
   assert len(coord.route_info()["workers"]) == 1
 
 
@@ -236,4 +236,4 @@ def test_replayed_coordinator_handshake_refused_by_the_worker(cluster, caplog):
     impostor.close()
   _, _, mtype, code = auth._PREFIX.unpack(reply)
   assert mtype == auth.FAIL and auth._CODE_REASONS[code] == auth.REPLAY
-  wait_logged(caplog, "ds4jax.bridge.worker.worker", "replayed/stale")
+  wait_logged(caplog, "ds4jax.bridge.worker", "replayed/stale")

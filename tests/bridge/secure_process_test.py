@@ -25,7 +25,7 @@ KEY = b"process-test-key-0123456789"
 WORKER = r"""
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-from ds4jax.bridge.wire import auth
+from ds4jax.wire import auth
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner

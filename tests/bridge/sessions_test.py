@@ -3,8 +3,8 @@ slots of a StageBatcher pool."""
 
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import PrefixMismatch
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import PrefixMismatch
 from ds4jax.bridge.worker.sessions import SessionStore
 from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher

@@ -4,8 +4,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ds4jax.bridge.wire import tensors
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire import tensors
+from ds4jax.wire.errors import ProtocolError
 
 
 def _x(shape=(5, 3, 7), seed=0):

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ds4jax.bridge.wire import headers, protocol
-from ds4jax.bridge.wire.errors import HandshakeRefused, ProtocolError
-from ds4jax.bridge.wire.protocol import FLAG_BINARY, MsgType
+from ds4jax.wire import headers, protocol
+from ds4jax.wire.errors import HandshakeRefused, ProtocolError
+from ds4jax.wire.protocol import FLAG_BINARY, MsgType
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
 
@@ -219,7 +219,7 @@ def test_tls_on_one_side_only_is_a_final_one_line_error(tmp_path, side, key):
   """A worker without TLS dialing a TLS coordinator (or the reverse) stops at once with the
   reason instead of redialing forever; the coordinator logs why it refused. With a key on
   both sides the worker's key handshake meets the TLS alert: it says so, not "no key"."""
-  from ds4jax.bridge.wire import auth
+  from ds4jax.wire import auth
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.testing.certs import make_self_signed
   from ds4jax.testing.fake_stage import FakeConfig, FakeRunner

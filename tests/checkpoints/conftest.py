@@ -6,6 +6,7 @@ import functools
 import pytest
 
 from ds4jax.checkpoints import orbax_io
+from ds4jax.runtime import checkpoint
 
 CTX = 96
 
@@ -13,7 +14,7 @@ CTX = 96
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_gguf, tmp_path_factory) -> str:
   out = tmp_path_factory.mktemp("ckpt") / "tiny-all"
-  orbax_io.save_stage_checkpoint(tiny_gguf, "all", out)
+  checkpoint.save_stage_checkpoint(tiny_gguf, "all", out)
   return str(out)
 
 
@@ -26,7 +27,7 @@ def make_runner(tiny_ckpt):
 
   @functools.lru_cache(maxsize=None)
   def cached(layers: str, ctx: int, max_chunk: int):
-    stage = orbax_io.load_stage_checkpoint(tiny_ckpt, layers)
+    stage = checkpoint.load_stage_checkpoint(tiny_ckpt, layers)
     return StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk, fingerprint=fp)
 
   def make(layers: str, ctx: int = CTX, max_chunk: int = 16):

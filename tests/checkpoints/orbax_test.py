@@ -16,6 +16,7 @@ from flax import nnx
 
 from ds4jax.runtime import sources
 from ds4jax.checkpoints import orbax_io
+from ds4jax.runtime import checkpoint
 from ds4jax.checkpoints.orbax_io import CheckpointError
 from ds4jax.config import LayerRange
 from ds4jax.gguf import load as gguf_load, reader
@@ -71,7 +72,7 @@ def test_packed_restore_is_bit_identical_to_the_packed_gguf(tiny_gguf, tiny_ckpt
   """The default checkpoint stores the GGUF blocks: the restored stage is the packed GGUF
   stage (same Packed leaves, same bytes) and its logits are equal bit for bit."""
   ref = load_stage(tiny_gguf, "all")
-  got = orbax_io.load_stage_checkpoint(tiny_ckpt)
+  got = checkpoint.load_stage_checkpoint(tiny_ckpt)
   assert orbax_io.read_manifest(tiny_ckpt)["weights"] == "packed"
   assert n_packed(got) == n_packed(ref) > 20
   assert_same_params(ref, got)
@@ -114,8 +115,8 @@ def test_packed_checkpoint_serves_any_dtype_and_dequantized(tiny_gguf, tiny_ckpt
   """A packed checkpoint restores like the GGUF whatever is asked: bfloat16 compute, or
   weights='dequantized' (gguf-py on the host, as the GGUF's dequantised load)."""
   assert_same_params(load_stage(tiny_gguf, "1:2", dtype="bfloat16"),
-                     orbax_io.load_stage_checkpoint(tiny_ckpt, "1:2", dtype="bfloat16"))
-  deq = orbax_io.load_stage_checkpoint(tiny_ckpt, "0:1", weights="dequantized")
+                     checkpoint.load_stage_checkpoint(tiny_ckpt, "1:2", dtype="bfloat16"))
+  deq = checkpoint.load_stage_checkpoint(tiny_ckpt, "0:1", weights="dequantized")
   assert n_packed(deq) == 0
   assert_same_params(load_stage(tiny_gguf, "0:1", weights="dequantized"), deq)
 
@@ -137,23 +138,23 @@ def test_load_runner_from_a_checkpoint_compiles_first(tiny_gguf, tiny_ckpt):
 
 def test_dequantized_checkpoint_matches_the_dequantized_gguf_load(tiny_gguf, tmp_path):
   d = tmp_path / "bf16"
-  m = orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", d, weights="dequantized",
+  m = checkpoint.save_stage_checkpoint(tiny_gguf, "0:1", d, weights="dequantized",
                                      dtype="bfloat16")
   assert (m["weights"], m["dtype"]) == ("dequantized", "bfloat16")
-  st = orbax_io.load_stage_checkpoint(d)
+  st = checkpoint.load_stage_checkpoint(d)
   assert n_packed(st) == 0
   assert_same_params(load_stage(tiny_gguf, "0:1", dtype="bfloat16", weights="dequantized"), st)
   with pytest.raises(CheckpointError, match="holds bfloat16 parameters, asked for float32"):
-    orbax_io.load_stage_checkpoint(d, dtype="float32")
+    checkpoint.load_stage_checkpoint(d, dtype="float32")
   with pytest.raises(CheckpointError, match="packed checkpoint keeps the GGUF's own precision"):
-    orbax_io.save_stage_checkpoint(tiny_gguf, "0:1", tmp_path / "no", dtype="bfloat16")
+    checkpoint.save_stage_checkpoint(tiny_gguf, "0:1", tmp_path / "no", dtype="bfloat16")
 
 
 def test_version_1_checkpoints_still_load(tiny_gguf, tmp_path):
   """A checkpoint as the code before packed checkpoints wrote it (version 1: dequantised, no
   'weights', no 'qtype') restores as before, dense, bit-identical to the dequantised load."""
   d = tmp_path / "v1"
-  orbax_io.save_stage_checkpoint(tiny_gguf, "2:output", d, weights="dequantized")
+  checkpoint.save_stage_checkpoint(tiny_gguf, "2:output", d, weights="dequantized")
   m = json.loads((d / orbax_io.MANIFEST).read_text())
   m["version"] = 1
   del m["weights"]
@@ -166,11 +167,11 @@ def test_version_1_checkpoints_still_load(tiny_gguf, tmp_path):
   m["version"] = 9
   (d / orbax_io.MANIFEST).write_text(json.dumps(m))
   with pytest.raises(CheckpointError, match=r"version 9 is not supported \(this code reads 1, 2\)"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
 
 
 def test_sub_range_restore_holds_only_the_slice(tiny_gguf, tiny_ckpt):
-  part = orbax_io.load_stage_checkpoint(tiny_ckpt, "2:output")
+  part = checkpoint.load_stage_checkpoint(tiny_ckpt, "2:output")
   ref = load_stage(tiny_gguf, "2:output")
   assert part.layers == LayerRange(2, 3, True) and part.embed is None and len(part.blocks) == 2
   assert n_params(part) == n_params(ref)
@@ -182,17 +183,17 @@ def test_sub_range_restore_holds_only_the_slice(tiny_gguf, tiny_ckpt):
 
 def test_checkpoint_refuses_mismatches(tiny_ckpt, tmp_path, tiny_gguf):
   with pytest.raises(CheckpointError, match="another model"):
-    orbax_io.load_stage_checkpoint(tiny_ckpt, fingerprint="0" * 64)
+    checkpoint.load_stage_checkpoint(tiny_ckpt, fingerprint="0" * 64)
   d = tmp_path / "mid"
-  orbax_io.save_stage_checkpoint(tiny_gguf, "1:3", d)
+  checkpoint.save_stage_checkpoint(tiny_gguf, "1:3", d)
   with pytest.raises(CheckpointError, match=r"holds layers 1:3, cannot serve 0:1"):
-    orbax_io.load_stage_checkpoint(d, "0:1")
+    checkpoint.load_stage_checkpoint(d, "0:1")
   with pytest.raises(CheckpointError, match=r"1:3 without the output head, cannot serve 2:output"):
-    orbax_io.load_stage_checkpoint(d, "2:output")
+    checkpoint.load_stage_checkpoint(d, "2:output")
   with pytest.raises(CheckpointError, match="already exists"):
-    orbax_io.save_stage_checkpoint(tiny_gguf, "1:3", d)
+    checkpoint.save_stage_checkpoint(tiny_gguf, "1:3", d)
   with pytest.raises(CheckpointError, match="not a ds4jax checkpoint"):
-    orbax_io.load_stage_checkpoint(tmp_path)
+    checkpoint.load_stage_checkpoint(tmp_path)
 
 
 def _copy(src, dst) -> pathlib.Path:
@@ -210,29 +211,29 @@ def test_corrupt_checkpoints_are_refused(tiny_ckpt, tmp_path):
   raw[len(raw) // 2] ^= 0xFF
   blobs[0].write_bytes(bytes(raw))
   with pytest.raises(CheckpointError, match="corrupt"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
   # A truncated data file.
   d = _copy(tiny_ckpt, tmp_path / "trunc")
   big = max((p for p in (d / "params").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
   big.write_bytes(big.read_bytes()[: big.stat().st_size // 3])
   with pytest.raises(CheckpointError, match="corrupt"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
   # A manifest that is not JSON, and one whose table disagrees with the model.
   d = _copy(tiny_ckpt, tmp_path / "badjson")
   (d / orbax_io.MANIFEST).write_text("{not json")
   with pytest.raises(CheckpointError, match="corrupt manifest"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
   d = _copy(tiny_ckpt, tmp_path / "shape")
   m = json.loads((d / orbax_io.MANIFEST).read_text())
   m["params"]["blocks/1/attn/q_a"]["shape"][0] += 1
   (d / orbax_io.MANIFEST).write_text(json.dumps(m))
   with pytest.raises(CheckpointError, match="blocks/1/attn/q_a"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
   # Missing data directory.
   d = _copy(tiny_ckpt, tmp_path / "nodata")
   shutil.rmtree(d / "params")
   with pytest.raises(CheckpointError, match="corrupt or unreadable"):
-    orbax_io.load_stage_checkpoint(d)
+    checkpoint.load_stage_checkpoint(d)
 
 
 def test_tokenizer_travels_with_the_checkpoint(tiny_gguf, tiny_ckpt):
@@ -278,7 +279,7 @@ def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_ru
   model is refused by the coordinator before it loads anything."""
   from ds4jax.bridge import launch
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-  from ds4jax.bridge.wire.errors import HandshakeRefused
+  from ds4jax.wire.errors import HandshakeRefused
   from ds4jax.bridge.worker.worker import WorkerOptions
 
   d = _copy(tiny_ckpt, tmp_path / "other")

@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.protocol import MsgType
-from ds4jax.checkpoints import orbax_io, snapshot_bridge, snapshots
+from ds4jax.wire import protocol
+from ds4jax.wire.protocol import MsgType
+from ds4jax.bridge.coordinator import snapshots as snapshot_bridge
+from ds4jax.checkpoints import orbax_io, snapshots, stage_state
+from ds4jax.runtime import checkpoint
 from ds4jax.checkpoints.snapshots import SnapshotError
 from ds4jax.checkpoints.stage_state import StateError
 from ds4jax.runtime.local import LocalBackend
@@ -106,11 +108,11 @@ def test_layout_context_and_dtype_mismatches(local, snap, tiny_ckpt, tmp_path):
   edit_manifest(d, lambda m: m["layers"]["2"]["fields"][0]["shape"].__setitem__(1, 1))
   refused(local, d, r"layer 2: field kv is \[", StateError)
   # More positions than this backend's context.
-  small = LocalBackend([StageRunner(orbax_io.load_stage_checkpoint(tiny_ckpt), ctx_size=16,
+  small = LocalBackend([StageRunner(checkpoint.load_stage_checkpoint(tiny_ckpt), ctx_size=16,
                                     max_chunk=16)])
   refused(small, snap, "more than this backend's context 16")
   # State kept in another dtype.
-  bf = LocalBackend([StageRunner(orbax_io.load_stage_checkpoint(tiny_ckpt), ctx_size=64,
+  bf = LocalBackend([StageRunner(checkpoint.load_stage_checkpoint(tiny_ckpt), ctx_size=64,
                                  max_chunk=16, state_dtype=jnp.bfloat16)])
   refused(bf, snap, "this runner keeps bfloat16 state", StateError)
 
@@ -174,7 +176,7 @@ def test_worker_refuses_bad_snapshot_requests(prefilled, snap):
 
 def test_multi_part_transfer(prefilled, monkeypatch):
   """With a small chunk cap, a save and a load move in many parts and round-trip exactly."""
-  monkeypatch.setattr(snapshot_bridge, "CHUNK_BYTES", 4096)
+  monkeypatch.setattr(stage_state, "CHUNK_BYTES", 4096)
   sent = []
   c, sid, hop = prefilled
   real_request = hop.request

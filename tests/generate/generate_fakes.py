@@ -108,6 +108,8 @@ def reference_logits(tokens, vocab_size: int = 512) -> np.ndarray:
 class ScriptBackend:
   """Returns `script[step]` whatever the transcript (records the transcripts it saw)."""
 
+  reports_prefill_progress = False  # the Generator logs prefill progress itself
+
   def __init__(self, script):
     self.script = list(script)
     self.seen: list[list[int]] = []

@@ -1,10 +1,9 @@
 """Continuous batching in one process (issue 13): concurrent sessions through LocalBackend on
 the real tiny model batch their decode tokens and each gets its tokens from alone (greedy and
 seeded sampling); a session that disconnects in the middle of a batch frees its slot and
-disturbs nobody; the stage batcher's refusals and the admission queue."""
+disturbs nobody; the stage batcher's refusals."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -138,28 +137,3 @@ def test_batcher_refusals_and_lost_state():
     b.close()
   with pytest.raises(RuntimeError, match="closed"):
     b.run(s0, [1], None, 2)
-
-
-def test_admission_queues_then_busy():
-  adm = batching.Admission(1, queue_timeout_s=0.2)
-  entered = threading.Event()
-  release = threading.Event()
-
-  def hold():
-    with adm.slot():
-      entered.set()
-      release.wait(5)
-
-  t = threading.Thread(target=hold)
-  t.start()
-  entered.wait(5)
-  t0 = time.monotonic()
-  with pytest.raises(batching.Busy, match="busy: 1 generations") as e:
-    with adm.slot():
-      pass
-  assert time.monotonic() - t0 >= 0.2 and e.value.retry_after_s >= 1  # it queued first
-  release.set()
-  t.join()
-  with adm.slot():  # free again
-    assert adm.active == 1
-  assert adm.rejected == 1

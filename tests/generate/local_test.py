@@ -67,7 +67,7 @@ def test_chunked_prefill_logs_progress(caplog):
   b, (r,) = _backend(prefill_chunk=3, progress_every_s=0.0)
   sid = b.new_session()
   ids = list(range(10))
-  with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
+  with caplog.at_level(logging.INFO, logger="ds4jax"):
     res = b.step(sid, ids, GREEDY, 0, return_logits=True)
   assert r.calls == [3, 3, 3, 1]
   np.testing.assert_array_equal(res.logits_V, reference_logits(ids))
@@ -120,7 +120,7 @@ def test_refusals():
 def test_heartbeat_logs_while_the_block_runs(caplog):
   import time
   from ds4jax.runtime.progress import heartbeat
-  with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
+  with caplog.at_level(logging.INFO, logger="ds4jax"):
     with heartbeat("loading things", every_s=0.05):
       deadline = time.monotonic() + 60  # a hang guard: two beats come after ~0.1 s
       while caplog.text.count("loading things:") < 2:

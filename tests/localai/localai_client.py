@@ -26,7 +26,7 @@ class Backend:
   def __init__(self, env, log_path, *, argv=None, one_token=False, cwd=REPO):
     import grpc
 
-    from ds4jax.cli import free_port
+    from ds4jax.local_cluster import free_port
     from ds4jax.localai import backend_pb2_grpc
     self.port = free_port()
     addr = f"127.0.0.1:{self.port}"

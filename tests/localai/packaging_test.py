@@ -106,7 +106,7 @@ def test_missing_extra_is_one_line(tmp_path, script, args, blocked, needle):
 
 def test_missing_reference_extra(monkeypatch):
   from ds4jax.config import ModelConfig
-  from ds4jax.convert import hf_config_from_cfg
+  from ds4jax.gguf.hf import hf_config_from_cfg
   monkeypatch.setitem(sys.modules, "transformers", None)  # import now raises ImportError
   with pytest.raises(extras.MissingExtra, match=r"needs the 'reference' extra: pip install "
                      r"'ds4jax\[reference\]' \(no module named 'transformers'\)"):

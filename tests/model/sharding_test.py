@@ -100,7 +100,8 @@ def test_one_device_is_no_mesh(tiny_gguf):
 
 
 @pytest.mark.parametrize("spec, msg", [
-    (0, "must be >= 1"), ("0", "must be >= 1"), (-2, "must be >= 1"),
+    (0, "positive integer or 'all'"), ("0", "positive integer or 'all'"),
+    (-2, "positive integer or 'all'"),
     ("1.5", "positive integer or 'all'"), ("two", "positive integer or 'all'"),
     (1.0, "positive integer or 'all'"), (2, "exceeds the 1 local device"),
 ])

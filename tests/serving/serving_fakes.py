@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import socket
 import threading
 import time
 
 import uvicorn
 
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
@@ -39,6 +39,8 @@ def next_token(transcript, eos: bool = True) -> int:
 
 class FakeBackend:
   """A thread-safe fake Backend with a route that completes on `join()`."""
+
+  reports_prefill_progress = False  # the Generator logs prefill progress itself
 
   def __init__(self, *, n_layers: int = 4, coord_end: int = 1, ready: bool = True,
                step_s: float = 0.002, fail_on_token: int | None = None, eos: bool = True):
@@ -71,11 +73,14 @@ class FakeBackend:
     return False, f"missing layer {self.coord_end + 1}"
 
   def route_info(self) -> dict:
-    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag.
+    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag, and the
+    # layers no ready stage serves.
+    ready = self._ready.is_set()
     workers = ([{"peer": "127.0.0.1:9", "ready": True,
-                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}]
-               if self._ready.is_set() else [])
-    return {"ready": self._ready.is_set(), "workers": workers}
+                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}] if ready else [])
+    missing = [] if ready else list(range(self.coord_end + 1, self.n_layers))
+    return {"ready": ready, "workers": workers, "n_layers": self.n_layers,
+            "missing_layers": missing}
 
   def new_session(self) -> str:
     with self._lock:
@@ -91,7 +96,7 @@ class FakeBackend:
 
   def step(self, sid, transcript, sampling, step, *, top_logprobs=0, return_logits=False):
     if not self._ready.is_set():
-      from ds4jax.bridge.wire.errors import RouteUnavailable
+      from ds4jax.wire.errors import RouteUnavailable
       raise RouteUnavailable("route lost")
     with self._lock:
       if sid not in self.open:
@@ -108,12 +113,6 @@ class FakeBackend:
                          compute_s=self.step_s / 2, queue_s=0.0001)]
     return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
                       n_computed=1)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager

@@ -48,20 +48,14 @@ def test_tokens_per_second_window():
 
 
 def test_missing_layers_from_worker_ranges_and_reason():
+  from ds4jax.bridge.coordinator import route
 
-  class Coord:
-    n_layers = 8
-    local = LayerRange(0, 1)
-
-    def route_info(self):
-      return {}
-
-  t = SessionTracker(Coord())
-  info = {"workers": [{"layers": "2:3", "ready": True}, {"layers": "4:5", "ready": False},
-                      {"layers": "6:7+output", "ready": True}]}
-  assert t.uncovered_layers(info) == [4, 5]
-  assert t.uncovered_layers({"workers": []}) == [2, 3, 4, 5, 6, 7]
-  assert SessionTracker(object()).uncovered_layers(info) is None
+  ranges = [LayerRange(2, 3), LayerRange(6, 7, True)]  # the ready workers (4:5 is not)
+  assert route.missing_layers(8, LayerRange(0, 1), ranges) == [4, 5]
+  assert route.missing_layers(8, LayerRange(0, 1), []) == [2, 3, 4, 5, 6, 7]
+  t = SessionTracker(object())
+  assert t.uncovered_layers({"missing_layers": [5, 4]}) == [4, 5]
+  assert t.uncovered_layers({"workers": []}) is None
   assert missing_layers("missing layer 17", {}) == [17]
   assert missing_layers("missing layers 2-4", {}) == [2, 3, 4]
   assert missing_layers("x", {"missing_layers": [5, 3]}) == [3, 5]

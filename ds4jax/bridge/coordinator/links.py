@@ -23,14 +23,14 @@ import threading
 import time
 from typing import Any, Callable
 
-from ds4jax.bridge.wire import protocol, transport
-from ds4jax.bridge.wire.errors import (BridgeError, DeadlineExceeded, LinkLost, ProtocolError,
+from ds4jax.wire import protocol, transport
+from ds4jax.wire.errors import (BridgeError, DeadlineExceeded, LinkLost, ProtocolError,
                                   RemoteError)
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.protocol import MsgType
 from ds4jax.bridge.coordinator.residency import Residency
 from ds4jax.config import LayerRange
 
-log = logging.getLogger("ds4jax.bridge.coordinator.coordinator")
+log = logging.getLogger("ds4jax.bridge.coordinator")
 # callback(frame or None, error or None); runs on the link's reader (or monitor) thread.
 Callback = Callable[[protocol.Frame | None, BaseException | None], None]
 _req_ids = itertools.count(1)
@@ -45,7 +45,7 @@ class _Pending:
   callback: Callback
 
 
-# The batching counters a worker's PONG carries ("b"), in order (worker._pong_stats).
+# The batching counters a worker's PONG carries ("b"), in order (bridge.worker.work.pong_stats).
 _BATCH_KEYS = ("calls", "decode_calls", "decode_rows", "max_batch_seen")
 
 

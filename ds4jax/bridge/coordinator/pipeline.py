@@ -13,20 +13,10 @@ import threading
 from typing import Any, Callable, Sequence
 
 from ds4jax.bridge.coordinator import links
-from ds4jax.bridge.wire import protocol, tensors
-from ds4jax.bridge.wire.errors import BridgeError, LinkLost, ProtocolError
+from ds4jax.wire import protocol, tensors
+from ds4jax.wire.errors import BridgeError, LinkLost, ProtocolError
 from ds4jax.bridge.coordinator.links import WorkerLink
-
-
-@dataclasses.dataclass
-class Chunk:
-  pos0: int
-  tokens: list[int]
-  hash_before: int
-  hash_after: int
-  want: str  # what the final hop returns: 'ack' or 'out'
-  result: protocol.Frame | None = None
-  hashes: list[int] | None = None  # the rolling hash after each token, when known
+from ds4jax.runtime.step import Chunk
 
 
 @dataclasses.dataclass
@@ -186,17 +176,3 @@ def _telemetry(h: dict[str, Any]) -> tuple[float, float]:
       or not all(type(v) is int and 0 <= v < 1 << 48 for v in tel)):  # noqa: E721
     raise ProtocolError("malformed telemetry")
   return tel[0] * 1e-6, tel[1] * 1e-6
-
-
-def chunks_of(tokens: Sequence[int], pos0: int, hash0: int, size: int, final_want: str,
-              ) -> list[Chunk]:
-  """Splits tokens (starting at pos0, prefix hash hash0) into chunks of at most size."""
-  out, h = [], hash0
-  for s in range(0, len(tokens), size):
-    part = [int(t) for t in tokens[s:s + size]]
-    steps = protocol.fnv1a64_steps(part, h)
-    out.append(Chunk(pos0 + s, part, h, steps[-1], "ack", hashes=steps))
-    h = steps[-1]
-  if out:
-    out[-1].want = final_want
-  return out

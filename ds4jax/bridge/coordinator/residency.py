@@ -28,8 +28,8 @@ import contextlib
 import threading
 import time
 
-from ds4jax.bridge.wire.errors import LinkLost, RouteUnavailable
-from ds4jax.bridge.wire.protocol import MsgType
+from ds4jax.wire.errors import LinkLost, RouteUnavailable
+from ds4jax.wire.protocol import MsgType
 
 
 class Residency:

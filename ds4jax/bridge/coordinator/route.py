@@ -79,3 +79,12 @@ def plan_route(n_layers: int, local: LayerRange, hops: Sequence[HopInfo],
 def describe(local: LayerRange, route: Sequence[HopInfo]) -> str:
   return " -> ".join([f"local {local.describe()}"] +
                      [f"{h.peer} {h.layers.describe()}" for h in route])
+
+
+def missing_layers(n_layers: int, local: LayerRange, ranges: Sequence[LayerRange]) -> list[int]:
+  """The layer indices that neither the local range nor any of `ranges` (ready workers)
+  covers."""
+  covered = set(range(local.start, local.end + 1))
+  for r in ranges:
+    covered.update(range(r.start, r.end + 1))
+  return [i for i in range(n_layers) if i not in covered]

@@ -17,8 +17,8 @@ import collections
 import dataclasses
 import threading
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import PrefixMismatch
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import PrefixMismatch
 
 
 @dataclasses.dataclass
@@ -36,7 +36,7 @@ class Session:
 
 class SessionStore:
   """LRU map sid -> Session, holding at most `limit` sessions, each a slot of `batcher`
-  (a `generate.batching.StageBatcher` with at least `limit` slots; `bind` sets it once the
+  (a `runtime.batching.StageBatcher` with at least `limit` slots; `bind` sets it once the
   stage is loaded)."""
 
   def __init__(self, limit: int = 8, batcher=None):

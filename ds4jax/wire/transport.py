@@ -16,8 +16,8 @@ import threading
 import time
 from typing import Any, Callable
 
-from ds4jax.bridge.wire import protocol
-from ds4jax.bridge.wire.errors import LinkLost
+from ds4jax.wire import protocol
+from ds4jax.wire.errors import LinkLost
 
 Wrap = Callable[[Any], Any]
 
@@ -54,7 +54,7 @@ def secure_server(sock, *, key: bytes | None = None, tls=None, timeout: float = 
   """Server side of optional TLS (`tls`: ssl.SSLContext) then the optional HMAC handshake."""
   if tls is None and not key:
     return sock
-  from ds4jax.bridge.wire import auth  # deferred: only secured links need it
+  from ds4jax.wire import auth  # deferred: only secured links need it
   return auth.secure_server(sock, key=key, ssl_ctx=tls, timeout=timeout)
 
 
@@ -62,7 +62,7 @@ def secure_client(sock, *, key: bytes | None = None, tls=None, server_hostname=N
                   timeout: float = 10.0):
   if tls is None and not key:
     return sock
-  from ds4jax.bridge.wire import auth
+  from ds4jax.wire import auth
   return auth.secure_client(sock, key=key, ssl_ctx=tls, server_hostname=server_hostname,
                             timeout=timeout)
 

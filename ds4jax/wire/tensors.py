@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire.errors import ProtocolError
 
 WIRE_DTYPES = ("f32", "bf16", "int8")
 MAX_RANK = 4

@@ -52,7 +52,7 @@ import stat
 import struct
 import time
 
-log = logging.getLogger("ds4jax.bridge.wire.auth")
+log = logging.getLogger("ds4jax.wire.auth")
 
 KEY_ENV = "DS4JAX_KEY"
 DEFAULT_BIND_HOST = "127.0.0.1"

@@ -15,7 +15,7 @@ import json
 import struct
 from typing import Any
 
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire.errors import ProtocolError
 
 
 def to_json(header: dict[str, Any]) -> bytes:

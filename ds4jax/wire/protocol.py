@@ -45,8 +45,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ds4jax.bridge.wire import headers
-from ds4jax.bridge.wire.errors import ProtocolError
+from ds4jax.wire import headers
+from ds4jax.wire.errors import ProtocolError
 
 MAGIC = b"DS4J"
 PROTOCOL_VERSION = 3
@@ -76,7 +76,7 @@ class MsgType(enum.IntEnum):
   PING = 8
   PONG = 9
   DROP = 10
-  # Session snapshots (ds4jax/checkpoints/snapshot_bridge.py), coordinator -> worker.
+  # Session snapshots (ds4jax/bridge/{coordinator,worker}/snapshots.py), coordinator -> worker.
   SNAPSHOT_SAVE = 11
   SNAPSHOT_LOAD = 12
 

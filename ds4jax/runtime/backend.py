@@ -1,0 +1,337 @@
+"""`RouteBackend`: sessions over a route, the one implementation of `Backend`'s step loop.
+
+Both executors are route backends (design.md §0): `LocalBackend` (runtime/local.py) has local
+hops only, the `Coordinator` (bridge/coordinator/) has its local hop and a `Downstream` of
+worker links. This class owns what they share: the session table, the sessions' slots in
+every local hop's `StageBatcher` pool (least recently used idle sessions give theirs up),
+the checks on a transcript, the retry loop around `step.run_step`, `step_many`, and session
+export/import for snapshots. A subclass provides the downstream and its recovery rules
+through the `_downstream`, `_leases` and `_recoverable` hooks; the algorithm never calls
+back into it.
+
+Steps of different sessions run concurrently (one caller thread each): their decode tokens
+run as one batched call at every local stage. One session's steps are serialized.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+from ds4jax.runtime import batching
+from ds4jax.runtime.session import RouteSession, SessionError
+from ds4jax.runtime.step import StepRequest, run_step
+from ds4jax.runtime.types import StepResult
+
+log = logging.getLogger("ds4jax.backend")
+
+
+class RouteBackend:
+  """Sessions over `runners` (this process's stages, contiguous from layer 0) + a downstream.
+
+  Args:
+    runners: the local stages, in layer order.
+    prefill_chunk: most tokens per chunk of a step.
+    max_sessions: sessions whose state the local pools keep (slots per stage).
+    max_batch: most decode rows per batched call (default: the runner's).
+    slot_wait_s: how long a step waits for a local slot while every slot is held by a
+      running step (0: fail at once with `BatcherFull`).
+    progress_every_s: period of the "prefill i/n tokens" log line on long prompts.
+  """
+
+  # The Generator adds no prefill heartbeat of its own: `run_step` logs chunk progress.
+  reports_prefill_progress = True
+
+  def __init__(self, runners: Sequence[Any], *, prefill_chunk: int = 256, max_sessions: int = 8,
+               max_batch: int | None = None, slot_wait_s: float = 0.0,
+               progress_every_s: float = 2.0):
+    if not runners:
+      raise ValueError("a backend needs at least one StageRunner")
+    if prefill_chunk < 1:
+      raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+    if max_sessions < 1:
+      raise ValueError(f"max_sessions must be >= 1, got {max_sessions}")
+    self.runners = list(runners)
+    self.cfg = self.runners[0].cfg
+    self.ctx_size = min(r.ctx_size for r in self.runners)
+    self.prefill_chunk = int(prefill_chunk)
+    self.max_sessions = int(max_sessions)
+    self.slot_wait_s = float(slot_wait_s)
+    self.progress_every_s = float(progress_every_s)
+    self.batchers = [batching.StageBatcher(r, n_slots=self.max_sessions, max_batch=max_batch)
+                     for r in self.runners]
+    self._sessions: collections.OrderedDict[str, RouteSession] = collections.OrderedDict()
+    self._lock = threading.RLock()  # the session table (never held while computing)
+    self._slot_cv = threading.Condition()  # notified when a step ends (a slot may be free)
+    self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+  @property
+  def fingerprint(self) -> str | None:
+    fps = {r.fingerprint for r in self.runners} - {None}
+    return fps.pop() if len(fps) == 1 else None
+
+  def close(self) -> None:
+    """Stops the stage batchers' threads (the backend is unusable afterwards)."""
+    for b in self.batchers:
+      b.close()
+    if self._pool is not None:
+      self._pool.shutdown(wait=False)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+  def warmup(self, batch_sizes=(1,), chunk_sizes=(1,)) -> None:
+    """Compiles the batched step of every local stage for these sizes (bucketed)."""
+    for r in self.runners:
+      r.compile_batch(batch_sizes, chunk_sizes, n_slots=self.max_sessions)
+
+  # ------------------------------------------------------------------------------ hooks
+  def _downstream(self, sess: RouteSession):
+    """The route's remote hops for this step (None: the local hops own the head). May wait
+    for a route and raise `RouteUnavailable`."""
+    return None
+
+  def _leases(self, sess: RouteSession, downstream) -> contextlib.AbstractContextManager:
+    """Held around one attempt of a step (a subclass leases the workers' session slots)."""
+    return contextlib.nullcontext()
+
+  def _recoverable(self, sess: RouteSession, e: BaseException, tries: collections.Counter,
+                   step: int) -> bool:
+    """Whether to run the step again after `e` (tries counts earlier retries per kind)."""
+    if isinstance(e, batching.StateLost):  # a local pool was rebuilt after a failed call
+      tries["lost"] += 1
+      if tries["lost"] <= 1:
+        log.warning("session %s step %d: %s; recomputing from position 0", sess.sid, step, e)
+        return True
+    return False
+
+  def _no_slot(self, message: str) -> BaseException:
+    return batching.BatcherFull(message)
+
+  # --------------------------------------------------------------------------- sessions
+  def new_session(self, activation_dtype: str | None = None) -> str:
+    sid = secrets.token_hex(8)
+    sess = RouteSession(sid, dtype=activation_dtype or "f32", free_slots=self._free_slots,
+                        cache_cap=self._cache_cap())
+    with self._lock:
+      self._sessions[sid] = sess
+    return sid
+
+  def _cache_cap(self) -> int:
+    return 0
+
+  def close_session(self, sid: str) -> None:
+    """Forgets a session; its slots are freed now, or by the step it is running."""
+    with self._lock:
+      sess = self._sessions.pop(sid, None)
+    if sess is not None:
+      sess.closed = True
+      self._free_if_idle(sess)
+
+  def session_tokens(self, sid: str) -> list[int]:
+    """The ids whose state the session currently holds."""
+    return list(self._get(sid).tokens)
+
+  def _get(self, sid: str) -> RouteSession:
+    with self._lock:
+      sess = self._sessions.get(sid)
+    if sess is None:
+      raise SessionError(f"unknown session {sid!r}")
+    return sess
+
+  def _free_slots(self, slots: list[int]) -> None:
+    for b, s in zip(self.batchers, slots):
+      b.free(s)
+    with self._slot_cv:
+      self._slot_cv.notify_all()
+
+  def _free_if_idle(self, sess: RouteSession) -> None:
+    """Resets a session unless a step of it runs (whichever of close and the step's end
+    comes last sees both the flag and a free lock)."""
+    if sess.lock.acquire(blocking=False):
+      try:
+        sess.reset()
+      finally:
+        sess.lock.release()
+
+  def _activate(self, sess: RouteSession) -> None:
+    """Marks sess most recently used and gives it a slot in every local pool (call with
+    sess.lock held), evicting the least recently used idle session when every slot is taken
+    and waiting up to slot_wait_s while all are held by running steps."""
+    with self._lock:
+      self._sessions.move_to_end(sess.sid)
+      sess.last_used = time.monotonic()
+    if sess.slots is not None:
+      return
+    deadline = time.monotonic() + self.slot_wait_s
+    while self.batchers[0].n_free == 0:
+      if not self._evict_one(keep=sess):
+        left = deadline - time.monotonic()
+        if left <= 0:
+          raise self._no_slot(
+              f"all {self.max_sessions} session slots are computing (max_sessions="
+              f"{self.max_sessions}); admit fewer generations at once")
+        with self._slot_cv:
+          self._slot_cv.wait(min(left, 0.05))
+    sess.slots = [b.alloc() for b in self.batchers]
+    sess.tokens, sess.hashes = [], sess.hashes[:1]
+
+  def _evict_one(self, keep: RouteSession) -> bool:
+    """Resets the least recently used idle session that holds slots; False if none is."""
+    with self._lock:
+      live = [s for s in self._sessions.values() if s is not keep and s.slots is not None]
+    for victim in sorted(live, key=lambda s: s.last_used):
+      if victim.lock.acquire(blocking=False):  # a session mid-step is not idle
+        try:
+          if victim.slots is None:
+            continue
+          victim.reset()
+          log.info("evicted the state of idle session %s (max_sessions=%d)", victim.sid,
+                   self.max_sessions)
+          return True
+        finally:
+          victim.lock.release()
+    return False
+
+  # ------------------------------------------------------------------------------- step
+  def _checked(self, transcript: Sequence[int], held: list[int]) -> list[int]:
+    """The transcript as checked ints. A decode step's transcript is the session's timeline
+    plus a token: only the new tokens are converted and checked."""
+    n = len(held)
+    if n and type(transcript) is list and len(transcript) > n and transcript[:n] == held:  # noqa: E721
+      new = [int(t) for t in transcript[n:]]
+      tokens = held + new
+    else:
+      tokens = new = [int(t) for t in transcript]
+    if not tokens:
+      raise ValueError("the transcript is empty: at least one token (BOS) is needed")
+    bad = [t for t in new if not 0 <= t < self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token id {bad[0]} is outside the vocab [0, {self.cfg.vocab_size})")
+    if len(tokens) > self.ctx_size:
+      raise ValueError(
+          f"transcript of {len(tokens)} tokens exceeds the context size {self.ctx_size}")
+    return tokens
+
+  def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
+           top_logprobs: int = 0, return_logits: bool = False) -> StepResult:
+    """Brings the session's state to `transcript` and samples the token that follows it.
+    Thread-safe: concurrent steps of different sessions batch at every stage."""
+    params = sampling.to_params() if hasattr(sampling, "to_params") else sampling
+    sess = self._get(sid)
+    try:
+      with sess.lock:
+        tokens = self._checked(transcript, sess.tokens)
+        tries: collections.Counter = collections.Counter()
+        while True:
+          if sess.closed:
+            raise SessionError(f"session {sid!r} was closed")
+          # Local slots first, then the route and its leases: the one global order in
+          # which a step takes its resources, so waits cannot form a cycle.
+          self._activate(sess)
+          down = self._downstream(sess)
+          try:
+            with self._leases(sess, down):
+              return run_step(sess, self.batchers, tokens, params, step,
+                              prefill_chunk=self.prefill_chunk, top_logprobs=top_logprobs,
+                              return_logits=return_logits, downstream=down,
+                              progress_every_s=self.progress_every_s)
+          except BaseException as e:
+            if not self._recoverable(sess, e, tries, step):
+              raise
+    finally:
+      with self._slot_cv:
+        self._slot_cv.notify_all()  # a step waiting for a local slot may find one now
+      if sess.closed:  # closed while this step ran
+        self._free_if_idle(sess)
+        self._closed_during_step(sess)
+
+  def _closed_during_step(self, sess: RouteSession) -> None:
+    """A subclass's cleanup for a session closed while its step ran."""
+
+  def step_many(self, requests: Sequence[StepRequest]) -> list[StepResult | BaseException]:
+    """Several sessions' steps at once (distinct sessions): their tokens share the batched
+    calls of every stage. Returns one StepResult, or the exception that request raised, per
+    request, in order: one request's failure does not fail the others."""
+    if len({r.sid for r in requests}) != len(requests):
+      raise ValueError("step_many takes at most one request per session")
+    with self._lock:
+      if self._pool is None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self.max_sessions, thread_name_prefix="ds4jax-step")
+    futs = [self._pool.submit(self.step, r.sid, r.transcript, r.sampling, r.step,
+                              top_logprobs=r.top_logprobs, return_logits=r.return_logits)
+            for r in requests]
+    out: list[StepResult | BaseException] = []
+    for f in futs:
+      try:
+        out.append(f.result())
+      except Exception as e:  # noqa: BLE001 - returned per request
+        out.append(e)
+    return out
+
+  # -------------------------------------------------------------------------- snapshots
+  def export_session(self, sid: str):
+    """(tokens, {layer: LayerBlob}) of every layer of the session's state, for snapshots."""
+    from ds4jax.checkpoints import stage_state
+    from ds4jax.checkpoints.snapshots import SnapshotError
+    sess = self._get(sid)
+    with sess.lock:
+      if sess.slots is None:
+        raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
+      blobs = {}
+      for b, slot in zip(self.batchers, sess.slots):
+        n, part = stage_state.export_stage(b.runner, b.get(slot))
+        if n != len(sess.tokens):
+          raise SnapshotError(f"stage {b.runner.layers} holds {n} positions, the session "
+                              f"{len(sess.tokens)}")
+        blobs.update(part)
+      blobs.update(self._export_remote(sess))
+      return list(sess.tokens), blobs
+
+  def import_session(self, sid: str, tokens: Sequence[int],
+                     read: Callable[[Sequence[int]], dict]) -> None:
+    """Installs the state of `tokens` into session sid; read(layers) -> {layer: LayerBlob}."""
+    from ds4jax.checkpoints import stage_state
+    sess = self._get(sid)
+    tokens = [int(t) for t in tokens]
+    with sess.lock:
+      states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
+                                         where=f"stage {r.layers}") for r in self.runners]
+      sess.reset()  # a failed remote import below leaves a clean session
+      self._import_remote(sess, tokens, read)
+      self._activate(sess)
+      for b, slot, st in zip(self.batchers, sess.slots, states):
+        b.put(slot, st)
+      sess.append(tokens)
+
+  def _export_remote(self, sess: RouteSession) -> dict:
+    return {}
+
+  def _import_remote(self, sess: RouteSession, tokens: list[int], read) -> None:
+    pass
+
+  # ---------------------------------------------------------------------------- route
+  def route_ready(self) -> tuple[bool, str]:
+    return True, ""
+
+  def wait_route(self, timeout: float | None = None):
+    """Waits for a complete route (a local route always is); RouteUnavailable otherwise."""
+    return []
+
+  def route_info(self) -> dict:
+    stages = [{"layers": str(r.layers), "host": "local"} for r in self.runners]
+    return {"mode": "local", "ready": True, "reason": "", "n_layers": self.cfg.n_layers,
+            "ctx_size": self.ctx_size, "route": stages, "stages": stages, "missing_layers": []}
+
+
+__all__ = ["RouteBackend"]
