@@ -11,11 +11,13 @@ import sys
 
 import pytest
 
+from ds4jax.testing.suite import CHUNK, CTX
+
 pytestmark = pytest.mark.e2e
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# ctx 512 and this first turn reuse the compilations of scripts_test's chat (XLA cache).
-COMMON = ["--gguf=tiny", "--max_new_tokens=4", "--ctx_size=512"]
+# The suite's shapes: this first turn reuses the compilations of scripts_test's chat.
+COMMON = ["--gguf=tiny", "--max_new_tokens=4", f"--ctx_size={CTX}", f"--prefill_chunk={CHUNK}"]
 TURN = re.compile(r"^\[turn \d+: computed (\d+) of (\d+) prompt tokens", re.M)
 
 
