@@ -91,5 +91,6 @@ def tiny_reference(tiny_gguf):
                                max_new_tokens=max_new_tokens, chat=chat)
     return memo[key]
 
+  reference.generator = gen  # for chats (gen.chat()) and other uses of the same model
   yield reference
   backend.close()

@@ -146,10 +146,13 @@ def test_spare_takes_over_without_changing_the_output():
     assert any("rebuilt the KV" in e for e in coord.events)
 
 
-def test_start_order_and_coordinator_restart():
+def test_start_order_and_coordinator_restart(logs):
   port = free_port()
   with workers(("127.0.0.1", port), ["1:output"]) as (ws, _):
-    time.sleep(0.3)  # the worker is already dialing when the coordinator starts
+    deadline = time.monotonic() + 60  # a hang guard
+    while not any("not reachable" in m for m in logs.messages):  # it dials before we listen
+      assert time.monotonic() < deadline, "the worker never dialed"
+      time.sleep(0.01)
     with coordinator(port=port) as coord:
       out1, _ = generate(coord, PROMPT, 3)
     with coordinator(port=port) as coord:  # a restart: the worker redials on its own

@@ -263,22 +263,23 @@ def test_fuzz_keyed_coordinator_handshake(logs, fake_bridge):
 
 
 def test_flood_of_silent_peers_is_bounded_and_recovers(logs, fake_bridge):
-  """More silent connections than handshake slots: the surplus is refused at once (logged),
-  threads stay bounded, and a legitimate worker joins once the slots time out."""
-  coord = fake_bridge.coordinator(handshake_timeout=0.5, heartbeat_s=0.2, max_handshakes=8)
+  """More silent connections than handshake slots: the surplus is refused at once (logged as
+  such, not timed out), threads stay bounded, and a legitimate worker joins once the slots
+  time out. (The 3 s handshake deadline only has to outlast opening 40 connections.)"""
+  coord = fake_bridge.coordinator(handshake_timeout=3.0, heartbeat_s=0.2, max_handshakes=8)
   socks = []
+
+  def refused():
+    return sum("handshakes already in progress" in m for m in logs.messages)
+
   try:
     threads0 = threading.active_count()
-    t0 = time.monotonic()
     for _ in range(40):
-      socks.append(socket.create_connection(coord.address, timeout=2))
-    time.sleep(0.25)
+      socks.append(socket.create_connection(coord.address, timeout=HANG_S))
+    wait_for(lambda: refused() >= 30, HANG_S, "the surplus peers to be refused")
     assert threading.active_count() <= threads0 + 8 + 2
-    early = sum(drain_until_eof(s, time.monotonic() + 0.01) for s in socks)
-    assert time.monotonic() - t0 < coord.opt.handshake_timeout
-    assert early >= 30, f"only {early} of the surplus peers were refused at once"
-    assert all(drain_until_eof(s, t0 + 3.0) for s in socks), "a silent peer was never cut off"
-    assert sum("handshakes already in progress" in m for m in logs.messages) >= 30
+    assert all(drain_until_eof(s, time.monotonic() + HANG_S) for s in socks), \
+        "a silent peer was never cut off"
     fake_bridge.worker(coord.address)
     coord.wait_route(HANG_S)
     assert_continues_exactly(coord, coord.new_session(), [1, 2], n=1)
