@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "ds4jax.config",
     "LayerRange": "ds4jax.config",
-    "load_model": "ds4jax.runtime.sources",
+    "load_model": "ds4jax.build",
     "Model": "ds4jax.runtime.api",
     "Session": "ds4jax.runtime.api",
     "load_stage": "ds4jax.runtime.sources",

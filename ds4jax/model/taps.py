@@ -1,4 +1,4 @@
-"""Named points inside a stage's step, for capture (issue 22; docs/design.md §13).
+"""Named points inside a stage's step, for capture (issue 22; docs/design.md §14).
 
 A `Taps` object is handed to `Stage.batched` at trace time. Each named point of a layer calls
 it with its value; the point is kept when the request names it, and the value flows on

@@ -1,4 +1,4 @@
-"""Look inside DeepSeek V4 from a notebook, wherever its layers run (issue 22; design.md §13).
+"""Look inside DeepSeek V4 from a notebook, wherever its layers run (issue 22; design.md §14).
 
 A `Lab` wraps any `Backend`: one process, an in-process split (`LocalBackend` with several
 ranges) or a `Coordinator` with workers on other hosts. Each stage captures the points of
@@ -38,10 +38,11 @@ class Lab:
   def open(cls, path: str | os.PathLike, *, ranges: Sequence[str] = ("all",),
            ctx_size: int = 4096, **kw) -> "Lab":
     """A Lab over a `LocalBackend` of a GGUF (or checkpoint directory), one process or an
-    in-process split (`ranges`), with its tokenizer."""
+    in-process split (`ranges`), with its tokenizer; `kw`: more `build.local_backend`
+    arguments (prefill_chunk, max_sessions, dtype, ...)."""
+    from ds4jax import build
     from ds4jax.runtime import sources
-    from ds4jax.runtime.local import LocalBackend
-    backend = LocalBackend.from_gguf(path, ranges=ranges, ctx_size=ctx_size, **kw)
+    backend = build.local_backend(os.fspath(path), ranges=ranges, ctx_size=ctx_size, **kw)
     return cls(backend, sources.open_tokenizer(os.fspath(path)))
 
   def close(self) -> None:

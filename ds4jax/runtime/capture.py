@@ -1,4 +1,4 @@
-"""Capture: named points of a step, taken wherever their layers run (issue 22; design.md §13).
+"""Capture: named points of a step, taken wherever their layers run (issue 22; design.md §14).
 
 A request names points, layers and positions (`CaptureSpec`). `RouteBackend.step(...,
 capture=spec)` checks it against the model (one-line `CaptureError` before any compute) and

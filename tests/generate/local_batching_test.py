@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 
+from ds4jax import build
 from ds4jax.config import LayerRange
 from ds4jax.runtime import batching
 from ds4jax.runtime.local import LocalBackend, StepRequest
@@ -20,8 +21,8 @@ N_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def backend(tiny_gguf):
-  be = LocalBackend.from_gguf(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=128,
-                              max_sessions=4)
+  be = build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=128,
+                           max_sessions=4)
   yield be
   be.close()
 

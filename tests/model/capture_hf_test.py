@@ -21,7 +21,7 @@ N_PROMPT, N_NEW = 20, 4  # rows: the prompt and 3 fed-back tokens
 def ours(hf_tiny):
   """(token ids of every captured row, the Captured of all points on all layers)."""
   ids = np.random.default_rng(3).integers(0, 320, N_PROMPT).tolist()
-  with Lab.open(hf_tiny[1], ctx_size=64, prefill_chunk=32) as lab:
+  with Lab.open(hf_tiny[1], ctx_size=64, prefill_chunk=32, max_sessions=1) as lab:
     with lab.generate(ids, max_new_tokens=N_NEW) as g:
       saved = {p: getattr(g.layers.all, p).save() for p in POINTS if p != "logits"}
       saved["logits"] = g.logits.save()

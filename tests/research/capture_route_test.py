@@ -3,8 +3,8 @@ two threaded workers (real StageRunners, loopback sockets) capture the same arra
 that captures nothing is today's step (no compilation, the protocol-v3 bytes, the same
 tokens); bad requests fail in one line before any compute and the session goes on.
 
-Route: coordinator 0:0 | worker 1:1 | worker 2:output, prefill chunks of 8 (a 10-token
-prompt is two chunks: the lens inputs and the captured rows cross both).
+Route: coordinator 0:0 | worker 1:1 | worker 2:output at the suite's standard shapes (a
+20-token prompt is two prefill chunks: the lens inputs and the captured rows cross both).
 """
 
 import threading
@@ -12,19 +12,19 @@ import threading
 import numpy as np
 import pytest
 
-from ds4jax.bridge import launch
+from ds4jax import build
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LAYER_POINTS
 from ds4jax.research import Lab
 from ds4jax.runtime.capture import Captured, CaptureError, CaptureSpec
-from ds4jax.runtime.local import LocalBackend
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.runtime.step import StepRequest
+from ds4jax.testing.suite import CHUNK, CTX
 from ds4jax.wire import protocol
 
-CTX, CHUNK = 64, 8
-PROMPT = [7, 300, 42, 9, 1, 77, 256, 3, 18, 99]
+PROMPT = [7, 300, 42, 9, 1, 77, 256, 3, 18, 99, 5, 61, 404, 2, 33, 120, 8, 71, 250, 14]
+P = len(PROMPT)
 N_NEW = 4
 GREEDY = SamplingParams()
 ALL = CaptureSpec.parse("attn_out,ffn_out,hc_out,router_ids,router_weights,router_scores,"
@@ -43,7 +43,7 @@ def generate(backend, spec, n=N_NEW, prompt=PROMPT):
 
 @pytest.fixture(scope="module")
 def one(tiny_gguf):
-  b = LocalBackend.from_gguf(tiny_gguf, ctx_size=CTX, prefill_chunk=CHUNK)
+  b = build.local_backend(tiny_gguf, ctx_size=CTX, prefill_chunk=CHUNK)
   yield b
   b.close()
 
@@ -56,9 +56,11 @@ def reference(one):
 @pytest.fixture(scope="module")
 def route(tiny_gguf):
   """A coordinator (0:0) and threaded workers (1:1, 2:output)."""
-  mk = lambda spec: launch.load_runner(tiny_gguf, spec, ctx_size=CTX)  # noqa: E731
+  mk = lambda spec: build.load_runner(tiny_gguf, spec, ctx_size=CTX,  # noqa: E731
+                                     prefill_chunk=CHUNK)
   coord = Coordinator(mk("0:0"), CoordinatorOptions(
-      port=0, route_timeout=60.0, prefill_chunk=CHUNK, heartbeat_s=2.0, dead_after=60.0))
+      port=0, route_timeout=60.0, prefill_chunk=CHUNK, heartbeat_s=2.0, dead_after=60.0,
+      max_sessions=8))
   workers, threads = [], []
   for spec in ("1:1", "2:output"):
     r = mk(spec)
@@ -87,17 +89,17 @@ def _max_diff(a, b):
 
 def test_rows_cover_the_prompt_then_each_token_fed_back(reference):
   toks, cap, results = reference
-  n_rows = len(PROMPT) + N_NEW - 1
+  n_rows = P + N_NEW - 1
   assert cap.positions.tolist() == list(range(n_rows))
-  assert [r.captured.positions.tolist() for r in results[1:]] == [[10], [11], [12]]
+  assert [r.captured.positions.tolist() for r in results[1:]] == [[P], [P + 1], [P + 2]]
   assert cap["hc_out.2"].shape == (n_rows, 4, 256) and cap["router_ids.0"].dtype == np.int32
   assert cap["lens.1"].shape == cap["logits"].shape == (n_rows, 512)
   np.testing.assert_array_equal(cap["lens.3"], cap["logits"])
 
 
 def test_in_process_split_captures_what_one_process_does(tiny_gguf, reference):
-  with LocalBackend.from_gguf(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=CTX,
-                              prefill_chunk=CHUNK) as split:
+  with build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=CTX,
+                           prefill_chunk=CHUNK) as split:
     toks, cap, _ = generate(split, ALL)
   assert toks == reference[0]
   assert _max_diff(cap, reference[1]) <= 1e-6
@@ -162,15 +164,15 @@ def test_sessions_capturing_and_not_batch_together(route, reference):
 def test_positions_and_keys_select_what_travels(route, one, reference):
   coord, _ = route
   spec = CaptureSpec.of_keys(["ffn_out.1", "lens.0", "router_ids.3", "logits"],
-                             positions=[2, 9, 11])
+                             positions=[2, 17, P + 1])
   for b in (one, coord):
     _, cap, results = generate(b, spec)
     assert sorted(cap.keys()) == ["ffn_out.1", "lens.0", "logits", "router_ids.3"]
-    assert cap.positions.tolist() == [2, 9, 11]
+    assert cap.positions.tolist() == [2, 17, P + 1]
     for k in cap.keys():  # another set of points is another program: float rounding apart
-      np.testing.assert_allclose(cap[k], reference[1][k][[2, 9, 11]], rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(cap[k], reference[1][k][[2, 17, P + 1]], rtol=1e-5, atol=1e-5)
   _, cap, _ = generate(coord, CaptureSpec.parse("router_ids", "2", positions="last"), n=2)
-  assert cap.positions.tolist() == [9, 10]
+  assert cap.positions.tolist() == [P - 1, P]
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -204,13 +206,13 @@ def test_the_notebook_api_is_the_same_on_a_route(route, reference):
     logits = t.logits.save()
     with pytest.raises(RuntimeError, match="has not run yet"):
       one.value
-  assert t.next_token == reference[0][0] and t.captured.positions.tolist() == list(range(10))
+  assert t.next_token == reference[0][0] and t.captured.positions.tolist() == list(range(P))
   for p, s in saved.items():
-    assert s.value.shape[:2] == (4, len(PROMPT))
+    assert s.value.shape[:2] == (4, P)
     for il in range(4):
-      np.testing.assert_array_equal(s.value[il], reference[1][f"{p}.{il}"][:len(PROMPT)])
-  np.testing.assert_array_equal(one.value, reference[1]["hc_out.2"][:len(PROMPT)])
-  np.testing.assert_array_equal(logits.value, reference[1]["logits"][:len(PROMPT)])
+      np.testing.assert_array_equal(s.value[il], reference[1][f"{p}.{il}"][:P])
+  np.testing.assert_array_equal(one.value, reference[1]["hc_out.2"][:P])
+  np.testing.assert_array_equal(logits.value, reference[1]["logits"][:P])
   with pytest.raises(CaptureError, match="nothing is saved"):
     with lab.trace(PROMPT):
       pass

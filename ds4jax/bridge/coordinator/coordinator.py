@@ -133,23 +133,6 @@ class Coordinator(RouteBackend):
     log.info("coordinator for layers %s listening on %s:%d", self.local.describe(),
              *self.address)
 
-  @classmethod
-  def from_gguf(cls, path: str, *, layers: str = "0:0", ctx_size: int = 4096,
-                dtype: str = "float32", weights: str = "packed", key_file: str | None = None,
-                **options) -> "Coordinator":
-    """Loads layers (0:K, or 0:output for one process) of a GGUF and starts listening.
-
-    `options` are CoordinatorOptions fields. The pre-shared key comes from key_file or the
-    DS4JAX_KEY environment variable (never from a flag value).
-    """
-    from ds4jax.bridge.launch import load_runner  # deferred: imports JAX
-    if "key" not in options:
-      from ds4jax.wire import auth
-      options["key"] = auth.load_key(key_file)
-    options.setdefault("warmup", True)  # compile while workers join, not on the first token
-    runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype, weights=weights)
-    return cls(runner, CoordinatorOptions(**options))
-
   @property
   def batcher(self):
     """The local stage's StageBatcher."""
