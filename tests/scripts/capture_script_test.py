@@ -3,14 +3,17 @@
 import json
 
 import numpy as np
+import pytest
 
-from scripts_test import assert_one_line_error, env, run  # noqa: F401 (env is a fixture)
+from scripts_test import SHAPES, assert_one_line_error, env, run  # noqa: F401 (env: a fixture)
+
+pytestmark = pytest.mark.e2e
 
 
 def test_generate_writes_the_captured_npz(env, tmp_path):  # noqa: F811
   out, js = tmp_path / "cap.npz", tmp_path / "out.json"
   p = run("generate.py", "--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=3",
-          "--ctx_size=512", "--prefill_chunk=16", "--capture=ffn_out,router_ids,lens,logits",
+          *SHAPES, "--capture=ffn_out,router_ids,lens,logits",
           "--capture_layers=1:2", f"--capture_out={out}", f"--output_json={js}", env=env)
   assert p.returncode == 0, p.stderr
   d = json.loads(js.read_text())
@@ -27,7 +30,7 @@ def test_generate_writes_the_captured_npz(env, tmp_path):  # noqa: F811
 
 
 def test_bad_capture_flags_are_one_line_errors(env, tmp_path):  # noqa: F811
-  base = ["generate.py", "--gguf=tiny", "--prompt=x", f"--capture_out={tmp_path}/c.npz"]
+  base = ["generate.py", "--gguf=tiny", "--prompt=x", *SHAPES, f"--capture_out={tmp_path}/c.npz"]
   assert_one_line_error(run(*base, "--capture=ffn_out,nope", env=env),
                         "unknown capture point 'nope'")
   assert_one_line_error(run(*base, "--capture=ffn_out", "--capture_layers=2:9", env=env),
