@@ -39,24 +39,6 @@ def pytest_report_header(config):
   return f"ds4jax suite cache: {SUITE_CACHE}"
 
 
-def _suite_cache() -> str:
-  base = pathlib.Path(os.environ.get("DS4JAX_CACHE") or pathlib.Path.home() / ".cache" /
-                      "ds4jax")
-  leaf = f"jax-{jax.__version__}"
-  d = base if base.name == leaf else base / leaf  # a nested pytest inherits the keyed dir
-  d.mkdir(parents=True, exist_ok=True)
-  return str(d)
-
-
-SUITE_CACHE = _suite_cache()
-os.environ["DS4JAX_CACHE"] = SUITE_CACHE  # children find the fixtures and the XLA cache here
-cli.enable_compilation_cache(SUITE_CACHE)
-
-
-def pytest_report_header(config):
-  return f"ds4jax suite cache: {SUITE_CACHE}"
-
-
 @pytest.fixture(scope="session")
 def tiny_cache_dir() -> str:
   """The suite's cache directory (see the module doc): fixtures are built once, ever."""
