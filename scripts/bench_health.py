@@ -15,6 +15,7 @@ is this script's figure, since a shared machine's scheduling decides it.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import subprocess
 import sys
@@ -82,6 +83,7 @@ def main(argv):
   import openai
 
   from ds4jax import cli
+  logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per probe otherwise
   gguf = cli.resolve_gguf(_GGUF.value, _CACHE.value)
   port = local_cluster.free_port()
   cache = [f"--cache_dir={_CACHE.value}"] if _CACHE.value else []

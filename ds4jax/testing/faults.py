@@ -164,7 +164,8 @@ class _Stream:
       self.head += chunk
       if len(self.head) == self.head_size:
         try:
-          self.frame_end = self.pos + len(chunk) - self.head_size + self.frame_size(bytes(self.head))
+          start = self.pos + len(chunk) - self.head_size
+          self.frame_end = start + self.frame_size(bytes(self.head))
         except (ValueError, struct.error):
           self.frame_end = math.inf  # not frames: stop counting
 

@@ -44,7 +44,8 @@ def smoke(tiny_gguf, tiny_cache_dir, tmp_path_factory):
   d = tmp_path_factory.mktemp("bench")
   out_json, out_md = d / "b.json", d / "b.md"
   proc = _bench("--preset=tiny", "--prompt_lens=8,16", "--decode_tokens=2", "--workers=1",
-                "--chunk=8", "--skip_hf", "--floor_rounds=20", f"--cache_dir={tiny_cache_dir}",
+                "--chunk=8", "--skip_hf", "--floor_rounds=20", "--paired_rounds=1",
+                f"--cache_dir={tiny_cache_dir}",
                 f"--out_json={out_json}", f"--out_md={out_md}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out_json.read_text()), out_md.read_text(), proc.stdout

@@ -118,7 +118,8 @@ def mutations(m: Mutator):
     return frame(mt, dict(h, token=m.rng.choice([-1, CFG.vocab_size, 2**40, "7", 7.5, None])), p)
 
   def telemetry(mt, h, p):
-    return frame(mt, dict(h, t=m.rng.choice([7, "x", [7], [{"compute_s": "x"}], {}, [1, -1], [1.5, 2]])), p)
+    bad = m.rng.choice([7, "x", [7], [{"compute_s": "x"}], {}, [1, -1], [1.5, 2]])
+    return frame(mt, dict(h, t=bad), p)
 
   def logprobs(mt, h, p):
     return frame(mt, dict(h, logprobs=m.rng.choice([7, [[1]], [["a", "b"]], [None], "x"])), p)

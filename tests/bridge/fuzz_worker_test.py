@@ -228,7 +228,8 @@ def test_fuzz_worker(logs, fake_bridge):
     protocol.send_frame(sock, MsgType.WORK, h, payload)
     state, frames = react(sock, time.monotonic() + HANG_S, is_reply)
     f = frames[-1]
-    assert state == "alive" and f.type == MsgType.RESULT and f.header["token"] == greedy_next(CFG, toks), f.header
+    assert state == "alive" and f.type == MsgType.RESULT, f.header
+    assert f.header["token"] == greedy_next(CFG, toks), f.header
     growth = rss.stop()
     assert growth < RSS_BOUND, f"RSS grew by {growth / 2**20:.1f} MiB"
     print(f"\nworker fuzz: {N_WORKER} cases {kinds}, {kills} hang-ups and redials, {replies} "

@@ -112,7 +112,8 @@ def test_refusals():
   with pytest.raises(ValueError, match="context size"):
     b.step(sid, [1] * 65, GREEDY, 0)
   with pytest.raises(ValueError, match="starts at layer"):
-    LocalBackend([PrefixRunner(LayerRange.parse("0:1", 4)), PrefixRunner(LayerRange.parse("3:output", 4))])
+    LocalBackend([PrefixRunner(LayerRange.parse("0:1", 4)),
+                  PrefixRunner(LayerRange.parse("3:output", 4))])
   with pytest.raises(ValueError, match="head"):
     LocalBackend([PrefixRunner(LayerRange.parse("0:3", 4))])
 

@@ -20,7 +20,8 @@ def test_prompt_formats(tiny_tokenizer):
   gen = Generator(ScriptBackend([5]), tok)
   assert gen.prompt_ids("hi") == [tok.bos_id] + tok.encode("hi")
   assert gen.prompt_ids(prompt_tokens=[3, 4]) == [3, 4]
-  assert gen.prompt_ids("hi", chat=True, system="s") == tok.chat_prompt([("system", "s"), ("user", "hi")])
+  want = tok.chat_prompt([("system", "s"), ("user", "hi")])
+  assert gen.prompt_ids("hi", chat=True, system="s") == want
   with pytest.raises(ValueError, match="exactly one"):
     gen.prompt_ids("a", [1])
 

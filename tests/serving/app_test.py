@@ -104,7 +104,8 @@ def test_bad_bodies_get_clear_4xx(server):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = c.post("/v1/chat/completions", json={"messages": [{"role": "wizard", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
-    r = c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    r = c.post("/v1/completions", content=b"{not json",
+               headers={"content-type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
     r = c.post("/v1/completions", json={"model": "other", "prompt": "x"})
     assert r.status_code == 404 and "other" in r.json()["error"]["message"]
@@ -142,7 +143,8 @@ def test_route_wait_join_and_timeout(tok):
       assert "ds4jax_queue_depth 1" in c.get("/metrics").text
       backend.join()
       r = fut.result(timeout=60)
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == _reference(tok, "hi", max_tokens=5).text
+    assert r.status_code == 200
+    assert r.json()["choices"][0]["text"] == _reference(tok, "hi", max_tokens=5).text
     h = c.get("/health").json()
     assert h["route"]["workers"][0]["layers"] == "2:3+output" and h["route"]["missing_layers"] == []
 

@@ -111,8 +111,8 @@ class FakeBackend:
     hops = [HopTelemetry(stage=f"0:{self.coord_end}", host="local", compute_s=self.step_s / 2),
             HopTelemetry(stage=f"{self.coord_end + 1}:output", host="127.0.0.1:9",
                          compute_s=self.step_s / 2, queue_s=0.0001)]
-    return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
-                      n_computed=1)
+    return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None,
+                      telemetry=hops, n_computed=1)
 
 
 @contextlib.contextmanager
