@@ -228,6 +228,7 @@ print("LOADED", bad)
 """
 
 
+@pytest.mark.e2e
 def test_loading_a_gguf_imports_no_checkpoint_code(tiny_gguf):
   r = subprocess.run([sys.executable, "-c", LIVE, tiny_gguf], capture_output=True, text=True,
                      timeout=300, cwd=str(REPO))

@@ -251,7 +251,10 @@ def _script(*args, **kw):
                         capture_output=True, text=True, timeout=300, cwd=str(REPO), **kw)
 
 
+@pytest.mark.e2e
 def test_convert_script(tiny_gguf, tmp_path):
+  """The script's flags reach the writer, and its refusals are one line (exit 2). The
+  writer's own checks are the tests above and below; the range one is here."""
   out = tmp_path / "c"
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}",
               "--weights=dequantized", "--dtype=bfloat16")
@@ -260,17 +263,12 @@ def test_convert_script(tiny_gguf, tmp_path):
   m = orbax_io.read_manifest(out)
   assert (m["start"], m["end"], m["has_output"], m["dtype"]) == (3, 3, True, "bfloat16")
   assert m["weights"] == "dequantized"
-  r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={tmp_path / 'p'}")
-  assert r.returncode == 0, r.stderr
-  assert "layers 3:output, packed" in r.stdout
-  assert orbax_io.read_manifest(tmp_path / "p")["weights"] == "packed"
-  r = _script(f"--gguf={tiny_gguf}", f"--out={tmp_path / 'q'}", "--dtype=bfloat16")
-  assert r.returncode == 2 and "own precision" in r.stderr and "Traceback" not in r.stderr
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "already exists" in r.stderr and "Traceback" not in r.stderr
-  r = _script(f"--gguf={tiny_gguf}", "--layers=9:10", f"--out={tmp_path / 'd'}")
-  assert r.returncode == 2 and "Traceback" not in r.stderr
+  with pytest.raises(ValueError, match="layer range 9:10 starts past the final model layer 3"):
+    checkpoint.save_stage_checkpoint(tiny_gguf, "9:10", tmp_path / "d")
+  assert not (tmp_path / "d").exists()
 
 
 def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_runner, tmp_path):

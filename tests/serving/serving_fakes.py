@@ -3,7 +3,8 @@
 `FakeBackend` is a deterministic stand-in for the Coordinator: the next token is a hash of
 the whole transcript (so a session that lost or mixed state would produce different text),
 steps take `step_s` seconds, and the route is incomplete ("missing layer 2") until
-`join()` is called. It records every session it opens and closes.
+`join()` is called. It records every session it opens and closes. A test can hold every step
+(`hold`, an Event the steps wait for) and wait for one to be under way (`in_step`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class FakeBackend:
     self.closed: list[str] = []
     self.steps = 0
     self._n = 0
+    self.in_step = threading.Event()  # set once a step is under way
+    self.hold: threading.Event | None = None  # when given, steps wait for it (up to 60 s)
 
   def join(self) -> None:
     self._ready.set()
@@ -101,6 +104,9 @@ class FakeBackend:
       self.steps += 1
     if self.fail_on_token is not None and self.fail_on_token in transcript:
       raise ValueError(f"token {self.fail_on_token} is outside the vocab")
+    self.in_step.set()
+    if self.hold is not None:
+      self.hold.wait(60)
     time.sleep(self.step_s)
     hops = [HopTelemetry(stage=f"0:{self.coord_end}", host="local", compute_s=self.step_s / 2),
             HopTelemetry(stage=f"{self.coord_end + 1}:output", host="127.0.0.1:9",
