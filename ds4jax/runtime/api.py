@@ -31,7 +31,8 @@ class Model:
 
   @classmethod
   def from_source(cls, source, layers: str | None = "all", *, dtype=None, ctx_size: int = 4096,
-                  max_chunk: int = 256, weights: str = "packed", devices=1) -> "Model":
+                  max_chunk: int = 256, weights: str = "packed", devices=1,
+                  activations: str = "exact") -> "Model":
     """Loads `layers` of a source (a `TensorSource`, or a GGUF file path).
 
     dtype: compute dtype ('float32' | 'bfloat16'); None is the source's (float32 for a
@@ -39,10 +40,11 @@ class Model:
     dequantised inside the step) or 'dequantized' (dequantised to `dtype` at load, ~13x the
     GGUF bytes for a q2 file in f32). ctx_size is capped at the model's context length.
     devices: 1, N, "all" or a Mesh: the routed experts sharded over that many local devices
-    (`model.sharding`).
+    (`model.sharding`). activations: 'exact' (default) or 'q8' (`runtime.load.load_stage`).
     """
     source = as_source(source)
-    stage = load_stage(source, layers, dtype=dtype, weights=weights, devices=devices)
+    stage = load_stage(source, layers, dtype=dtype, weights=weights, devices=devices,
+                       activations=activations)
     ctx = min(int(ctx_size), int(stage.cfg.context_length))
     return cls(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,
                            fingerprint=source.fingerprint))

@@ -1,0 +1,326 @@
+// CPU kernels of quant.matmul / quant.expert_matmul (docs/design.md §8.1), as XLA FFI custom
+// calls: packed GGML weights times a few f32 activation rows, every weight byte read and
+// unpacked once per call whatever the number of rows.
+//
+//   ds4_matmul:        x f32[M, K], planes of w [N, ...]              -> y f32[M, N]
+//   ds4_expert_matmul: x f32[P, K], e int32[P], planes of w [E, N, ...] -> y f32[P, N]
+//                      (row p times expert e[p]; rows with e outside [0, E) give 0)
+//
+// A weight row is cut into 256-element chunks; `NR` rows' chunks are dequantised exactly
+// (blocks.h) into an L1 buffer and multiplied into NR x M vector accumulators (FMA), so the
+// products are the exact products of the dequantised weights and x, and only the summation
+// order differs from a dot. Rows of the weight are split over the XLA intra-op thread pool.
+// Activations with more than kMaxRows rows go through the weights in slices of kMaxRows
+// (the Python side sends long chunks to dequantise-then-dot instead).
+//
+// act = 1 ("q8") quantises each 32-element block of x to int8 (scale amax / 127, round half
+// to even, the jnp reference in ds4jax/quant/matmul.py) and multiplies the dequantised
+// weights by those values: numerically the integer-activation mode (ggml's Q8 activations).
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "blocks.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace ds4 {
+
+uint8_t g_iq2xxs_grid[256][8];
+
+constexpr int kMaxRows = 16;
+
+struct Weight {
+  int qtype = 0, np = 0;
+  int64_t k = 0;
+  DeqFn deq = nullptr;
+  const uint8_t* base[4] = {};
+  int64_t row_bytes[4] = {};
+  void row(int64_t r, const uint8_t** p) const {
+    for (int i = 0; i < np; ++i) p[i] = base[i] + r * row_bytes[i];
+  }
+};
+
+// One task: weight rows wrow + [n0, n1) into outputs y[m][n0 .. n1), m < rows.
+struct Task {
+  int64_t wrow, n0, n1;
+  int rows;
+  const float* const* x;
+  float* const* y;
+};
+
+using RowsFn = void (*)(const Weight&, int64_t wrow, int64_t n, const float* const* x,
+                        float* const* y);
+
+#if DS4_AVX512
+
+template <int NR, int M>
+void rows_exact(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
+                float* const* y) {
+  alignas(64) float buf[NR][CK];
+  const uint8_t* p[NR][4];
+  for (int r = 0; r < NR; ++r) w.row(wrow + r, p[r]);
+  __m512 acc[NR][M];
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
+    int len = int(std::min<int64_t>(CK, w.k - k0));
+    for (int r = 0; r < NR; ++r) w.deq(p[r], c, len, buf[r]);
+    for (int v = 0; v < len; v += 16) {
+      __mmask16 mask = len - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - v)) - 1);
+      if constexpr (NR == 1) {
+        __m512 wv = _mm512_maskz_load_ps(mask, buf[0] + v);
+        for (int m = 0; m < M; ++m)
+          acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x[m] + k0 + v), acc[0][m]);
+      } else {
+        __m512 xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x[m] + k0 + v);
+        for (int r = 0; r < NR; ++r) {
+          __m512 wv = _mm512_maskz_load_ps(mask, buf[r] + v);
+          for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) y[m][n + r] = _mm512_reduce_add_ps(acc[r][m]);
+}
+
+#else
+
+template <int NR, int M>
+void rows_exact(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
+                float* const* y) {
+  alignas(64) float buf[NR][CK];
+  const uint8_t* p[NR][4];
+  for (int r = 0; r < NR; ++r) w.row(wrow + r, p[r]);
+  float acc[NR][M][16] = {};
+  int64_t c = 0;
+  for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
+    int len = int(std::min<int64_t>(CK, w.k - k0));
+    for (int r = 0; r < NR; ++r) w.deq(p[r], c, len, buf[r]);
+    for (int r = 0; r < NR; ++r)
+      for (int m = 0; m < M; ++m)
+        for (int i = 0; i < len; ++i) acc[r][m][i & 15] += buf[r][i] * x[m][k0 + i];
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = 0;
+      for (int i = 0; i < 16; ++i) s += acc[r][m][i];
+      y[m][n + r] = s;
+    }
+}
+
+#endif
+
+// Rows of the weight per register tile: NR x M accumulators, at least 8 independent chains.
+constexpr int nr_for(int m) { return m == 1 ? 8 : m == 2 ? 4 : m <= 4 ? 2 : 1; }
+
+template <int M>
+constexpr RowsFn tile_fn() { return rows_exact<nr_for(M), M>; }
+template <int M>
+constexpr RowsFn one_fn() { return rows_exact<1, M>; }
+
+template <int... Ms>
+struct Table {
+  static constexpr RowsFn tile[] = {tile_fn<Ms>()...};
+  static constexpr RowsFn one[] = {one_fn<Ms>()...};
+};
+using Fns = Table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
+
+void run_task(const Weight& w, const Task& t) {
+  int nr = nr_for(t.rows);
+  RowsFn tile = Fns::tile[t.rows - 1], one = Fns::one[t.rows - 1];
+  int64_t n = t.n0;
+  for (; n + nr <= t.n1; n += nr) tile(w, t.wrow + n, n, t.x, t.y);
+  for (; n < t.n1; ++n) one(w, t.wrow + n, n, t.x, t.y);
+}
+
+// body(i) for i < n on the calling thread plus up to num_threads - 1 pool tasks. A task that
+// starts after all items are claimed touches nothing but the shared counters, so the caller
+// only waits for claimed items: no deadlock when the pool is busy.
+template <class F>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, F& body) {
+  int64_t nt = std::min<int64_t>(pool.num_threads(), n);
+  if (nt <= 1) {
+    for (int64_t i = 0; i < n; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto st = std::make_shared<State>();
+  F* fp = &body;
+  auto run = [st, n, fp]() {
+    for (int64_t i; (i = st->next.fetch_add(1, std::memory_order_relaxed)) < n;) {
+      (*fp)(i);
+      st->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < nt; ++t) {
+    auto copy = run;
+    pool.Schedule(std::move(copy));
+  }
+  run();
+  for (int spins = 0; st->done.load(std::memory_order_acquire) < n; ++spins) {
+    if (spins > 1000) std::this_thread::yield();
+  }
+}
+
+// q8 activations: x rows -> int8 blocks of 32 times amax / 127, as float (the values the
+// integer sums multiply). The last block of a row shorter than 32 is a block too.
+void quantize_rows(const float* x, int64_t rows, int64_t k, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * k;
+    float* o = out + r * k;
+    for (int64_t b = 0; b < k; b += 32) {
+      int64_t e = std::min<int64_t>(k, b + 32);
+      float amax = 0;
+      for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(xr[i]));
+      float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+      for (int64_t i = b; i < e; ++i) o[i] = std::nearbyint(xr[i] * id) * d;
+    }
+  }
+}
+
+ffi::Error make_weight(int64_t qtype, const ffi::RemainingArgs& planes, int64_t n_rows,
+                       int64_t k, Weight* w) {
+  w->qtype = int(qtype);
+  w->np = n_planes(w->qtype);
+  w->deq = deq_fn(w->qtype);
+  w->k = k;
+  if (!w->deq) return ffi::Error::InvalidArgument("ds4_cpu: unsupported GGML type");
+  if (int64_t(planes.size()) != w->np)
+    return ffi::Error::InvalidArgument("ds4_cpu: wrong number of weight planes");
+  if (k % block_elems(w->qtype)) return ffi::Error::InvalidArgument("ds4_cpu: K not whole blocks");
+  for (int i = 0; i < w->np; ++i) {
+    auto b = planes.get<ffi::AnyBuffer>(i);
+    if (!b.has_value()) return b.error();
+    if (n_rows <= 0 || b->size_bytes() % n_rows)
+      return ffi::Error::InvalidArgument("ds4_cpu: plane size is not rows x row bytes");
+    w->base[i] = static_cast<const uint8_t*>(b->untyped_data());
+    w->row_bytes[i] = int64_t(b->size_bytes()) / n_rows;
+  }
+  return ffi::Error::Success();
+}
+
+// Runs the groups (a weight row offset and a list of activation rows each) in tasks.
+struct Group {
+  int64_t wrow;
+  std::vector<const float*> x;
+  std::vector<float*> y;
+};
+
+void run_groups(ffi::ThreadPool& pool, const Weight& w, int64_t n, std::vector<Group>& groups) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t work = 0;
+  for (auto& g : groups) work += n * ((int64_t(g.x.size()) + kMaxRows - 1) / kMaxRows);
+  int64_t tr = std::clamp<int64_t>((work / (threads * 8) + 7) / 8 * 8, 8, 1024);
+  std::vector<Task> tasks;
+  for (auto& g : groups)
+    for (size_t m0 = 0; m0 < g.x.size(); m0 += kMaxRows) {
+      int rows = int(std::min<size_t>(kMaxRows, g.x.size() - m0));
+      for (int64_t n0 = 0; n0 < n; n0 += tr)
+        tasks.push_back({g.wrow, n0, std::min(n, n0 + tr), rows, g.x.data() + m0,
+                         g.y.data() + m0});
+    }
+  auto body = [&](int64_t i) { run_task(w, tasks[i]); };
+  parallel_for(pool, int64_t(tasks.size()), body);
+}
+
+const float* maybe_quantize(int64_t act, const float* x, int64_t rows, int64_t k,
+                            std::vector<float>* store) {
+  if (act == 0) return x;
+  store->resize(size_t(rows * k));
+  quantize_rows(x, rows, k, store->data());
+  return store->data();
+}
+
+ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingArgs planes,
+                  ffi::ResultBuffer<ffi::F32> y, int64_t qtype, int64_t act) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0])
+    return ffi::Error::InvalidArgument("ds4_matmul: x [M, K] and y [M, N] expected");
+  if (act != 0 && act != 1) return ffi::Error::InvalidArgument("ds4_matmul: act is 0 or 1");
+  int64_t m = xd[0], k = xd[1], n = yd[1];
+  Weight w;
+  if (auto err = make_weight(qtype, planes, n, k, &w); err.failure()) return err;
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  std::vector<float> xq;
+  const float* xs = maybe_quantize(act, x.typed_data(), m, k, &xq);
+  std::vector<Group> groups(1);
+  groups[0].wrow = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    groups[0].x.push_back(xs + i * k);
+    groups[0].y.push_back(y->typed_data() + i * n);
+  }
+  run_groups(pool, w, n, groups);
+  return ffi::Error::Success();
+}
+
+ffi::Error ExpertMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> e,
+                        ffi::RemainingArgs planes, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t qtype, int64_t act, int64_t n_experts) {
+  auto xd = x.dimensions(), yd = y->dimensions();
+  if (xd.size() != 2 || yd.size() != 2 || xd[0] != yd[0] || int64_t(e.element_count()) != xd[0])
+    return ffi::Error::InvalidArgument("ds4_expert_matmul: x [P, K], e [P], y [P, N] expected");
+  if (act != 0 && act != 1) return ffi::Error::InvalidArgument("ds4_expert_matmul: act is 0 or 1");
+  int64_t p = xd[0], k = xd[1], n = yd[1];
+  Weight w;
+  if (auto err = make_weight(qtype, planes, n_experts * n, k, &w); err.failure()) return err;
+  std::fill(y->typed_data(), y->typed_data() + p * n, 0.0f);
+  if (p == 0 || n == 0) return ffi::Error::Success();
+  std::vector<float> xq;
+  const float* xs = maybe_quantize(act, x.typed_data(), p, k, &xq);
+  std::vector<int> slot(size_t(n_experts), -1);
+  std::vector<Group> groups;
+  const int32_t* ep = e.typed_data();
+  for (int64_t i = 0; i < p; ++i) {
+    int32_t ei = ep[i];
+    if (ei < 0 || ei >= n_experts) continue;
+    if (slot[ei] < 0) {
+      slot[ei] = int(groups.size());
+      groups.push_back({int64_t(ei) * n, {}, {}});
+    }
+    groups[slot[ei]].x.push_back(xs + i * k);
+    groups[slot[ei]].y.push_back(y->typed_data() + i * n);
+  }
+  run_groups(pool, w, n, groups);
+  return ffi::Error::Success();
+}
+
+}  // namespace ds4
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ds4_matmul, ds4::Matmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype")
+                                  .Attr<int64_t>("act"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ds4_expert_matmul, ds4::ExpertMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .RemainingArgs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("qtype")
+                                  .Attr<int64_t>("act")
+                                  .Attr<int64_t>("n_experts"));
+
+extern "C" __attribute__((visibility("default"))) void ds4_set_iq2xxs_grid(const uint8_t* grid) {
+  std::memcpy(ds4::g_iq2xxs_grid, grid, sizeof(ds4::g_iq2xxs_grid));
+}
+
+extern "C" __attribute__((visibility("default"))) int ds4_avx512() { return DS4_AVX512; }
