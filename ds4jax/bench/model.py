@@ -204,3 +204,96 @@ def bench_devices(path, devices, *, n_prompt: int, n_decode: int, rounds: int = 
               decode_best=n_decode / float(times[:, 1].min()),
               bytes_per_device=max(per.values(), key=lambda d: d["total"]),
               param_bytes=param_bytes(model.runner.params)["total"])
+
+
+def floor_bytes(path, layers: str = "all") -> int:
+  """Bytes one decode token must read from the weights of `layers` of a GGUF: every
+  non-expert tensor whole, k/E of each routed-expert tensor, one row of the embedding (and of
+  a hash layer's tid2eid), as stored (packed bytes)."""
+  from ds4jax.gguf import names
+  from ds4jax.gguf.reader import open_gguf
+  f = open_gguf(path)
+  cfg, rng = f.cfg, f.resolve(layers)
+  read = 0.0
+  for e in names.entries(cfg, rng, optional=True):
+    if e.name not in f:
+      continue
+    share = 1.0
+    if e.name == "token_embd.weight":
+      share = 1.0 / cfg.vocab_size
+    elif e.name.endswith("tid2eid.weight"):
+      share = 1.0 / cfg.vocab_size
+    elif e.spec.is_expert:
+      share = cfg.n_experts_used / cfg.n_experts
+    read += f.nbytes(e.name) * share
+  return int(read)
+
+
+def bench_floor(path, layers: str = "all", *, weights: str = "packed",
+                activations: str = "exact", n_decode: int = 16, n_prompt: int = 8,
+                batches=(1, 8), rounds: int = 3) -> dict:
+  """Decode ms/token of `layers` of a GGUF (one session, after warm-up) next to its floor
+  measured in the same process: `floor_bytes` over the rate XLA reads a 2 GiB array
+  (`bench.kernels.read_gbs`); and the cost of one batched decode step (`forward_batch`, one
+  token per row) for each B in `batches`, alternating over B.
+
+  Returns {layers, weights, activations, ms_per_token, floor_bytes, read_gbs, floor_ms,
+  ratio (floor / measured), steps: {B: ms per step}, agg_tok_s: {B: B / step s}, load}.
+  """
+  from ds4jax.bench.kernels import read_gbs
+  from ds4jax.gguf.reader import open_gguf
+  from ds4jax.runtime.load import load_runner
+  f = open_gguf(path)
+  rng = f.resolve(layers)
+  cfg = f.cfg
+  n_slots = max(batches)
+  ctx = n_prompt + max(n_decode, rounds * 4 * len(batches)) + 8
+  runner = load_runner(path, rng, ctx_size=ctx, max_chunk=max(8, n_prompt), weights=weights,
+                       compile_sizes=(1, n_prompt), activations=activations,
+                       compile_batches=(tuple(batches), (1,), n_slots))
+  rs = np.random.default_rng(0)
+  ids = rs.integers(0, cfg.vocab_size, n_prompt + n_decode)
+  hc = None if rng.embeds else rs.standard_normal(
+      (n_prompt + n_decode, cfg.n_hc, cfg.d_model)).astype(np.float32)
+
+  def hc_at(a, b):
+    return None if hc is None else hc[a:b]
+
+  load0 = os.getloadavg()
+  state = runner.init_state()
+  _, state = runner.forward(state, ids[:n_prompt], hc_at(0, n_prompt), 0)
+  times = []
+  for p in range(n_prompt, n_prompt + n_decode):
+    t0 = time.perf_counter()
+    out, state = runner.forward(state, ids[p:p + 1], hc_at(p, p + 1), p)
+    np.asarray(out)
+    times.append(time.perf_counter() - t0)
+  del state
+  ms_token = 1e3 * float(np.median(times[1:]))
+  # Batched steps: each slot first holds n_prompt tokens; then B rows decode one token each.
+  pool = runner.init_pool(n_slots)
+  for s in range(n_slots):
+    _, pool = runner.forward_batch(pool, [s], ids[None, :n_prompt],
+                                   None if hc is None else hc[None, :n_prompt], [n_prompt])
+  pos = np.full(n_slots, n_prompt)
+  steps = {b: [] for b in batches}
+  for r in range(rounds * 4):
+    for b in batches[r % len(batches):] + batches[:r % len(batches)]:
+      slots = np.arange(b)
+      tok = ids[n_prompt + (pos[slots] - n_prompt) % n_decode][:, None]
+      h = None if hc is None else hc[n_prompt:n_prompt + 1][None].repeat(b, 0)
+      t0 = time.perf_counter()
+      out, pool = runner.forward_batch(pool, slots, tok, h, np.ones(b, np.int64))
+      np.asarray(out)
+      steps[b].append(time.perf_counter() - t0)
+      pos[slots] += 1
+  del pool, runner
+  step_ms = {b: 1e3 * float(np.median(v[1:])) for b, v in steps.items()}
+  gbs = read_gbs()
+  read = floor_bytes(path, layers)
+  floor_ms = 1e3 * read / (gbs * 1e9)
+  return dict(layers=rng.describe(), weights=weights, activations=activations,
+              ms_per_token=ms_token, floor_bytes=read, read_gbs=gbs, floor_ms=floor_ms,
+              ratio=floor_ms / ms_token, steps=step_ms,
+              agg_tok_s={b: 1e3 * b / ms for b, ms in step_ms.items()},
+              load=(load0, os.getloadavg()))

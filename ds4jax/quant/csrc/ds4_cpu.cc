@@ -26,7 +26,7 @@
 #include <thread>
 #include <vector>
 
-#include "blocks.h"
+#include "gemv.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -34,114 +34,17 @@ namespace ffi = xla::ffi;
 namespace ds4 {
 
 uint8_t g_iq2xxs_grid[256][8];
+int8_t g_iq2xxs_signed[256 * 128][8];
 
-constexpr int kMaxRows = 16;
-
-struct Weight {
-  int qtype = 0, np = 0;
-  int64_t k = 0;
-  DeqFn deq = nullptr;
-  const uint8_t* base[4] = {};
-  int64_t row_bytes[4] = {};
-  void row(int64_t r, const uint8_t** p) const {
-    for (int i = 0; i < np; ++i) p[i] = base[i] + r * row_bytes[i];
-  }
-};
-
-// One task: weight rows wrow + [n0, n1) into outputs y[m][n0 .. n1), m < rows.
-struct Task {
-  int64_t wrow, n0, n1;
-  int rows;
-  const float* const* x;
-  float* const* y;
-};
-
-using RowsFn = void (*)(const Weight&, int64_t wrow, int64_t n, const float* const* x,
-                        float* const* y);
-
-#if DS4_AVX512
-
-template <int NR, int M>
-void rows_exact(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
-                float* const* y) {
-  alignas(64) float buf[NR][CK];
-  const uint8_t* p[NR][4];
-  for (int r = 0; r < NR; ++r) w.row(wrow + r, p[r]);
-  __m512 acc[NR][M];
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  int64_t c = 0;
-  for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
-    int len = int(std::min<int64_t>(CK, w.k - k0));
-    for (int r = 0; r < NR; ++r) w.deq(p[r], c, len, buf[r]);
-    for (int v = 0; v < len; v += 16) {
-      __mmask16 mask = len - v >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (len - v)) - 1);
-      if constexpr (NR == 1) {
-        __m512 wv = _mm512_maskz_load_ps(mask, buf[0] + v);
-        for (int m = 0; m < M; ++m)
-          acc[0][m] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, x[m] + k0 + v), acc[0][m]);
-      } else {
-        __m512 xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = _mm512_maskz_loadu_ps(mask, x[m] + k0 + v);
-        for (int r = 0; r < NR; ++r) {
-          __m512 wv = _mm512_maskz_load_ps(mask, buf[r] + v);
-          for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
-        }
+void fill_iq2xxs_signed() {
+  for (int i = 0; i < 256; ++i)
+    for (int s7 = 0; s7 < 128; ++s7) {
+      uint32_t s8 = iq2_signs(uint32_t(s7), 0);
+      for (int j = 0; j < 8; ++j) {
+        int v = g_iq2xxs_grid[i][j];
+        g_iq2xxs_signed[(i << 7) | s7][j] = int8_t((s8 >> j) & 1 ? -v : v);
       }
     }
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < M; ++m) y[m][n + r] = _mm512_reduce_add_ps(acc[r][m]);
-}
-
-#else
-
-template <int NR, int M>
-void rows_exact(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
-                float* const* y) {
-  alignas(64) float buf[NR][CK];
-  const uint8_t* p[NR][4];
-  for (int r = 0; r < NR; ++r) w.row(wrow + r, p[r]);
-  float acc[NR][M][16] = {};
-  int64_t c = 0;
-  for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
-    int len = int(std::min<int64_t>(CK, w.k - k0));
-    for (int r = 0; r < NR; ++r) w.deq(p[r], c, len, buf[r]);
-    for (int r = 0; r < NR; ++r)
-      for (int m = 0; m < M; ++m)
-        for (int i = 0; i < len; ++i) acc[r][m][i & 15] += buf[r][i] * x[m][k0 + i];
-  }
-  for (int r = 0; r < NR; ++r)
-    for (int m = 0; m < M; ++m) {
-      float s = 0;
-      for (int i = 0; i < 16; ++i) s += acc[r][m][i];
-      y[m][n + r] = s;
-    }
-}
-
-#endif
-
-// Rows of the weight per register tile: NR x M accumulators, at least 8 independent chains.
-constexpr int nr_for(int m) { return m == 1 ? 8 : m == 2 ? 4 : m <= 4 ? 2 : 1; }
-
-template <int M>
-constexpr RowsFn tile_fn() { return rows_exact<nr_for(M), M>; }
-template <int M>
-constexpr RowsFn one_fn() { return rows_exact<1, M>; }
-
-template <int... Ms>
-struct Table {
-  static constexpr RowsFn tile[] = {tile_fn<Ms>()...};
-  static constexpr RowsFn one[] = {one_fn<Ms>()...};
-};
-using Fns = Table<1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
-
-void run_task(const Weight& w, const Task& t) {
-  int nr = nr_for(t.rows);
-  RowsFn tile = Fns::tile[t.rows - 1], one = Fns::one[t.rows - 1];
-  int64_t n = t.n0;
-  for (; n + nr <= t.n1; n += nr) tile(w, t.wrow + n, n, t.x, t.y);
-  for (; n < t.n1; ++n) one(w, t.wrow + n, n, t.x, t.y);
 }
 
 // body(i) for i < n on the calling thread plus up to num_threads - 1 pool tasks. A task that
@@ -175,22 +78,6 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, F& body) {
   }
 }
 
-// q8 activations: x rows -> int8 blocks of 32 times amax / 127, as float (the values the
-// integer sums multiply). The last block of a row shorter than 32 is a block too.
-void quantize_rows(const float* x, int64_t rows, int64_t k, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * k;
-    float* o = out + r * k;
-    for (int64_t b = 0; b < k; b += 32) {
-      int64_t e = std::min<int64_t>(k, b + 32);
-      float amax = 0;
-      for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
-      for (int64_t i = b; i < e; ++i) o[i] = std::nearbyint(xr[i] * id) * d;
-    }
-  }
-}
-
 ffi::Error make_weight(int64_t qtype, const ffi::RemainingArgs& planes, int64_t n_rows,
                        int64_t k, Weight* w) {
   w->qtype = int(qtype);
@@ -212,26 +99,8 @@ ffi::Error make_weight(int64_t qtype, const ffi::RemainingArgs& planes, int64_t 
   return ffi::Error::Success();
 }
 
-// Runs the groups (a weight row offset and a list of activation rows each) in tasks.
-struct Group {
-  int64_t wrow;
-  std::vector<const float*> x;
-  std::vector<float*> y;
-};
-
 void run_groups(ffi::ThreadPool& pool, const Weight& w, int64_t n, std::vector<Group>& groups) {
-  int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  int64_t work = 0;
-  for (auto& g : groups) work += n * ((int64_t(g.x.size()) + kMaxRows - 1) / kMaxRows);
-  int64_t tr = std::clamp<int64_t>((work / (threads * 8) + 7) / 8 * 8, 8, 1024);
-  std::vector<Task> tasks;
-  for (auto& g : groups)
-    for (size_t m0 = 0; m0 < g.x.size(); m0 += kMaxRows) {
-      int rows = int(std::min<size_t>(kMaxRows, g.x.size() - m0));
-      for (int64_t n0 = 0; n0 < n; n0 += tr)
-        tasks.push_back({g.wrow, n0, std::min(n, n0 + tr), rows, g.x.data() + m0,
-                         g.y.data() + m0});
-    }
+  std::vector<Task> tasks = plan_tasks(std::max<int64_t>(1, pool.num_threads()), n, groups);
   auto body = [&](int64_t i) { run_task(w, tasks[i]); };
   parallel_for(pool, int64_t(tasks.size()), body);
 }
@@ -321,6 +190,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ds4_expert_matmul, ds4::ExpertMatmul,
 
 extern "C" __attribute__((visibility("default"))) void ds4_set_iq2xxs_grid(const uint8_t* grid) {
   std::memcpy(ds4::g_iq2xxs_grid, grid, sizeof(ds4::g_iq2xxs_grid));
+  ds4::fill_iq2xxs_signed();
 }
 
 extern "C" __attribute__((visibility("default"))) int ds4_avx512() { return DS4_AVX512; }
