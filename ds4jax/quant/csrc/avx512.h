@@ -25,7 +25,7 @@ inline __m512 cvt_i8(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32
 inline __m128i load16(const void* p) { return _mm_loadu_si128(static_cast<const __m128i*>(p)); }
 
 template <class F>
-inline void vis_q8_0(const uint8_t* const* p, int64_t c, int len, F&& f) {
+__attribute__((always_inline)) inline void vis_q8_0(const uint8_t* const* p, int64_t c, int len, F&& f) {
   const uint16_t* d = u16(p[0]) + c * 8;
   const int8_t* qs = reinterpret_cast<const int8_t*>(p[1]) + c * CK;
   int nb = len / 32;
@@ -43,7 +43,7 @@ inline void vis_q8_0(const uint8_t* const* p, int64_t c, int len, F&& f) {
 }
 
 template <class F>
-inline void vis_q2_k(const uint8_t* const* p, int64_t c, int, F&& f) {
+__attribute__((always_inline)) inline void vis_q2_k(const uint8_t* const* p, int64_t c, int, F&& f) {
   const uint8_t* qs = p[1] + c * 64;
   __m512 d = _mm512_set1_ps(h2f(u16(p[2])[c])), dmin = _mm512_set1_ps(h2f(u16(p[3])[c]));
   __m512i sc = _mm512_cvtepu8_epi32(load16(p[0] + c * 16));
@@ -67,7 +67,7 @@ inline void vis_q2_k(const uint8_t* const* p, int64_t c, int, F&& f) {
 }
 
 template <class F>
-inline void vis_q4_k(const uint8_t* const* p, int64_t c, int, F&& f) {
+__attribute__((always_inline)) inline void vis_q4_k(const uint8_t* const* p, int64_t c, int, F&& f) {
   float d = h2f(u16(p[0])[c]), dmin = h2f(u16(p[1])[c]);
   const uint8_t* s = p[2] + c * 12;
   const uint8_t* qs = p[3] + c * 128;
@@ -103,7 +103,7 @@ inline void iq2_keys(const uint8_t* idx, const uint32_t* aux, __m512i k[2]) {
 }
 
 template <class F>
-inline void vis_iq2_xxs(const uint8_t* const* p, int64_t c, int, F&& f) {
+__attribute__((always_inline)) inline void vis_iq2_xxs(const uint8_t* const* p, int64_t c, int, F&& f) {
   const uint32_t* aux = reinterpret_cast<const uint32_t*>(p[2]) + c * 8;
   __m512i keys[2];
   iq2_keys(p[1] + c * 32, aux, keys);
@@ -128,7 +128,7 @@ inline void vis_iq2_xxs(const uint8_t* const* p, int64_t c, int, F&& f) {
 }
 
 template <class F>
-inline void vis_mxfp4(const uint8_t* const* p, int64_t c, int len, F&& f) {
+__attribute__((always_inline)) inline void vis_mxfp4(const uint8_t* const* p, int64_t c, int len, F&& f) {
   const uint8_t* e = p[0] + c * 8;
   const uint8_t* qs = p[1] + c * 128;
   const __m512 kv = _mm512_loadu_ps(kMxfp4);
@@ -144,7 +144,7 @@ inline void vis_mxfp4(const uint8_t* const* p, int64_t c, int len, F&& f) {
 inline __mmask16 tail_mask(int n) { return n >= 16 ? kAll : n <= 0 ? 0 : __mmask16((1u << n) - 1); }
 
 template <class F>
-inline void vis_f16(const uint8_t* const* p, int64_t c, int len, F&& f) {
+__attribute__((always_inline)) inline void vis_f16(const uint8_t* const* p, int64_t c, int len, F&& f) {
   const uint16_t* h = u16(p[0]) + c * CK;
   for (int i = 0; i < len; i += 32) {
     __mmask16 m0 = tail_mask(len - i), m1 = tail_mask(len - i - 16);
@@ -154,7 +154,7 @@ inline void vis_f16(const uint8_t* const* p, int64_t c, int len, F&& f) {
 }
 
 template <class F>
-inline void vis_bf16(const uint8_t* const* p, int64_t c, int len, F&& f) {
+__attribute__((always_inline)) inline void vis_bf16(const uint8_t* const* p, int64_t c, int len, F&& f) {
   const uint16_t* h = u16(p[0]) + c * CK;
   auto cvt = [](__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
@@ -167,7 +167,7 @@ inline void vis_bf16(const uint8_t* const* p, int64_t c, int len, F&& f) {
 }
 
 template <int Q, class F>
-inline void visit(const uint8_t* const* p, int64_t c, int len, F&& f) {
+__attribute__((always_inline)) inline void visit(const uint8_t* const* p, int64_t c, int len, F&& f) {
   if constexpr (Q == kQ8_0) vis_q8_0(p, c, len, f);
   else if constexpr (Q == kQ2_K) vis_q2_k(p, c, len, f);
   else if constexpr (Q == kQ4_K) vis_q4_k(p, c, len, f);

@@ -14,8 +14,8 @@
 // (the Python side sends long chunks to dequantise-then-dot instead).
 //
 // act = 1 ("q8") quantises each 32-element block of x to int8 (scale amax / 127, round half
-// to even, the jnp reference in ds4jax/quant/matmul.py) and multiplies the dequantised
-// weights by those values: numerically the integer-activation mode (ggml's Q8 activations).
+// to even: quant.matmul.quantize_act) once per call; Q8_0, IQ2_XXS and Q2_K then multiply
+// with integer dot products (q8.h), the other types multiply the rounded values as floats.
 
 #include <algorithm>
 #include <atomic>
@@ -105,11 +105,27 @@ void run_groups(ffi::ThreadPool& pool, const Weight& w, int64_t n, std::vector<G
   parallel_for(pool, int64_t(tasks.size()), body);
 }
 
-const float* maybe_quantize(int64_t act, const float* x, int64_t rows, int64_t k,
-                            std::vector<float>* store) {
+// act = 1: x rows quantised once per call, as Act8 rows for the integer kernels (w->q8) or
+// as the rounded floats for the others. Returns the rows the kernel reads (row i at
+// base + i * stride floats).
+const float* prepare_rows(int64_t act, Weight* w, const float* x, int64_t rows,
+                          std::vector<float>* store, int64_t* stride) {
+  int64_t k = w->k;
+  *stride = k;
   if (act == 0) return x;
+  if (k % 32) return nullptr;
+  if (has_int8_kernel(w->qtype)) {
+    w->q8 = true;
+    *stride = Act8::stride(k) / 4;
+    store->assign(size_t(rows * *stride + 16), 0.0f);
+    auto base = reinterpret_cast<uint8_t*>(store->data());
+    base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
+    for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, base + i * *stride * 4, nullptr);
+    return reinterpret_cast<const float*>(base);
+  }
   store->resize(size_t(rows * k));
-  quantize_rows(x, rows, k, store->data());
+  std::vector<uint8_t> scratch(size_t(Act8::stride(k)));
+  for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, scratch.data(), store->data() + i * k);
   return store->data();
 }
 
@@ -124,11 +140,13 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::RemainingA
   if (auto err = make_weight(qtype, planes, n, k, &w); err.failure()) return err;
   if (m == 0 || n == 0) return ffi::Error::Success();
   std::vector<float> xq;
-  const float* xs = maybe_quantize(act, x.typed_data(), m, k, &xq);
+  int64_t stride;
+  const float* xs = prepare_rows(act, &w, x.typed_data(), m, &xq, &stride);
+  if (!xs) return ffi::Error::InvalidArgument("ds4_matmul: q8 needs K a multiple of 32");
   std::vector<Group> groups(1);
   groups[0].wrow = 0;
   for (int64_t i = 0; i < m; ++i) {
-    groups[0].x.push_back(xs + i * k);
+    groups[0].x.push_back(xs + i * stride);
     groups[0].y.push_back(y->typed_data() + i * n);
   }
   run_groups(pool, w, n, groups);
@@ -148,7 +166,9 @@ ffi::Error ExpertMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   std::fill(y->typed_data(), y->typed_data() + p * n, 0.0f);
   if (p == 0 || n == 0) return ffi::Error::Success();
   std::vector<float> xq;
-  const float* xs = maybe_quantize(act, x.typed_data(), p, k, &xq);
+  int64_t stride;
+  const float* xs = prepare_rows(act, &w, x.typed_data(), p, &xq, &stride);
+  if (!xs) return ffi::Error::InvalidArgument("ds4_expert_matmul: q8 needs K a multiple of 32");
   std::vector<int> slot(size_t(n_experts), -1);
   std::vector<Group> groups;
   const int32_t* ep = e.typed_data();
@@ -159,7 +179,7 @@ ffi::Error ExpertMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       slot[ei] = int(groups.size());
       groups.push_back({int64_t(ei) * n, {}, {}});
     }
-    groups[slot[ei]].x.push_back(xs + i * k);
+    groups[slot[ei]].x.push_back(xs + i * stride);
     groups[slot[ei]].y.push_back(y->typed_data() + i * n);
   }
   run_groups(pool, w, n, groups);
@@ -194,3 +214,4 @@ extern "C" __attribute__((visibility("default"))) void ds4_set_iq2xxs_grid(const
 }
 
 extern "C" __attribute__((visibility("default"))) int ds4_avx512() { return DS4_AVX512; }
+extern "C" __attribute__((visibility("default"))) int ds4_vnni() { return DS4_VNNI; }

@@ -20,6 +20,7 @@ constexpr int kMaxRows = 16;
 
 struct Weight {
   int qtype = 0, np = 0;
+  bool q8 = false;  // x rows are Act8 rows (q8.h) for the integer kernels
   int64_t k = 0;
   DeqFn deq = nullptr;
   const uint8_t* base[4] = {};
@@ -58,48 +59,63 @@ constexpr int kPrefetchRows = 2;
 
 #if DS4_AVX512
 
-// y[m][n] = weight row `wrow` . x[m] for m < M: each chunk's exact values (avx512.h visitors)
-// go straight into FMAs, on A independent accumulators per row of x (4 for M = 1).
-template <int Q, int M>
+// y[m][n + r] = weight row `wrow + r` . x[m] for r < NR, m < M: each chunk's exact values
+// (avx512.h visitors) go straight into FMAs, 2 accumulators per (row, x row). The NR rows share
+// each 256-element chunk of x while it is in L1 (M rows of a long x do not fit there whole);
+// the accumulators wait in memory between chunks. A row's FMAs run in the same order whatever
+// NR and M, so its result does not depend on the batch.
+template <int Q, int M, int NR>
 void row_kernel(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
                 float* const* y) {
-  constexpr int A = 2;  // the same for every M: a row's sums do not depend on the batch
-  const uint8_t* p[4];
-  w.row(wrow, p);
-  __m512 acc[M][A];
-  for (int m = 0; m < M; ++m)
-    for (int a = 0; a < A; ++a) acc[m][a] = _mm512_setzero_ps();
+  const uint8_t* p[NR][4];
+  for (int r = 0; r < NR; ++r) w.row(wrow + r, p[r]);
+  alignas(64) __m512 keep[NR][M][2];
+  for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) keep[r][m][0] = keep[r][m][1] = _mm512_setzero_ps();
   int64_t c = 0, n_chunks = (w.k + CK - 1) / CK;
   for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
     int len = int(std::min<int64_t>(CK, w.k - k0));
-    if (g_prefetch) prefetch_next(w, wrow + kPrefetchRows, 1, c, n_chunks);
-    visit<Q>(p, c, len, [&](int off, __m512 w0, __m512 w1, __mmask16 m0, __mmask16 m1) {
+    if (g_prefetch) prefetch_next(w, wrow + NR * kPrefetchRows, NR, c, n_chunks);
+    for (int r = 0; r < NR; ++r) {
+      __m512 acc[M][2];
+      #pragma GCC unroll 16
       for (int m = 0; m < M; ++m) {
-        acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x[m] + k0 + off), acc[m][0]);
-        acc[m][1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x[m] + k0 + off + 16),
-                                    acc[m][1]);
+        acc[m][0] = keep[r][m][0];
+        acc[m][1] = keep[r][m][1];
       }
-      if constexpr (A == 4) {
+      visit<Q>(p[r], c, len, [&](int off, __m512 w0, __m512 w1, __mmask16 m0, __mmask16 m1)
+                                 __attribute__((always_inline)) {
+        #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
-          std::swap(acc[m][0], acc[m][2]);
-          std::swap(acc[m][1], acc[m][3]);
+          acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m0, x[m] + k0 + off), acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m1, x[m] + k0 + off + 16),
+                                      acc[m][1]);
         }
+      });
+      #pragma GCC unroll 16
+      for (int m = 0; m < M; ++m) {
+        keep[r][m][0] = acc[m][0];
+        keep[r][m][1] = acc[m][1];
       }
-    });
+    }
   }
-  for (int m = 0; m < M; ++m) {
-    __m512 s = acc[m][0];
-    for (int a = 1; a < A; ++a) s = _mm512_add_ps(s, acc[m][a]);
-    y[m][n] = _mm512_reduce_add_ps(s);
-  }
+  for (int r = 0; r < NR; ++r)
+    #pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+      y[m][n + r] = _mm512_reduce_add_ps(_mm512_add_ps(keep[r][m][0], keep[r][m][1]));
 }
 
 #else
 
-// Portable: dequantise a chunk into a buffer (blocks.h), then multiply-add.
-template <int Q, int M>
+// Portable: dequantise a chunk into a buffer (blocks.h), then multiply-add (one row at a time).
+template <int Q, int M, int NR>
 void row_kernel(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
                 float* const* y) {
+  if constexpr (NR > 1) {
+    for (int r = 0; r < NR; ++r) row_kernel<Q, M, 1>(w, wrow + r, n + r, x, y);
+    return;
+  }
   alignas(64) float buf[CK];
   const uint8_t* p[4];
   w.row(wrow, p);
@@ -108,9 +124,11 @@ void row_kernel(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
   for (int64_t k0 = 0; k0 < w.k; k0 += CK, ++c) {
     int len = int(std::min<int64_t>(CK, w.k - k0));
     w.deq(p, c, len, buf);
+    #pragma GCC unroll 16
     for (int m = 0; m < M; ++m)
       for (int i = 0; i < len; ++i) acc[m][i & 15] += buf[i] * x[m][k0 + i];
   }
+  #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) {
     float s = 0;
     for (int i = 0; i < 16; ++i) s += acc[m][i];
@@ -120,44 +138,47 @@ void row_kernel(const Weight& w, int64_t wrow, int64_t n, const float* const* x,
 
 #endif
 
+// Weight rows per call of a row kernel: 1 for one x row (it stays in L1), else 4.
+constexpr int nr_for(int m) { return m == 1 ? 1 : 4; }
+
 template <int Q, int... Ms>
 struct RowTable {
-  static constexpr RowsFn fns[] = {row_kernel<Q, Ms>...};
+  static constexpr RowsFn fns[] = {row_kernel<Q, Ms, nr_for(Ms)>...};
+  static constexpr RowsFn one[] = {row_kernel<Q, Ms, 1>...};
 };
 template <int Q>
 using Rows = RowTable<Q, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16>;
 
-inline RowsFn rows_fn(int qtype, int m) {
+// The row kernel for x of m rows (`one`: a single weight row per call; else nr_for(m)).
+inline RowsFn rows_fn(int qtype, int m, bool one) {
   switch (qtype) {
-    case kQ8_0: return Rows<kQ8_0>::fns[m - 1];
-    case kQ2_K: return Rows<kQ2_K>::fns[m - 1];
-    case kQ4_K: return Rows<kQ4_K>::fns[m - 1];
-    case kIQ2_XXS: return Rows<kIQ2_XXS>::fns[m - 1];
-    case kMXFP4: return Rows<kMXFP4>::fns[m - 1];
-    case kF16: return Rows<kF16>::fns[m - 1];
-    default: return Rows<kBF16>::fns[m - 1];
+    case kQ8_0: return (one ? Rows<kQ8_0>::one : Rows<kQ8_0>::fns)[m - 1];
+    case kQ2_K: return (one ? Rows<kQ2_K>::one : Rows<kQ2_K>::fns)[m - 1];
+    case kQ4_K: return (one ? Rows<kQ4_K>::one : Rows<kQ4_K>::fns)[m - 1];
+    case kIQ2_XXS: return (one ? Rows<kIQ2_XXS>::one : Rows<kIQ2_XXS>::fns)[m - 1];
+    case kMXFP4: return (one ? Rows<kMXFP4>::one : Rows<kMXFP4>::fns)[m - 1];
+    case kF16: return (one ? Rows<kF16>::one : Rows<kF16>::fns)[m - 1];
+    default: return (one ? Rows<kBF16>::one : Rows<kBF16>::fns)[m - 1];
   }
 }
+
+}  // namespace ds4
+
+#include "q8.h"
+
+namespace ds4 {
 
 inline void run_task(const Weight& w, const Task& t) {
-  RowsFn f = rows_fn(w.qtype, t.rows);
-  for (int64_t n = t.n0; n < t.n1; ++n) f(w, t.wrow + n, n, t.x, t.y);
-}
-
-// q8 activations: x rows -> int8 blocks of 32 times amax / 127, as float (the values the
-// integer sums multiply). The last block of a row shorter than 32 is a block too.
-inline void quantize_rows(const float* x, int64_t rows, int64_t k, float* out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * k;
-    float* o = out + r * k;
-    for (int64_t b = 0; b < k; b += 32) {
-      int64_t e = std::min<int64_t>(k, b + 32);
-      float amax = 0;
-      for (int64_t i = b; i < e; ++i) amax = std::max(amax, std::fabs(xr[i]));
-      float d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
-      for (int64_t i = b; i < e; ++i) o[i] = std::nearbyint(xr[i] * id) * d;
-    }
+  if (w.q8) {
+    RowsFn f = rows_q8_fn(w.qtype, t.rows);
+    for (int64_t n = t.n0; n < t.n1; ++n) f(w, t.wrow + n, n, t.x, t.y);
+    return;
   }
+  int nr = nr_for(t.rows);
+  RowsFn tile = rows_fn(w.qtype, t.rows, false), one = rows_fn(w.qtype, t.rows, true);
+  int64_t n = t.n0;
+  for (; n + nr <= t.n1; n += nr) tile(w, t.wrow + n, n, t.x, t.y);
+  for (; n < t.n1; ++n) one(w, t.wrow + n, n, t.x, t.y);
 }
 
 // Runs the groups (a weight row offset and a list of activation rows each) in tasks.
