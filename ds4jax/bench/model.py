@@ -297,3 +297,50 @@ def bench_floor(path, layers: str = "all", *, weights: str = "packed",
               ratio=floor_ms / ms_token, steps=step_ms,
               agg_tok_s={b: 1e3 * b / ms for b, ms in step_ms.items()},
               load=(load0, os.getloadavg()))
+
+
+def activation_effect(path, *, n_prompt: int = 32, n_decode: int = 16,
+                      acts=("exact", "q8"), hf: bool = True, seed: int = 0) -> dict:
+  """Logits of each activation mode next to HF transformers (the oracle: f32 eager on the
+  same dequantised weights) and to the exact mode, over a one-shot prefill of `n_prompt`
+  random ids and `n_decode` single-token decode steps.
+
+  Returns {act: {"vs_hf": stats | None, "vs_exact": stats}} with stats = {max_abs, rms,
+  argmax_agree (fraction of positions), max_logit (largest |logit| of the reference)}.
+  """
+  from ds4jax.runtime.api import Model
+
+  def run(act):
+    model = Model.from_source(path, ctx_size=n_prompt + n_decode + 8,
+                              max_chunk=_pow2_at_least(n_prompt), activations=act)
+    s = model.session()
+    out = [np.asarray(s.prefill(ids[:n_prompt]))]
+    out += [np.asarray(s.decode(int(t)))[None] for t in ids[n_prompt:]]
+    return np.concatenate(out)
+
+  def stats(a, b):
+    d = np.abs(a - b)
+    return dict(max_abs=float(d.max()), rms=float(np.sqrt((d ** 2).mean())),
+                argmax_agree=float((a.argmax(-1) == b.argmax(-1)).mean()),
+                max_logit=float(np.abs(b).max()))
+
+  from ds4jax.gguf.reader import open_gguf
+  vocab = open_gguf(path).cfg.vocab_size
+  ids = np.random.default_rng(seed).integers(0, vocab, n_prompt + n_decode)
+  logits = {act: run(act) for act in acts}
+  oracle = None
+  if hf:
+    import torch
+    from transformers import DynamicCache
+    model = _hf_model(path)
+    with torch.no_grad():
+      cache = DynamicCache(config=model.config)
+      out = model(torch.as_tensor(ids[None, :n_prompt]), cache=cache, use_cache=True)
+      rows, cache = [out.logits[0].numpy()], out.cache
+      for p in range(n_prompt, n_prompt + n_decode):
+        out = model(torch.as_tensor(ids[None, p:p + 1]), cache=cache, use_cache=True)
+        rows.append(out.logits[0].numpy())
+        cache = out.cache
+    oracle = np.concatenate(rows).astype(np.float32)
+  return {act: dict(vs_hf=None if oracle is None else stats(logits[act], oracle),
+                    vs_exact=stats(logits[act], logits[acts[0]])) for act in acts}

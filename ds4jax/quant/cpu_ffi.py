@@ -138,6 +138,7 @@ def _act(act: str) -> np.int64:
 
 def matmul(x_MK, planes, qtype: int, n: int, act: str):
   """f32[M, K] times the planes of a packed [N, K] weight -> f32[M, N] (the FFI call)."""
+  ensure()
   m = x_MK.shape[0]
   call = jax.ffi.ffi_call("ds4_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32),
                           vmap_method="sequential")
@@ -147,6 +148,7 @@ def matmul(x_MK, planes, qtype: int, n: int, act: str):
 def expert_matmul(x_PK, e_P, planes, qtype: int, n_experts: int, n: int, act: str):
   """f32[P, K] times expert e_P[p] of the planes of a packed [E, N, K] weight -> f32[P, N]
   (rows whose expert is outside [0, E) give zeros)."""
+  ensure()
   p = x_PK.shape[0]
   call = jax.ffi.ffi_call("ds4_expert_matmul", jax.ShapeDtypeStruct((p, n), jnp.float32),
                           vmap_method="sequential")
