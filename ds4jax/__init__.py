@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "ModelConfig": "ds4jax.config",
     "LayerRange": "ds4jax.config",
-    "load_model": "ds4jax.runtime.sources",
+    "load_model": "ds4jax.build",
     "Model": "ds4jax.runtime.api",
     "Session": "ds4jax.runtime.api",
     "load_stage": "ds4jax.runtime.sources",
@@ -23,7 +23,7 @@ _EXPORTS = {
     "Stage": "ds4jax.model.stage",
     "StageRunner": "ds4jax.runtime.runner",
     "StageState": "ds4jax.model.decode_state",
-    "hf_to_gguf": "ds4jax.convert",
+    "hf_to_gguf": "ds4jax.gguf.hf",
 }
 
 __all__ = sorted(_EXPORTS)

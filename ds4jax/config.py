@@ -1,11 +1,13 @@
 """Model configuration and layer ranges.
 
 `ModelConfig` is a frozen, hashable dataclass, so it can be passed to `jax.jit` as a static
-argument. It is built from GGUF metadata (`ModelConfig.from_gguf`), from the published
+argument. It is built from GGUF metadata (`ds4jax.gguf.reader.read_config(path)`, which
+checks the metadata's types and calls `ModelConfig.from_metadata`), from the published
 DeepSeek V4 Flash dims (`ModelConfig.flash()`), or from tiny CPU test dims
 (`ModelConfig.tiny()`, `ModelConfig.bench()`).
 
-`LayerRange` is ds4's inclusive layer slice: `"A:B"`, `"A:output"` or `"all"`.
+`LayerRange` is ds4's inclusive layer slice: `"A:B"`, `"A:output"` or `"all"`; a stage's
+device count (`devices_option`) is N >= 1 or `"all"`.
 """
 
 from __future__ import annotations
@@ -211,12 +213,6 @@ class ModelConfig:
     except ConfigError as e:
       raise ConfigError(f"GGUF metadata is inconsistent: {e}") from None
 
-  @classmethod
-  def from_gguf(cls, path_or_reader, **overrides) -> "ModelConfig":
-    """Reads and type-checks the `deepseek4.*` metadata of a GGUF file."""
-    from ds4jax.gguf import reader as _reader  # deferred: config must not import gguf eagerly
-    return _reader.read_config(path_or_reader, **overrides)
-
   def replace(self, **kw) -> "ModelConfig":
     return dataclasses.replace(self, **kw)
 
@@ -357,7 +353,20 @@ def ceil_div(a: int, b: int) -> int:
   return -(-a // b)
 
 
+# ---------------------------------------------------------------------------------- devices
+def devices_option(spec) -> int | str:
+  """A `devices` option (`--devices`: the local devices a stage spans) as an int >= 1 or
+  "all"; a one-line ValueError otherwise. Whether this host has that many devices is checked
+  where the stage is placed (`model.sharding.parse_devices`)."""
+  text = str(spec).strip()
+  if text == "all":
+    return "all"
+  if isinstance(spec, bool) or not text.isdigit() or int(text) < 1:
+    raise ValueError(f"--devices must be a positive integer or 'all', got {spec!r}")
+  return int(text)
+
+
 __all__ = [
     "ConfigError", "ModelConfig", "METADATA_KEYS", "LayerRange", "LayerRangeError",
-    "flash_schedule", "ceil_div",
+    "ceil_div", "devices_option", "flash_schedule",
 ]

@@ -11,6 +11,12 @@ transformers eager on the same weights. Writes JSON and markdown tables.
     # split over 1 and 3 workers (ds4jax/bench/concurrency.py)
     python scripts/bench.py --preset=bench --concurrency=1,4,8,16 --stream_prompt_len=64 \
         --stream_decode_tokens=32 --stream_workers=1,3 --out_md=conc.md
+    # first-use costs (issue 20 item 8): generate.py against the model's own step, the
+    # server's first burst against its later ones, restarts; this tree and another (A/B)
+    python scripts/bench.py --preset=bench --first_use --trees=.,/tmp/base
+    # A/B: every configuration runs once per repository root, in turn (--concurrency too)
+    python scripts/bench.py --preset=bench --concurrency=1,8 --stream_workers=1 \
+        --trees=.,/tmp/base
 
 Every configuration runs in a fresh process (ds4jax/bench/child.py), one after the other.
 """
@@ -63,6 +69,14 @@ _S_WORKERS = flags.DEFINE_list("stream_workers", ["1", "3"], "--concurrency: wor
                                "the split runs (empty: one process only).")
 _S_WARM = flags.DEFINE_integer("stream_warm_tokens", 4, "--concurrency: decode tokens per "
                                "stream of each level's untimed warm-up round.", lower_bound=1)
+_FIRST = flags.DEFINE_boolean("first_use", False, "Measure first-use costs instead "
+                              "(ds4jax/bench/first_use.py): generate.py against the model's "
+                              "step, the server's bursts, its time to ready.")
+_TREES = flags.DEFINE_list("trees", ["."], "Repository roots to measure, each with its own "
+                           "code (A/B against another checkout): every configuration of "
+                           "--first_use and --concurrency runs once per tree, in turn.")
+_ROUNDS = flags.DEFINE_integer("first_use_rounds", 3, "--first_use: alternating rounds of "
+                               "generate.py and the model's step.", lower_bound=1)
 _CHILD_TIMEOUT = flags.DEFINE_integer("child_timeout", 3600, "Seconds per configuration.")
 
 
@@ -87,14 +101,20 @@ def _cpu_model() -> str:
   return "unknown"
 
 
-def _run_child(spec: dict, workdir: pathlib.Path, name: str) -> dict:
+def _trees() -> list[tuple[str, str]]:
+  """(label, absolute path) of each --trees entry (label: the directory's name)."""
+  return [(os.path.basename(os.path.abspath(t)), os.path.abspath(t)) for t in _TREES.value]
+
+
+def _run_child(spec: dict, workdir: pathlib.Path, name: str, tree: str | None = None) -> dict:
   spec_path, out_path = workdir / f"{name}.spec.json", workdir / f"{name}.json"
   spec_path.write_text(json.dumps(spec))
   print(f"bench: running {name} ...", file=sys.stderr, flush=True)
   t0 = time.perf_counter()
+  env = None if tree is None else dict(os.environ, PYTHONPATH=tree)
   proc = subprocess.run([sys.executable, "-m", "ds4jax.bench.child", str(spec_path),
                          str(out_path)], stdin=subprocess.DEVNULL, stdout=sys.stderr,
-                        timeout=_CHILD_TIMEOUT.value)
+                        timeout=_CHILD_TIMEOUT.value, env=env, cwd=tree)
   if proc.returncode != 0 or not out_path.exists():
     raise RuntimeError(f"benchmark configuration {name} failed (exit {proc.returncode})")
   print(f"bench: {name} done in {time.perf_counter() - t0:.0f}s", file=sys.stderr, flush=True)
@@ -158,11 +178,14 @@ def concurrency_main() -> None:
     runs = [("single", "single process", ["all"])]
     runs += [(f"split{n}", f"split, {n} worker(s)", report.split_ranges(cfg.n_layers, n + 1))
              for n in workers]
+    trees = _trees()
     for name, label, ranges in runs:
-      spec = dict(base, ranges=ranges, log_dir=str(workdir / f"logs-{name}"))
-      res = _run_child(spec, workdir, f"concurrency-{name}")
-      res["label"] = label
-      results["configs"][name] = res
+      for tree_label, tree in trees:
+        key = name if len(trees) == 1 else f"{name}@{tree_label}"
+        spec = dict(base, ranges=ranges, log_dir=str(workdir / f"logs-{key}"))
+        res = _run_child(spec, workdir, f"concurrency-{key}", tree)
+        res["label"] = label if len(trees) == 1 else f"{label}, tree {tree_label}"
+        results["configs"][key] = res
   finally:
     shutil.rmtree(workdir, ignore_errors=True)
   results["machine"]["loadavg_after"] = env_info()["loadavg"]
@@ -170,9 +193,26 @@ def concurrency_main() -> None:
   _write(results, concurrency.to_markdown(results))
 
 
+def first_use_main() -> None:
+  """First-use costs of each tree in --trees, in one run (first_use.run)."""
+  from ds4jax.bench import first_use
+  from ds4jax.gguf.reader import read_config
+  gguf = os.path.abspath(cli.resolve_gguf(_GGUF.value or _PRESET.value, _CACHE.value))
+  trees = [tree for _, tree in _trees()]
+  with tempfile.TemporaryDirectory(prefix="ds4jax-bench-") as work:
+    res = first_use.run(trees, gguf, read_config(gguf).vocab_size, work,
+                        rounds=_ROUNDS.value, decode_tokens=_DECODE.value)
+  results = {"command": " ".join(["python", "scripts/bench.py"] + sys.argv[1:]),
+             "machine": _machine(), "model": gguf, "trees": res}
+  results["machine"]["loadavg_after"] = env_info()["loadavg"]
+  _write(results, first_use.to_markdown(res, {tree: label for label, tree in _trees()}))
+
+
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if _FIRST.value:
+    return first_use_main()
   if _CONC.value:
     return concurrency_main()
   lens = _ints(_LENS.value, "prompt_lens")

@@ -26,9 +26,12 @@ import time
 
 from absl import app, flags
 
+from ds4jax.local_cluster import (LocalWorkers, free_port, log_tail, signal_group, spawn, stop_all,
+                                  tree_rss_bytes)
+from ds4jax.errors import one_line
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 GEN = REPO / "scripts" / "generate.py"
-WORKER = REPO / "scripts" / "worker.py"
 GB = 1e9
 
 _GGUF = flags.DEFINE_string("gguf", "/tmp/flash4.gguf", "A ds4 GGUF (e.g. the Flash fixture).")
@@ -50,38 +53,6 @@ _LOADED = re.compile(r"loaded layers \S+ (?:of \S+ )?in ([0-9.]+)s")
 
 
 # ------------------------------------------------------------------------------- sampling
-def _children() -> dict[int, list[int]]:
-  kids: dict[int, list[int]] = {}
-  for d in os.listdir("/proc"):
-    if not d.isdigit():
-      continue
-    try:
-      with open(f"/proc/{d}/stat") as f:
-        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-      continue
-    kids.setdefault(ppid, []).append(int(d))
-  return kids
-
-
-def _rss_bytes(pid: int) -> int:
-  try:
-    with open(f"/proc/{pid}/statm") as f:
-      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-  except (OSError, IndexError, ValueError):
-    return 0
-
-
-def tree_rss(pid: int, kids: dict[int, list[int]]) -> int:
-  """RSS of `pid` and all its descendants, in bytes."""
-  total, todo = 0, [pid]
-  while todo:
-    p = todo.pop()
-    total += _rss_bytes(p)
-    todo.extend(kids.get(p, ()))
-  return total
-
-
 class Sampler:
   """Samples the tree RSS of named processes every `period` s: peaks and the whole series."""
 
@@ -102,10 +73,9 @@ class Sampler:
 
   def _run(self) -> None:
     while not self._stop.wait(self.period):
-      kids = _children()
       now = time.monotonic() - self.t0
       for name, pid in list(self.pids.items()):
-        rss = tree_rss(pid, kids)
+        rss = tree_rss_bytes(pid)
         self.series[name].append((round(now, 2), rss))
         if rss > self.peak[name]:
           self.peak[name], self.peak_t[name] = rss, now
@@ -124,46 +94,32 @@ _PROCS: list[subprocess.Popen] = []
 
 
 def _spawn(args: list[str], log: pathlib.Path) -> subprocess.Popen:
-  with open(log, "wb") as f:
-    p = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL, stdout=f,
-                         stderr=subprocess.STDOUT, cwd=str(REPO), start_new_session=True)
+  p = spawn(args, log)
   _PROCS.append(p)
   return p
 
 
 def _kill_all() -> None:
+  stop_all()
   for p in _PROCS:
     if p.poll() is None:
-      try:
-        os.killpg(p.pid, signal.SIGKILL)  # start_new_session: group id = pid
-      except (ProcessLookupError, PermissionError):
-        pass
+      signal_group(p, signal.SIGKILL)
       p.wait()
-
-
-def _tail(log: pathlib.Path) -> str:
-  lines = [l for l in log.read_text(errors="replace").splitlines() if l.strip()]
-  return lines[-1] if lines else "(empty log)"
 
 
 def _wait(p: subprocess.Popen, log: pathlib.Path, name: str, deadline: float) -> None:
   try:
     p.wait(max(1.0, deadline - time.monotonic()))
   except subprocess.TimeoutExpired:
-    raise RuntimeError(f"{name} still running after {_TIMEOUT.value:.0f}s: {_tail(log)}") from None
+    raise RuntimeError(f"{name} still running after {_TIMEOUT.value:.0f}s: "
+                       f"{log_tail(log)}") from None
   if p.returncode != 0:
-    raise RuntimeError(f"{name} exited with status {p.returncode}: {_tail(log)}")
+    raise RuntimeError(f"{name} exited with status {p.returncode}: {log_tail(log)}")
 
 
 def _load_s(log: pathlib.Path) -> float | None:
   m = _LOADED.search(log.read_text(errors="replace"))
   return float(m.group(1)) if m else None
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -194,8 +150,8 @@ def run_split(gguf, prompt, logs, sampler, n_layers: int) -> dict:
   k = _SPLIT.value
   if k + 1 >= n_layers:
     raise ValueError(f"--split={k} leaves no layers for the worker ({n_layers} layers)")
-  port = _free_port()
-  out, clog, wlog = logs / "split.json", logs / "coordinator.log", logs / "worker.log"
+  port = free_port()
+  out, clog = logs / "split.json", logs / "coordinator.log"
   t0 = time.monotonic()
   coord = _spawn([*_gen_args(gguf, prompt, out), f"--layers=0:{k}",
                   f"--listen=127.0.0.1:{port}", "--route_timeout=900"], clog)
@@ -204,24 +160,20 @@ def run_split(gguf, prompt, logs, sampler, n_layers: int) -> dict:
   # (process start included). The worker dials after that, and loads on ACCEPT.
   while not _port_open(port):
     if coord.poll() is not None:
-      raise RuntimeError(f"coordinator exited with status {coord.returncode}: {_tail(clog)}")
+      raise RuntimeError(f"coordinator exited with status {coord.returncode}: {log_tail(clog)}")
     if time.monotonic() - t0 > _TIMEOUT.value:
-      raise RuntimeError(f"coordinator not listening after {_TIMEOUT.value:.0f}s: {_tail(clog)}")
+      raise RuntimeError(f"coordinator not listening after {_TIMEOUT.value:.0f}s: {log_tail(clog)}")
     time.sleep(0.2)
   coord_load = time.monotonic() - t0
   t1 = time.monotonic()
-  worker = _spawn([str(WORKER), f"--gguf={gguf}", f"--layers={k + 1}:output",
-                   f"--coordinator=127.0.0.1:{port}", f"--ctx_size={_CTX.value}",
-                   *_EXTRA.value], wlog)
-  sampler.watch("worker", worker.pid)
+  workers = LocalWorkers(gguf, [f"{k + 1}:output"], ("127.0.0.1", port), ctx_size=_CTX.value,
+                         log_dir=str(logs), extra_args=_EXTRA.value).start()
+  wlog = workers.logs[0]
+  sampler.watch("worker", workers.procs[0].pid)
   _wait(coord, clog, "coordinator", t0 + _TIMEOUT.value)
   wall = time.monotonic() - t0
   worker_wall = time.monotonic() - t1
-  try:
-    os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(10)
-  except (ProcessLookupError, subprocess.TimeoutExpired):
-    pass
+  workers.stop(timeout=10)
   return {"coordinator": dict(load_s=coord_load, load_how="start to listening", wall_s=wall,
                               log=str(clog)),
           "worker": dict(load_s=_load_s(wlog), wall_s=worker_wall, log=str(wlog)),
@@ -295,7 +247,7 @@ def _main(argv):
     sys.exit(main(argv))
   except (ValueError, RuntimeError, OSError) as e:
     _kill_all()
-    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     sys.exit(2)
   except KeyboardInterrupt:
     _kill_all()

@@ -49,7 +49,7 @@ LARGE="$OUT/large-${LARGE_LAYERS}l-${LARGE_EXPERTS}e.gguf"
 if [ ! -f "$LARGE" ]; then
   python - "$LARGE" "$LARGE_LAYERS" "$LARGE_EXPERTS" <<'EOF'
 import sys
-from ds4jax.testing.tiny import make_tiny_gguf
+from ds4jax.gguf.tiny import make_tiny_gguf
 path, n_layers, n_experts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ratios = tuple((0, 0) + (4, 128) * n_layers)[:n_layers]
 # Q8_0 experts: gguf-py dequantises them fast (IQ2 would dominate the load time).

@@ -83,7 +83,7 @@ def main(argv):
       sys.exit(2)
   import jax
   from ds4jax.bench import model as bench
-  from ds4jax.testing import tiny
+  from ds4jax.gguf import tiny
   logging.info("jax %s on %s", jax.__version__, jax.devices())
   path = _GGUF.value or tiny.tiny_gguf_path("bench")
   try:
@@ -155,7 +155,7 @@ def _floor_table() -> None:
 def _devices_child(n: int) -> None:
   """One --devices count in this process: prints the row as a JSON line."""
   from ds4jax.bench import model as bench
-  from ds4jax.testing import tiny
+  from ds4jax.gguf import tiny
   path = _GGUF.value or tiny.tiny_gguf_path("bench")
   row = bench.bench_devices(path, n, n_prompt=_PROMPT.value, n_decode=_DECODE.value,
                             rounds=_ROUNDS.value, dtype=_DTYPE.value, weights=_WEIGHTS.value[0])
@@ -174,7 +174,7 @@ def _devices_table(counts) -> None:
     print("error: --devices must be >= 1", file=sys.stderr)
     sys.exit(2)
   if _GGUF.value is None:
-    from ds4jax.testing import tiny
+    from ds4jax.gguf import tiny
     tiny.tiny_gguf_path("bench")  # built once, before the children race for it
   print(f"prompt {_PROMPT.value}, decode {_DECODE.value}, {_ROUNDS.value} rounds, "
         f"weights {_WEIGHTS.value[0]}, dtype {_DTYPE.value}; load average {os.getloadavg()[0]:.1f}")

@@ -28,7 +28,10 @@ from ds4jax.checkpoints import snapshots
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags(prompt=False)
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
+# One conversation at a time: every stage compiles its single-session decode step and the
+# prefill chunk's shapes at load (more sessions: more decode batch shapes to compile).
+flags.FLAGS.set_default("max_sessions", 1)
 _SAVE = flags.DEFINE_string("save_session", None, "After every reply, save the chat so far "
                             "(transcript and every stage's KV state) to this directory.")
 _LOAD = flags.DEFINE_string("load_session", None, "Continue a chat saved with --save_session "

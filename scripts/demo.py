@@ -19,28 +19,27 @@ import time
 import numpy as np
 from absl import flags
 
-from ds4jax import cli, local_cluster
+from ds4jax import build, cli, local_cluster
 from ds4jax.runtime import sources
 from ds4jax.generate.loop import Generator
 from ds4jax.runtime.sampling import SamplingParams
 
 cli.define_run_flags()
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
 _WORKERS = flags.DEFINE_list("workers", ["2:2", "3:output"], "Worker ranges, in route order.")
 _CHECK = flags.DEFINE_boolean("check", True, "Compare with a single-process run.")
 flags.FLAGS.set_default("gguf", "docs")
 flags.FLAGS.set_default("layers", "0:1")
 flags.FLAGS.set_default("listen", "127.0.0.1:0")
 flags.FLAGS.set_default("ctx_size", 512)
-# Workers compile the decode and the prefill-chunk shapes before they report ready: a small
-# chunk keeps that to the shapes a short demo prompt uses.
+# Every stage compiles the shapes it serves (decode batches up to --max_sessions, the prefill
+# chunk's buckets) before it reports ready: one stream and a small chunk keep that short.
 flags.FLAGS.set_default("prefill_chunk", 16)
+flags.FLAGS.set_default("max_sessions", 1)
 flags.FLAGS.set_default("max_new_tokens", 32)
 # docs was trained on plain text (no chat turns): a plain prompt continues the documentation.
 flags.FLAGS.set_default("prompt", "The assert statement")
 flags.FLAGS.set_default("chat", False)
-# The per-hop table then shows steady-state times, not compilation.
-flags.FLAGS.set_default("warmup", True)
 
 
 def say(msg: str) -> None:
@@ -61,24 +60,26 @@ def main(argv):
   cache_dir = cli.option("cache_dir")
   gguf = cli.resolve_gguf(cli.option("gguf"), cache_dir)
   say(f"model: {gguf}")
-  ctx = int(cli.option("ctx_size"))
+  ctx, sessions = int(cli.option("ctx_size")), int(cli.option("max_sessions"))
   host, port = cli.parse_hostport(cli.option("listen") or "127.0.0.1:0")
-  port = port or cli.free_port(host)
+  port = port or local_cluster.free_port(host)
   # Workers start first (they dial until the coordinator is up), before this process starts
   # JAX's threads, and share its persistent compilation cache.
   cli.compilation_cache_env(cache_dir)
   workers = local_cluster.LocalWorkers(gguf, list(cli.option("workers")), (host, port),
-                                       ctx_size=ctx, cache_dir=cache_dir)
+                                       ctx_size=ctx, cache_dir=cache_dir,
+                                       extra_args=[f"--max_sessions={sessions}"])
   close = lambda: None
   try:
     workers.start()
     say(f"workers {', '.join(workers.ranges)} started (logs in {workers.log_dir})")
     cli.enable_compilation_cache(cache_dir)
-    coord, close = cli.coordinator_backend(
+    coord = build.coordinator(
         gguf, layers=cli.option("layers"), listen=f"{host}:{port}", ctx_size=ctx,
-        prefill_chunk=int(cli.option("prefill_chunk")),
+        prefill_chunk=int(cli.option("prefill_chunk")), max_sessions=sessions,
         route_timeout=float(cli.option("route_timeout")),
         activation_dtype=cli.option("activation_dtype"), key_file=cli.option("key_file"))
+    close = coord.close
     say(f"coordinator {cli.option('layers')} listening on {host}:{port}")
     cli.wait_for_route(coord, float(cli.option("route_timeout")), say=say, poll=workers.check)
     say(cli.format_route(coord.route_info()))
@@ -117,7 +118,8 @@ def main(argv):
     finally:
       workers.stop()
   say("checking against a single-process run of the whole model ...")
-  local = cli.local_backend(gguf, ctx_size=ctx, prefill_chunk=int(cli.option("prefill_chunk")))
+  local = build.local_backend(gguf, ctx_size=ctx, prefill_chunk=int(cli.option("prefill_chunk")),
+                              max_sessions=sessions)
   ref = Generator(local, tokenizer).generate(prompt, **kw)
   sid = local.new_session()
   ref_V = local.step(sid, transcript, SamplingParams(), 0, return_logits=True).logits_V

@@ -22,7 +22,10 @@ from ds4jax.runtime import sources
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags()
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
+# One conversation at a time: every stage compiles its single-session decode step and the
+# prefill chunk's shapes at load (more sessions: more decode batch shapes to compile).
+flags.FLAGS.set_default("max_sessions", 1)
 _OUTPUT_JSON = flags.DEFINE_string("output_json", None, "Write tokens, text, speed, route, telemetry.")
 _STREAM = flags.DEFINE_boolean("stream", True, "Print text as it is generated.")
 _SAVE = flags.DEFINE_string("save_session", None, "After generating, save the session "

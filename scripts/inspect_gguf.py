@@ -18,7 +18,9 @@ the published "~81 GB" file (docs packed-quant.md section 5).
 from absl import flags
 
 from ds4jax.config import ModelConfig
-from ds4jax.gguf import cli, summary, table
+from ds4jax import cli
+from ds4jax.gguf import table
+from ds4jax.partition import summary
 
 _GGUF = flags.DEFINE_string("gguf", None, "A ds4 GGUF (full or split).")
 _SPLIT = flags.DEFINE_integer("split", 0, "Suggest a balanced split into N contiguous ranges.",

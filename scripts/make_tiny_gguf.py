@@ -15,8 +15,8 @@ import shutil
 
 from absl import flags, logging
 
-from ds4jax.gguf import cli, table
-from ds4jax.testing import tiny
+from ds4jax import cli
+from ds4jax.gguf import table, tiny
 
 _PRESET = flags.DEFINE_enum("preset", "tiny", tiny.PRESETS,
                             "Model dims: tiny, bench, or flash (the real DeepSeek V4 Flash).")

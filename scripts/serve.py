@@ -30,7 +30,7 @@ from ds4jax import cli, extras
 from ds4jax.serving import model_proc
 
 model_proc.define_flags()
-flags.adopt_module_key_flags(cli)  # --helpshort lists the shared flags too
+flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
 flags.adopt_module_key_flags(model_proc)
 FLAGS = flags.FLAGS
 

@@ -6,7 +6,8 @@
 
 from absl import flags
 
-from ds4jax.gguf import cli, split
+from ds4jax import cli
+from ds4jax.gguf import split
 
 _GGUF = flags.DEFINE_string("gguf", None, "Input ds4 GGUF (full or split).", required=True)
 _LAYERS = flags.DEFINE_string("layers", None, "Slice to keep: A:B, A:output or all.", required=True)

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Installs ds4jax with its test, serve, reference and localai extras into .venv and runs pytest.
+# Installs ds4jax with its test, serve, reference and localai extras into .venv and runs pytest
+# (arguments go to pytest: `bash scripts/test.sh -m "not e2e"` is the inner loop). The suite's
+# test models and XLA compilations persist in $DS4JAX_CACHE/jax-<version> (default
+# ~/.cache/ds4jax/jax-<version>): a second run loads what the first compiled.
 # pytest's exit 5 (no tests collected) is a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -28,7 +28,8 @@ _LAYERS = flags.DEFINE_string("layers", None, "Inclusive range A:B, or A:output 
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator.")
 _CTX = flags.DEFINE_integer("ctx_size", 4096, "KV capacity per session, in tokens.",
                             lower_bound=1)
-_SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction.",
+_SESSIONS = flags.DEFINE_integer("max_sessions", 8, "Sessions kept before LRU eviction; "
+                                 "every decode batch size up to it compiles before READY.",
                                  lower_bound=1)
 _KEY_FILE = flags.DEFINE_string("key_file", None, "File with the pre-shared key "
                                 "(default: the DS4JAX_KEY environment variable).")
@@ -71,7 +72,7 @@ def main(argv):
   cli.setup_logging()
   if _WITH_PARENT.value:
     _exit_with_parent()
-  from ds4jax.bridge import launch
+  from ds4jax import build
   from ds4jax.wire import auth
   from ds4jax.bridge.worker.worker import WorkerOptions
   layers, coordinator = cli.worker_layers(), cli.option("coordinator")
@@ -97,8 +98,7 @@ def main(argv):
   from ds4jax.runtime.load import return_big_frees
   return_big_frees()  # freed buffers leave RSS (issue 7: peak memory)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
-  worker = launch.worker_from_gguf(path, layers, addr, options=opt,
-                                   **cli.weight_options())
+  worker = build.worker(path, layers, addr, options=opt, **cli.weight_options())
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
   worker.run()
 

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 # The first SIGINT arrives while a gc callback runs, where Python drops the KeyboardInterrupt
 # ("Exception ignored in ..."): jax registers such a callback, so this happens in real runs.
 _SCRIPT = textwrap.dedent("""
@@ -32,6 +34,7 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_ctrl_c_swallowed_by_a_gc_callback_is_delivered_again():
   p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, timeout=60)
   # The first one really was dropped (the gc callback returned), silently: no traceback.

@@ -32,15 +32,14 @@ def main(argv) -> None:
   del argv
   import jax
   from ds4jax import cli
-  from ds4jax.bridge.launch import load_runner
+  from ds4jax import build
   cli.enable_compilation_cache(_CACHE.value)
   sizes = sorted(int(s) for s in _SIZES.value)
   gguf = cli.resolve_gguf(_PRESET.value, _CACHE.value)
   n = _PROMPT.value
-  runner = load_runner(gguf, "all", ctx_size=n + _ROUNDS.value + 8, max_chunk=n,
-                       weights=_WEIGHTS.value)
-  runner.compile_batch(sizes, (1,), n_slots=max(sizes))
-  runner.compile_batch((1,), (n,), n_slots=max(sizes))
+  # Compiled at load: the decode batches up to max(sizes) rows and the n-token chunk.
+  runner = build.load_runner(gguf, "all", ctx_size=n + _ROUNDS.value + 8, prefill_chunk=n,
+                             max_sessions=max(sizes), weights=_WEIGHTS.value)
   rng = np.random.default_rng(0)
   v = runner.cfg.vocab_size
   pool = runner.init_pool(max(sizes))

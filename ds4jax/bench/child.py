@@ -27,13 +27,11 @@ log = logging.getLogger("ds4jax.bench")
 
 
 def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
-  from ds4jax.bridge.launch import load_runner
-  from ds4jax.runtime.local import LocalBackend
+  from ds4jax import build
   t0 = time.perf_counter()
-  # The decode and chunk shapes compile before the weights load, as on every split stage.
-  runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"],
-                       compile_sizes=(1, spec["chunk"]))
-  backend = LocalBackend([runner], prefill_chunk=spec["chunk"])
+  # One stream: the builder compiles its decode step and the chunk buckets before the weights.
+  backend = build.local_backend(spec["gguf"], ctx_size=spec["ctx"], prefill_chunk=spec["chunk"],
+                                max_sessions=1)
   load_s = time.perf_counter() - t0
   res = measure.bench_backend(backend, ids, prompt_lens=spec["prompt_lens"],
                               decode_tokens=spec["decode_tokens"], warm_len=spec["chunk"],
@@ -47,7 +45,6 @@ def run_single(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
 def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bench.probe import HopProbe
   from ds4jax.bench.tcp_floor import measure_floor
-  from ds4jax.bridge.launch import load_runner
 
   probe = HopProbe().install()
   worker_ranges = spec["ranges"][1:]
@@ -81,9 +78,9 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
     }
     if spec.get("paired_rounds", 0):
       # Memory is read above: the reference model below must not count in the coordinator.
-      from ds4jax.runtime.local import LocalBackend
-      ref = LocalBackend([load_runner(spec["gguf"], "all", ctx_size=spec["ctx"],
-                                      max_chunk=spec["chunk"])], prefill_chunk=spec["chunk"])
+      from ds4jax import build
+      ref = build.local_backend(spec["gguf"], ctx_size=spec["ctx"], prefill_chunk=spec["chunk"],
+                                max_sessions=1)
       res["paired"] = measure.paired_decode(
           coord, ref, ids, prompt_len=spec["prompt_lens"][0], rounds=spec["paired_rounds"],
           steps=max(1, spec["decode_tokens"] // spec["paired_rounds"]))
@@ -92,8 +89,8 @@ def run_split(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
 
 def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   """The concurrency study on one process (LocalBackend) or a split (Coordinator)."""
+  from ds4jax import build
   from ds4jax.bench import concurrency
-  from ds4jax.bridge.launch import load_runner
   ranges = spec.get("ranges") or ["all"]
   n_max = max(spec["levels"])
   kw = dict(levels=spec["levels"], prompt_len=spec["prompt_len"],
@@ -101,16 +98,12 @@ def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
             seed=spec.get("seed", 0))
   t0 = time.perf_counter()
   if ranges == ["all"]:
-    from ds4jax.runtime.local import LocalBackend
-    runner = load_runner(spec["gguf"], "all", ctx_size=spec["ctx"], max_chunk=spec["chunk"])
-    backend = LocalBackend([runner], prefill_chunk=spec["chunk"], max_sessions=n_max)
+    # Every decode bucket up to n_max rows and the prefill chunks compile at load.
+    backend = build.local_backend(spec["gguf"], ctx_size=spec["ctx"],
+                                  prefill_chunk=spec["chunk"], max_sessions=n_max)
     try:
-      # Decode buckets 1, 2, 4, ... and the prefill chunk, compiled before anything is timed.
-      backend.warmup(batch_sizes=[2**k for k in range(n_max.bit_length() + 1)
-                                  if 2**k < 2 * n_max], chunk_sizes=(1,))
-      backend.warmup(batch_sizes=(1,), chunk_sizes=(min(spec["prompt_len"], spec["chunk"]),))
       load_s = time.perf_counter() - t0
-      res = concurrency.bench_levels(backend, runner.cfg.vocab_size, **kw)
+      res = concurrency.bench_levels(backend, backend.cfg.vocab_size, **kw)
     finally:
       backend.close()
   else:
@@ -125,18 +118,16 @@ def run_concurrency(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
 def split_cluster(spec: dict[str, Any], max_sessions: int = 8):
   """(Coordinator for spec["ranges"][0], LocalWorkers: one process per further range),
   yielded once the route is complete; `max_sessions` sessions stay resident everywhere."""
-  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
-  from ds4jax.bridge.launch import load_runner
+  from ds4jax import build
   from ds4jax.local_cluster import LocalWorkers
   if spec.get("log_dir"):
     pathlib.Path(spec["log_dir"]).mkdir(parents=True, exist_ok=True)
   coord_range, worker_ranges = spec["ranges"][0], spec["ranges"][1:]
-  runner = load_runner(spec["gguf"], coord_range, ctx_size=spec["ctx"], max_chunk=spec["chunk"],
-                       compile_sizes=(1, spec["chunk"]))
   # Generous deadlines: a worker compiling on a loaded 2-core machine is slow, not dead.
-  coord = Coordinator(runner, CoordinatorOptions(
-      port=0, prefill_chunk=spec["chunk"], request_timeout=1800.0, route_timeout=900.0,
-      heartbeat_s=2.0, max_sessions=max(64, max_sessions)))
+  coord = build.coordinator(spec["gguf"], layers=coord_range, ctx_size=spec["ctx"],
+                            prefill_chunk=spec["chunk"], max_sessions=max(64, max_sessions),
+                            key=None, request_timeout=1800.0, route_timeout=900.0,
+                            heartbeat_s=2.0)
   workers = LocalWorkers(spec["gguf"], worker_ranges, coordinator=coord.address,
                          ctx_size=spec["ctx"], cache_dir=spec.get("cache_dir"),
                          log_dir=spec.get("log_dir"),
@@ -158,8 +149,9 @@ def split_cluster(spec: dict[str, Any], max_sessions: int = 8):
 
 def run_hf(spec: dict[str, Any], ids: list[int]) -> dict[str, Any]:
   from ds4jax.bench import hf
+  from ds4jax.gguf.hf import hf_model_from_gguf
   t0 = time.perf_counter()
-  model = hf.hf_model_from_gguf(spec["gguf"])
+  model = hf_model_from_gguf(spec["gguf"])
   load_s = time.perf_counter() - t0
   res = hf.measure_hf(model, ids, prompt_lens=spec["prompt_lens"],
                       decode_tokens=spec["decode_tokens"])

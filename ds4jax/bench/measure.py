@@ -1,4 +1,4 @@
-"""Timing a `Backend` (local or split) the same way, plus peak-memory readers.
+"""Timing a `Backend` (local or split) the same way, and its peak memory in MiB.
 
 Everything goes through the public `Backend.step` with the whole transcript, exactly as the
 generation loop and the server drive it, so the local and the split numbers are comparable.
@@ -17,29 +17,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from ds4jax.local_cluster import peak_rss_bytes
 from ds4jax.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams()
 
 
-def proc_status_kb(pid: int | str = "self", key: str = "VmHWM") -> int | None:
-  """A `/proc/PID/status` field in KiB (VmHWM = peak RSS), or None where /proc is missing."""
-  try:
-    with open(f"/proc/{pid}/status") as f:
-      for line in f:
-        if line.startswith(key + ":"):
-          return int(line.split()[1])
-  except OSError:
-    return None
-  return None
-
-
 def peak_rss_mb(pid: int | str = "self") -> float | None:
-  kb = proc_status_kb(pid, "VmHWM")
-  if kb is None and pid == "self":
-    import resource
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-  return None if kb is None else kb / 1024.0
+  """`local_cluster.peak_rss_bytes` in MiB (None where it cannot tell)."""
+  n = peak_rss_bytes(pid)
+  return None if n is None else n / 2**20
 
 
 def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:

@@ -32,13 +32,13 @@ def bench_interleaved(path, *, n_prompt: int, n_decode: int, dtype: str = "float
   """
   if n_prompt < 1 or n_decode < 1 or rounds < 1:
     raise ValueError("n_prompt, n_decode and rounds must be >= 1")
-  from ds4jax.runtime.api import Model
+  from ds4jax.build import load_model
   load_before = os.getloadavg()
   impls: dict[str, Callable] = {}
   rows = {}
   for w in weights:
-    model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
-                              max_chunk=_pow2_at_least(n_prompt), weights=w)
+    model = load_model(path, dtype=dtype, ctx_size=n_prompt + n_decode,
+                       max_chunk=_pow2_at_least(n_prompt), weights=w)
     ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
     name = "ds4jax" if len(weights) == 1 else f"ds4jax/{w[:6]}"
     impls[name] = _ds4jax_round(model, ids, n_prompt)
@@ -93,7 +93,7 @@ def _ds4jax_round(model, ids, n_prompt: int):
 
 
 def _hf_model(path):
-  from ds4jax.convert import hf_model_from_gguf
+  from ds4jax.gguf.hf import hf_model_from_gguf
   return hf_model_from_gguf(path)
 
 
@@ -136,16 +136,14 @@ def bench_layer_decode(path, layers: str, *, n_decode: int = 8, n_prompt: int = 
   Returns {layers, weights, ms_per_token (median), read_bytes, gbs, floor_ms}.
   """
   from ds4jax.bench.gpu import hbm_bandwidth_gbs
-  from ds4jax.config import LayerRange
+  from ds4jax.build import load_model
   from ds4jax.gguf import names
   from ds4jax.gguf.reader import open_gguf
-  from ds4jax.runtime.load import load_runner
   f = open_gguf(path)
   rng = f.resolve(layers)
   if rng.embeds:
     raise ValueError(f"layers {layers}: the slice must not start at 0 (it would embed)")
-  runner = load_runner(path, rng, ctx_size=n_prompt + n_decode + 1, weights=weights,
-                       compile_sizes=(1, n_prompt))
+  runner = load_model(path, rng, ctx_size=n_prompt + n_decode + 1, weights=weights).runner
   cfg = f.cfg
   read = 0.0
   for e in names.entries(cfg, rng, optional=True):
@@ -184,12 +182,11 @@ def bench_devices(path, devices, *, n_prompt: int, n_decode: int, rounds: int = 
   decode_tok_s (medians of `rounds`), prefill_best, decode_best, bytes_per_device:
   {"experts", "other", "total"} (the largest device's), param_bytes (the stage's whole)}.
   """
+  from ds4jax.build import load_model
   from ds4jax.model import sharding
-  from ds4jax.runtime.api import Model
   from ds4jax.runtime.runner import param_bytes
-  model = Model.from_source(path, dtype=dtype, ctx_size=n_prompt + n_decode,
-                            max_chunk=_pow2_at_least(n_prompt), weights=weights,
-                            devices=devices)
+  model = load_model(path, dtype=dtype, ctx_size=n_prompt + n_decode,
+                     max_chunk=_pow2_at_least(n_prompt), weights=weights, devices=devices)
   ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, n_prompt + n_decode)
   run = _ds4jax_round(model, ids, n_prompt)
   t0 = time.perf_counter()
@@ -308,11 +305,11 @@ def activation_effect(path, *, n_prompt: int = 32, n_decode: int = 16,
   Returns {act: {"vs_hf": stats | None, "vs_exact": stats}} with stats = {max_abs, rms,
   argmax_agree (fraction of positions), max_logit (largest |logit| of the reference)}.
   """
-  from ds4jax.runtime.api import Model
+  from ds4jax.build import load_model
 
   def run(act):
-    model = Model.from_source(path, ctx_size=n_prompt + n_decode + 8,
-                              max_chunk=_pow2_at_least(n_prompt), activations=act)
+    model = load_model(path, ctx_size=n_prompt + n_decode + 8,
+                       max_chunk=_pow2_at_least(n_prompt), activations=act)
     s = model.session()
     out = [np.asarray(s.prefill(ids[:n_prompt]))]
     out += [np.asarray(s.decode(int(t)))[None] for t in ids[n_prompt:]]

@@ -8,7 +8,7 @@ reader thread parsed the frame). It also times the coordinator's activation enco
 installed only by the benchmark's child process; nothing else ever imports it.
 
 Run as a module it is the bridge's own micro-benchmark: a zero-compute stage
-(`testing.fake_stage.EchoRunner`, bench-preset activation rows) split over worker processes
+(`bench.echo.EchoRunner`, bench-preset activation rows) split over worker processes
 on loopback, so every microsecond of a decode step is the bridge's (one JSON line out):
 
     python -m ds4jax.bench.probe --workers=1 --steps=400 [--gap_ms=5]
@@ -99,8 +99,8 @@ class HopProbe:
 
 # ------------------------------------------------------------------------ micro-benchmark
 def _echo_cfg():
-  from ds4jax.testing.fake_stage import FakeConfig
-  return FakeConfig(n_layers=4, d_model=512, n_hc=4, vocab_size=4096)  # bench preset rows
+  from ds4jax.bench.echo import EchoConfig
+  return EchoConfig(n_layers=4, d_model=512, n_hc=4, vocab_size=4096)  # bench preset rows
 
 
 def _serve(port: int, layers: str) -> None:
@@ -108,7 +108,7 @@ def _serve(port: int, layers: str) -> None:
   import os
   from ds4jax.bridge.worker.worker import Worker, WorkerOptions
   from ds4jax.config import LayerRange
-  from ds4jax.testing.fake_stage import EchoRunner
+  from ds4jax.bench.echo import EchoRunner
   cfg = _echo_cfg()
   rng = LayerRange.parse(layers, cfg.n_layers)
   opt = WorkerOptions(ctx=4096, backoff_min=0.05, backoff_max=0.2)
@@ -129,22 +129,20 @@ def _serve(port: int, layers: str) -> None:
 def hop_bench(n_workers: int, steps: int, gap_s: float = 0.0, prompt: int = 16,
               floor: bool = True, **coord_options) -> dict[str, Any]:
   """Decode steps through `n_workers` echo workers; medians of step time and hop RTT."""
-  import subprocess
-  import sys
   import numpy as np
   from ds4jax.bench.tcp_floor import measure_floor
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.config import LayerRange
+  from ds4jax.local_cluster import spawn
   from ds4jax.runtime.sampling import SamplingParams
-  from ds4jax.testing.fake_stage import EchoRunner
+  from ds4jax.bench.echo import EchoRunner
   cfg = _echo_cfg()
   ranges = {1: ["1:output"], 2: ["1:2", "3:output"], 3: ["1:1", "2:2", "3:output"]}[n_workers]
   probe = HopProbe().install()
   coord = Coordinator(EchoRunner(cfg, LayerRange.parse("0:0", cfg.n_layers)),
                       CoordinatorOptions(port=0, route_timeout=60, **coord_options))
-  procs = [subprocess.Popen([sys.executable, "-m", "ds4jax.bench.probe",
-                             f"--serve={r}", f"--port={coord.address[1]}"])
-           for r in ranges]
+  procs = [spawn(["-m", "ds4jax.bench.probe", f"--serve={r}", f"--port={coord.address[1]}"],
+                 None) for r in ranges]
   try:
     coord.wait_route(60)
     greedy = SamplingParams()

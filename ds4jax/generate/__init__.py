@@ -1,7 +1,8 @@
 """Generation over any `Backend`: sampling methods, the Generator loop, chat sessions.
 
-    from ds4jax.generate import Generator, LocalBackend, SamplingParams
-    gen = Generator(LocalBackend.from_gguf(path), Tokenizer.from_gguf(path))
+    from ds4jax import build
+    from ds4jax.generate import Generator, SamplingParams
+    gen = Generator(build.local_backend(path), Tokenizer.from_gguf(path))
     gen.generate("Hi", max_new_tokens=16, sampling=SamplingParams(temperature=0.7, seed=1))
 
 `LocalBackend` imports JAX, so it is loaded on first use; the rest is numpy only.

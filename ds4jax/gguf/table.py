@@ -2,7 +2,7 @@
 dims and bytes of every tensor, without any data.
 
 Used to plan hosts for a model that is not on disk (`ds4jax.partition.memory`) and to write
-fixtures tensor by tensor (`ds4jax.testing.tiny.make_streamed_gguf`). The types follow the
+fixtures tensor by tensor (`ds4jax.gguf.tiny.make_streamed_gguf`). The types follow the
 writer: `experts` picks the routed expert types (ds4's "q2" is `iq2`: IQ2_XXS gate/up, Q2_K
 down), `types` the other tensors (`writer.policy_type`: ds4's mix, or F32 everywhere).
 """

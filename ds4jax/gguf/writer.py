@@ -1,6 +1,6 @@
 """Writes ds4-layout GGUF files with `gguf.GGUFWriter` and the exact metadata types of ds4.
 
-Used by the tiny fixtures (`ds4jax.testing.tiny`) and by the HF -> GGUF converter.
+Used by the tiny models (`ds4jax.gguf.tiny`) and by the HF -> GGUF converter.
 Tensors are given in the numpy orientation (`names.TensorSpec.numpy_shape`), either as float
 arrays, which are quantised here by the type policy, or as `RawTensor`s that already hold
 quantised blocks (gguf-py cannot quantise Q2_K / Q4_K / IQ2_XXS).
@@ -88,7 +88,7 @@ def _config_metadata(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
 
 def _tokenizer_metadata(w: gguf.GGUFWriter, cfg: ModelConfig, tokenizer) -> None:
   if tokenizer is None:
-    from ds4jax.testing.tiny_vocab import build_vocab  # deferred: testing sits beside gguf
+    from ds4jax.tokenizer.tiny_vocab import build_vocab  # deferred: only files without one
     tokenizer = build_vocab(cfg.vocab_size)
   if not isinstance(tokenizer, Mapping):
     tokenizer = {

@@ -14,6 +14,7 @@ import os
 from absl import flags
 
 from ds4jax import cli, extras
+from ds4jax.errors import one_line
 
 _ADDR = flags.DEFINE_string("addr", "localhost:50051", "HOST:PORT to serve gRPC on.")
 _CACHE = flags.DEFINE_string("cache_dir", None, "The model process's cache directory "
@@ -38,10 +39,10 @@ def _import_server():
     from ds4jax.localai import server
   except ImportError as e:  # grpcio or protobuf older than the committed stubs
     raise extras.MissingExtra(f"the LocalAI backend needs newer grpcio/protobuf: pip install "
-                              f"-U 'ds4jax[localai]' ({cli._one_line(e)})") from None
+                              f"-U 'ds4jax[localai]' ({one_line(e)})") from None
   except Exception as e:  # protobuf's VersionError, grpc's "generated code" RuntimeError
     raise extras.MissingExtra(f"the LocalAI backend needs newer grpcio/protobuf: pip install "
-                              f"-U 'ds4jax[localai]' ({cli._one_line(e)})") from None
+                              f"-U 'ds4jax[localai]' ({one_line(e)})") from None
   return server
 
 

@@ -33,13 +33,13 @@ from collections.abc import Callable
 import grpc
 
 from ds4jax.wire.errors import RouteUnavailable
-from ds4jax.runtime import batching
+from ds4jax.errors import one_line
 from ds4jax.localai import backend_pb2 as pb
 from ds4jax.localai import backend_pb2_grpc as pb_grpc
 from ds4jax.localai import options, predict
 from ds4jax.localai.auth import BearerTokenInterceptor
 from ds4jax.localai.model import LoadedModel
-from ds4jax.serving.engine import RouteNotReady
+from ds4jax.serving.engine import Busy, RouteNotReady
 from ds4jax.serving.generation import Finished, Piece, Stepped
 
 log = logging.getLogger("ds4jax.localai")
@@ -59,11 +59,6 @@ class _Abort(Exception):
     super().__init__(message)
     self.code = code
     self.message = message
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def _layers_text(layers: list[int]) -> str:
@@ -145,7 +140,7 @@ class Servicer(pb_grpc.BackendServicer):
       return pb.Result(success=False, message=str(e))
     except Exception as e:  # a bug, not bad input: keep the traceback in the log
       log.exception("LoadModel failed")
-      return pb.Result(success=False, message=f"ds4jax: load failed: {_one_line(e)}")
+      return pb.Result(success=False, message=f"ds4jax: load failed: {one_line(e)}")
     self.model = model
     log.info("%s", model.describe())
     return pb.Result(success=True, message=model.describe())
@@ -236,7 +231,7 @@ class Servicer(pb_grpc.BackendServicer):
     except predict.RequestError as e:
       raise _Abort(Code.INVALID_ARGUMENT, str(e)) from None
     except Exception as e:  # the tokenizer process failed
-      raise _Abort(Code.INTERNAL, f"ds4 generation failed: {_one_line(e)}") from None
+      raise _Abort(Code.INTERNAL, f"ds4 generation failed: {one_line(e)}") from None
     model.active += 1
     try:
       await self._wait_route(model)
@@ -257,14 +252,14 @@ class Servicer(pb_grpc.BackendServicer):
                              timing_token_generation=1e3 * float(t.get("decode_s", 0.0))), None
     except (_Abort, GeneratorExit):
       raise
-    except batching.Busy as e:
-      raise _Abort(Code.RESOURCE_EXHAUSTED, f"ds4jax: {_one_line(e)}") from None
+    except Busy as e:
+      raise _Abort(Code.RESOURCE_EXHAUSTED, f"ds4jax: {one_line(e)}") from None
     except RouteUnavailable as e:
-      raise _Abort(Code.UNAVAILABLE, f"ds4 distributed route error: {_one_line(e)}") from None
+      raise _Abort(Code.UNAVAILABLE, f"ds4 distributed route error: {one_line(e)}") from None
     except Exception as e:
       if not isinstance(e, ValueError):
         log.warning("generation failed: %s: %s", type(e).__name__, e)
-      raise _Abort(Code.INTERNAL, f"ds4 generation failed: {_one_line(e)}") from None
+      raise _Abort(Code.INTERNAL, f"ds4 generation failed: {one_line(e)}") from None
     finally:
       model.active -= 1
 

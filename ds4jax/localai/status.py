@@ -11,27 +11,19 @@ from __future__ import annotations
 
 import os
 
-import psutil
-
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import rss_bytes
 from ds4jax.partition.plan import stage_bytes
-
-
-def _rss(pid: int | None) -> int:
-  try:
-    return int(psutil.Process(pid).memory_info().rss)
-  except (psutil.Error, OSError):
-    return 0
 
 
 def memory(route: list[dict] = (), sizes=None, n_layers: int = 0,
            **child_pids: int | None) -> tuple[int, dict[str, int]]:
   """(total, breakdown) as described in the module docstring. sizes: (embed bytes, per-layer
   bytes, head bytes) of the GGUF, or None; child_pids: name -> pid (None: not running)."""
-  breakdown = {"backend_rss": _rss(os.getpid())}
+  breakdown = {"backend_rss": rss_bytes(os.getpid())}
   for name, pid in child_pids.items():
     if pid is not None:
-      breakdown[f"{name}_rss"] = _rss(pid)
+      breakdown[f"{name}_rss"] = rss_bytes(pid)
   total = sum(breakdown.values())
   if sizes is not None:
     embed, per_layer, head = sizes

@@ -27,12 +27,8 @@ import threading
 from typing import Any
 from collections.abc import Sequence
 
+from ds4jax.errors import one_line
 from ds4jax.localai.options import LoadError
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0] if text else type(e).__name__
 
 
 def model_info(path: str):
@@ -58,7 +54,7 @@ def _serve(path: str) -> int:
   try:
     info, tok = model_info(path)
   except (ValueError, OSError) as e:
-    msg = _one_line(e)
+    msg = one_line(e)
     out.write(json.dumps({"ok": False, "message": msg if path in msg else f"{path}: {msg}"})
               + "\n")
     out.flush()
@@ -78,7 +74,7 @@ def _serve(path: str) -> int:
       else:
         reply = {"error": f"unknown op {req['op']!r}"}
     except (ValueError, KeyError, TypeError) as e:
-      reply = {"error": _one_line(e)}
+      reply = {"error": one_line(e)}
     out.write(json.dumps(reply, ensure_ascii=False) + "\n")
     out.flush()
   return 0

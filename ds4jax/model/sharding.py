@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ds4jax.config import devices_option
 from ds4jax.quant.packed import Packed
 
 # The mesh axis of a stage: one per local device of the stage.
@@ -63,27 +64,19 @@ LOGICAL_RULES: tuple[tuple[str, str | None], ...] = (
 
 # ---------------------------------------------------------------------------- the mesh
 def parse_devices(devices, available: int | None = None) -> int:
-  """The device count a `devices` option names: an int >= 1, a decimal string, or "all"
-  (every local device). One-line ValueErrors for 0, negatives, non-integers and more than
-  the `available` local devices (default: `len(jax.local_devices())`)."""
+  """The device count a `devices` option names (`config.devices_option`: an int >= 1, a
+  decimal string, or "all" = every local device). One-line ValueErrors for what is not such
+  an option and for more than the `available` local devices (default:
+  `len(jax.local_devices())`)."""
+  spec = devices_option(devices)
   if available is None:
     available = len(jax.local_devices())
-  spec = devices
-  if isinstance(spec, str):
-    spec = spec.strip()
-    if spec == "all":
-      return int(available)
-    if not spec.lstrip("+").isdigit():
-      raise ValueError(f"--devices must be a positive integer or 'all', got {devices!r}")
-    spec = int(spec)
-  if isinstance(spec, bool) or not isinstance(spec, (int, np.integer)):
-    raise ValueError(f"--devices must be a positive integer or 'all', got {devices!r}")
-  if spec < 1:
-    raise ValueError(f"--devices must be >= 1, got {spec}")
+  if spec == "all":
+    return int(available)
   if spec > available:
     raise ValueError(f"--devices={spec} exceeds the {available} local device(s) "
                      f"({jax.default_backend()})")
-  return int(spec)
+  return spec
 
 
 def make_mesh(devices=1) -> Mesh | None:

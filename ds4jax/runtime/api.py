@@ -1,7 +1,7 @@
 """Notebook API: `Model` with `logits(ids)` and `session()`, over a StageRunner.
 
-`ds4jax.load_model(path)` (`ds4jax.runtime.sources.load_model`: a GGUF or a checkpoint directory)
-and `Model.from_source(source)` (a `quant.source.TensorSource`, or a GGUF path) build one.
+`ds4jax.load_model(path)` (`ds4jax.build.load_model`: a GGUF, a checkpoint directory or a
+`quant.source.TensorSource`) builds one.
 
     model = ds4jax.load_model("tiny.gguf")
     logits_TV = model.logits([0, 5, 7])        # one-shot prefill from position 0
@@ -17,7 +17,6 @@ from typing import Sequence
 
 import numpy as np
 
-from ds4jax.runtime.load import as_source, load_stage
 from ds4jax.runtime.runner import StageRunner
 
 
@@ -28,26 +27,6 @@ class Model:
     self.runner = runner
     self.cfg, self.layers = runner.cfg, runner.layers
     self._scratch = None
-
-  @classmethod
-  def from_source(cls, source, layers: str | None = "all", *, dtype=None, ctx_size: int = 4096,
-                  max_chunk: int = 256, weights: str = "packed", devices=1,
-                  activations: str = "exact") -> "Model":
-    """Loads `layers` of a source (a `TensorSource`, or a GGUF file path).
-
-    dtype: compute dtype ('float32' | 'bfloat16'); None is the source's (float32 for a
-    GGUF). weights: 'packed' (default: quantised tensors stay GGUF blocks in device memory,
-    dequantised inside the step) or 'dequantized' (dequantised to `dtype` at load, ~13x the
-    GGUF bytes for a q2 file in f32). ctx_size is capped at the model's context length.
-    devices: 1, N, "all" or a Mesh: the routed experts sharded over that many local devices
-    (`model.sharding`). activations: 'exact' (default) or 'q8' (`runtime.load.load_stage`).
-    """
-    source = as_source(source)
-    stage = load_stage(source, layers, dtype=dtype, weights=weights, devices=devices,
-                       activations=activations)
-    ctx = min(int(ctx_size), int(stage.cfg.context_length))
-    return cls(StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk,
-                           fingerprint=source.fingerprint))
 
   def _check_full(self) -> None:
     if not (self.layers.embeds and self.layers.has_output):

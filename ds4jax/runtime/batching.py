@@ -1,4 +1,4 @@
-"""Continuous batching at one stage, and admission (docs/design.md §11).
+"""Continuous batching at one stage (docs/design.md §11).
 
 `StageBatcher` owns a `StageRunner`'s pool of session states and one compute thread. Callers
 on any thread `run(slot, tokens, hc, pos0)` and block for the output; the compute thread
@@ -21,16 +21,12 @@ control operations first keeps every slot's order.
     out_TV = batcher.run(slot, [0, 17, 42], None, pos0=0)   # prefill
     out_1V = batcher.run(slot, [7], None, pos0=3)           # decode, batched with others
     batcher.free(slot)
-
-`Admission` bounds the generations active at once; beyond it a request queues, and after
-`queue_timeout_s` gets `Busy` (HTTP 429 with Retry-After in the server).
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
-import contextlib
 import dataclasses
 import logging
 import threading
@@ -44,15 +40,6 @@ log = logging.getLogger("ds4jax.runtime.batching")
 
 class BatcherFull(RuntimeError):
   """Every slot of a stage's pool is held by a session."""
-
-
-class Busy(RuntimeError):
-  """Too many generations at once: the request waited `waited_s` and was turned away."""
-
-  def __init__(self, message: str, retry_after_s: float, waited_s: float):
-    super().__init__(message)
-    self.retry_after_s = float(retry_after_s)
-    self.waited_s = float(waited_s)
 
 
 class StateLost(RuntimeError):
@@ -107,6 +94,13 @@ class StageBatcher:
     self.name = name or str(runner.layers)
     self.stats = BatcherStats()
     self._pool = runner.init_pool(self.n_slots)
+    first_runs = getattr(runner, "first_runs", None)  # test doubles have none
+    if first_runs is not None:  # the shapes compiled at load run once now, not on a request
+      t0 = time.perf_counter()
+      self._pool = first_runs(self._pool)
+      if time.perf_counter() - t0 > 1.0:
+        log.info("stage %s: first run of its compiled shapes in %.1fs", self.name,
+                 time.perf_counter() - t0)
     self._pos = [0] * self.n_slots  # host mirror of pool.pos
     self._free = list(range(self.n_slots - 1, -1, -1))
     self._cv = threading.Condition()
@@ -369,55 +363,14 @@ class StageBatcher:
         self._pos = [0] * self.n_slots
 
 
-class Admission:
-  """Bounds the generations running at once (`max_active`); a request beyond them waits up
-  to `queue_timeout_s` for one to finish, then gets `Busy`.
-
-      admission = Admission(8, queue_timeout_s=30)
-      with admission.slot():      # Busy after 30 s with 8 others running
-        ...generate...
-  """
-
-  def __init__(self, max_active: int, queue_timeout_s: float = 30.0,
-               retry_after_s: float | None = None):
-    if max_active < 1:
-      raise ValueError(f"max_active must be >= 1, got {max_active}")
-    self.max_active = int(max_active)
-    self.queue_timeout_s = float(queue_timeout_s)
-    self.retry_after_s = float(retry_after_s if retry_after_s is not None
-                               else max(1.0, min(queue_timeout_s, 30.0)))
-    self._sem = threading.BoundedSemaphore(self.max_active)
-    self._lock = threading.Lock()
-    self.active = 0
-    self.waiting = 0
-    self.rejected = 0
-
-  @contextlib.contextmanager
-  def slot(self, timeout_s: float | None = None):
-    timeout = self.queue_timeout_s if timeout_s is None else float(timeout_s)
-    t0 = time.monotonic()
-    with self._lock:
-      self.waiting += 1
-    try:
-      got = self._sem.acquire(timeout=max(timeout, 0.0))
-    finally:
-      with self._lock:
-        self.waiting -= 1
-    if not got:
-      with self._lock:
-        self.rejected += 1
-      waited = time.monotonic() - t0
-      raise Busy(f"busy: {self.max_active} generations are running and none finished within "
-                 f"{waited:.1f} s; retry after {self.retry_after_s:.0f} s",
-                 self.retry_after_s, waited)
-    with self._lock:
-      self.active += 1
-    try:
-      yield
-    finally:
-      with self._lock:
-        self.active -= 1
-      self._sem.release()
+def warmup_batched(runner, batch_sizes, chunk_sizes, n_slots: int) -> None:
+  """Compiles `forward_batch` for these decode batch sizes x chunk sizes on a pool of
+  `n_slots` (what a StageBatcher of that many slots runs); a runner without `compile_batch`
+  (test fakes) compiles nothing."""
+  compile_batch = getattr(runner, "compile_batch", None)
+  sizes = sorted(set(min(int(s), runner.ctx_size) for s in chunk_sizes if s))
+  if compile_batch is not None and sizes:
+    compile_batch(tuple(batch_sizes) or (1,), sizes, n_slots=n_slots)
 
 
-__all__ = ["Admission", "BatcherFull", "BatcherStats", "Busy", "StageBatcher", "StateLost"]
+__all__ = ["BatcherFull", "BatcherStats", "StageBatcher", "StateLost", "warmup_batched"]

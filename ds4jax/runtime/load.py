@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -241,7 +241,9 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
 def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
                 *, ctx_size: int, max_chunk: int = 256, dtype=None, weights: str = "packed",
                 fingerprint: str | None = None, compile_sizes: Sequence[int] = (),
-                compile_batches=None, devices=1, activations: str = "exact") -> StageRunner:
+                compile_batches=None, devices=1,
+                prepare: Callable[[StageRunner], None] | None = None,
+                activations: str = "exact") -> StageRunner:
   """A StageRunner for `layers` of a source (as in `load_stage`), built in the order that
   keeps the process's peak memory low (issue 7):
 
@@ -253,6 +255,8 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
   What was compiled is what `forward` runs: nothing compiles again for those sizes.
   compile_batches: (batch_sizes, chunk_sizes, n_slots) of `forward_batch` to compile in
   step 1 as well (`StageRunner.compile_batch`; what a worker's StageBatcher runs).
+  prepare: called with the weightless runner in step 1, after those (the builder compiles
+  every shape a stage serves here: `ds4jax.build`).
   fingerprint: None is the source's; another one is a ValueError (the wrong model).
   devices, activations: as in `load_stage` (the step compiles for the sharded placement).
   """
@@ -268,12 +272,14 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
   sharding.attach(abstract, mesh)
   runner = StageRunner(abstract, ctx_size=ctx_size, max_chunk=max_chunk,
                        fingerprint=source.fingerprint)
-  if compile_sizes or compile_batches:
+  if compile_sizes or compile_batches or prepare is not None:
     if compile_sizes:
       runner.compile(compile_sizes)
     if compile_batches:
       batch_sizes, chunk_sizes, n_slots = compile_batches
       runner.compile_batch(batch_sizes, chunk_sizes, n_slots=n_slots)
+    if prepare is not None:
+      prepare(runner)
     trim_heap()
   items = source.tensors(rng, packed=packed)
   stage = nnx.merge(graphdef, nnx.from_flat_state(

@@ -12,7 +12,7 @@ Steps of different sessions run concurrently (one thread per session: the server
 threads, `step_many`): their decode tokens run as one batched call at every stage, and an
 in-process split pipelines (one session on stage 2 while another is on stage 1).
 
-    backend = LocalBackend.from_gguf("tiny.gguf", ctx_size=512)
+    backend = ds4jax.build.local_backend("tiny.gguf", ctx_size=512)   # the one builder
     sid = backend.new_session()
     res = backend.step(sid, [0, 17, 42], SamplingParams(), step=0)
     res.token, res.n_computed     # sampled id, 3 tokens computed
@@ -21,13 +21,10 @@ in-process split pipelines (one session on stage 2 while another is on stage 1).
 from __future__ import annotations
 
 import logging
-import os
-import time
 from typing import Sequence
 
 from ds4jax.config import LayerRange
 from ds4jax.runtime.backend import RouteBackend
-from ds4jax.runtime.progress import heartbeat
 from ds4jax.runtime.session import SessionError
 from ds4jax.runtime.step import StepRequest, common_prefix
 
@@ -58,35 +55,6 @@ class LocalBackend(RouteBackend):
     super().__init__(runners, prefill_chunk=min(prefill_chunk, *(r.max_chunk for r in runners)),
                      max_sessions=max_sessions, max_batch=max_batch,
                      progress_every_s=progress_every_s)
-
-  @classmethod
-  def from_gguf(cls, path: str | os.PathLike, *, ranges: Sequence[str] = ("all",),
-                ctx_size: int = 4096, dtype: str | None = None, weights: str = "packed",
-                devices=1, **kw) -> "LocalBackend":
-    """Loads `ranges` (e.g. `("0:1", "2:output")`) of a GGUF, each into its own runner.
-
-    `path` may also be an orbax checkpoint directory (scripts/convert_to_orbax.py); dtype None
-    is float32 for a GGUF and the stored dtype for a checkpoint; weights 'packed' (GGUF blocks
-    dequantised in the step) or 'dequantized' (at load).
-    """
-    from ds4jax.runtime import sources  # deferred: model loading is heavy
-    from ds4jax.runtime.load import load_stage
-    from ds4jax.runtime.runner import StageRunner
-
-    path = os.fspath(path)
-    src = sources.open_source(path)  # FileNotFoundError if there is nothing at path
-    cfg, fingerprint = src.cfg, src.fingerprint
-    runners = []
-    for spec in ranges:
-      layers = LayerRange.parse(spec, cfg.n_layers)
-      t0 = time.perf_counter()
-      size = f" ({os.path.getsize(path) / 2**30:.2f} GiB file)" if os.path.isfile(path) else ""
-      with heartbeat(f"loading layers {layers.describe()} of {os.path.basename(path)}{size}"):
-        stage = load_stage(src, layers, dtype=dtype, weights=weights, devices=devices)
-      runners.append(StageRunner(stage, ctx_size=ctx_size, fingerprint=fingerprint))
-      log.info("loaded layers %s of %s in %.1fs", layers.describe(), os.path.basename(path),
-               time.perf_counter() - t0)
-    return cls(runners, **kw)
 
 
 def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:

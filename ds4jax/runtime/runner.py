@@ -9,6 +9,8 @@ the start position is traced, so decoding never recompiles.
 
 from __future__ import annotations
 
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,6 +54,7 @@ class StageRunner:
       state_dtype = _stage_dtype(self.params)
     self.state_dtype = state_dtype
     self.n_traces = 0
+    self._compiled_BT: dict[int, list[tuple[int, int]]] = {}  # n_slots -> compiled (B, T)
     # jit flattens its arguments on every call, and flattening an nnx.State goes through
     # Python per leaf (~2 ms per call for 250 leaves on a busy 2-core CPU, paid once per stage
     # per decode token). A plain list of the leaves flattens in microseconds.
@@ -110,22 +113,61 @@ class StageRunner:
       tokens = jax.ShapeDtypeStruct((t,), jnp.int32)
       self._step.lower(params, state, tokens, hc, n_valid).compile()
 
-  def compile_batch(self, batch_sizes, chunk_sizes=(1,), n_slots: int = 1) -> None:
-    """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
-    alone, for a pool of `n_slots` (the pool's shape is part of the program)."""
+  def serving_shapes(self, prefill_chunk: int, n_slots: int) -> list[tuple[int, int]]:
+    """The (B, T) shapes of `forward_batch` that a `StageBatcher` of `n_slots` slots runs when
+    prefills come in chunks of up to `prefill_chunk` tokens: every decode batch bucket up to
+    n_slots rows ([B, 1]), then every bucket of one session's prefill chunk ([1, T]); the
+    batcher never runs several chunks, nor decode rows with a chunk, in one call."""
+    top_b = bucket(min(int(n_slots), self.max_batch), self.max_batch)
+    top_t = bucket(min(int(prefill_chunk), self.max_chunk, self.ctx_size), self.max_chunk)
+    decode = [(b, 1) for b in _powers_of_two(top_b)]
+    return decode + [(1, t) for t in _powers_of_two(top_t) if t > 1]
+
+  def compile_shapes(self, shapes_BT, n_slots: int, on_shape=None) -> None:
+    """Compiles `forward_batch` for each (B, T) of `shapes_BT` (bucketed as `forward_batch`
+    does), and the pool's slot operations, for a pool of `n_slots`, from shapes alone (no
+    weights, no pool needed). `on_shape(k, n, (B, T), seconds)` is called after each."""
     params = self._abstract_params()
     pool = jax.eval_shape(self._pool_init(n_slots))
     n_s = jax.ShapeDtypeStruct((), jnp.int32)
     self._pool_get.lower(pool, n_s).compile()
-    for b in sorted({bucket(min(int(s), self.max_batch), self.max_batch) for s in batch_sizes}):
-      for t in sorted({bucket(min(int(s), self.ctx_size), self.max_chunk)
-                       for s in chunk_sizes if s}):
-        hc = None
-        if not self.embeds:
-          hc = jax.ShapeDtypeStruct((b, t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)
-        self._batch_step.lower(params, pool, jax.ShapeDtypeStruct((b,), jnp.int32),
-                               jax.ShapeDtypeStruct((b, t), jnp.int32), hc,
-                               jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
+    self._pool_pos.lower(pool, n_s, n_s).compile()  # every alloc resets its slot
+    shapes = list(dict.fromkeys((bucket(min(int(b), self.max_batch), self.max_batch),
+                                 bucket(min(int(t), self.ctx_size), self.max_chunk))
+                                for b, t in shapes_BT))
+    done = self._compiled_BT.setdefault(int(n_slots), [])
+    for k, (b, t) in enumerate(shapes):
+      t0 = time.perf_counter()
+      hc = None
+      if not self.embeds:
+        hc = jax.ShapeDtypeStruct((b, t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)
+      self._batch_step.lower(params, pool, jax.ShapeDtypeStruct((b,), jnp.int32),
+                             jax.ShapeDtypeStruct((b, t), jnp.int32), hc,
+                             jax.ShapeDtypeStruct((b,), jnp.int32)).compile()
+      if (b, t) not in done:
+        done.append((b, t))
+      if on_shape is not None:
+        on_shape(k + 1, len(shapes), (b, t), time.perf_counter() - t0)
+
+  def compile_batch(self, batch_sizes, chunk_sizes=(1,), n_slots: int = 1) -> None:
+    """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
+    alone, for a pool of `n_slots` (the pool's shape is part of the program)."""
+    self.compile_shapes([(b, t) for b in batch_sizes for t in chunk_sizes if t], n_slots)
+
+  def first_runs(self, pool: StageState) -> StageState:
+    """Runs every shape `compile_shapes` compiled for a pool of this size once, each row on
+    the pool's scratch slot (no session's state changes; donates the pool): a program's first
+    execution costs up to ~10x its later ones (XLA's runtime sets up then), and that belongs
+    at load, not in front of the first requests. Returns the pool."""
+    n_scratch = int(pool.pos.shape[0]) - 1
+    for b, t in self._compiled_BT.get(n_scratch, ()):
+      hc = None if self.embeds else np.zeros((b, t, self.cfg.n_hc, self.cfg.d_model), np.float32)
+      out, pool = self._batch_step(self._param_leaves, pool, np.full((b,), n_scratch, np.int32),
+                                   np.zeros((b, t), np.int32), hc, np.zeros((b,), np.int32))
+      np.asarray(out)
+    if n_scratch in self._compiled_BT:
+      pool = self._pool_pos(pool, np.int32(n_scratch), np.int32(0))
+    return pool
 
   def set_params(self, stage: Stage) -> None:
     """Takes the weights of `stage`, whose parameters must match this runner's in structure,
@@ -279,6 +321,11 @@ class StageRunner:
       out, state = self._step(self._param_leaves, state, tok, hc, np.int32(n))
       outs.append(np.asarray(out[:n], np.float32))
     return (outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)), state
+
+
+def _powers_of_two(top: int) -> list[int]:
+  """1, 2, 4, ... top (a power of two)."""
+  return [1 << k for k in range(top.bit_length())]
 
 
 def _stage_dtype(params) -> jnp.dtype:

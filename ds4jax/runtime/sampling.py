@@ -20,14 +20,14 @@ import numpy as np
 
 
 class SamplingMethod(abc.ABC):
-  """Maps one logits row [V] to a token id."""
+  """Maps one logits row [V] to a token id: by default, as its wire form (`to_params`)."""
+
+  def get_next_token(self, logits_V: np.ndarray, step: int) -> int:
+    return self.to_params().sample(logits_V, step)
 
   @abc.abstractmethod
-  def get_next_token(self, logits_V: np.ndarray, step: int) -> int:
-    ...
-
   def to_params(self) -> "SamplingParams":
-    raise NotImplementedError
+    ...
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -92,41 +92,42 @@ class Greedy(SamplingMethod):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Temperature(SamplingMethod):
+class _Seeded(SamplingMethod):
+  """Sampling at `temperature`, seeded per step, through the filter a subclass adds."""
+
   temperature: float = 1.0
   seed: int = 0
 
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
-
   def to_params(self):
-    return SamplingParams(temperature=self.temperature, seed=self.seed)
+    return SamplingParams(temperature=self.temperature, seed=self.seed, **self._filter())
+
+  def _filter(self) -> dict[str, Any]:
+    return {}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TopK(SamplingMethod):
+class Temperature(_Seeded):
+  """Every token, at `temperature`."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopK(_Seeded):
+  """The `k` most likely tokens, at `temperature`."""
+
   k: int = 40
-  temperature: float = 1.0
-  seed: int = 0
 
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
-
-  def to_params(self):
-    return SamplingParams(temperature=self.temperature, top_k=self.k, seed=self.seed)
+  def _filter(self):
+    return {"top_k": self.k}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TopP(SamplingMethod):
+class TopP(_Seeded):
+  """The most likely tokens whose probabilities sum to `p`, at `temperature`."""
+
   p: float = 0.9
-  temperature: float = 1.0
-  seed: int = 0
 
-  def get_next_token(self, logits_V, step):
-    return self.to_params().sample(logits_V, step)
-
-  def to_params(self):
-    return SamplingParams(temperature=self.temperature, top_p=self.p, seed=self.seed)
+  def _filter(self):
+    return {"top_p": self.p}
 
 
 def step_rng(seed: int, step: int) -> np.random.Generator:

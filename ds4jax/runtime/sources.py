@@ -7,11 +7,10 @@
 
 The only module that knows both kinds (docs/design.md §8). `ds4jax.model` loads from a
 `quant.source.TensorSource` and never imports `ds4jax.checkpoints`; `ds4jax.tokenizer` reads
-GGUFs only. The callers that take a user's path (cli, bridge.launch, runtime.local, the
-notebook API below) open it here. Nothing below `ds4jax` imports this module at import time.
+GGUFs only. The callers that take a user's path (the builder, `ds4jax.build`, and the cli)
+open it here. Nothing below `ds4jax` imports this module at import time.
 
-It also holds the path-taking notebook entry points re-exported as `ds4jax.load_model` and
-`ds4jax.load_stage`.
+It also holds `load_stage`, the path-taking loader re-exported as `ds4jax.load_stage`.
 """
 
 from __future__ import annotations
@@ -61,20 +60,3 @@ def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,
   from ds4jax.runtime import load
   return load.load_stage(open_source(path), layers, dtype=dtype, weights=weights,
                          devices=devices)
-
-
-def load_model(path, layers: str = "all", dtype: str | None = None, *, ctx_size: int = 4096,
-               max_chunk: int = 256, weights: str = "packed", devices=1):
-  """Loads `layers` of a ds4 GGUF (or an orbax checkpoint directory) for notebooks: a
-  `runtime.api.Model` (see `Model.from_source`).
-
-  dtype: compute dtype ('float32' | 'bfloat16'); None is float32 for a GGUF and the stored
-  dtype for a checkpoint. weights: 'packed' (default: quantised tensors stay GGUF blocks in
-  device memory, dequantised inside the step) or 'dequantized' (dequantised to `dtype` at
-  load, ~13x the GGUF bytes for a q2 file in f32). devices: 1 (default, one device), N or
-  "all" local devices, the routed experts sharded over them (expert parallelism,
-  docs/design.md §12); N must divide the expert count.
-  """
-  from ds4jax.runtime.api import Model
-  return Model.from_source(open_source(path), layers, dtype=dtype, ctx_size=ctx_size,
-                           max_chunk=max_chunk, weights=weights, devices=devices)

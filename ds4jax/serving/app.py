@@ -28,9 +28,8 @@ fastapi = extras.need("serve", "fastapi", "ds4jax.serving.app (the OpenAI server
 from fastapi import exceptions as fastapi_exceptions  # noqa: E402
 from fastapi import responses
 
-from ds4jax.runtime import batching
 from ds4jax.serving import schemas
-from ds4jax.serving.engine import Engine, RouteNotReady, SessionTracker
+from ds4jax.serving.engine import Busy, Engine, RouteNotReady, SessionTracker
 from ds4jax.serving.generation import Finished, GenerationJob, Piece, Stepped, make_work
 from ds4jax.serving.metrics import Metrics
 
@@ -270,7 +269,7 @@ async def _client_gone(events, metrics, endpoint: str):
 
 
 def _generation_error(e: BaseException, endpoint: str, error_response):
-  if isinstance(e, batching.Busy):
+  if isinstance(e, Busy):
     resp = error_response(429, str(e), "rate_limit_error", "busy", endpoint=endpoint)
     resp.headers["Retry-After"] = str(int(round(e.retry_after_s)))
     return resp

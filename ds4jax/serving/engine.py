@@ -24,7 +24,6 @@ import threading
 import time
 from typing import Any, AsyncIterator, Callable, Optional
 
-from ds4jax.runtime import batching
 from ds4jax.serving.metrics import Metrics
 
 # How long a route query may take before /health answers from the cached state instead.
@@ -33,6 +32,16 @@ ROUTE_QUERY_DEADLINE_S = 0.05
 ROUTE_POLL_S = 0.05
 
 _MISSING_RE = re.compile(r"missing layers? (\d+)(?:\s*(?:-|:|\.\.)\s*(\d+))?")
+
+
+class Busy(RuntimeError):
+  """Too many generations at once: the request waited `waited_s` for a generation slot and
+  was turned away (HTTP 429 with Retry-After; LocalAI: RESOURCE_EXHAUSTED)."""
+
+  def __init__(self, message: str, retry_after_s: float, waited_s: float):
+    super().__init__(message)
+    self.retry_after_s = float(retry_after_s)
+    self.waited_s = float(waited_s)
 
 
 class RouteNotReady(Exception):
@@ -149,7 +158,7 @@ class Engine:
     self.route_timeout = float(route_timeout)
     self.max_concurrency = int(max_concurrency)
     # A request waits this long for one of the max_concurrency generation slots, then gets
-    # batching.Busy (HTTP 429 with Retry-After).
+    # Busy (HTTP 429 with Retry-After).
     self.queue_timeout = float(queue_timeout)
     self.metrics = metrics or Metrics()
     self._route_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="route")
@@ -213,7 +222,7 @@ class Engine:
   @contextlib.asynccontextmanager
   async def slot(self) -> AsyncIterator[None]:
     """Waits up to `queue_timeout` for a generation slot (counted as queued meanwhile), then
-    raises `batching.Busy`. The generations holding slots run concurrently: the backend
+    raises `Busy`. The generations holding slots run concurrently: the backend
     batches their steps (docs/design.md §11)."""
     if self._slots is None:  # created lazily so it binds to the server's loop
       self._slots = asyncio.Semaphore(self.max_concurrency)
@@ -224,7 +233,7 @@ class Engine:
     except asyncio.TimeoutError:
       waited = time.monotonic() - t0
       retry = max(1.0, min(self.queue_timeout, 30.0))
-      raise batching.Busy(
+      raise Busy(
           f"busy: {self.max_concurrency} generations are running and none finished within "
           f"{waited:.1f} s (--max_concurrency, --queue_timeout); retry after {retry:.0f} s",
           retry, waited) from None

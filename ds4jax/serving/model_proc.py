@@ -173,7 +173,7 @@ def main(argv):
   try:
     backend, close = cli.build_backend()
   except Exception as e:  # one line to the server, which prints it and exits
-    conn.sendall((json.dumps({"op": "failed", "message": cli._one_line(e)}) + "\n").encode())
+    conn.sendall((json.dumps({"op": "failed", "message": cli.one_line(e)}) + "\n").encode())
     raise
   try:
     tokenizer = sources.open_tokenizer(gguf)

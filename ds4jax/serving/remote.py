@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ds4jax.wire.errors import RouteUnavailable
 from ds4jax.serving import generation
@@ -32,6 +32,13 @@ _EXIT = object()
 
 class ModelProcessError(ChildProcessError):
   """The model process failed to start, or exited."""
+
+
+def read_messages(conn: socket.socket) -> Iterator[dict[str, Any]]:
+  """The messages arriving on one end of the model process's socket (JSON objects, one a
+  line: the wire format of model_proc.py), until it closes; ValueError for a bad line."""
+  for line in conn.makefile("rb"):
+    yield json.loads(line)
 
 
 def _job_to_dict(job: generation.GenerationJob) -> dict[str, Any]:
@@ -120,10 +127,8 @@ class ModelProcess:
       self.conn.sendall(data)
 
   def _read_loop(self) -> None:
-    reader = self.conn.makefile("rb")
     try:
-      for line in reader:
-        msg = json.loads(line)
+      for msg in read_messages(self.conn):
         op = msg.get("op")
         if op == "route":
           self._route = msg

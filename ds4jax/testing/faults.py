@@ -189,6 +189,11 @@ class FaultySocket:
     self.events: list[tuple[str, str, int]] = []  # (direction, kind, stream offset)
     self._dead: str | None = None  # "truncate" or "close" once the link has been cut
     self._lock = threading.Lock()
+    self._released = threading.Event()  # ends every delay, now and later
+
+  def release(self) -> None:
+    """Ends any delay in progress and skips later ones (a test done with a stall)."""
+    self._released.set()
 
   def __getattr__(self, name):
     return getattr(self._sock, name)
@@ -237,7 +242,7 @@ class FaultySocket:
         return  # the sender believes it sent everything; the peer sees a cut stream
       if kind == "delay":
         self._note("send", kind, at)
-        time.sleep(fault.delay_s)
+        self._released.wait(fault.delay_s)
         continue
       if hi == lo:
         continue
@@ -290,7 +295,7 @@ class FaultySocket:
           return 0
         if kind == "delay":
           self._note("recv", kind, at)
-          time.sleep(fault.delay_s)
+          self._released.wait(fault.delay_s)
           continue
         if hi == lo or kind == "drop":
           if hi > lo:

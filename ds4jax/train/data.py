@@ -27,7 +27,7 @@ import tokenizers
 from gguf import GGUFValueType as VT
 from tokenizers import Regex, pre_tokenizers, trainers
 
-from ds4jax.testing.tiny_vocab import SPECIAL_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL
+from ds4jax.tokenizer.tiny_vocab import SPECIAL_TOKENS, TOKEN_CONTROL, TOKEN_NORMAL
 from ds4jax.tokenizer.tokenizer import SPLIT_PATTERNS, Tokenizer
 
 # No line of these topics occurs in any other topic (about 4.5% of the text).

@@ -85,7 +85,7 @@ def write_model(path: str, stage_or_tensors, cfg, vocab, *, experts: str = "q8",
 
 def heldout_loss(path: str, inputs: np.ndarray, targets: np.ndarray) -> float:
   """Mean next-token loss (nats/token) of a GGUF on windows [n, T], through inference."""
-  from ds4jax.runtime.sources import load_model  # deferred: the model stack is heavy
+  from ds4jax.build import load_model  # deferred: the model stack is heavy
   model = load_model(path, ctx_size=inputs.shape[1], max_chunk=inputs.shape[1])
   total, count = 0.0, 0
   for inp, tgt in zip(inputs, targets):

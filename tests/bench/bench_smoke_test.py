@@ -50,6 +50,7 @@ def smoke(tiny_gguf, tiny_cache_dir, tmp_path_factory):
   return json.loads(out_json.read_text()), out_md.read_text(), proc.stdout
 
 
+@pytest.mark.e2e
 def test_json_has_every_section_with_sane_numbers(smoke):
   res, _, _ = smoke
   row = res["model"]["activation_row_bytes"]
@@ -79,6 +80,7 @@ def test_json_has_every_section_with_sane_numbers(smoke):
   assert all(t["met"] in (True, False) for t in res["targets"])
 
 
+@pytest.mark.e2e
 def test_split_decodes_the_same_tokens_as_one_process(smoke):
   res, _, _ = smoke
   assert res["split"]["1"]["decode"]["tokens_out"] == res["single"]["decode"]["tokens_out"]
@@ -88,6 +90,7 @@ def test_split_decodes_the_same_tokens_as_one_process(smoke):
   assert _positive(paired["split_ms_per_token"]) and _positive(paired["single_ms_per_token"])
 
 
+@pytest.mark.e2e
 def test_markdown_has_the_tables(smoke):
   _, md, stdout = smoke
   for title in ("### Throughput", "### Per decode token, per hop", "### Peak memory",
@@ -102,6 +105,7 @@ def test_markdown_has_the_tables(smoke):
     (["--preset=tiny", "--prompt_lens=8", "--workers=4"], "needs 5 stages"),
     (["--chunk=12"], "power of two"),
 ])
+@pytest.mark.e2e
 def test_bad_input_is_one_line(args, msg, tiny_cache_dir):
   proc = _bench(*args, f"--cache_dir={tiny_cache_dir}", "--skip_hf", timeout=120)
   assert proc.returncode == 2
@@ -117,7 +121,8 @@ def test_hf_model_from_gguf_holds_the_same_weights(tiny_gguf):
   import torch
   import ds4jax
   ids = np.random.default_rng(0).integers(2, 512, 12).astype(np.int32)
-  model = hf.hf_model_from_gguf(tiny_gguf)
+  from ds4jax.gguf.hf import hf_model_from_gguf
+  model = hf_model_from_gguf(tiny_gguf)
   with torch.no_grad():
     want = model(torch.as_tensor(ids[None]).long()).logits[0].numpy()
   got = ds4jax.load_model(tiny_gguf, ctx_size=32, max_chunk=16).logits(ids)

@@ -20,12 +20,10 @@ def _positive(x):
 
 @pytest.fixture(scope="module")
 def study(tiny_gguf):
-  from ds4jax.bridge.launch import load_runner
-  from ds4jax.runtime.local import LocalBackend
-  runner = load_runner(tiny_gguf, "all", ctx_size=32, max_chunk=8)
-  backend = LocalBackend([runner], prefill_chunk=8, max_sessions=max(LEVELS))
+  from ds4jax import build
+  backend = build.local_backend(tiny_gguf, ctx_size=32, prefill_chunk=8, max_sessions=max(LEVELS))
   try:
-    res = concurrency.bench_levels(backend, runner.cfg.vocab_size, levels=LEVELS, prompt_len=1,
+    res = concurrency.bench_levels(backend, backend.cfg.vocab_size, levels=LEVELS, prompt_len=1,
                                    decode_tokens=DECODE, warm_tokens=1)
   finally:
     backend.close()
@@ -33,7 +31,7 @@ def study(tiny_gguf):
   results = {
       "machine": {"cpu": "test", "cpus": 2, "loadavg_before": [0, 0, 0],
                   "loadavg_after": [0, 0, 0]},
-      "model": {"preset": "tiny", "n_layers": runner.cfg.n_layers},
+      "model": {"preset": "tiny", "n_layers": backend.cfg.n_layers},
       "settings": {"levels": list(LEVELS), "prompt_len": 1, "decode_tokens": DECODE},
       "configs": {"single": res},
   }

@@ -30,7 +30,7 @@ class Recorder:
     return getattr(self.sock, name)
 
 
-def run_pair(server_fn, client_fn, timeout=5.0):
+def run_pair(server_fn, client_fn, timeout=60.0):
   """Runs server_fn(sock) in a thread and client_fn(sock) here, over a socketpair.
 
   Returns (server_result, client_result); each is the return value or the exception.
@@ -105,9 +105,8 @@ def test_keyless_client_refused_immediately_with_reason(caplog):
     c.sendall(b"DS4J" + b"\x00" * 60)  # a protocol frame, not an auth HELLO
     return c.recv(64)
 
-  t0 = time.monotonic()
+  # NO_AUTH, not TIMEOUT: the peer is told from its first bytes, not after the 10 s deadline.
   s, c = run_pair(lambda s: auth.server_handshake(s, KEY, timeout=10), client)
-  assert time.monotonic() - t0 < 2.0, "keyless peer must be detected before the deadline"
   assert_auth_error(s, auth.NO_AUTH)
   assert c[:4] == auth.MAGIC, c  # the keyless side gets a FAIL it can report
   assert any("peer sent no auth" in r.getMessage() for r in caplog.records)
@@ -130,12 +129,19 @@ def test_keyed_client_against_keyless_server_fails_clearly():
   assert "no key" in str(c)
 
 
-def test_silent_peer_times_out_within_deadline():
-  t0 = time.monotonic()
-  s, c = run_pair(lambda s: auth.server_handshake(s, KEY, timeout=0.3),
-                  lambda c: time.sleep(0.6))
+def test_silent_peer_times_out():
+  """The peer stays silent (and connected) until the server has given up: only the deadline
+  can end the handshake."""
+  done = threading.Event()
+
+  def server(s):
+    try:
+      return auth.server_handshake(s, KEY, timeout=0.3)
+    finally:
+      done.set()
+
+  s, c = run_pair(server, lambda c: done.wait(60))
   assert_auth_error(s, auth.TIMEOUT)
-  assert time.monotonic() - t0 < 1.5
 
 
 def test_trickling_peer_hits_the_overall_deadline():
@@ -148,10 +154,10 @@ def test_trickling_peer_hits_the_overall_deadline():
         return
       time.sleep(0.05)
 
-  t0 = time.monotonic()
+  # TIMEOUT although no byte is more than 50 ms late: the 0.5 s deadline covers the whole
+  # handshake (the trickle alone takes 1.8 s, and then the HELLO would be complete).
   s, _ = run_pair(lambda s: auth.server_handshake(s, KEY, timeout=0.5), client)
   assert_auth_error(s, auth.TIMEOUT)
-  assert time.monotonic() - t0 < 2.5
 
 
 def test_version_mismatch_and_garbage_type():
@@ -357,7 +363,7 @@ def tcp_pair(server_fn, client_fn):
       conn.close()
 
   def client_side(_):
-    c = socket.create_connection(("127.0.0.1", port), timeout=5)
+    c = socket.create_connection(("127.0.0.1", port), timeout=60)
     try:
       return client_fn(c)
     finally:
@@ -447,7 +453,6 @@ def test_tls_handshake_has_an_overall_deadline(certs):
         return
       time.sleep(0.1)
 
-  t0 = time.monotonic()
+  # TIMEOUT although no byte is more than 100 ms late: the trickle would take 11 s.
   s, _ = tcp_pair(lambda s: auth.secure_server(s, ssl_ctx=sctx, timeout=0.5), trickler)
   assert_auth_error(s, auth.TIMEOUT)
-  assert time.monotonic() - t0 < 3.0

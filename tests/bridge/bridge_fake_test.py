@@ -3,7 +3,6 @@ stage whose outputs depend on every earlier token. Fast; the same behaviour with
 model and real processes is in e2e_test.py."""
 
 import contextlib
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOption
 from ds4jax.wire.errors import HandshakeRefused, RouteUnavailable
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner, full_logits
 
@@ -21,14 +21,8 @@ CFG = FakeConfig()
 GREEDY = SamplingParams()
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @contextlib.contextmanager
-def workers(addr, specs, cfg=CFG, delay_s=0.0, **kw):
+def workers(addr, specs, cfg=CFG, delay_s=0.0, runner=FakeRunner, **kw):
   """Worker threads for the given ranges; yields (workers, errors list)."""
   ws, threads, errors = [], [], []
   for spec in specs:
@@ -36,7 +30,7 @@ def workers(addr, specs, cfg=CFG, delay_s=0.0, **kw):
     opt = WorkerOptions(**{"ctx": 64, "backoff_min": 0.05, "backoff_max": 0.2, **kw})
     w = Worker(tuple(addr), fingerprint=cfg.fingerprint(), n_layers=cfg.n_layers,
                vocab_size=cfg.vocab_size, layers=rng, options=opt,
-               load=lambda rng=rng: FakeRunner(cfg, rng, opt.ctx, delay_s))
+               load=lambda rng=rng: runner(cfg, rng, opt.ctx, delay_s))
 
     def run(w=w):
       try:
@@ -57,10 +51,18 @@ def workers(addr, specs, cfg=CFG, delay_s=0.0, **kw):
       t.join(timeout=5)
 
 
-def coordinator(local="0:0", ctx=64, delay_s=0.0, **kw):
+def wait_for(cond, what: str, timeout: float = 30.0) -> None:
+  """Polls cond() under a hang guard."""
+  deadline = time.monotonic() + timeout
+  while not cond():
+    assert time.monotonic() < deadline, f"timed out waiting for {what}"
+    time.sleep(0.01)
+
+
+def coordinator(local="0:0", ctx=64, delay_s=0.0, runner=FakeRunner, **kw):
   opt = dict(port=0, route_timeout=5, prefill_chunk=3, heartbeat_s=0.2, request_timeout=5)
   opt.update(kw)
-  return Coordinator(FakeRunner(CFG, LayerRange.parse(local, CFG.n_layers), ctx, delay_s),
+  return Coordinator(runner(CFG, LayerRange.parse(local, CFG.n_layers), ctx, delay_s),
                      CoordinatorOptions(**opt))
 
 
@@ -152,10 +154,13 @@ def test_spare_takes_over_without_changing_the_output():
     assert any("rebuilt the KV" in e for e in coord.events)
 
 
-def test_start_order_and_coordinator_restart():
+def test_start_order_and_coordinator_restart(logs):
   port = free_port()
   with workers(("127.0.0.1", port), ["1:output"]) as (ws, _):
-    time.sleep(0.3)  # the worker is already dialing when the coordinator starts
+    deadline = time.monotonic() + 60  # a hang guard
+    while not any("not reachable" in m for m in logs.messages):  # it dials before we listen
+      assert time.monotonic() < deadline, "the worker never dialed"
+      time.sleep(0.01)
     with coordinator(port=port) as coord:
       out1, _ = generate(coord, PROMPT, 3)
     with coordinator(port=port) as coord:  # a restart: the worker redials on its own
@@ -190,6 +195,43 @@ def test_refusals_show_the_reason_on_both_sides(kind, expect):
     assert expect in errors[0].reason
     assert any(expect in e for e in coord.events)
     assert not coord.route_ready()[0]
+
+
+def test_route_unavailable_names_why_the_last_worker_was_refused():
+  with coordinator(route_timeout=0.5) as coord, workers(coord.address, ["1:1"]), \
+      workers(coord.address, ["2:output"], cfg=FakeConfig(seed=1)) as (_, errors):
+    wait_for(lambda: errors, "the refused worker's error")
+    sid = coord.new_session()
+    with pytest.raises(RouteUnavailable) as e:
+      coord.step(sid, PROMPT, GREEDY, 0)
+    msg = str(e.value)
+    assert "missing layer 2" in msg and "model mismatch" in msg
+    assert "the last worker offering layer 2 was refused" in msg
+    with workers(coord.address, ["2:output"]):  # an accepted worker clears the note
+      generate(coord, PROMPT, 1, sid=sid)
+      assert "refused" not in coord._unavailable("x", 0.0).args[0]
+
+
+def test_route_reason_names_workers_still_loading():
+  gate = threading.Event()
+  with coordinator() as coord:
+    rng = LayerRange.parse("1:output", CFG.n_layers)
+    w = Worker(tuple(coord.address), fingerprint=CFG.fingerprint(), n_layers=CFG.n_layers,
+               vocab_size=CFG.vocab_size, layers=rng, options=WorkerOptions(ctx=64),
+               load=lambda: gate.wait(30) and FakeRunner(CFG, rng, 64))
+    t = threading.Thread(target=w.run, daemon=True)
+    t.start()
+    try:
+      wait_for(lambda: "loading" in coord.route_ready()[1], "the loading worker in the reason")
+      ok, reason = coord.route_ready()
+      assert not ok and reason.startswith("missing layer 1")
+      assert "worker#1 loading 1:3+output" in reason
+      gate.set()
+      wait_for(lambda: coord.route_ready()[0], "the route")
+    finally:
+      gate.set()
+      w.abort()
+      t.join(timeout=5)
 
 
 def test_route_unavailable_while_status_answers():
@@ -271,15 +313,28 @@ def test_coordinator_session_limit_evicts_idle_local_state():
 
 
 def test_prefill_is_pipelined_across_stages():
-  d, chunks = 0.1, 6  # every stage sleeps d per chunk: serial 3*6*d, pipelined ~(6+2)*d
-  prompt = list(range(1, 1 + 2 * chunks))
-  with coordinator(delay_s=d, prefill_chunk=2) as coord, \
-      workers(coord.address, ["1:2", "3:output"], delay_s=d):
-    coord.wait_route(5)
-    t0 = time.monotonic()
+  """The coordinator computes prefill chunk k+1 while the first worker computes chunk k: that
+  worker's first chunk is held until the coordinator has started its second, which a serial
+  prefill (waiting for each chunk's result) would never do."""
+  second_chunk_started, held_out = threading.Event(), []
+
+  class Local(FakeRunner):
+    def _row(self, state, tokens_T, hc_TCD, pos0):
+      if pos0 == 2:  # the coordinator's second 2-token chunk
+        second_chunk_started.set()
+      return super()._row(state, tokens_T, hc_TCD, pos0)
+
+  class FirstWorker(FakeRunner):
+    def _row(self, state, tokens_T, hc_TCD, pos0):
+      if pos0 == 0 and self.layers.start == 1 and not second_chunk_started.wait(60):
+        held_out.append(pos0)  # the coordinator never moved on: not pipelined
+      return super()._row(state, tokens_T, hc_TCD, pos0)
+
+  prompt = list(range(1, 13))
+  with coordinator(runner=Local, prefill_chunk=2, route_timeout=60, request_timeout=120) as coord, \
+      workers(coord.address, ["1:2", "3:output"], runner=FirstWorker):
+    coord.wait_route(60)
     r = coord.step(coord.new_session(), prompt, GREEDY, 0, return_logits=True)
-    took = time.monotonic() - t0
+  assert not held_out, "the coordinator waited for the worker's first chunk before its second"
   np.testing.assert_array_equal(r.logits_V, full_logits(CFG, prompt)[-1])
   assert [t.n_tokens for t in r.telemetry] == [len(prompt)] * 3
-  print(f"pipelined prefill: {took:.2f}s (serial would be {3 * chunks * d:.1f}s)")
-  assert took < 0.7 * 3 * chunks * d, f"prefill took {took:.2f}s: not pipelined"

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,26 +21,26 @@ import time
 import numpy as np
 import pytest
 
-from ds4jax.bridge import launch
+from ds4jax import build
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.wire.errors import HandshakeRefused
 from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.batching import StageBatcher
 from ds4jax.runtime.sampling import SamplingParams
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CTX, CHUNK, HEARTBEAT = 128, 4, 1.0
 PROMPT = [7, 300, 42, 9, 1, 77, 256, 3]
 N_NEW = 12
+N_LOSSY = 32  # greedy tokens compared for the lossy wire dtypes
 GREEDY = SamplingParams()
 SPECS = ("1:output", "1:2", "3:output", "1:1", "2:2")
 ROUTES = {1: ("1:output",), 2: ("1:2", "3:output"), 3: ("1:1", "2:2", "3:output")}
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+# Greedy tokens a lossy wire (bf16, int8) reproduces before its first divergence from f32.
+MIN_AGREE = 16
 
 
 @dataclasses.dataclass
@@ -69,7 +68,8 @@ class Cluster:
 
   def start_coordinator(self):
     if self.runner is None:
-      self.runner = launch.load_runner(self.gguf, "0:0", ctx_size=CTX)
+      self.runner = build.load_runner(self.gguf, "0:0", ctx_size=CTX, prefill_chunk=CHUNK,
+                                        max_sessions=16)
     # A restart reuses the loaded (and compiled) runner: only the bridge restarts.
     self.coord = Coordinator(self.runner, CoordinatorOptions(
         port=self.port, prefill_chunk=CHUNK, heartbeat_s=HEARTBEAT, route_timeout=120.0,
@@ -88,7 +88,6 @@ def cluster(tiny_gguf, tiny_cache_dir, tmp_path_factory):
   c = Cluster(tiny_gguf, free_port(), str(tmp_path_factory.mktemp("logs")), tiny_cache_dir)
   for spec in SPECS:  # workers first: they dial with backoff until the coordinator is up
     c.start_worker(spec)
-  time.sleep(1.0)
   c.start_coordinator()
   yield c
   if c.coord is not None:
@@ -108,7 +107,7 @@ def reference_run(gguf, prompt, n, forced=None):
   """One process, same chunking and the same batched step every stage runs (a one-row
   `forward_batch`, through a StageBatcher): (tokens, logits rows). `forced` replaces
   sampled tokens."""
-  r = launch.load_runner(gguf, "all", ctx_size=CTX)
+  r = build.load_runner(gguf, "all", ctx_size=CTX, prefill_chunk=CHUNK, max_sessions=1)
   b = StageBatcher(r, n_slots=1)
   slot, rows, toks = b.alloc(), [], list(prompt)
   try:
@@ -126,7 +125,7 @@ def reference_run(gguf, prompt, n, forced=None):
 
 @pytest.fixture(scope="module")
 def reference(tiny_gguf):
-  return reference_run(tiny_gguf, PROMPT, 64)
+  return reference_run(tiny_gguf, PROMPT, N_LOSSY)
 
 
 def split_run(coord, n, *, sid=None, prompt=PROMPT, forced=None, dtype=None, start=0):
@@ -170,23 +169,33 @@ def test_exact_split_matches_one_process(cluster, reference, hops):
   assert 0 < wire < with_logits  # the head samples: a token id comes back, not logits
 
 
-def test_lossy_wire_dtypes_64_tokens(cluster, reference):
+def test_lossy_wire_dtypes(cluster, reference):
   use_route(cluster, 2)
   ref_toks, ref_rows = reference
   report = {}
   for dtype in ("bf16", "int8"):
-    _, rows, _ = split_run(cluster.coord, 64, forced=ref_toks, dtype=dtype)
+    _, rows, _ = split_run(cluster.coord, N_LOSSY, forced=ref_toks, dtype=dtype)
     per_step = [float(np.abs(a - b).max()) for a, b in zip(rows, ref_rows)]
-    dlogit = max(per_step)
-    toks, _, _ = split_run(cluster.coord, 64, dtype=dtype)
-    agree = sum(a == b for a, b in zip(toks, ref_toks))
-    first = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), 64)
-    report[dtype] = {"max_abs_dlogit": dlogit, "median_step_max_abs_dlogit":
-                     float(np.median(per_step)), "token_agreement": f"{agree}/64",
-                     "first_divergence": first}
-    assert np.isfinite(dlogit) and dlogit > 0.0 and len(toks) == 64  # lossy, and it finishes
+    toks, _, _ = split_run(cluster.coord, N_LOSSY, dtype=dtype)
+    first = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), N_LOSSY)
+    report[dtype] = {"max_abs_dlogit": max(per_step), "median_step_max_abs_dlogit":
+                     float(np.median(per_step)), "first_divergence": first,
+                     "token_agreement": sum(a == b for a, b in zip(toks, ref_toks))}
   report["f32_logit_range"] = float(max(np.abs(r).max() for r in ref_rows))
-  print("\nwire dtype vs f32 over 64 greedy tokens:", json.dumps(report))
+  print(f"\nwire dtype vs f32 over {N_LOSSY} greedy tokens:", json.dumps(report))
+  for dtype in ("bf16", "int8"):
+    r = report[dtype]
+    # Lossy (the rows differ) but finite. A step's max can be large (a router near-tie picks
+    # another expert), so the typical step is what is bounded: within 2% of the logit range
+    # (measured: bf16 0.1%, int8 0.9%).
+    assert np.isfinite(r["max_abs_dlogit"]) and r["max_abs_dlogit"] > 0.0, (dtype, r)
+    assert r["median_step_max_abs_dlogit"] < 0.02 * report["f32_logit_range"], (dtype, r)
+    # Greedy decoding agrees with f32 token for token until the first near-tie flips one, and a
+    # flip changes what follows (measured: both 23 tokens on this model and prompt).
+    assert r["first_divergence"] >= MIN_AGREE, (dtype, r)
+  # bf16 is the closer of the two (measured: ten times).
+  assert (report["bf16"]["median_step_max_abs_dlogit"] <
+          report["int8"]["median_step_max_abs_dlogit"]), report
 
 
 def test_sigkill_worker_and_replacement_gives_the_same_output(cluster, reference):
@@ -205,7 +214,9 @@ def test_sigkill_worker_and_replacement_gives_the_same_output(cluster, reference
   assert any("rebuilt the KV" in e for e in coord.events[n_events:]), coord.events
 
 
-def test_sigstop_is_detected_within_the_deadline(cluster):
+def test_sigstop_is_detected_and_the_route_recovers_exact(cluster, reference):
+  """A stopped worker (SIGSTOP) misses its heartbeats and leaves the route; resumed, it finds
+  its link gone, drops its sessions and redials, and the route generates exactly again."""
   use_route(cluster, 1)
   coord = cluster.coord
   proc = cluster.procs["1:output"]
@@ -213,19 +224,20 @@ def test_sigstop_is_detected_within_the_deadline(cluster):
   proc.send_signal(signal.SIGSTOP)
   t0 = time.monotonic()
   try:
-    while time.monotonic() - t0 < 15:
-      now = {w["id"] for w in coord.route_info()["workers"] if w["layers"] == "1:3+output"}
-      if not (before & now):
-        break
+    deadline = t0 + 30 * coord.dead_after  # a hang guard: detection takes ~dead_after
+    while before & {w["id"] for w in coord.route_info()["workers"]
+                    if w["layers"] == "1:3+output"}:
+      assert time.monotonic() < deadline, "the stopped worker was never declared dead"
       time.sleep(0.05)
-    detected = time.monotonic() - t0
+    print(f"\nSIGSTOP detected after {time.monotonic() - t0:.2f}s "
+          f"(heartbeat deadline {coord.dead_after:.1f}s)")
+    assert not coord.route_ready()[0]
   finally:
     proc.send_signal(signal.SIGCONT)
-  print(f"\nSIGSTOP detected after {detected:.2f}s (deadline {coord.dead_after:.1f}s)")
-  assert detected <= coord.dead_after + 1.0
-  assert not coord.route_ready()[0]
-  use_route(cluster, 1)  # resumed, it finds its link gone, drops its sessions and redials
-  split_run(coord, 2)
+  use_route(cluster, 1)
+  toks, rows, _ = split_run(coord, 4)
+  assert toks == reference[0][:4]
+  assert all(np.array_equal(a, b) for a, b in zip(rows, reference[1][:4]))
 
 
 def test_refusals_reason_on_both_sides(cluster, tiny_cache_dir):
@@ -240,7 +252,7 @@ def test_refusals_reason_on_both_sides(cluster, tiny_cache_dir):
   procs = {k: cluster.start_worker(spec, *extra, gguf=g, name=f"refused-{k}")
            for k, (spec, extra, g, _) in cases.items()}
   future = Worker(("127.0.0.1", cluster.port), fingerprint=cluster.coord.fingerprint,
-                  n_layers=4, vocab_size=512, layers=launch.requested_range("1:output", 4),
+                  n_layers=4, vocab_size=512, layers=build.requested_range("1:output", 4),
                   load=lambda: None, options=WorkerOptions(ctx=CTX, protocol_version=99))
   with pytest.raises(HandshakeRefused, match="protocol version 99 is not supported"):
     future.run()
@@ -257,7 +269,6 @@ def test_refusals_reason_on_both_sides(cluster, tiny_cache_dir):
 def test_coordinator_restart_workers_redial(cluster, reference):
   cluster.coord.close()
   cluster.coord = None
-  time.sleep(0.5)
   cluster.start_coordinator()
   use_route(cluster, 3)
   toks, _, _ = split_run(cluster.coord, 3)
@@ -266,7 +277,7 @@ def test_coordinator_restart_workers_redial(cluster, reference):
 
 # ------------------------------------------------------------------ batching across the route
 PROMPTS4 = [PROMPT, PROMPT[::-1], [5, 6, 7, 8] * 2, [300, 1, 2, 3, 4, 5, 6, 7]]
-N_BATCH = 24
+N_BATCH = 12
 
 
 def concurrent_runs(coord, n, kill_after=None, on_kill=None):
@@ -315,7 +326,7 @@ def test_four_concurrent_sessions_batch_at_every_stage_and_match_alone(cluster, 
   assert st["max_batch_seen"] > 1 and (st["decode_rows"] - before["decode_rows"] >
                                        st["decode_calls"] - before["decode_calls"])
   # The worker process batched too: its counters arrive in its PONGs.
-  deadline = time.monotonic() + 5 * HEARTBEAT
+  deadline = time.monotonic() + 60 * HEARTBEAT  # a hang guard: they come with the next PONG
   while time.monotonic() < deadline:
     w = [w for w in coord.route_info()["workers"] if w["layers"] == "1:3+output" and w["ready"]]
     if w and w[0]["batch"].get("max_batch_seen", 0) > 1:

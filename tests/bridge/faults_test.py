@@ -128,14 +128,16 @@ def test_delay_between_frames_then_frame_arrives(pair):
 
 def test_delay_inside_frame_beyond_frame_deadline_is_stall(pair):
   a, b = pair
-  fa = faults.FaultySocket(a, [Fault("delay", after_frames=0, offset=5, delay_s=0.6)])
+  # The frame's rest is held until the receiver has given up: only its deadline can end it.
+  fa = faults.FaultySocket(a, [Fault("delay", after_frames=0, offset=5, delay_s=120)])
   t = threading.Thread(target=send_all, args=(fa, frames(1)))
   t.start()
-  t0 = time.monotonic()
-  with pytest.raises(ProtocolError, match="stalled"):
-    recv_n(b, 1, frame_timeout=0.2)
-  assert time.monotonic() - t0 < 0.5
-  t.join()
+  try:
+    with pytest.raises(ProtocolError, match="stalled"):
+      recv_n(b, 1, frame_timeout=0.2)
+  finally:
+    fa.release()
+    t.join()
 
 
 def test_black_hole_is_an_idle_timeout_not_a_hang(pair):
@@ -146,7 +148,7 @@ def test_black_hole_is_an_idle_timeout_not_a_hang(pair):
   t0 = time.monotonic()
   with pytest.raises(protocol.IdleTimeout):
     recv_n(b, 1, idle_timeout=0.3)
-  assert 0.25 < time.monotonic() - t0 < 1.0
+  assert time.monotonic() - t0 >= 0.25  # it did wait for the idle timeout
 
 
 def test_drop_inside_frame_stalls_the_frame(pair):
@@ -170,10 +172,8 @@ def test_recv_side_faults(pair):
     fb2 = faults.FaultySocket(b2, [Fault("drop", direction="recv", after_bytes=0, length=None)])
     fb2.settimeout(0.3)
     send_all(a2, frames(1))
-    t0 = time.monotonic()
-    with pytest.raises(socket.timeout):
+    with pytest.raises(socket.timeout):  # the dropped bytes never arrive: the timeout holds
       fb2.recv(100)
-    assert time.monotonic() - t0 < 1.0
 
     fb3 = faults.FaultySocket(a2, [Fault("truncate", direction="recv", after_bytes=3)])
     b2.sendall(b"abcdef")

@@ -17,6 +17,9 @@ CTX = 64
 LOCAL = LayerRange(0, 1, False)  # the coordinator's slice
 REMOTE = LayerRange(2, 3, True)  # the worker's slice, with the head
 RSS_BOUND = 96 * 2**20  # what a whole fuzz run may add to this process's RSS
+# A hang guard, not a goal: how long a fuzz case may take to end (the peer answers or hangs
+# up). The deadlines under test are a second or less; how long each case took is printed.
+HANG_S = 60.0
 
 
 class FakeBridge:

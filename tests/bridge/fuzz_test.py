@@ -23,7 +23,7 @@ from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fuzzing import (Mutator, RssMonitor, drain_until_eof, frame, greedy_next,
                                     wait_for)
 
-from fuzz_setup import (CFG, CTX, REMOTE, RSS_BOUND, assert_continues_exactly,
+from fuzz_setup import (CFG, CTX, HANG_S, REMOTE, RSS_BOUND, assert_continues_exactly,
                         fake_bridge)  # noqa: F401 - fake_bridge is a fixture
 
 SEED = 20261126
@@ -67,8 +67,8 @@ def coord_cases(n, seed):
 
 def run_case(addr, send, hold: bool, bound_s: float):
   """One hostile connection: `send` (bytes, or a function of the socket), then half-close
-  unless `hold`. The coordinator must hang up within `bound_s`; returns (local port, seconds
-  until it did)."""
+  unless `hold`. The coordinator must hang up (within `bound_s`, a hang guard); returns (local
+  port, seconds until it did)."""
   t0 = time.monotonic()
   s = socket.create_connection(addr, timeout=2)
   try:
@@ -80,7 +80,7 @@ def run_case(addr, send, hold: bool, bound_s: float):
     except OSError:
       pass  # it may already have hung up on us (an AuthError mid-handshake is one)
     what = repr(send[:40]) if isinstance(send, bytes) else send.__name__
-    assert drain_until_eof(s, t0 + bound_s), f"a bad peer was not cut off in time ({what})"
+    assert drain_until_eof(s, t0 + bound_s), f"a bad peer was never cut off ({what})"
     return port, time.monotonic() - t0
   finally:
     s.close()
@@ -102,7 +102,7 @@ def test_fuzz_coordinator(logs, fake_bridge):
   coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
                                   route_timeout=10, request_timeout=10, prefill_chunk=8)
   legit, legit_t = fake_bridge.worker(coord.address)
-  coord.wait_route(10)
+  coord.wait_route(HANG_S)
   legit_wid = coord.wait_route(1)[0].wid
 
   # The legitimate link generates (greedy, checked against the one-process reference)
@@ -131,14 +131,12 @@ def test_fuzz_coordinator(logs, fake_bridge):
   gen.start()
   rss = RssMonitor()
   t0 = time.monotonic()
-  hold_s = coord.opt.handshake_timeout + coord.opt.frame_timeout
   ports, max_case_s, kinds, done = {}, {}, {}, 0
   with cf.ThreadPoolExecutor(8) as quick, cf.ThreadPoolExecutor(16) as slow:
     futs = {}
     for i, kind, data, hold in coord_cases(N_COORD, SEED):
       pool = slow if hold else quick
-      bound_s = hold_s + 2.0 if hold else 3.0
-      futs[pool.submit(run_case, coord.address, data, hold, bound_s)] = (i, kind)
+      futs[pool.submit(run_case, coord.address, data, hold, HANG_S)] = (i, kind)
       kinds[kind] = kinds.get(kind, 0) + 1
     for fut in cf.as_completed(futs):
       i, kind = futs[fut]
@@ -165,11 +163,11 @@ def test_fuzz_coordinator(logs, fake_bridge):
 
   # A legitimate worker joins afterwards and carries generation alone.
   fake_bridge.worker(coord.address)
-  wait_for(lambda: sum(w["ready"] for w in coord.route_info()["workers"]) == 2, 10,
+  wait_for(lambda: sum(w["ready"] for w in coord.route_info()["workers"]) == 2, HANG_S,
            "the new worker to join")
   legit.stop()
   legit_t.join(10)
-  wait_for(lambda: len(coord.route_info()["workers"]) == 1, 10, "the old worker to leave")
+  wait_for(lambda: len(coord.route_info()["workers"]) == 1, HANG_S, "the old worker to leave")
   assert_continues_exactly(coord, coord.new_session(), [5, 6])
   print(f"\ncoordinator fuzz: {done} cases {kinds}, {fuzz_s:.1f}s, max RSS growth "
         f"{growth / 2**20:.1f} MiB (peak {rss.peak / 2**20:.0f} MiB), max seconds per case by kind "
@@ -237,7 +235,7 @@ def test_fuzz_keyed_coordinator_handshake(logs, fake_bridge):
   coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
                                   route_timeout=10, request_timeout=10, key=KEY)
   fake_bridge.worker(coord.address, key=KEY)
-  legit_wid = coord.wait_route(10)[0].wid
+  legit_wid = coord.wait_route(HANG_S)[0].wid
   m = Mutator(SEED + 7)
   t0 = time.monotonic()
   rss = RssMonitor()
@@ -265,24 +263,25 @@ def test_fuzz_keyed_coordinator_handshake(logs, fake_bridge):
 
 
 def test_flood_of_silent_peers_is_bounded_and_recovers(logs, fake_bridge):
-  """More silent connections than handshake slots: the surplus is refused at once (logged),
-  threads stay bounded, and a legitimate worker joins once the slots time out."""
-  coord = fake_bridge.coordinator(handshake_timeout=0.5, heartbeat_s=0.2, max_handshakes=8)
+  """More silent connections than handshake slots: the surplus is refused at once (logged as
+  such, not timed out), threads stay bounded, and a legitimate worker joins once the slots
+  time out. (The 3 s handshake deadline only has to outlast opening 40 connections.)"""
+  coord = fake_bridge.coordinator(handshake_timeout=3.0, heartbeat_s=0.2, max_handshakes=8)
   socks = []
+
+  def refused():
+    return sum("handshakes already in progress" in m for m in logs.messages)
+
   try:
     threads0 = threading.active_count()
-    t0 = time.monotonic()
     for _ in range(40):
-      socks.append(socket.create_connection(coord.address, timeout=2))
-    time.sleep(0.25)
+      socks.append(socket.create_connection(coord.address, timeout=HANG_S))
+    wait_for(lambda: refused() >= 30, HANG_S, "the surplus peers to be refused")
     assert threading.active_count() <= threads0 + 8 + 2
-    early = sum(drain_until_eof(s, time.monotonic() + 0.01) for s in socks)
-    assert time.monotonic() - t0 < coord.opt.handshake_timeout
-    assert early >= 30, f"only {early} of the surplus peers were refused at once"
-    assert all(drain_until_eof(s, t0 + 3.0) for s in socks), "a silent peer was never cut off"
-    assert sum("handshakes already in progress" in m for m in logs.messages) >= 30
+    assert all(drain_until_eof(s, time.monotonic() + HANG_S) for s in socks), \
+        "a silent peer was never cut off"
     fake_bridge.worker(coord.address)
-    coord.wait_route(5)
+    coord.wait_route(HANG_S)
     assert_continues_exactly(coord, coord.new_session(), [1, 2], n=1)
   finally:
     for s in socks:

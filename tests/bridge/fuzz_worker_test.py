@@ -21,7 +21,7 @@ from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.fake_stage import FakeRunner
 from ds4jax.testing.fuzzing import JUNK, Mutator, RssMonitor, frame, greedy_next, wait_for
 
-from fuzz_setup import (CFG, CTX, LOCAL, REMOTE, RSS_BOUND,
+from fuzz_setup import (CFG, CTX, HANG_S, LOCAL, REMOTE, RSS_BOUND,
                         fake_bridge)  # noqa: F401 - fake_bridge is a fixture
 
 SEED = 20261127
@@ -53,11 +53,11 @@ class FakeCoordinator:
     self.dials = 0
 
   def accept(self) -> socket.socket:
-    self.lsock.settimeout(5.0)
+    self.lsock.settimeout(HANG_S)
     s, _ = self.lsock.accept()  # a timeout here means the worker stopped dialling
     self.dials += 1
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    f = protocol.recv_frame(s, idle_timeout=3, frame_timeout=3)
+    f = protocol.recv_frame(s, idle_timeout=HANG_S, frame_timeout=HANG_S)
     assert f.type == MsgType.HELLO and f.header["start"] == REMOTE.start, f
     return s
 
@@ -159,7 +159,7 @@ def test_fuzz_worker(logs, fake_bridge):
         sock, phase = fc.accept(), "pre"
       if phase == "pre" and m.rng.random() < 0.75:
         protocol.send_frame(sock, MsgType.ACCEPT, ACCEPT)
-        assert react(sock, time.monotonic() + 3, is_ready)[0] == "alive"
+        assert react(sock, time.monotonic() + HANG_S, is_ready)[0] == "alive"
         phase = "proper"
       r = m.rng.random()
       slow_due = slow_due or i % 700 == 350
@@ -187,7 +187,7 @@ def test_fuzz_worker(logs, fake_bridge):
           sock.sendall(frame(MsgType.PING, {"t": i}))
       except OSError:
         pass
-      state, frames = react(sock, time.monotonic() + 3.0, until)
+      state, frames = react(sock, time.monotonic() + HANG_S, until)
       for f in frames:
         if f.type == MsgType.ERROR:
           replies += 1
@@ -213,20 +213,20 @@ def test_fuzz_worker(logs, fake_bridge):
     def n_logged():
       return sum(msg.startswith(("link to coordinator lost", "connection to coordinator failed"))
                  for msg in logs.messages)
-    wait_for(lambda: n_logged() >= kills, 5, "a logged reason for every disconnect")
+    wait_for(lambda: n_logged() >= kills, HANG_S, "a logged reason for every disconnect")
 
     # Afterwards the worker serves a legitimate request exactly.
     if sock is None:
       sock, phase = fc.accept(), "pre"
     if phase == "pre":
       protocol.send_frame(sock, MsgType.ACCEPT, ACCEPT)
-      assert react(sock, time.monotonic() + 3, is_ready)[0] == "alive"
+      assert react(sock, time.monotonic() + HANG_S, is_ready)[0] == "alive"
     toks = [3, 1, 4, 1, 5]
     local = FakeRunner(CFG, LOCAL, ctx_size=CTX)
     x, _ = local.forward(local.init_state(), toks, None, 0)
     h, payload = legit_work(random.Random(0), toks, x)
     protocol.send_frame(sock, MsgType.WORK, h, payload)
-    state, frames = react(sock, time.monotonic() + 5, is_reply)
+    state, frames = react(sock, time.monotonic() + HANG_S, is_reply)
     f = frames[-1]
     assert state == "alive" and f.type == MsgType.RESULT and f.header["token"] == greedy_next(CFG, toks), f.header
     growth = rss.stop()
@@ -248,7 +248,7 @@ def test_accept_with_absurd_heartbeat_is_refused_by_the_worker(logs, fake_bridge
   try:
     sock = fc.accept()
     protocol.send_frame(sock, MsgType.ACCEPT, dict(ACCEPT, heartbeat_s=1e308))
-    assert react(sock, time.monotonic() + 3, is_ready)[0] == "closed"
+    assert react(sock, time.monotonic() + HANG_S, is_ready)[0] == "closed"
     sock.close()
     wait_for(lambda: any("heartbeat_s=1e+308 is outside" in msg for msg in logs.messages), 3,
              "the reason to be logged")

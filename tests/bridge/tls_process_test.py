@@ -9,11 +9,14 @@ import sys
 
 import pytest
 
-from ds4jax import cli
+from ds4jax import local_cluster
+from ds4jax.testing.suite import CHUNK, CTX
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COMMON = ["--prompt_tokens=7,300,42,9,1,77", "--max_new_tokens=4", "--ctx_size=64",
-          "--prefill_chunk=4", "--nostream"]
+COMMON = ["--prompt_tokens=7,300,42,9,1,77", "--max_new_tokens=4", f"--ctx_size={CTX}",
+          f"--prefill_chunk={CHUNK}", "--nostream"]
 
 
 def script(name, *args, cache):
@@ -30,10 +33,10 @@ def test_tls_and_key_split_generation(tiny_gguf, tiny_cache_dir, tmp_path):
   key_file = tmp_path / "bridge.key"
   key_file.write_bytes(os.urandom(24).hex().encode())
   key_file.chmod(0o600)
-  port = cli.free_port()
-  worker_args = [f"--gguf={tiny_gguf}", "--layers=1:output", f"--coordinator=127.0.0.1:{port}",
-                 "--ctx_size=64", "--backoff_min=0.1", "--backoff_max=0.5", f"--key_file={key_file}",
-                 "--exit_with_parent"]
+  port = local_cluster.free_port()
+  worker_args = [f"--gguf={tiny_gguf}", "--layers=2:output", f"--coordinator=127.0.0.1:{port}",
+                 f"--ctx_size={CTX}", "--backoff_min=0.1", "--backoff_max=0.5",
+                 f"--key_file={key_file}", "--exit_with_parent"]
   cmd, env = script("worker.py", *worker_args, f"--tls_ca={cert}", cache=tiny_cache_dir)
   good = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
@@ -41,7 +44,7 @@ def test_tls_and_key_split_generation(tiny_gguf, tiny_cache_dir, tmp_path):
   untrusting = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
   try:
-    cmd, env = script("generate.py", f"--gguf={tiny_gguf}", *COMMON, "--layers=0:0",
+    cmd, env = script("generate.py", f"--gguf={tiny_gguf}", *COMMON, "--layers=0:1",
                       f"--listen=127.0.0.1:{port}", f"--tls_cert={cert}", f"--tls_key={key}",
                       f"--key_file={key_file}", "--route_timeout=120",
                       f"--output_json={tmp_path}/split.json", cache=tiny_cache_dir)
@@ -58,7 +61,7 @@ def test_tls_and_key_split_generation(tiny_gguf, tiny_cache_dir, tmp_path):
       w.communicate()
   split = json.loads((tmp_path / "split.json").read_text())
   assert len(split["tokens"]) == 4
-  assert [h["layers"] for h in split["route"]["route"]] == ["0:0", "1:output"]
+  assert [h["layers"] for h in split["route"]["route"]] == ["0:1", "2:output"]
   assert all(h["bytes_in"] > 0 for h in split["hops"][1:])
   # Exactness of the split itself is covered by e2e_test and scripts_test (same code path
   # after the handshake); a one-process reference here would double this test's time.

@@ -5,11 +5,15 @@ import logging
 import os
 import subprocess
 import sys
-import time
+import threading
+
+import pytest
 
 from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
 from ds4jax.config import LayerRange
 from ds4jax.testing.fake_stage import FakeConfig, FakeRunner
+
+pytestmark = pytest.mark.e2e
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEY = b"worker-exit-test-key-0123456789"
@@ -63,16 +67,30 @@ def test_absent_coordinator_is_redialed_then_a_refusal_is_final(tiny_gguf, tiny_
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   p = start_worker(tiny_gguf, port, tiny_cache_dir)
+  lines, redials = [], threading.Semaphore(0)
+
+  def pump():
+    for line in p.stderr:
+      lines.append(line)
+      if "not reachable" in line:
+        redials.release()
+
+  reader = threading.Thread(target=pump, daemon=True)
+  reader.start()
   try:
-    time.sleep(6.0)  # JAX import, then dials a port nobody listens on, with backoff
-    assert p.poll() is None, p.communicate()[1][-2000:]
+    # It dials a port nobody listens on, and keeps redialing (twice seen is enough).
+    for _ in range(2):
+      assert redials.acquire(timeout=120), "".join(lines)[-2000:]
+    assert p.poll() is None, "".join(lines)[-2000:]
     # The coordinator comes up (another model: the fake stage) and refuses the HELLO.
     with coordinator(port=port) as coord:
-      rc, last, err = finish(p)
+      rc = p.wait(timeout=120)
+    reader.join(30)
   finally:
     if p.poll() is None:
       p.kill()
       p.wait()
-  assert "not reachable" in err  # it did redial while nobody listened
+  err = "".join(lines)
+  last = err.strip().splitlines()[-1]
   assert rc == 2 and last.startswith("error: refused by coordinator: model mismatch"), err[-2000:]
   assert any("model mismatch" in e for e in coord.events)

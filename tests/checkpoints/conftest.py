@@ -7,8 +7,7 @@ import pytest
 
 from ds4jax.checkpoints import orbax_io
 from ds4jax.runtime import checkpoint
-
-CTX = 96
+from ds4jax.testing.suite import CHUNK, CTX
 
 
 @pytest.fixture(scope="session")
@@ -30,7 +29,7 @@ def make_runner(tiny_ckpt):
     stage = checkpoint.load_stage_checkpoint(tiny_ckpt, layers)
     return StageRunner(stage, ctx_size=ctx, max_chunk=max_chunk, fingerprint=fp)
 
-  def make(layers: str, ctx: int = CTX, max_chunk: int = 16):
+  def make(layers: str, ctx: int = CTX, max_chunk: int = CHUNK):
     return cached(layers, ctx, max_chunk)  # one key however it is called: compile once
 
   return make

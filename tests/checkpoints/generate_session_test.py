@@ -7,6 +7,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+from ds4jax.testing.suite import CHUNK, CTX
+
+pytestmark = pytest.mark.e2e
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PROMPT = "0,17,42,5,88,19,20,301,7"
 
@@ -15,7 +21,7 @@ def generate(tiny_ckpt, cache, tmp_path, name, *args):
   out = tmp_path / f"{name}.json"
   r = subprocess.run(
       [sys.executable, str(REPO / "scripts" / "generate.py"), f"--gguf={tiny_ckpt}",
-       f"--cache_dir={cache}", "--ctx_size=64", "--prefill_chunk=16", "--nostream",
+       f"--cache_dir={cache}", f"--ctx_size={CTX}", f"--prefill_chunk={CHUNK}", "--nostream",
        f"--output_json={out}", *args],
       capture_output=True, text=True, timeout=300, cwd=str(REPO))
   return r, (json.loads(out.read_text())["tokens"] if r.returncode == 0 else None)

@@ -251,7 +251,10 @@ def _script(*args, **kw):
                         capture_output=True, text=True, timeout=300, cwd=str(REPO), **kw)
 
 
+@pytest.mark.e2e
 def test_convert_script(tiny_gguf, tmp_path):
+  """The script's flags reach the writer, and its refusals are one line (exit 2). The
+  writer's own checks are the tests above and below; the range one is here."""
   out = tmp_path / "c"
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}",
               "--weights=dequantized", "--dtype=bfloat16")
@@ -260,23 +263,18 @@ def test_convert_script(tiny_gguf, tmp_path):
   m = orbax_io.read_manifest(out)
   assert (m["start"], m["end"], m["has_output"], m["dtype"]) == (3, 3, True, "bfloat16")
   assert m["weights"] == "dequantized"
-  r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={tmp_path / 'p'}")
-  assert r.returncode == 0, r.stderr
-  assert "layers 3:output, packed" in r.stdout
-  assert orbax_io.read_manifest(tmp_path / "p")["weights"] == "packed"
-  r = _script(f"--gguf={tiny_gguf}", f"--out={tmp_path / 'q'}", "--dtype=bfloat16")
-  assert r.returncode == 2 and "own precision" in r.stderr and "Traceback" not in r.stderr
   r = _script(f"--gguf={tiny_gguf}", "--layers=3:output", f"--out={out}")
   assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: ")
   assert "already exists" in r.stderr and "Traceback" not in r.stderr
-  r = _script(f"--gguf={tiny_gguf}", "--layers=9:10", f"--out={tmp_path / 'd'}")
-  assert r.returncode == 2 and "Traceback" not in r.stderr
+  with pytest.raises(ValueError, match="layer range 9:10 starts past the final model layer 3"):
+    checkpoint.save_stage_checkpoint(tiny_gguf, "9:10", tmp_path / "d")
+  assert not (tmp_path / "d").exists()
 
 
 def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_runner, tmp_path):
   """A worker serving a checkpoint says the checkpoint's fingerprint in HELLO: one of another
   model is refused by the coordinator before it loads anything."""
-  from ds4jax.bridge import launch
+  from ds4jax import build
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.wire.errors import HandshakeRefused
   from ds4jax.bridge.worker.worker import WorkerOptions
@@ -287,12 +285,12 @@ def test_worker_from_a_checkpoint_of_another_model_is_refused(tiny_ckpt, make_ru
   (d / orbax_io.MANIFEST).write_text(json.dumps(m))
   coord = Coordinator(make_runner("0:1"), CoordinatorOptions(port=0))
   try:
-    w = launch.worker_from_gguf(str(d), "2:output", coord.address,
-                                options=WorkerOptions(ctx=64, connect_timeout=5.0))
+    w = build.worker(str(d), "2:output", coord.address,
+                     options=WorkerOptions(ctx=64, connect_timeout=5.0))
     with pytest.raises(HandshakeRefused, match="model mismatch: worker fingerprint abab"):
       w.run()
     assert w.runner is None  # refused before loading
-    ok = launch.worker_from_gguf(tiny_ckpt, "2:output", coord.address)
+    ok = build.worker(tiny_ckpt, "2:output", coord.address)
     assert ok.fingerprint == coord.fingerprint
   finally:
     coord.close()

@@ -17,8 +17,7 @@ from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.checkpoints import snapshots
 from ds4jax.runtime.local import LocalBackend
 from ds4jax.runtime.sampling import SamplingParams
-
-from conftest import CTX
+from ds4jax.testing.suite import CTX
 
 GREEDY = SamplingParams()
 N_CONT = 6

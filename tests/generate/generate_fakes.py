@@ -30,6 +30,7 @@ class PrefixRunner:
     self.layers = layers.resolve(n_layers)
     self.cfg = types.SimpleNamespace(n_layers=n_layers, vocab_size=vocab_size)
     self.ctx_size = ctx_size
+    self.fingerprint = None  # no model file behind it
     self.max_chunk, self.max_batch = 256, 16
     self.embeds = self.layers.embeds
     self.calls: list[int] = []

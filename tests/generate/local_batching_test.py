@@ -1,14 +1,14 @@
 """Continuous batching in one process (issue 13): concurrent sessions through LocalBackend on
 the real tiny model batch their decode tokens and each gets its tokens from alone (greedy and
 seeded sampling); a session that disconnects in the middle of a batch frees its slot and
-disturbs nobody; the stage batcher's refusals and the admission queue."""
+disturbs nobody; the stage batcher's refusals."""
 
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from ds4jax import build
 from ds4jax.config import LayerRange
 from ds4jax.runtime import batching
 from ds4jax.runtime.local import LocalBackend, StepRequest
@@ -21,8 +21,8 @@ N_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def backend(tiny_gguf):
-  be = LocalBackend.from_gguf(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=128,
-                              max_sessions=4)
+  be = build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=128,
+                           max_sessions=4)
   yield be
   be.close()
 
@@ -138,28 +138,3 @@ def test_batcher_refusals_and_lost_state():
     b.close()
   with pytest.raises(RuntimeError, match="closed"):
     b.run(s0, [1], None, 2)
-
-
-def test_admission_queues_then_busy():
-  adm = batching.Admission(1, queue_timeout_s=0.2)
-  entered = threading.Event()
-  release = threading.Event()
-
-  def hold():
-    with adm.slot():
-      entered.set()
-      release.wait(5)
-
-  t = threading.Thread(target=hold)
-  t.start()
-  entered.wait(5)
-  t0 = time.monotonic()
-  with pytest.raises(batching.Busy, match="busy: 1 generations") as e:
-    with adm.slot():
-      pass
-  assert 0.2 <= time.monotonic() - t0 < 2 and e.value.retry_after_s >= 1
-  release.set()
-  t.join()
-  with adm.slot():  # free again
-    assert adm.active == 1
-  assert adm.rejected == 1

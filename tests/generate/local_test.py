@@ -122,10 +122,12 @@ def test_heartbeat_logs_while_the_block_runs(caplog):
   from ds4jax.runtime.progress import heartbeat
   with caplog.at_level(logging.INFO, logger="ds4jax"):
     with heartbeat("loading things", every_s=0.05):
-      time.sleep(0.3)
+      deadline = time.monotonic() + 60  # a hang guard: two beats come after ~0.1 s
+      while caplog.text.count("loading things:") < 2:
+        assert time.monotonic() < deadline, "no heartbeat while the block ran"
+        time.sleep(0.01)
     n = caplog.text.count("loading things:")
-    time.sleep(0.15)
-  assert n >= 2
+    time.sleep(0.15)  # three periods: a heartbeat still running would log again
   assert caplog.text.count("loading things:") == n  # stopped with the block
 
 

@@ -120,14 +120,26 @@ def test_slow_prefill_logs_progress(tiny_tokenizer, caplog):
   import logging
   import time
 
+  def n_lines():
+    return sum("prefilling 3 prompt tokens" in r.message for r in caplog.records)
+
+  at_decode = []
+
   class Slow(ScriptBackend):
-    def step(self, *a, **kw):
-      time.sleep(0.25)
-      return super().step(*a, **kw)
+    def step(self, sid, transcript, *a, **kw):
+      if len(transcript) == 3:  # the prefill: slow until progress has been logged
+        deadline = time.monotonic() + 60  # a hang guard: the first line comes after 0.1 s
+        while not n_lines():
+          assert time.monotonic() < deadline, "no progress line during a slow prefill"
+          time.sleep(0.01)
+      else:
+        at_decode.append(n_lines())
+        time.sleep(0.25)  # a slow decode step: no prefill progress may be logged now
+      return super().step(sid, transcript, *a, **kw)
 
   gen = Generator(Slow([8 + 97, 8 + 98]), tiny_tokenizer)
   gen.progress_every_s = 0.1
   with caplog.at_level(logging.INFO, logger="ds4jax.generate"):
     gen.generate(prompt_tokens=[0, 5, 6], max_new_tokens=2)
-  lines = [r.message for r in caplog.records if "prefilling 3 prompt tokens" in r.message]
-  assert 1 <= len(lines) <= 3  # during the first (prefill) step only
+  assert at_decode and at_decode[0] >= 1  # logged during the prefill step ...
+  assert n_lines() == at_decode[0]  # ... and only then

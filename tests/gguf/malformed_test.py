@@ -139,6 +139,7 @@ def _check_one_line_error(rc, out, err, *needles):
     assert n in lines[0], (n, lines[0])
 
 
+@pytest.mark.e2e
 def test_scripts_bad_input(tiny_gguf, tmp_path, run_script):
   notg = tmp_path / "n.gguf"
   notg.write_bytes(b"hello world, not a gguf")
@@ -161,6 +162,7 @@ def test_scripts_bad_input(tiny_gguf, tmp_path, run_script):
   assert not os.path.exists(out)
 
 
+@pytest.mark.e2e
 def test_scripts_missing_tensor(tiny_gguf, tmp_path, rewrite, run_script):
   p = rewrite(tiny_gguf, tmp_path / "m.gguf", drop=["blk.3.ffn_norm.weight"])
   _check_one_line_error(*run_script("split_gguf.py", f"--gguf={p}", "--layers=2:output",
@@ -168,6 +170,7 @@ def test_scripts_missing_tensor(tiny_gguf, tmp_path, rewrite, run_script):
                         "missing tensor 'blk.3.ffn_norm.weight'")
 
 
+@pytest.mark.e2e
 def test_scripts_work(tiny_gguf, tmp_path, run_script):
   out = tmp_path / "s.gguf"
   rc, so, se = run_script("split_gguf.py", f"--gguf={tiny_gguf}", "--layers=2:output", f"--out={out}")

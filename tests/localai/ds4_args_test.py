@@ -1,7 +1,5 @@
-"""Worker CLI parity: ds4-worker's spelling (what LocalAI's --ds4-args pass) on scripts/worker.py.
-
-The spelling starting a real worker is covered by localai_e2e_test.py; here the translation and the
-one-line errors."""
+"""Worker CLI parity: ds4-worker's spelling (what LocalAI's --ds4-args pass) on scripts/worker.py:
+the translation, the one-line errors, and the whole spelling reaching the worker's loader."""
 
 import os
 import subprocess
@@ -46,12 +44,13 @@ def test_bad_ds4_arguments(args, needle):
     translate(["w", *args])
 
 
+@pytest.mark.e2e
 def test_worker_script_one_line_errors(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", DS4JAX_CACHE=str(tmp_path))
   for args, needle in [(["--role", "coordinator", "--model", "x"], "this is the worker"),
                        (["--role", "worker", "--model", str(tmp_path / "nope.gguf"),
-                         "--layers", "2:output", "--coordinator", "127.0.0.1", "7070"],
-                        "GGUF file not found")]:
+                         "--layers", "2:output", "--coordinator", "127.0.0.1", "7070", "-c",
+                         "128", "-t", "2"], "GGUF file not found")]:
     p = subprocess.run([sys.executable, str(REPO / "scripts" / "worker.py"), *args], env=env,
                        cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr

@@ -12,6 +12,7 @@ import pytest
 from localai_client import REPO, Backend, backend_env
 
 from ds4jax import extras
+from ds4jax.testing.suite import CHUNK, CTX
 
 BACKEND_DIR = REPO / "localai" / "ds4jax"
 
@@ -25,6 +26,7 @@ def installed(tmp_path):
 
 
 @pytest.mark.parametrize("python_from", ["env", "venv"])
+@pytest.mark.e2e
 def test_run_sh_starts_the_server(installed, tiny_cache_dir, logs_dir, python_from):
   pytest.importorskip("grpc")
   from ds4jax.localai import backend_pb2 as pb
@@ -45,6 +47,7 @@ def test_run_sh_starts_the_server(installed, tiny_cache_dir, logs_dir, python_fr
     assert b.stop() == 0
 
 
+@pytest.mark.e2e
 def test_ds4_worker_and_entry_points_run_the_worker(installed, tmp_path):
   env = dict(os.environ, DS4JAX_PYTHON=sys.executable, JAX_PLATFORMS="cpu",
              DS4JAX_CACHE=str(tmp_path))
@@ -91,6 +94,7 @@ def _blocked(tmp_path, *modules):
     ("localai_backend.py", ["--addr", "127.0.0.1:0"], ["grpc"],
      "the LocalAI backend needs the 'localai' extra: pip install 'ds4jax[localai]'"),
 ])
+@pytest.mark.e2e
 def test_missing_extra_is_one_line(tmp_path, script, args, blocked, needle):
   env = backend_env(tmp_path, PYTHONPATH=_blocked(tmp_path, *blocked))
   p = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], env=env, cwd=REPO,
@@ -102,41 +106,49 @@ def test_missing_extra_is_one_line(tmp_path, script, args, blocked, needle):
 
 def test_missing_reference_extra(monkeypatch):
   from ds4jax.config import ModelConfig
-  from ds4jax.convert import hf_config_from_cfg
+  from ds4jax.gguf.hf import hf_config_from_cfg
   monkeypatch.setitem(sys.modules, "transformers", None)  # import now raises ImportError
   with pytest.raises(extras.MissingExtra, match=r"needs the 'reference' extra: pip install "
                      r"'ds4jax\[reference\]' \(no module named 'transformers'\)"):
     hf_config_from_cfg(ModelConfig.tiny())
 
 
-def test_localai_e2e_suite_steps(installed, tiny_gguf, tiny_cache_dir, logs_dir):
+@pytest.mark.e2e
+def test_localai_e2e_suite_steps(installed, tiny_gguf, tiny_cache_dir, logs_dir, tiny_reference):
   """The steps and checks of LocalAI's Go suite (tests/e2e-backends/backend_test.go, caps
   health,load,predict,tokenize,stream), which cannot run here (no Go 1.26 toolchain nor module
   proxy): run.sh spawned with one `--addr=` token, LoadModel with Model = ModelFile = the
   file, then Predict / TokenizeString / PredictStream with the suite's sampling. Whole model in
-  one process (no ds4 options), so this is also the single-node path."""
+  one process (no ds4 options), so this is also the single-node path: the texts are the
+  in-process model's for the same sampling (seed 0, LocalAI's unset Seed)."""
   pytest.importorskip("grpc")
   import grpc
 
   from ds4jax.localai import backend_pb2 as pb
+  from ds4jax.runtime.sampling import SamplingParams
   env = backend_env(tiny_cache_dir, DS4JAX_PYTHON=sys.executable)
   b = Backend(env, logs_dir / "e2e_suite.log", argv=[str(installed / "run.sh")], cwd=installed,
               one_token=True)
+  suite = SamplingParams(temperature=0.1, top_k=40, top_p=0.9, seed=0)
   try:
     assert b.stub.Health(pb.HealthMessage(), timeout=10).message
     res = b.stub.LoadModel(pb.ModelOptions(Model=tiny_gguf, ModelFile=tiny_gguf,
-                                           ContextSize=256, Threads=4, NBatch=128),
+                                           ContextSize=CTX, Threads=4, NBatch=CHUNK),
                            timeout=600)  # the suite sends 512 unless BACKEND_TEST_CTX_SIZE
     assert res.success, res.message
     sampling = dict(Tokens=20, Temperature=0.1, TopK=40, TopP=0.9)
     r = b.stub.Predict(pb.PredictOptions(Prompt="The capital of France is", **sampling),
                        timeout=120)
-    assert r.message and r.tokens > 0 and r.prompt_tokens > 0
+    want = tiny_reference("The capital of France is", 20, sampling=suite)
+    assert r.message.decode("utf-8") == want.text
+    assert r.tokens == len(want.tokens) and r.prompt_tokens == len(want.prompt_tokens)
     t = b.stub.TokenizeString(pb.PredictOptions(Prompt="The capital of France is"), timeout=60)
     assert len(t.tokens) == r.prompt_tokens
     chunks = [c.message for c in b.stub.PredictStream(
         pb.PredictOptions(Prompt="Once upon a time", **sampling), timeout=120) if c.message]
-    assert chunks and (len(chunks) < 2 or chunks[0] != chunks[1]), chunks
+    assert len(chunks) >= 2
+    assert b"".join(chunks).decode("utf-8") == tiny_reference("Once upon a time", 20,
+                                                              sampling=suite).text
     with pytest.raises(grpc.RpcError) as e:  # the loaded Model is the file path here
       b.stub.Predict(pb.PredictOptions(Prompt="x", ModelIdentity="other"), timeout=10)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND

@@ -15,6 +15,8 @@ from localai_client import REPO, Backend, backend_env
 
 from ds4jax.localai import backend_pb2 as pb
 
+pytestmark = pytest.mark.e2e
+
 
 @pytest.fixture(scope="module")
 def backend(tiny_cache_dir, logs_dir):
@@ -24,9 +26,7 @@ def backend(tiny_cache_dir, logs_dir):
 
 
 def test_health_and_status_before_load(backend):
-  t0 = time.perf_counter()
-  assert backend.stub.Health(pb.HealthMessage(), timeout=5).message == b"OK"
-  assert time.perf_counter() - t0 < 1.0
+  assert backend.stub.Health(pb.HealthMessage(), timeout=60).message == b"OK"
   st = backend.stub.Status(pb.HealthMessage(), timeout=5)
   assert st.state == pb.StatusResponse.UNINITIALIZED
   assert st.memory.total > 0 and st.memory.breakdown["backend_rss"] == st.memory.total

@@ -15,7 +15,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def hf_tiny(tmp_path_factory):
   """(hf_model, gguf_path): the HF oracle and its ds4-layout f32 GGUF."""
   from hf_reference import build_hf_model
-  from ds4jax.convert import hf_to_gguf
+  from ds4jax.gguf.hf import hf_to_gguf
   model, hcfg = build_hf_model(seed=0)
   path = str(tmp_path_factory.mktemp("hf") / "hf_tiny_f32.gguf")
   hf_to_gguf(model, hcfg, path, types="f32")

@@ -75,9 +75,9 @@ def test_parity_is_sensitive_to_indexer_selection(hf_tiny, ids, hf_oneshot):
 
 def test_quantised_fixture_matches_hf(tiny_gguf):
   """The ds4-mix tiny fixture (Q8_0/IQ2_XXS/Q2_K, D=256, HCA 16), dequantised into HF via
-  `convert.hf_model_from_gguf`, against ds4jax loading the same file."""
+  `gguf.hf.hf_model_from_gguf`, against ds4jax loading the same file."""
   import torch
-  from ds4jax.convert import hf_model_from_gguf
+  from ds4jax.gguf.hf import hf_model_from_gguf
   ids = np.random.default_rng(2).integers(0, 512, 40)
   with torch.no_grad():
     want = hf_model_from_gguf(tiny_gguf)(torch.as_tensor(ids[None])).logits[0].numpy()

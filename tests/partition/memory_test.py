@@ -92,6 +92,7 @@ def _inspect(*args):
                         check=False)
 
 
+@pytest.mark.e2e
 def test_inspect_plan_script(tiny_gguf):
   p = _inspect("--preset=flash", "--plan=2", "--host_memory=24", "--ctx=8192")
   assert p.returncode == 0, p.stderr

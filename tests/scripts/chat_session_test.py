@@ -1,6 +1,7 @@
 """scripts/chat.py --save_session / --load_session: a chat saved after one turn and continued
 in a new process equals the uninterrupted chat (same reply, same transcript, same number of
-computed tokens). Bad session paths are one-line errors before the model loads."""
+computed tokens; the uninterrupted chat runs in this process, as chat.py runs it, at the same
+shapes). Bad session paths are one-line errors before the model loads."""
 
 import json
 import os
@@ -11,9 +12,13 @@ import sys
 
 import pytest
 
+from ds4jax.testing.suite import CHUNK, CTX
+
+pytestmark = pytest.mark.e2e
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
-# ctx 512 and this first turn reuse the compilations of scripts_test's chat (XLA cache).
-COMMON = ["--gguf=tiny", "--max_new_tokens=4", "--ctx_size=512"]
+# The suite's shapes: this first turn reuses the compilations of scripts_test's chat.
+COMMON = ["--gguf=tiny", "--max_new_tokens=4", f"--ctx_size={CTX}", f"--prefill_chunk={CHUNK}"]
 TURN = re.compile(r"^\[turn \d+: computed (\d+) of (\d+) prompt tokens", re.M)
 
 
@@ -37,12 +42,26 @@ def transcript(d: pathlib.Path) -> list[int]:
   return json.loads((d / "snapshot.json").read_text())["tokens"]
 
 
-def test_saved_chat_continues_like_the_uninterrupted_one(env, tmp_path):
-  whole, first, rest = tmp_path / "whole", tmp_path / "first", tmp_path / "rest"
-  p, replies, turns = chat(env, "Hello, world", "And then?", "/quit",
-                           args=[f"--save_session={whole}"])
-  assert p.returncode == 0, p.stderr
-  assert len(replies) == 2 and len(turns) == 2, p.stderr
+def uninterrupted(reference, *lines):
+  """The chat chat.py runs, in this process on the whole model at the same shapes: (replies,
+  [(computed, of)] per turn, transcript)."""
+  chat = reference.generator.chat()
+  replies, turns = [], []
+  try:
+    for line in lines:
+      stream = chat.stream(line, max_new_tokens=4)
+      replies.append("".join(stream))
+      res = stream.result
+      turns.append((res.n_prefill_computed, len(res.prompt_tokens)))
+    return replies, turns, list(chat.transcript)
+  finally:
+    chat.close()
+
+
+def test_saved_chat_continues_like_the_uninterrupted_one(env, tmp_path, tiny_reference):
+  first, rest = tmp_path / "first", tmp_path / "rest"
+  replies, turns, whole = uninterrupted(tiny_reference, "Hello, world", "And then?")
+  assert len(replies) == 2 and turns[1][0] < turns[1][1]
 
   p, replies1, _ = chat(env, "Hello, world", args=[f"--save_session={first}"])
   assert p.returncode == 0, p.stderr
@@ -55,9 +74,9 @@ def test_saved_chat_continues_like_the_uninterrupted_one(env, tmp_path):
   # The same reply, computing only the new turn (as many tokens as the uninterrupted chat),
   # and the same transcript token for token.
   assert replies2 == replies[1:]
-  assert turns2 == turns[1:] and turns2[0][0] < turns2[0][1]
-  assert transcript(rest) == transcript(whole)
-  assert transcript(whole)[:len(transcript(first))] == transcript(first)
+  assert turns2 == turns[1:]
+  assert transcript(rest) == whole
+  assert whole[:len(transcript(first))] == transcript(first)
 
 
 def test_bad_session_paths_are_one_line_errors(env, tmp_path):

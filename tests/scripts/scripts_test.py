@@ -1,7 +1,8 @@
 """The launch scripts as a user runs them: real processes, loopback only.
 
-All runs share the session's cache dir ($DS4JAX_CACHE), so the tiny GGUF is built once and
-XLA compilations are reused across scripts through the persistent compilation cache.
+All runs share the suite's cache dir ($DS4JAX_CACHE) and its standard shapes (CTX, CHUNK), so
+the tiny GGUF is built once and XLA compilations are reused across scripts through the
+persistent compilation cache.
 """
 
 import contextlib
@@ -17,9 +18,12 @@ import time
 import psutil
 import pytest
 
+from ds4jax.testing.suite import CHUNK, CTX
 from ds4jax.tokenizer import Tokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
+SHAPES = [f"--ctx_size={CTX}", f"--prefill_chunk={CHUNK}"]
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +61,12 @@ def test_missing_file(env, tmp_path):
   assert_one_line_error(p, "nope.py")
 
 
+def test_unknown_config_field_is_named_with_the_fields(env):
+  p = run("generate.py", "--config=configs/tiny_local.py", "--config.bogus=1", env=env)
+  assert_one_line_error(p, "--config.bogus: configs/tiny_local.py has no field 'bogus'")
+  assert "ctx_size" in p.stderr and "max_new_tokens" in p.stderr
+
+
 def test_port_in_use(env):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -78,7 +88,7 @@ def test_route_timeout(env):
 def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
   out = tmp_path / "out.json"
   p = run("generate.py", "--config=configs/tiny_local.py", "--config.max_new_tokens=9",
-          "--max_new_tokens=5", f"--output_json={out}", env=env)
+          "--max_new_tokens=5", *SHAPES, f"--output_json={out}", env=env)
   assert p.returncode == 0, p.stderr
   d = json.loads(out.read_text())
   for key in ("tokens", "text", "prefill_tok_s", "decode_tok_s", "route", "telemetry"):
@@ -94,8 +104,7 @@ def test_generate_output_json_and_config_overrides(env, tmp_path, tiny_gguf):
 
 
 def test_chat_reuses_prefix(env):
-  # ctx 512 and this first prompt reuse the compilations of the other scripts (XLA cache).
-  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=4", "--ctx_size=512",
+  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=4", *SHAPES,
           stdin="Hello, world\nAnd then?\n/quit\n", env=env)
   assert p.returncode == 0, p.stderr
   turns = [l for l in p.stderr.splitlines() if l.startswith("[turn ")]
@@ -105,35 +114,32 @@ def test_chat_reuses_prefix(env):
   assert 0 < n < m
 
 
-def test_generate_as_coordinator_matches_one_process(env, tmp_path, tiny_gguf):
-  """generate.py --listen with two worker processes dialing in = generate.py in one process."""
-  from ds4jax import cli
-  from ds4jax.local_cluster import LocalWorkers
-  # The demo's shapes (ctx 512, an 11-token prompt, chunk 16): compiled once, cached by XLA.
-  common = ["--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=6", "--ctx_size=512",
-            "--prefill_chunk=16"]
-  p = run("generate.py", *common, f"--output_json={tmp_path}/one.json", env=env)
-  assert p.returncode == 0, p.stderr
-  port = cli.free_port()
-  with LocalWorkers(tiny_gguf, ["2:2", "3:output"], ("127.0.0.1", port), ctx_size=512,
-                    cache_dir=env["DS4JAX_CACHE"]):
-    p = run("generate.py", *common, "--layers=0:1", f"--listen=127.0.0.1:{port}",
-            f"--output_json={tmp_path}/split.json", env=env)
-  assert p.returncode == 0, p.stderr
-  one = json.loads((tmp_path / "one.json").read_text())
+def test_generate_as_coordinator(env, tmp_path, split_route, tiny_reference):
+  """generate.py --listen: the session's worker dials in, the route and every step's telemetry
+  name both hops, and the text is the whole model's (that a split is exact is
+  tests/bridge/e2e_test.py's proof; here the front end must pass it through)."""
+  p = run("generate.py", "--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=6", *SHAPES,
+          "--layers=0:1", f"--listen={split_route.listen}", "--route_timeout=240",
+          f"--output_json={tmp_path}/split.json", env=env)
+  assert p.returncode == 0, p.stderr + split_route.logs()
   split = json.loads((tmp_path / "split.json").read_text())
-  assert split["tokens"] == one["tokens"] and split["text"] == one["text"]
+  ref = tiny_reference("Hello, world", 6, chat=True)
+  assert split["tokens"] == ref.tokens and split["text"] == ref.text
   hops = split["route"]["route"]
-  assert [h["layers"] for h in hops] == ["0:1", "2:2", "3:output"]
-  assert hops[0]["host"] == "local" and all(h["host"].startswith("127.0.0.1:") for h in hops[1:])
-  # Telemetry of every step names the three hops, with bytes on the wire for the workers.
-  assert all(len(step) == 3 for step in split["telemetry"])
-  assert all(h["bytes_in"] > 0 for h in split["hops"][1:])
+  assert [h["layers"] for h in hops] == ["0:1", "2:output"]
+  assert hops[0]["host"] == "local" and hops[1]["host"].startswith("127.0.0.1:")
+  # Telemetry of every step names the two hops, with bytes on the wire for the worker.
+  assert all(len(step) == 2 for step in split["telemetry"])
+  assert split["hops"][1]["bytes_in"] > 0
 
 
 # ----------------------------------------------------------------------------------- demo
+# The demo on the tiny model at the suite's shapes (its default is the docs model at ctx 512).
+DEMO = ["--gguf=tiny", *SHAPES]
+
+
 def test_demo_split_matches_single_process(env):
-  p = run("demo.py", "--max_new_tokens=6", env=env, timeout=400)
+  p = run("demo.py", *DEMO, "--max_new_tokens=6", env=env, timeout=400)
   assert p.returncode == 0, p.stdout + p.stderr
   assert "PASS" in p.stdout
   assert "route: 0:1@local -> 2:2@127.0.0.1:" in p.stderr
@@ -144,8 +150,9 @@ def test_demo_split_matches_single_process(env):
 @contextlib.contextmanager
 def running_demo(env, *args):
   """The demo as a child process (stderr piped); killed at the end if it still runs."""
-  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"), *args], env=env,
-                          cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, str(REPO / "scripts" / "demo.py"), *DEMO, *args],
+                          env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
   try:
     yield proc
   finally:
@@ -168,12 +175,13 @@ def read_until(proc, text, timeout=200.0):
   return err, kids
 
 
-@pytest.mark.parametrize("when", ["started", "prompt:"])
+# "started": the workers are loading. "warming up": the route is up and the coordinator is
+# generating through it (the warm-up, then 100 tokens: seconds of work left at the signal).
+@pytest.mark.parametrize("when", ["started", "warming up"])
 def test_demo_ctrl_c_stops_workers(env, when):
   """Ctrl-C while the workers load, and during the generation: exit 130, workers reaped."""
-  with running_demo(env, "--max_new_tokens=400") as proc:
+  with running_demo(env, "--max_new_tokens=100") as proc:
     err, kids = read_until(proc, when)
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     rest = proc.communicate(timeout=60)[1]
     assert proc.returncode == 130, "".join(err) + rest

@@ -64,6 +64,15 @@ def linked():
   model.close()
 
 
+def _route_complete(url):
+  """Waits until the HTTP process has the model process's snapshot of a complete route."""
+  with httpx.Client(base_url=url, timeout=30) as c:
+    deadline = time.monotonic() + 60  # a hang guard
+    while not c.get("/health").json()["route"]["complete"]:
+      assert time.monotonic() < deadline, "the route snapshot never arrived"
+      time.sleep(0.02)
+
+
 def test_route_snapshot_wait_join_and_generation(linked):
   backend, model, url, tok = linked
   with httpx.Client(base_url=url, timeout=30) as c:
@@ -72,10 +81,7 @@ def test_route_snapshot_wait_join_and_generation(linked):
     r = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 3})
     assert r.status_code == 503 and r.json()["error"]["missing_layers"] == [2, 3]
     backend.join()
-    deadline = time.monotonic() + 5
-    while not c.get("/health").json()["route"]["complete"]:
-      assert time.monotonic() < deadline, "the route snapshot never arrived"
-      time.sleep(0.02)
+    _route_complete(url)
     client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
     ref = Generator(FakeBackend(step_s=0, eos=False), tok).generate("hello", max_new_tokens=12)
     r = client.completions.create(model=MODEL, prompt="hello", max_tokens=12, temperature=0)
@@ -94,21 +100,21 @@ def test_route_snapshot_wait_join_and_generation(linked):
 def test_disconnect_cancels_in_the_model_process(linked):
   backend, model, url, _ = linked
   backend.join()
-  time.sleep(0.2)
+  _route_complete(url)
   with httpx.Client(base_url=url, timeout=30) as c:
     with c.stream("POST", "/v1/completions",
                   json={"prompt": "x", "max_tokens": 5000, "stream": True}) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")
       assert len(backend.open) == 1
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a hang guard
     while backend.open and time.monotonic() < deadline:
       time.sleep(0.02)
     assert not backend.open and len(backend.closed) == 1
     steps = backend.steps
     time.sleep(0.2)
-    assert backend.steps == steps < 1000
-    deadline = time.monotonic() + 3
+    assert backend.steps == steps < 5000  # it stopped, before max_tokens
+    deadline = time.monotonic() + 60  # a hang guard
     while c.get("/health").json()["sessions"] and time.monotonic() < deadline:
       time.sleep(0.02)
     assert c.get("/health").json()["sessions"] == 0
@@ -117,7 +123,7 @@ def test_disconnect_cancels_in_the_model_process(linked):
 def test_route_lost_mid_stream_and_model_exit(linked):
   backend, model, url, _ = linked
   backend.join()
-  time.sleep(0.2)
+  _route_complete(url)
   with httpx.Client(base_url=url, timeout=30) as c:
     events = []
     with c.stream("POST", "/v1/completions",
@@ -131,7 +137,7 @@ def test_route_lost_mid_stream_and_model_exit(linked):
     assert json.loads(events[-2])["error"]["code"] == "route_unavailable"
     # The model process goes away: health says so, requests fail cleanly.
     model.conn.shutdown(2)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60  # a hang guard
     while "exited" not in c.get("/health").json()["route"]["reason"]:
       assert time.monotonic() < deadline
       time.sleep(0.02)

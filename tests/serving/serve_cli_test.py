@@ -10,6 +10,8 @@ import pytest
 
 from ds4jax.serving.remote import ModelProcess, ModelProcessError
 
+pytestmark = pytest.mark.e2e
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

@@ -3,20 +3,21 @@
 `FakeBackend` is a deterministic stand-in for the Coordinator: the next token is a hash of
 the whole transcript (so a session that lost or mixed state would produce different text),
 steps take `step_s` seconds, and the route is incomplete ("missing layer 2") until
-`join()` is called. It records every session it opens and closes.
+`join()` is called. It records every session it opens and closes. A test can hold every step
+(`hold`, an Event the steps wait for) and wait for one to be under way (`in_step`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import socket
 import threading
 import time
 
 import uvicorn
 
 from ds4jax.config import LayerRange
+from ds4jax.local_cluster import free_port
 from ds4jax.runtime.types import HopTelemetry, StepResult
 from ds4jax.testing import tiny_vocab
 from ds4jax.tokenizer.tokenizer import Tokenizer
@@ -57,6 +58,8 @@ class FakeBackend:
     self.closed: list[str] = []
     self.steps = 0
     self._n = 0
+    self.in_step = threading.Event()  # set once a step is under way
+    self.hold: threading.Event | None = None  # when given, steps wait for it (up to 60 s)
 
   def join(self) -> None:
     self._ready.set()
@@ -70,11 +73,14 @@ class FakeBackend:
     return False, f"missing layer {self.coord_end + 1}"
 
   def route_info(self) -> dict:
-    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag.
+    # The Coordinator's shape: workers with 'A:B[+output]' ranges and a ready flag, and the
+    # layers no ready stage serves.
+    ready = self._ready.is_set()
     workers = ([{"peer": "127.0.0.1:9", "ready": True,
-                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}]
-               if self._ready.is_set() else [])
-    return {"ready": self._ready.is_set(), "workers": workers}
+                 "layers": f"{self.coord_end + 1}:{self.n_layers - 1}+output"}] if ready else [])
+    missing = [] if ready else list(range(self.coord_end + 1, self.n_layers))
+    return {"ready": ready, "workers": workers, "n_layers": self.n_layers,
+            "missing_layers": missing}
 
   def new_session(self) -> str:
     with self._lock:
@@ -98,18 +104,15 @@ class FakeBackend:
       self.steps += 1
     if self.fail_on_token is not None and self.fail_on_token in transcript:
       raise ValueError(f"token {self.fail_on_token} is outside the vocab")
+    self.in_step.set()
+    if self.hold is not None:
+      self.hold.wait(60)
     time.sleep(self.step_s)
     hops = [HopTelemetry(stage=f"0:{self.coord_end}", host="local", compute_s=self.step_s / 2),
             HopTelemetry(stage=f"{self.coord_end + 1}:output", host="127.0.0.1:9",
                          compute_s=self.step_s / 2, queue_s=0.0001)]
     return StepResult(token=next_token(transcript, self.eos), logprobs=[], logits_V=None, telemetry=hops,
                       n_computed=1)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager

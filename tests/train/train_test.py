@@ -133,7 +133,7 @@ def test_q2_variant(tmp_path):
   assert types["blk.2.ffn_up_exps.weight"] == Q.IQ2_XXS
   assert types["blk.2.ffn_down_exps.weight"] == Q.Q2_K
   assert types["blk.2.ffn_gate_shexp.weight"] == Q.Q8_0
-  from ds4jax.runtime.sources import load_model
+  from ds4jax.build import load_model
   ids = np.arange(1, 33)
   f32_TV, q2_TV = (load_model(paths[v], ctx_size=64).logits(ids) for v in ("f32", "q2"))
   assert np.corrcoef(f32_TV.ravel(), q2_TV.ravel())[0, 1] > 0.7  # 0.84 on these random weights

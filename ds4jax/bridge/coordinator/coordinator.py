@@ -119,6 +119,7 @@ class Coordinator(RouteBackend):
     self._stop = threading.Event()
     self.last_step: dict[str, Any] = {}
     self.events: list[str] = []  # warnings a user should see (recoveries, refusals)
+    self._refusals: dict[int, str] = {}  # layer -> why the last worker offering it was refused
     self._listener = Listener(lsock, opt, check=self.check_hello, on_admit=self._admitted,
                               event=self._event)
     self._threads = [threading.Thread(target=self._monitor_loop, daemon=True,
@@ -131,23 +132,6 @@ class Coordinator(RouteBackend):
       t.start()
     log.info("coordinator for layers %s listening on %s:%d", self.local.describe(),
              *self.address)
-
-  @classmethod
-  def from_gguf(cls, path: str, *, layers: str = "0:0", ctx_size: int = 4096,
-                dtype: str = "float32", weights: str = "packed", key_file: str | None = None,
-                **options) -> "Coordinator":
-    """Loads layers (0:K, or 0:output for one process) of a GGUF and starts listening.
-
-    `options` are CoordinatorOptions fields. The pre-shared key comes from key_file or the
-    DS4JAX_KEY environment variable (never from a flag value).
-    """
-    from ds4jax.bridge.launch import load_runner  # deferred: imports JAX
-    if "key" not in options:
-      from ds4jax.wire import auth
-      options["key"] = auth.load_key(key_file)
-    options.setdefault("warmup", True)  # compile while workers join, not on the first token
-    runner = load_runner(path, layers, ctx_size=ctx_size, dtype=dtype, weights=weights)
-    return cls(runner, CoordinatorOptions(**options))
 
   @property
   def batcher(self):
@@ -172,9 +156,26 @@ class Coordinator(RouteBackend):
 
   # ------------------------------------------------------------------------------ admission
   def check_hello(self, f) -> tuple[str, LayerRange | None]:
-    """('', range) to accept, or (reason, None): the exact text both sides show."""
-    return check_hello(f, fingerprint=self.fingerprint, n_layers=self.n_layers,
-                       local=self.local, ctx=self.ctx)
+    """('', range) to accept, or (reason, None): the exact text both sides show. A refusal
+    is remembered for the layers the worker offered, so a route that stays incomplete says
+    why their last worker was turned away."""
+    reason, layers = check_hello(f, fingerprint=self.fingerprint, n_layers=self.n_layers,
+                                 local=self.local, ctx=self.ctx)
+    start, end = f.header.get("start"), f.header.get("end")
+    if reason and type(start) is int and type(end) is int:  # noqa: E721 - not bools
+      with self._cv:
+        for il in range(max(start, 0), min(end, self.n_layers - 1) + 1):
+          self._refusals[il] = reason
+    return reason, layers
+
+  def _unavailable(self, reason: str, timeout: float) -> RouteUnavailable:
+    """The error of a route that stayed incomplete (call with self._cv held)."""
+    missing = route_mod.missing_layers(
+        self.n_layers, self.local, [l.layers for l in self._links.values() if l.ready])
+    why = next((f"; the last worker offering layer {il} was refused: {self._refusals[il]}"
+                for il in missing if il in self._refusals), "")
+    return RouteUnavailable(f"route unavailable: {reason}{why} (waited {timeout:.1f}s for "
+                            "workers)")
 
   def _admitted(self, ch, hello: dict, layers: LayerRange, peer: str) -> None:
     wid = next(self._wids)
@@ -188,6 +189,8 @@ class Coordinator(RouteBackend):
         link.close_wakeup()
         return
       self._links[wid] = link
+      for il in range(layers.start, layers.end + 1):
+        self._refusals.pop(il, None)
     ch.send(MsgType.ACCEPT, {"worker_id": wid, "heartbeat_s": self.opt.heartbeat_s,
                              "ctx": self.ctx, "prefill_chunk": self.opt.prefill_chunk})
     log.info("accepted %r", link)
@@ -220,9 +223,15 @@ class Coordinator(RouteBackend):
 
   # ---------------------------------------------------------------------------------- route
   def _plan_locked(self):
+    """(route, '') or (None, why): the reason names accepted workers still loading."""
     hops = [route_mod.HopInfo(l.wid, l.layers, l.peer) for l in self._links.values()
             if l.ready and l.alive]
-    return route_mod.plan_route(self.n_layers, self.local, hops, self.opt.pin)
+    plan, reason = route_mod.plan_route(self.n_layers, self.local, hops, self.opt.pin)
+    loading = [l for l in self._links.values() if l.alive and not l.ready]
+    if plan is None and loading:
+      reason += "; " + ", ".join(f"worker#{l.wid} loading {l.layers.describe()}"
+                                 for l in loading)
+    return plan, reason
 
   def pin(self, ranges: Sequence[str]) -> None:
     """Restricts routes to workers with these ranges (empty: any); takes effect at once."""
@@ -247,8 +256,7 @@ class Coordinator(RouteBackend):
           return [self._links[h.wid] for h in plan]
         left = deadline - time.monotonic()
         if left <= 0 or self._stop.is_set():
-          raise RouteUnavailable(
-              f"route unavailable: {reason} (waited {timeout:.1f}s for workers)")
+          raise self._unavailable(reason, timeout)
         self._cv.wait(min(left, 0.5))  # releases the lock: status stays answerable
 
   def route_info(self) -> dict:

@@ -45,7 +45,7 @@ class _Pending:
   callback: Callback
 
 
-# The batching counters a worker's PONG carries ("b"), in order (worker._pong_stats).
+# The batching counters a worker's PONG carries ("b"), in order (bridge.worker.work.pong_stats).
 _BATCH_KEYS = ("calls", "decode_calls", "decode_rows", "max_batch_seen")
 
 

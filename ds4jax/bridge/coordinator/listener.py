@@ -29,7 +29,8 @@ class Listener:
     opt: the coordinator's options (tls, key, wrap, handshake_timeout, frame_timeout,
       max_handshakes).
     check: HELLO frame -> ('', LayerRange) to admit, or (reason, None).
-    on_admit(channel, hello_header, layers, peer): makes the link; False if closing.
+    on_admit(channel, hello_header, layers, peer): makes the link (or closes the channel
+      when the coordinator is closing).
     event: a sink for what a user should see (refusals).
   """
 
@@ -41,7 +42,7 @@ class Listener:
     self._on_admit = on_admit
     self._event = event
     self._stop = threading.Event()
-    self._admitting = threading.BoundedSemaphore(max(1, opt.max_handshakes))
+    self._handshake_slots = threading.BoundedSemaphore(max(1, opt.max_handshakes))
     self.thread = threading.Thread(target=self._accept_loop, daemon=True, name="ds4jax-accept")
 
   def start(self) -> None:
@@ -65,26 +66,26 @@ class Listener:
         sock, addr = transport.accept(self._lsock, self.opt.wrap)
       except (TimeoutError, OSError):
         continue
-      if not self._admitting.acquire(blocking=False):
+      if not self._handshake_slots.acquire(blocking=False):
         log.warning("rejected connection from %s:%d: %d handshakes already in progress",
                     addr[0], addr[1], self.opt.max_handshakes)
         sock.close()
         continue
       try:
-        threading.Thread(target=self._admit_slot, args=(sock, addr), daemon=True,
-                         name="ds4jax-admit").start()
+        threading.Thread(target=self._handshake_in_slot, args=(sock, addr), daemon=True,
+                         name="ds4jax-handshake").start()
       except RuntimeError as e:  # cannot start a thread: refuse this peer, keep accepting
-        self._admitting.release()
+        self._handshake_slots.release()
         log.warning("rejected connection from %s:%d: %s", addr[0], addr[1], e)
         sock.close()
 
-  def _admit_slot(self, sock, addr) -> None:
+  def _handshake_in_slot(self, sock, addr) -> None:
     try:
-      self._admit(sock, addr)
+      self._handshake(sock, addr)
     finally:
-      self._admitting.release()
+      self._handshake_slots.release()
 
-  def _admit(self, sock, addr) -> None:
+  def _handshake(self, sock, addr) -> None:
     peer = f"{addr[0]}:{addr[1]}"
     opt = self.opt
     try:

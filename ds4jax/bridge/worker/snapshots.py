@@ -14,6 +14,7 @@ from typing import Any
 from ds4jax.wire import protocol
 from ds4jax.wire.errors import ProtocolError
 from ds4jax.wire.protocol import MsgType, field
+from ds4jax.bridge.worker.work import request_ids
 from ds4jax.checkpoints import stage_state
 
 
@@ -30,10 +31,7 @@ class SnapshotTransfers:
     """Answers one SNAPSHOT_SAVE / SNAPSHOT_LOAD frame: (RESULT header, payload)."""
     worker = self.worker
     h = f.header
-    req = field(h, "req", int, lo=0)
-    sid = field(h, "sid", str)
-    if not 0 < len(sid) <= 64:
-      raise ProtocolError("session id must be 1..64 characters")
+    req, sid = request_ids(h)
     n = field(h, "n", int, lo=0, hi=worker.runner.ctx_size)
     want = protocol.parse_hash(h.get("hash"), "hash")
     layers = field(h, "layers", str)

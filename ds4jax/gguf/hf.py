@@ -1,11 +1,17 @@
-"""Converts a HF `DeepseekV4ForCausalLM` (state dict + config) into a ds4-layout GGUF.
+"""The one HF converter: a HF `DeepseekV4ForCausalLM` (state dict + config) into a ds4-layout
+GGUF, and back: a ds4 GGUF's weights in HF transformers (the reference model of the parity
+tests and the benchmark).
 
-    from ds4jax.convert import hf_to_gguf
+    from ds4jax.gguf.hf import hf_to_gguf, hf_model_from_gguf
     hf_to_gguf(model, model.config, "my-model.gguf", types="f32")
+    reference = hf_model_from_gguf("my-model.gguf")  # torch CPU, eager, float32
 
 `types="f32"` keeps every float tensor in F32 (exact); `types="ds4"` uses ds4's mix where
 gguf-py can quantise (routed experts become Q8_0). The HF -> GGUF names follow
-ds4-architecture.md §4.2; HF's fused `gate_up_proj` [E, 2F, D] is split gate first.
+ds4-architecture.md §4.2; HF's fused `gate_up_proj` [E, 2F, D] is split gate first. Back to
+HF, the tensors are dequantised to float32 and the config round trip
+(`config_from_hf(hf_config_from_cfg(cfg)) == cfg`) is checked, so a field that does not
+survive the mapping is an error rather than a silently different model.
 """
 
 from __future__ import annotations
@@ -162,7 +168,7 @@ def tensors_from_hf(state_dict: Mapping[str, Any], cfg: ModelConfig) -> dict[str
 def hf_to_gguf(hf_model_or_state_dict: Any, hf_config: Any, path: str | os.PathLike, *,
                types: str = "f32", tokenizer=None) -> str:
   """Writes a HF DeepseekV4ForCausalLM (module or state dict) as a ds4-layout GGUF."""
-  from ds4jax.gguf.writer import write_gguf  # deferred: keeps `import ds4jax` light
+  from ds4jax.gguf.writer import write_gguf  # deferred: keeps the HF half light
   sd = (hf_model_or_state_dict.state_dict() if hasattr(hf_model_or_state_dict, "state_dict")
         else hf_model_or_state_dict)
   cfg = config_from_hf(hf_config)
@@ -170,80 +176,97 @@ def hf_to_gguf(hf_model_or_state_dict: Any, hf_config: Any, path: str | os.PathL
                     name="ds4jax-from-hf")
 
 
-# ------------------------------------------------------------------------ GGUF -> HF (oracle)
-def hf_config_from_cfg(cfg: ModelConfig):
-  """A transformers DeepseekV4Config with cfg's dims and schedule (for HF cross-checks)."""
-  transformers = extras.need("reference", "transformers", "the HF cross-check")
+# ------------------------------------------------------------------------ GGUF -> HF (reference)
+_HCA = "heavily_compressed_attention"
+_CSA = "compressed_sparse_attention"
 
-  hca = sorted({r for r in cfg.compress_ratios[:cfg.n_layers] if r not in (0, 4)})
+
+def hf_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+  """DeepseekV4Config kwargs describing `cfg`; ValueError for what HF cannot express."""
+  n = cfg.n_layers
+  ratios = cfg.compress_ratios[:n]
+  hca = sorted({r for r in ratios if r not in (0, 4)})
   if len(hca) > 1:
-    raise ValueError(f"HF supports one HCA ratio, the config has {hca}")
-  if len(set(cfg.swiglu_clamp[:cfg.n_layers])) != 1:
-    raise ValueError("HF supports one SwiGLU clamp for every layer")
-  kind = {0: "sliding_attention", 4: "compressed_sparse_attention"}
-  hcfg = transformers.DeepseekV4Config(
+    raise ValueError(f"HF has one HCA compress rate; this model uses {hca}")
+  clamps = set(cfg.swiglu_clamp[:n])
+  if len(clamps) != 1:
+    raise ValueError("HF has one swiglu_limit; this model varies it per layer")
+  kind = {0: "sliding_attention", 4: _CSA}
+  return dict(
       vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, moe_intermediate_size=cfg.expert_ff,
-      num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-      num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-      partial_rotary_factor=cfg.rope_dim / cfg.head_dim, q_lora_rank=cfg.q_lora_rank,
-      o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank, n_routed_experts=cfg.n_experts,
-      num_experts_per_tok=cfg.n_experts_used, n_shared_experts=cfg.n_shared_experts,
-      sliding_window=cfg.window, index_n_heads=cfg.index_heads,
-      index_head_dim=cfg.index_head_dim, index_topk=cfg.index_topk, hc_mult=cfg.n_hc,
-      hc_sinkhorn_iters=cfg.sinkhorn_iters, hc_eps=cfg.hc_eps, rms_norm_eps=cfg.rms_eps,
-      swiglu_limit=cfg.swiglu_clamp[0], routed_scaling_factor=cfg.routed_scale,
-      norm_topk_prob=cfg.norm_topk_prob, max_position_embeddings=cfg.context_length,
-      rope_theta=cfg.rope_base, compress_rope_theta=cfg.compress_rope_base,
-      layer_types=[kind.get(r, "heavily_compressed_attention")
-                   for r in cfg.compress_ratios[:cfg.n_layers]],
-      compress_rates={"compressed_sparse_attention": 4,
-                      "heavily_compressed_attention": hca[0] if hca else 128},
-      mlp_layer_types=["hash_moe" if cfg.is_hash_layer(il) else "moe"
-                       for il in range(cfg.n_layers)],
+      num_hidden_layers=n, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+      head_dim=cfg.head_dim, partial_rotary_factor=cfg.rope_dim / cfg.head_dim,
+      q_lora_rank=cfg.q_lora_rank, o_groups=cfg.o_groups, o_lora_rank=cfg.o_lora_rank,
+      n_routed_experts=cfg.n_experts, num_experts_per_tok=cfg.n_experts_used,
+      n_shared_experts=cfg.n_shared_experts, sliding_window=cfg.window,
+      index_n_heads=cfg.index_heads, index_head_dim=cfg.index_head_dim,
+      index_topk=cfg.index_topk, hc_mult=cfg.n_hc, hc_sinkhorn_iters=cfg.sinkhorn_iters,
+      hc_eps=cfg.hc_eps, rms_norm_eps=cfg.rms_eps, swiglu_limit=clamps.pop(),
+      routed_scaling_factor=cfg.routed_scale, norm_topk_prob=cfg.norm_topk_prob,
+      max_position_embeddings=cfg.context_length, rope_theta=cfg.rope_base,
+      compress_rope_theta=cfg.compress_rope_base,
+      layer_types=[kind.get(r, _HCA) for r in ratios],
+      compress_rates={_CSA: 4, _HCA: hca[0] if hca else 128},
+      mlp_layer_types=["hash_moe" if cfg.is_hash_layer(il) else "moe" for il in range(n)],
       rope_parameters={"rope_type": "yarn", "factor": cfg.yarn_factor,
                        "beta_fast": cfg.yarn_beta_fast, "beta_slow": cfg.yarn_beta_slow,
                        "original_max_position_embeddings": cfg.yarn_orig_ctx},
-      num_nextn_predict_layers=0)
+      num_nextn_predict_layers=0, bos_token_id=0, eos_token_id=1,
+  )
+
+
+def hf_config_from_cfg(cfg: ModelConfig):
+  """A transformers DeepseekV4Config (eager attention) with cfg's dims and schedule."""
+  transformers = extras.need("reference", "transformers", "the HF reference model")
+  hcfg = transformers.DeepseekV4Config(**hf_config_kwargs(cfg))
   hcfg._attn_implementation = "eager"
   return hcfg
 
 
-def hf_state_dict_from_tensors(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict:
-  """A torch state dict for DeepseekV4ForCausalLM from dequantised whole-model tensors."""
-  torch = extras.need("reference", "torch", "the HF cross-check")
-
-  inv_global = {v: k for k, v in _GLOBAL_MAP.items()}
-  inv_layer = {v: k for k, v in _LAYER_MAP.items()}
-  sd = {}
+def hf_state_dict(tensors: Mapping[str, np.ndarray], cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """`{hf_name: array}` from whole-model `{gguf_name: array}` (numpy orientation on both
+  sides; HF's fused gate_up_proj is the gate and up experts concatenated)."""
+  glob = {g: h for h, g in _GLOBAL_MAP.items()}
+  per_layer = {g: h for h, g in _LAYER_MAP.items()}
+  out: dict[str, np.ndarray] = {}
   for name, arr in tensors.items():
-    if name in inv_global:
-      sd[inv_global[name]] = torch.from_numpy(np.asarray(arr, np.float32).copy())
+    if name in glob:
+      out[glob[name]] = arr
       continue
     _, il, suffix = name.split(".", 2)
     if suffix in ("ffn_gate_exps.weight", "ffn_up_exps.weight"):
-      continue
-    hf = f"model.layers.{il}.{inv_layer[suffix]}"
+      continue  # fused below
     if suffix == "exp_probs_b.bias" and cfg.is_hash_layer(int(il)):
-      continue
-    dtype = np.int64 if suffix == "ffn_gate_tid2eid.weight" else np.float32
-    sd[hf] = torch.from_numpy(np.asarray(arr, dtype).copy())
+      continue  # hash layers route by token id: ds4 ignores the bias, HF has none
+    out[f"model.layers.{il}.{per_layer[suffix]}"] = arr
   for il in range(cfg.n_layers):
     gate, up = tensors[f"blk.{il}.ffn_gate_exps.weight"], tensors[f"blk.{il}.ffn_up_exps.weight"]
-    sd[f"model.layers.{il}.mlp.experts.gate_up_proj"] = torch.from_numpy(
-        np.concatenate([gate, up], axis=1).astype(np.float32))
-  return sd
+    out[f"model.layers.{il}.mlp.experts.gate_up_proj"] = np.concatenate([gate, up], axis=1)
+  return out
 
 
 def hf_model_from_gguf(path: str | os.PathLike):
-  """A float32 eval-mode HF DeepseekV4ForCausalLM holding a GGUF's dequantised weights."""
-  transformers = extras.need("reference", "transformers", "the HF cross-check")
+  """An eval-mode float32 eager DeepseekV4ForCausalLM holding the GGUF's (dequantised)
+  weights; ValueError if HF cannot describe this model exactly."""
+  torch = extras.need("reference", "torch", "the HF reference model")
+  transformers = extras.need("reference", "transformers", "the HF reference model")
   from ds4jax.gguf.load import load_tensors
 
-  cfg, tensors = load_tensors(path, "all")
-  model = transformers.DeepseekV4ForCausalLM(hf_config_from_cfg(cfg)).eval().float()
-  missing, unexpected = model.load_state_dict(hf_state_dict_from_tensors(tensors, cfg),
-                                              strict=False)
-  missing = [k for k in missing if not k.endswith("e_score_correction_bias")]
-  if missing or unexpected:
-    raise ValueError(f"HF state dict mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-  return model
+  transformers.logging.set_verbosity_error()
+  cfg, tensors = load_tensors(path, "all", output=True)
+  hcfg = hf_config_from_cfg(cfg)
+  back = config_from_hf(hcfg)
+  if back != cfg.replace(qat=back.qat):
+    raise ValueError("the HF config does not describe this GGUF's model exactly")
+  torch.manual_seed(0)  # HF's own init is overwritten below; only the buffers it builds stay
+  model = transformers.DeepseekV4ForCausalLM(hcfg)
+  sd = model.state_dict()
+  want = {k for k in sd if not k.endswith("inv_freq")}
+  got = hf_state_dict(tensors, cfg)
+  if set(got) - set(sd) or want - set(got):
+    raise ValueError(f"GGUF -> HF mapping mismatch: missing {sorted(want - set(got))[:3]}, "
+                     f"unexpected {sorted(set(got) - set(sd))[:3]}")
+  with torch.no_grad():
+    for k, arr in got.items():
+      sd[k].copy_(torch.as_tensor(np.ascontiguousarray(arr)).to(sd[k].dtype))
+  return model.eval().float()

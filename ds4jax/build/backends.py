@@ -1,0 +1,130 @@
+"""Backends and workers from a user's path: the one place that builds them (issue 20 item 3).
+
+    backend = local_backend("model.gguf", ranges=("0:1", "2:output"), ctx_size=512)
+    coord = coordinator("model.gguf", layers="0:1", listen="0.0.0.0:7000")
+    worker = worker("model.gguf", "2:output", ("coordinator-host", 7000))
+
+Every stage is built by `stages.load_runner`: the shapes it will serve compile (or load from
+the persistent compilation cache) before its weights load, so a backend is ready to serve
+at full speed when it is returned, and a worker says READY only once its shapes are in.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from typing import Sequence
+
+from ds4jax.build.stages import load_runner
+from ds4jax.config import LayerRange, LayerRangeError
+
+
+def parse_hostport(spec: str) -> tuple[str, int]:
+  """'HOST:PORT' (HOST may be empty: 127.0.0.1) -> (host, port); one-line ValueError."""
+  host, sep, port = str(spec).rpartition(":")
+  if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    raise ValueError(f"bad address {spec!r}: expected HOST:PORT")
+  return host or "127.0.0.1", int(port)
+
+
+def check_port_free(host: str, port: int) -> None:
+  """Raises a one-line error if HOST:PORT cannot be listened on right now."""
+  with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind((host, port))
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
+      raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 4096,
+                  prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
+                  weights: str = "packed", devices=1):
+  """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
+  in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
+  batch their decode steps. Returns once every stage is loaded and compiled."""
+  from ds4jax.runtime.local import LocalBackend
+  runners = [load_runner(path, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
+                         max_sessions=max_sessions, dtype=dtype, weights=weights,
+                         devices=devices) for spec in ranges]
+  return LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
+
+
+def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
+                ctx_size: int = 4096, prefill_chunk: int = 256, max_sessions: int = 8,
+                dtype: str | None = None, weights: str = "packed", devices=1,
+                key_file: str | None = None, tls_cert: str | None = None,
+                tls_key: str | None = None, **options):
+  """A listening `Coordinator` that runs `layers` (0:K) of the model here; workers dial
+  `listen` (HOST:PORT, port 0: any free one, then `coord.address`) for the rest.
+
+  The pre-shared key comes from `key_file` or $DS4JAX_KEY (never a flag value; `key=` in
+  `options` sets it directly, None for none). tls_cert (+ tls_key): workers connect over
+  TLS. `options`: further `CoordinatorOptions` fields (route_timeout, activation_dtype, ...).
+  Bad addresses, keys and certificates fail before the model loads. Close it with
+  `coord.close()`.
+  """
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.wire import auth  # stdlib only
+  host, port = parse_hostport(listen)
+  key = options.pop("key") if "key" in options else auth.load_key(key_file)
+  if tls_key and not tls_cert:
+    raise ValueError("--tls_key needs --tls_cert")
+  tls = auth.server_ssl_context(tls_cert, tls_key) if tls_cert else None
+  if port:
+    check_port_free(host, port)  # before a possibly long model load, not after
+  runner = load_runner(path, layers, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
+                       max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices)
+  try:
+    return Coordinator(runner, CoordinatorOptions(
+        host=host, port=port, prefill_chunk=prefill_chunk, max_sessions=max_sessions, key=key,
+        tls=tls, **options))
+  except OSError as e:
+    if e.errno == errno.EADDRINUSE:
+      raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
+    raise
+
+
+def requested_range(spec: str, n_layers: int) -> LayerRange:
+  """The range a worker asks for: resolved when it fits the model, else as written, so the
+  coordinator (not the worker) refuses it and both sides show the reason."""
+  rng = LayerRange.parse(spec)
+  try:
+    return rng.resolve(n_layers)
+  except LayerRangeError:
+    return LayerRange(rng.start, n_layers - 1 if rng.end < 0 else rng.end, rng.has_output)
+
+
+def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str | None = None,
+           weights: str = "packed", devices=1, options=None):
+  """A `Worker` for `layers` of the model that dials `coordinator_addr` when `run()`.
+
+  HELLO needs only the metadata; the weights load after the first ACCEPT, which names the
+  coordinator's prefill chunk: then every shape the worker serves (decode batches up to
+  `options.max_sessions`, the chunk's buckets) compiles before the weights load, and READY
+  follows. options: `WorkerOptions` (ctx, max_sessions, key, tls, ...).
+  """
+  from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+  from ds4jax.runtime import sources
+  cfg, fp = sources.model_info(path)  # a GGUF or an orbax checkpoint directory
+  opt = options or WorkerOptions()
+  opt.ctx = min(opt.ctx, int(cfg.context_length))  # the runner cannot hold more
+  rng = requested_range(layers, cfg.n_layers)
+  if devices != 1:  # a bad device count fails here, before dialing, not on ACCEPT
+    from ds4jax.model import sharding
+    sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
+
+  def load():  # after ACCEPT: `warm_sizes` holds the coordinator's prefill chunk
+    return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=max(w.warm_sizes, default=256),
+                       max_sessions=opt.max_sessions, dtype=dtype, weights=weights,
+                       devices=devices)
+
+  w = Worker(coordinator_addr, fingerprint=fp, n_layers=cfg.n_layers,
+             vocab_size=cfg.vocab_size, layers=rng, options=opt, load=load)
+  return w
+
+
+__all__ = ["check_port_free", "coordinator", "local_backend", "parse_hostport",
+           "requested_range", "worker"]

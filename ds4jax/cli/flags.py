@@ -1,0 +1,204 @@
+"""The scripts' shared flags, their config file, and the precedence of run options.
+
+Scripts stay short (style rule 8): they define their own few flags, call `define_run_flags()`
+for the shared ones and `cli.run(main)` instead of `app.run(main)`.
+
+Precedence of run options (`option(name)`): an explicit `--flag` beats `--config.field`, which
+beats the config file, which beats the flag's default.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import os
+import sys
+from typing import Any
+
+from absl import flags
+from ml_collections import config_flags
+
+from ds4jax.config import devices_option as parse_devices  # the --devices flag's rules
+from ds4jax.errors import one_line
+from ds4jax.runtime.sampling import SamplingParams
+
+FLAGS = flags.FLAGS
+
+
+def define_run_flags(*, prompt: bool = True) -> None:
+  """The flags every launch script shares (names are a contract, see issue 4 'Scripts')."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file (get_config()).",
+                                  lock_config=False)
+  flags.DEFINE_string("gguf", None, "Path of the GGUF, 'docs' for the shipped trained model, "
+                      "or 'tiny'/'bench' for a random test model.")
+  flags.DEFINE_string("layers", "all", "The layers this process runs: 'all' or 0:K.")
+  flags.DEFINE_string("listen", None, "HOST:PORT to listen on for workers (port 0: any).")
+  flags.DEFINE_float("route_timeout", 60.0, "Seconds to wait for a complete route.")
+  flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
+  define_weight_flags()
+  define_device_flags()
+  flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call (its power-of-two "
+                       "buckets compile at load).", lower_bound=1)
+  flags.DEFINE_integer("max_sessions", 8, "Sessions whose decode state this process keeps (the "
+                       "pool slots of each stage); that many generations at once batch their "
+                       "steps. Every decode batch size up to it compiles at load.",
+                       lower_bound=1)
+  flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
+                    "Activation dtype on the wire (split runs).")
+  flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
+  flags.DEFINE_string("tls_cert", None, "With --listen: serve the bridge over TLS with this "
+                      "PEM certificate (workers verify it: scripts/worker.py --tls_ca).")
+  flags.DEFINE_string("tls_key", None, "The PEM private key of --tls_cert (if not in it).")
+  flags.DEFINE_string("cache_dir", None, "Where the tiny test models are built and cached.")
+  flags.DEFINE_integer("max_new_tokens", 32, "Most tokens to generate.", lower_bound=1)
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.", lower_bound=0.0)
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).", lower_bound=0)
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.", lower_bound=0)
+  flags.DEFINE_boolean("thinking", False, "Chat format with <think> instead of </think>.")
+  flags.DEFINE_string("system", None, "A system prompt for the chat format.")
+  flags.DEFINE_boolean("warmup", False, "Run a 2-token generation first (not needed since "
+                       "every shape compiles at load; kept for old command lines).")
+  if prompt:
+    flags.DEFINE_string("prompt", None, "Text prompt.")
+    flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")
+    flags.DEFINE_boolean("chat", True, "Wrap --prompt in the ds4 chat format.")
+    flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
+
+
+def define_weight_flags() -> None:
+  """--weights and --dtype, shared by every script that loads weights (issue 12)."""
+  flags.DEFINE_enum("weights", "packed", ["packed", "dequantized"],
+                    "packed: quantised tensors stay GGUF blocks in device memory and are "
+                    "dequantised inside the step; dequantized: dequantise at load (the old path).")
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
+                    "Compute dtype (default: float32 for a GGUF, the stored dtype for a "
+                    "checkpoint directory).")
+
+
+def define_device_flags() -> None:
+  """--devices, shared by every script that loads a stage (issue 14)."""
+  flags.DEFINE_string("devices", "1", "Local devices this process's stage spans: 1 (one "
+                      "device), N, or 'all'. The routed experts are sharded over them (expert "
+                      "parallelism); N must divide the model's expert count.")
+
+
+def weight_options() -> dict[str, str | int | None]:
+  """{'weights': ..., 'dtype': ... or None (the source's), 'devices': N or 'all'} from the
+  run options."""
+  dtype = option("dtype")
+  return {"weights": str(option("weights", "packed")),
+          "dtype": None if dtype is None else str(dtype),
+          "devices": parse_devices(option("devices", 1))}
+
+
+_config_path: str | None = None
+
+
+def config() -> Any:
+  """The loaded --config (None without one); a missing or broken file is a one-line error."""
+  if "config" not in FLAGS:
+    return None
+  try:
+    cfg = FLAGS["config"].value
+  except Exception as e:  # config_flags defers some load errors to the first access
+    if _config_path and not os.path.isfile(_config_path):
+      raise FileNotFoundError(f"config file not found: {_config_path}") from None
+    raise ValueError(f"cannot load config file {_config_path}: {e.__cause__ or e}") from None
+  if type(cfg).__name__ == "_ErrorConfig":  # config_flags' placeholder for a failed load
+    if _config_path and not os.path.isfile(_config_path):
+      raise FileNotFoundError(f"config file not found: {_config_path}")
+    raise ValueError(f"cannot load config file {_config_path}")
+  if cfg is not None and not isinstance(cfg, collections.abc.Mapping) and not hasattr(
+      type(cfg), "keys"):
+    raise ValueError(f"config file {_config_path}: get_config() must return a ConfigDict, "
+                     f"got {type(cfg).__name__}")
+  return cfg
+
+
+def option(name: str, default: Any = None) -> Any:
+  """A run option: explicit flag > --config(.field) > flag default (or `default`)."""
+  cfg = config()
+  if name in FLAGS and FLAGS[name].present:
+    return FLAGS[name].value
+  if cfg is not None and name in cfg:
+    return cfg[name]
+  if name in FLAGS:
+    return FLAGS[name].value
+  return default
+
+
+def worker_layers() -> str | None:
+  """A worker's range: --layers, else the only entry of the config's `workers` (a route
+  config with several workers needs --layers)."""
+  if FLAGS["layers"].present or config() is None or not config().get("workers"):
+    return FLAGS["layers"].value
+  workers = list(config()["workers"])
+  if len(workers) != 1:
+    raise ValueError(f"the config lists {len(workers)} workers ({', '.join(workers)}): pick "
+                     "this one's with --layers")
+  return workers[0]
+
+
+def sampling_params() -> SamplingParams:
+  return SamplingParams(temperature=float(option("temperature", 0.0)),
+                        top_k=int(option("top_k", 0)), top_p=float(option("top_p", 1.0)),
+                        seed=int(option("seed", 0)))
+
+
+def parse_tokens(values) -> list[int] | None:
+  if values is None:
+    return None
+  if isinstance(values, str):
+    values = [v for v in values.split(",") if v.strip()]
+  try:
+    return [int(v) for v in values]
+  except ValueError:
+    raise ValueError(f"--prompt_tokens must be comma-separated integers, got {values!r}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but a bad flag is one line on stderr (exit 2), not a usage dump."""
+  global _config_path
+  for k, a in enumerate(argv[1:], 1):
+    if a.startswith("--config="):
+      _config_path = a.split("=", 1)[1]
+    elif a == "--config" and k + 1 < len(argv):
+      _config_path = argv[k + 1]
+  try:
+    return FLAGS(argv)
+  except Exception as e:  # flags.Error, or whatever a broken config file raises on import
+    unknown = _unknown_override(argv) if _config_path and os.path.isfile(_config_path) else None
+    if _config_path and not os.path.isfile(_config_path):
+      msg = f"config file not found: {_config_path}"
+    elif unknown:
+      msg = unknown
+    elif isinstance(e, flags.Error) and "config" not in str(e).lower():
+      msg = one_line(e)
+    elif _config_path:
+      msg = f"cannot load config file {_config_path}: {type(e).__name__}: {one_line(e)}"
+    else:
+      msg = one_line(e)
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+  """'--config.X=...: the config file has no field X (its fields: ...)' for the first
+  override naming a field the config lacks; None if every one exists (or it cannot tell)."""
+  import runpy
+  try:
+    cfg = runpy.run_path(_config_path)["get_config"]()
+  except Exception:  # a broken file: the caller says why
+    return None
+  for a in argv[1:]:
+    if not a.startswith("--config."):
+      continue
+    node, names = cfg, a[len("--config."):].split("=", 1)[0].split(".")
+    for k, name in enumerate(names):
+      if not hasattr(node, "keys") or name not in node:
+        where = ".".join(names[:k]) or _config_path
+        fields = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "none"
+        return (f"--config.{'.'.join(names)}: {where} has no field {name!r} (its fields: "
+                f"{fields})")
+      node = node[name]
+  return None

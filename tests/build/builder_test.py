@@ -1,0 +1,41 @@
+"""ds4jax.build, the one builder (issue 20 items 3 and 8): every stage compiles the shapes it
+serves before its weights load, and runs each once, so a built backend traces nothing when it
+serves any batch of up to max_sessions sessions and any prompt."""
+
+import numpy as np
+
+from ds4jax import build
+from ds4jax.runtime.local import StepRequest
+from ds4jax.runtime.sampling import SamplingParams
+
+
+def test_serving_shapes_are_the_decode_buckets_then_the_chunk_buckets(tiny_gguf):
+  r = build.load_runner(tiny_gguf, "all", ctx_size=64, prefill_chunk=8, max_sessions=3)
+  assert r.serving_shapes(8, 3) == [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8)]
+  assert r.max_chunk == 256 and build.max_chunk_for(300) == 512
+
+
+def test_a_built_backend_traces_nothing_while_it_serves(tiny_gguf):
+  be = build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=64,
+                           prefill_chunk=8, max_sessions=2)
+  traces = [r.n_traces for r in be.runners]
+  greedy = SamplingParams()
+  try:
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(2, be.cfg.vocab_size, n).tolist() for n in (1, 3, 8, 13)]
+    for p in prompts:  # every chunk bucket, one session at a time
+      sid = be.new_session()
+      be.step(sid, p, greedy, 0)
+      be.close_session(sid)
+    sids = [be.new_session() for _ in range(2)]
+    transcripts = [list(prompts[1]), list(prompts[2])]
+    for k in range(3):  # two sessions decoding at once (batched when their steps meet)
+      res = be.step_many([StepRequest(s, t, greedy, k) for s, t in zip(sids, transcripts)])
+      for t, r in zip(transcripts, res):
+        t.append(r.token)
+    for r in be.runners:  # the two-row decode bucket, whatever the timing above did
+      hc = None if r.embeds else np.zeros((2, 1, r.cfg.n_hc, r.cfg.d_model), np.float32)
+      r.forward_batch(r.init_pool(2), [0, 1], [[5], [7]], hc, [1, 1])
+  finally:
+    be.close()
+  assert [r.n_traces for r in be.runners] == traces
