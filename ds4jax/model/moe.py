@@ -195,10 +195,12 @@ class MoE(nnx.Module):
         s = first_E[e] + b * block
         xb_BD = jax.lax.dynamic_slice_in_dim(x_SD, s, block)
         wb_B = jax.lax.dynamic_slice_in_dim(w_S, s, block)
-        h_BF = swiglu(ops.einsum("BD,FD->BF", xb_BD, g_FD), ops.einsum("BD,FD->BF", xb_BD, u_FD),
+        # q8 experts: the rows rounded as the kernels round them (identity in exact mode).
+        h_BF = swiglu(ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, gate_EFD), g_FD),
+                      ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, up_EFD), u_FD),
                       self.limit) * wb_B[:, None]
-        return jax.lax.dynamic_update_slice_in_dim(y_SD, ops.einsum("BF,DF->BD", h_BF, d_DF),
-                                                   s, 0)
+        y_BD = ops.einsum("BF,DF->BD", quant_matmul.activations(h_BF, down_EDF), d_DF)
+        return jax.lax.dynamic_update_slice_in_dim(y_SD, y_BD, s, 0)
 
       return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
 

@@ -36,7 +36,7 @@ def einsum(spec: str, x, w):
   - a grouped layer, `"...GK,GNK->...GN"` (the grouped output LoRA): `quant.expert_matmul`
     with row (i, g) on group g, when the CPU kernels run and x has at most
     `quant.matmul.KERNEL_ROWS` rows per group;
-  - anything else: dequantised, then `jnp.einsum`.
+  - anything else: dequantised, then `jnp.einsum` (x rounded first in q8 mode).
   """
   if not isinstance(w, Packed):
     return _dot(spec, x, w)
@@ -54,7 +54,7 @@ def einsum(spec: str, x, w):
     e_P = jnp.tile(jnp.arange(g, dtype=jnp.int32), rows)
     y_PN = quant_matmul.expert_matmul(x.reshape(-1, k), w, e_P, act=w.act)
     return y_PN.reshape(x.shape[:-1] + (w.shape[1],))
-  return _dot(spec, x, w.dense())
+  return _dot(spec, quant_matmul.activations(x, w), w.dense())
 
 
 def _tile_count(w: Packed) -> int:

@@ -79,8 +79,15 @@ def uses_kernel(w: Packed) -> bool:
   return cpu_ffi.available()
 
 
-def _quantizes(w: Packed, act: str) -> bool:
+def quantizes(w: Packed, act: str) -> bool:
+  """Whether products with `w` in mode `act` round x to int8 blocks (q8 and a block type)."""
   return check_act(act) == "q8" and Q(w.qtype) not in FLOAT16_TYPES
+
+
+def activations(x_MK, w):
+  """x as products with `w` see it: `quantize_act(x)` for a Packed block-type weight loaded
+  with act="q8", else x itself (for paths that dequantise w and then dot)."""
+  return quantize_act(x_MK) if isinstance(w, Packed) and quantizes(w, w.act) else x_MK
 
 
 # ------------------------------------------------------------------------- the interface
@@ -93,7 +100,7 @@ def matmul(x_MK, w: Packed, *, act: str = "exact", tile_bytes: int | None = None
   check_act(act)
   m = x_MK.shape[0]
   if m <= KERNEL_ROWS and uses_kernel(w):
-    act_k = act if _quantizes(w, act) else "exact"
+    act_k = act if quantizes(w, act) else "exact"
     return jax.lax.platform_dependent(
         x_MK, w.planes,
         cpu=lambda x, planes: cpu_ffi.matmul(x, planes, w.qtype, w.shape[0], act_k),
@@ -111,7 +118,7 @@ def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
   check_act(act)
   e_P = e_P.astype(jnp.int32)
   if uses_kernel(w):
-    act_k = act if _quantizes(w, act) else "exact"
+    act_k = act if quantizes(w, act) else "exact"
     return jax.lax.platform_dependent(
         x_PK, e_P, w.planes,
         cpu=lambda x, e, planes: cpu_ffi.expert_matmul(x, e, planes, w.qtype, w.shape[0],
@@ -151,7 +158,7 @@ def reference_matmul(x_MK, w: Packed, *, act: str = "exact", tile_bytes: int | N
   """The jax.numpy implementation of `matmul`: up to MATVEC_ROWS rows a fused
   dequantise-multiply-reduce where that is the faster one (`fuses`), else dequantise then
   dot (in row tiles for a weight bigger than tile_bytes as f32)."""
-  if _quantizes(w, act):
+  if quantizes(w, act):
     x_MK = quantize_act(x_MK)
   if x_MK.shape[0] <= MATVEC_ROWS and fuses(w):
     return matvec(x_MK, w)
