@@ -232,7 +232,8 @@ def bench_floor(path, layers: str = "all", *, weights: str = "packed",
   """Decode ms/token of `layers` of a GGUF (one session, after warm-up) next to its floor
   measured in the same process: `floor_bytes` over the rate XLA reads a 2 GiB array
   (`bench.kernels.read_gbs`); and the cost of one batched decode step (`forward_batch`, one
-  token per row) for each B in `batches`, alternating over B.
+  token per row) for each B in `batches`. The single-session steps and the batched steps
+  alternate (max(n_decode, 4 * rounds) of each), so they see the same load.
 
   Returns {layers, weights, activations, ms_per_token, floor_bytes, read_gbs, floor_ms,
   ratio (floor / measured), steps: {B: ms per step}, agg_tok_s: {B: B / step s}, load}.
@@ -243,15 +244,17 @@ def bench_floor(path, layers: str = "all", *, weights: str = "packed",
   f = open_gguf(path)
   rng = f.resolve(layers)
   cfg = f.cfg
-  n_slots = max(batches)
-  ctx = n_prompt + max(n_decode, rounds * 4 * len(batches)) + 8
+  batches = tuple(batches)
+  n_slots, n_steps = max(batches), max(n_decode, 4 * rounds)
+  ctx = n_prompt + n_steps * len(batches) + 8
   runner = load_runner(path, rng, ctx_size=ctx, max_chunk=max(8, n_prompt), weights=weights,
                        compile_sizes=(1, n_prompt), activations=activations,
-                       compile_batches=(tuple(batches), (1,), n_slots))
+                       compile_batches=(batches, (1,), n_slots))
   rs = np.random.default_rng(0)
-  ids = rs.integers(0, cfg.vocab_size, n_prompt + n_decode)
+  ids_SP = rs.integers(0, cfg.vocab_size, (n_slots, n_prompt + n_steps + 1))  # one per slot
+  ids = ids_SP[0]
   hc = None if rng.embeds else rs.standard_normal(
-      (n_prompt + n_decode, cfg.n_hc, cfg.d_model)).astype(np.float32)
+      (n_prompt + n_steps + 1, cfg.n_hc, cfg.d_model)).astype(np.float32)
 
   def hc_at(a, b):
     return None if hc is None else hc[a:b]
@@ -259,32 +262,26 @@ def bench_floor(path, layers: str = "all", *, weights: str = "packed",
   load0 = os.getloadavg()
   state = runner.init_state()
   _, state = runner.forward(state, ids[:n_prompt], hc_at(0, n_prompt), 0)
-  times = []
-  for p in range(n_prompt, n_prompt + n_decode):
+  pool = runner.init_pool(n_slots)
+  for s in range(n_slots):  # each slot its own prompt, so B rows route to distinct experts
+    _, pool = runner.forward_batch(pool, [s], ids_SP[s:s + 1, :n_prompt],
+                                   None if hc is None else hc[None, :n_prompt], [n_prompt])
+  times, steps = [], {b: [] for b in batches}
+  for r in range(n_steps + 1):  # step 0 of each kind is a warm-up
+    p = n_prompt + r
     t0 = time.perf_counter()
     out, state = runner.forward(state, ids[p:p + 1], hc_at(p, p + 1), p)
     np.asarray(out)
     times.append(time.perf_counter() - t0)
-  del state
-  ms_token = 1e3 * float(np.median(times[1:]))
-  # Batched steps: each slot first holds n_prompt tokens; then B rows decode one token each.
-  pool = runner.init_pool(n_slots)
-  for s in range(n_slots):
-    _, pool = runner.forward_batch(pool, [s], ids[None, :n_prompt],
-                                   None if hc is None else hc[None, :n_prompt], [n_prompt])
-  pos = np.full(n_slots, n_prompt)
-  steps = {b: [] for b in batches}
-  for r in range(rounds * 4):
     for b in batches[r % len(batches):] + batches[:r % len(batches)]:
-      slots = np.arange(b)
-      tok = ids[n_prompt + (pos[slots] - n_prompt) % n_decode][:, None]
-      h = None if hc is None else hc[n_prompt:n_prompt + 1][None].repeat(b, 0)
+      h = None if hc is None else np.repeat(hc[None, p:p + 1], b, axis=0)
       t0 = time.perf_counter()
-      out, pool = runner.forward_batch(pool, slots, tok, h, np.ones(b, np.int64))
+      out, pool = runner.forward_batch(pool, np.arange(b), ids_SP[:b, p:p + 1], h,
+                                       np.ones(b, np.int64))
       np.asarray(out)
       steps[b].append(time.perf_counter() - t0)
-      pos[slots] += 1
-  del pool, runner
+  del state, pool, runner
+  ms_token = 1e3 * float(np.median(times[1:]))
   step_ms = {b: 1e3 * float(np.median(v[1:])) for b, v in steps.items()}
   gbs = read_gbs()
   read = floor_bytes(path, layers)
