@@ -11,6 +11,10 @@ ds4jax tok/s over the row's.
     # A stage over 1, 2 and 4 devices (issue 14; on CPU, forced host devices sharing the
     # cores), one process per count: tok/s and the bytes each device holds.
     python scripts/bench_model.py --devices=1,2,4 --prompt=128 --decode=32
+    # Decode at the byte-read floor (issue 21): ms/token next to the floor measured in the
+    # same run, and the B = 1 and B = 8 step costs, per activation mode (one row each).
+    python scripts/make_tiny_gguf.py --preset=flash --n_layers=4 --out=/tmp/flash4.gguf
+    python scripts/bench_model.py --floor=/tmp/flash4.gguf --activations=exact,q8
 """
 
 import json
@@ -35,6 +39,13 @@ _DEVICES = flags.DEFINE_list("devices", None, "Time a stage spanning each of the
                              "counts instead (one process each, ds4jax only, the first "
                              "--weights); on CPU the devices are forced host devices.")
 _DEVICES_CHILD = flags.DEFINE_integer("devices_child", None, "(internal) one --devices run.")
+_FLOOR = flags.DEFINE_string("floor", None, "Time decode of this GGUF (--floor_layers of it) "
+                             "against its byte-read floor, plus the --batches step costs, "
+                             "instead of the comparison with HF.")
+_FLOOR_LAYERS = flags.DEFINE_string("floor_layers", "all", "the slice --floor times")
+_ACTIVATIONS = flags.DEFINE_list("activations", ["exact"], "--floor: activation modes of the "
+                                 "packed products (exact, q8), one row each")
+_BATCHES = flags.DEFINE_list("batches", ["1", "8"], "--floor: decode rows per batched step")
 _HF_THREADS = flags.DEFINE_list(
     "hf_threads", ["1"], "torch thread counts to run HF with, one row each (on a shared "
     "2-core CPU torch's intra-op threads thrash: 1 thread is ~8x faster there)")
@@ -57,6 +68,8 @@ def main(argv):
   if any(t < 1 for t in threads):
     print("error: --hf_threads must be >= 1", file=sys.stderr)
     sys.exit(2)
+  if _FLOOR.value:
+    return _floor_table()
   if _DEVICES_CHILD.value is not None:
     return _devices_child(_DEVICES_CHILD.value)
   if _DEVICES.value:
@@ -100,6 +113,43 @@ def main(argv):
   if res["max_abs_dlogit"] is not None:
     print(f"last prefill logits row, {res['ref']} vs {res['other']}: "
           f"max |d| {res['max_abs_dlogit']:.3g}")
+
+
+def _floor_table() -> None:
+  """Decode ms/token of --floor next to the floor measured in the same process (the bytes a
+  token reads over the rate XLA reads a 2 GiB array), and the batched step costs."""
+  if any(a not in ("exact", "q8") for a in _ACTIVATIONS.value):
+    print(f"error: --activations must list exact and/or q8, got {_ACTIVATIONS.value}",
+          file=sys.stderr)
+    sys.exit(2)
+  try:
+    batches = tuple(int(b) for b in _BATCHES.value)
+  except ValueError:
+    print(f"error: --batches must be integers, got {_BATCHES.value}", file=sys.stderr)
+    sys.exit(2)
+  from ds4jax.bench import model as bench
+  rows = []
+  for act in _ACTIVATIONS.value:
+    try:
+      rows.append(bench.bench_floor(_FLOOR.value, _FLOOR_LAYERS.value, weights=_WEIGHTS.value[0],
+                                    activations=act, n_decode=_DECODE.value,
+                                    batches=batches, rounds=_ROUNDS.value))
+    except (OSError, ValueError) as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  r0 = rows[0]
+  print(f"{_FLOOR.value} layers {r0['layers']}, weights {r0['weights']}: a token reads "
+        f"{r0['floor_bytes'] / 2**20:.0f} MiB")
+  steps = " ".join(f"{'B=' + str(b) + ' ms':>9s} {'tok/s':>6s}" for b in batches)
+  print(f"{'activations':11s} {'ms/token':>9s} {'read GB/s':>9s} {'floor ms':>9s} "
+        f"{'floor/meas':>10s} {steps} {'B=' + str(batches[-1]) + ' / B=' + str(batches[0]):>10s} "
+        f"{'load before/after':>18s}")
+  for r in rows:
+    cols = " ".join(f"{r['steps'][b]:9.1f} {r['agg_tok_s'][b]:6.2f}" for b in batches)
+    gain = r["agg_tok_s"][batches[-1]] / r["agg_tok_s"][batches[0]]
+    print(f"{r['activations']:11s} {r['ms_per_token']:9.1f} {r['read_gbs']:9.1f} "
+          f"{r['floor_ms']:9.1f} {r['ratio']:10.3f} {cols} {gain:9.2f}x "
+          f"{r['load'][0][0]:8.1f}/{r['load'][1][0]:<8.1f}")
 
 
 def _devices_child(n: int) -> None:

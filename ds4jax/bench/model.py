@@ -201,3 +201,140 @@ def bench_devices(path, devices, *, n_prompt: int, n_decode: int, rounds: int = 
               decode_best=n_decode / float(times[:, 1].min()),
               bytes_per_device=max(per.values(), key=lambda d: d["total"]),
               param_bytes=param_bytes(model.runner.params)["total"])
+
+
+def floor_bytes(path, layers: str = "all") -> int:
+  """Bytes one decode token must read from the weights of `layers` of a GGUF: every
+  non-expert tensor whole, k/E of each routed-expert tensor, one row of the embedding (and of
+  a hash layer's tid2eid), as stored (packed bytes)."""
+  from ds4jax.gguf import names
+  from ds4jax.gguf.reader import open_gguf
+  f = open_gguf(path)
+  cfg, rng = f.cfg, f.resolve(layers)
+  read = 0.0
+  for e in names.entries(cfg, rng, optional=True):
+    if e.name not in f:
+      continue
+    share = 1.0
+    if e.name == "token_embd.weight":
+      share = 1.0 / cfg.vocab_size
+    elif e.name.endswith("tid2eid.weight"):
+      share = 1.0 / cfg.vocab_size
+    elif e.spec.is_expert:
+      share = cfg.n_experts_used / cfg.n_experts
+    read += f.nbytes(e.name) * share
+  return int(read)
+
+
+def bench_floor(path, layers: str = "all", *, weights: str = "packed",
+                activations: str = "exact", n_decode: int = 16, n_prompt: int = 8,
+                batches=(1, 8), rounds: int = 3) -> dict:
+  """Decode ms/token of `layers` of a GGUF (one session, after warm-up) next to its floor
+  measured in the same process: `floor_bytes` over the rate XLA reads a 2 GiB array
+  (`bench.kernels.read_gbs`); and the cost of one batched decode step (`forward_batch`, one
+  token per row) for each B in `batches`. The single-session steps and the batched steps
+  alternate (max(n_decode, 4 * rounds) of each), so they see the same load.
+
+  Returns {layers, weights, activations, ms_per_token, floor_bytes, read_gbs, floor_ms,
+  ratio (floor / measured), steps: {B: ms per step}, agg_tok_s: {B: B / step s}, load}.
+  """
+  from ds4jax.bench.kernels import read_gbs
+  from ds4jax.gguf.reader import open_gguf
+  from ds4jax.runtime.load import load_runner
+  f = open_gguf(path)
+  rng = f.resolve(layers)
+  cfg = f.cfg
+  batches = tuple(batches)
+  n_slots, n_steps = max(batches), max(n_decode, 4 * rounds)
+  ctx = n_prompt + n_steps * len(batches) + 8
+  runner = load_runner(path, rng, ctx_size=ctx, max_chunk=max(8, n_prompt), weights=weights,
+                       compile_sizes=(1, n_prompt), activations=activations,
+                       compile_batches=(batches, (1,), n_slots))
+  rs = np.random.default_rng(0)
+  ids_SP = rs.integers(0, cfg.vocab_size, (n_slots, n_prompt + n_steps + 1))  # one per slot
+  ids = ids_SP[0]
+  hc = None if rng.embeds else rs.standard_normal(
+      (n_prompt + n_steps + 1, cfg.n_hc, cfg.d_model)).astype(np.float32)
+
+  def hc_at(a, b):
+    return None if hc is None else hc[a:b]
+
+  load0 = os.getloadavg()
+  state = runner.init_state()
+  _, state = runner.forward(state, ids[:n_prompt], hc_at(0, n_prompt), 0)
+  pool = runner.init_pool(n_slots)
+  for s in range(n_slots):  # each slot its own prompt, so B rows route to distinct experts
+    _, pool = runner.forward_batch(pool, [s], ids_SP[s:s + 1, :n_prompt],
+                                   None if hc is None else hc[None, :n_prompt], [n_prompt])
+  times, steps = [], {b: [] for b in batches}
+  for r in range(n_steps + 1):  # step 0 of each kind is a warm-up
+    p = n_prompt + r
+    t0 = time.perf_counter()
+    out, state = runner.forward(state, ids[p:p + 1], hc_at(p, p + 1), p)
+    np.asarray(out)
+    times.append(time.perf_counter() - t0)
+    for b in batches[r % len(batches):] + batches[:r % len(batches)]:
+      h = None if hc is None else np.repeat(hc[None, p:p + 1], b, axis=0)
+      t0 = time.perf_counter()
+      out, pool = runner.forward_batch(pool, np.arange(b), ids_SP[:b, p:p + 1], h,
+                                       np.ones(b, np.int64))
+      np.asarray(out)
+      steps[b].append(time.perf_counter() - t0)
+  del state, pool, runner
+  ms_token = 1e3 * float(np.median(times[1:]))
+  step_ms = {b: 1e3 * float(np.median(v[1:])) for b, v in steps.items()}
+  gbs = read_gbs()
+  read = floor_bytes(path, layers)
+  floor_ms = 1e3 * read / (gbs * 1e9)
+  return dict(layers=rng.describe(), weights=weights, activations=activations,
+              ms_per_token=ms_token, floor_bytes=read, read_gbs=gbs, floor_ms=floor_ms,
+              ratio=floor_ms / ms_token, steps=step_ms,
+              agg_tok_s={b: 1e3 * b / ms for b, ms in step_ms.items()},
+              load=(load0, os.getloadavg()))
+
+
+def activation_effect(path, *, n_prompt: int = 32, n_decode: int = 16,
+                      acts=("exact", "q8"), hf: bool = True, seed: int = 0) -> dict:
+  """Logits of each activation mode next to HF transformers (the oracle: f32 eager on the
+  same dequantised weights) and to the exact mode, over a one-shot prefill of `n_prompt`
+  random ids and `n_decode` single-token decode steps.
+
+  Returns {act: {"vs_hf": stats | None, "vs_exact": stats}} with stats = {max_abs, rms,
+  argmax_agree (fraction of positions), max_logit (largest |logit| of the reference)}.
+  """
+  from ds4jax.build import load_model
+
+  def run(act):
+    model = load_model(path, ctx_size=n_prompt + n_decode + 8,
+                       max_chunk=_pow2_at_least(n_prompt), activations=act)
+    s = model.session()
+    out = [np.asarray(s.prefill(ids[:n_prompt]))]
+    out += [np.asarray(s.decode(int(t)))[None] for t in ids[n_prompt:]]
+    return np.concatenate(out)
+
+  def stats(a, b):
+    d = np.abs(a - b)
+    return dict(max_abs=float(d.max()), rms=float(np.sqrt((d ** 2).mean())),
+                argmax_agree=float((a.argmax(-1) == b.argmax(-1)).mean()),
+                max_logit=float(np.abs(b).max()))
+
+  from ds4jax.gguf.reader import open_gguf
+  vocab = open_gguf(path).cfg.vocab_size
+  ids = np.random.default_rng(seed).integers(0, vocab, n_prompt + n_decode)
+  logits = {act: run(act) for act in acts}
+  oracle = None
+  if hf:
+    import torch
+    from transformers import DynamicCache
+    model = _hf_model(path)
+    with torch.no_grad():
+      cache = DynamicCache(config=model.config)
+      out = model(torch.as_tensor(ids[None, :n_prompt]), cache=cache, use_cache=True)
+      rows, cache = [out.logits[0].numpy()], out.cache
+      for p in range(n_prompt, n_prompt + n_decode):
+        out = model(torch.as_tensor(ids[None, p:p + 1]), cache=cache, use_cache=True)
+        rows.append(out.logits[0].numpy())
+        cache = out.cache
+    oracle = np.concatenate(rows).astype(np.float32)
+  return {act: dict(vs_hf=None if oracle is None else stats(logits[act], oracle),
+                    vs_exact=stats(logits[act], logits[acts[0]])) for act in acts}

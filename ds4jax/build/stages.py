@@ -70,7 +70,7 @@ def _open(path, layers):
 
 def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
                 prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
-                weights: str = "packed", devices=1):
+                weights: str = "packed", devices=1, activations: str = "exact"):
   """A `StageRunner` for `layers` of the GGUF or orbax checkpoint directory at `path` (or a
   `quant.source.TensorSource`), carrying the model fingerprint, ready to serve a
   `StageBatcher` of `max_sessions` slots fed chunks of up to `prefill_chunk` tokens.
@@ -79,6 +79,7 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
   the abstract stage before the weights stream in (the compiler's peak never stacks on
   them). dtype None: float32 for a GGUF, the stored dtype for a checkpoint. weights:
   'packed' or 'dequantized'. devices: 1, N or 'all' local devices (`model.sharding`).
+  activations: 'exact' or 'q8' (the packed products' activations, `quant.matmul`).
   ctx_size is capped at the model's context length.
   """
   from ds4jax.runtime import load
@@ -97,7 +98,8 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
 
     runner = load.load_runner(src, rng, ctx_size=min(int(ctx_size), src.cfg.context_length),
                               max_chunk=max_chunk_for(prefill_chunk), dtype=dtype,
-                              weights=weights, devices=devices, prepare=prepare)
+                              weights=weights, devices=devices, prepare=prepare,
+                              activations=activations)
   log.info("layers %s loaded in %.1fs (%.1fs of it compiling)", rng.describe(),
            time.perf_counter() - t0, spent[0])
   return runner
@@ -105,7 +107,7 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
 
 def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None, *,
                ctx_size: int = 4096, max_chunk: int = DEFAULT_MAX_CHUNK,
-               weights: str = "packed", devices=1):
+               weights: str = "packed", devices=1, activations: str = "exact"):
   """Loads `layers` of a ds4 GGUF (or an orbax checkpoint directory, or a `TensorSource`) for
   notebooks: a `runtime.api.Model` (`logits(ids)`, `session()`). Its decode step compiles
   before the weights load; prefill lengths compile on first use (bucketed: 1, 2, 4, ...).
@@ -116,7 +118,8 @@ def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None,
   load, ~13x the GGUF bytes for a q2 file in f32). devices: 1 (default, one device), N or
   "all" local devices, the routed experts sharded over them (expert parallelism,
   docs/design.md §12); N must divide the expert count. max_chunk: the longest chunk one
-  call runs (a power of two; longer prompts run in pieces).
+  call runs (a power of two; longer prompts run in pieces). activations: 'exact' (default)
+  or 'q8': the packed products round activations to int8 blocks first (`quant.matmul`).
   """
   from ds4jax.runtime import load
   from ds4jax.runtime.api import Model
@@ -125,7 +128,8 @@ def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None,
   with heartbeat(f"loading layers {rng.describe()} of {name}"):
     return Model(load.load_runner(src, rng, ctx_size=min(int(ctx_size), src.cfg.context_length),
                                   max_chunk=max_chunk, dtype=dtype, weights=weights,
-                                  devices=devices, compile_sizes=(1,)))
+                                  devices=devices, compile_sizes=(1,),
+                                  activations=activations))
 
 
 __all__ = ["compile_serving", "load_model", "load_runner", "max_chunk_for"]

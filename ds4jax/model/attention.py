@@ -160,8 +160,7 @@ class Attention(nnx.Module):
     t, n, h = o_TNH.shape
     g = self.o_groups
     o_TGI = o_TNH.reshape(t, g, (n // g) * h)
-    o_a_GRI = ops.dense(self.o_a[...]).reshape(g, -1, (n // g) * h)
-    z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, o_a_GRI)
+    z_TGR = ops.einsum("TGI,GRI->TGR", o_TGI, ops.groups(self.o_a[...], g))
     return ops.einsum("TX,DX->TD", z_TGR.reshape(t, -1), self.o_b[...])
 
 

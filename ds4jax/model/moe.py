@@ -14,6 +14,7 @@ from flax import nnx
 
 from ds4jax.config import ModelConfig
 from ds4jax.model import ops, sharding
+from ds4jax.quant import matmul as quant_matmul
 from ds4jax.quant.packed import Packed
 
 
@@ -107,11 +108,18 @@ class MoE(nnx.Module):
     n_experts = gate_EFD.shape[0]
     block = group_block(t * self.k, n_experts)
     packed = isinstance(gate_EFD, Packed)
-    if t == 1:
-      # One decode row: one dynamic slice per chosen expert, which XLA reads in place (a
-      # batched gather copies the chosen experts' weights first: 4x slower on CPU); packed
-      # experts dequantise only the chosen expert's slabs. Several rows (a batch of sessions,
-      # a short chunk) take the paths below, which read each chosen expert once per call.
+    if packed and (t == 1 or (t <= quant_matmul.KERNEL_ROWS
+                              and quant_matmul.uses_kernel(gate_EFD))):
+      # Decode rows with packed experts: every (row, expert) pair through the kernel
+      # interface, which reads (and unpacks) each chosen expert's bytes once per call, in
+      # place, whatever the rows that chose it. Longer chunks (prefill) go grouped below,
+      # dequantising each chosen expert once: bit-identical to the dequantised path.
+      routed_TD = self._pairs(x_TD, idx_TK, w_TK, (gate_EFD, up_EFD, down_EDF))
+    elif t == 1:
+      # One decode row, dense experts: one dynamic slice per chosen expert, which XLA reads
+      # in place (a batched gather copies the chosen experts' weights first: 4x slower on
+      # CPU). Several rows (a batch of sessions, a short chunk) take the paths below, which
+      # read each chosen expert once per call.
       routed = []
       for i in range(t):
         acc_D = jnp.zeros((x_TD.shape[1],), jnp.float32)
@@ -136,6 +144,20 @@ class MoE(nnx.Module):
       h_TEF = swiglu(g_TEF, u_TEF, self.limit) * comb_TE[:, :, None]
       routed_TD = ops.einsum("TEF,EDF->TD", h_TEF, down_EDF)
     return routed_TD
+
+  def _pairs(self, x_TD, idx_TK, w_TK, experts):
+    """Routed experts of a few rows with packed experts: the P = T*k (row, expert) pairs
+    through `quant.expert_matmul` (gate, up: [P, D] -> [P, F]; down: [P, F] -> [P, D]),
+    each weight with its own activation mode; each row sums its k pairs."""
+    t, d = x_TD.shape
+    gate_EFD, up_EFD, down_EDF = experts
+    e_P = idx_TK.reshape(-1).astype(jnp.int32)
+    x_PD = jnp.repeat(x_TD.astype(jnp.float32), self.k, axis=0)
+    g_PF = quant_matmul.expert_matmul(x_PD, gate_EFD, e_P, act=gate_EFD.act)
+    u_PF = quant_matmul.expert_matmul(x_PD, up_EFD, e_P, act=up_EFD.act)
+    h_PF = swiglu(g_PF, u_PF, self.limit) * w_TK.reshape(-1)[:, None]
+    y_PD = quant_matmul.expert_matmul(h_PF, down_EDF, e_P, act=down_EDF.act)
+    return jnp.sum(y_PD.reshape(t, self.k, d), axis=1)
 
   def _grouped(self, x_TD, idx_TK, w_TK, block: int, experts):
     """Routed experts for many tokens: the (token, expert) pairs sorted by expert, then a
@@ -179,10 +201,12 @@ class MoE(nnx.Module):
         s = first_E[e] + b * block
         xb_BD = jax.lax.dynamic_slice_in_dim(x_SD, s, block)
         wb_B = jax.lax.dynamic_slice_in_dim(w_S, s, block)
-        h_BF = swiglu(ops.einsum("BD,FD->BF", xb_BD, g_FD), ops.einsum("BD,FD->BF", xb_BD, u_FD),
+        # q8 experts: the rows rounded as the kernels round them (identity in exact mode).
+        h_BF = swiglu(ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, gate_EFD), g_FD),
+                      ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, up_EFD), u_FD),
                       self.limit) * wb_B[:, None]
-        return jax.lax.dynamic_update_slice_in_dim(y_SD, ops.einsum("BF,DF->BD", h_BF, d_DF),
-                                                   s, 0)
+        y_BD = ops.einsum("BF,DF->BD", quant_matmul.activations(h_BF, down_EDF), d_DF)
+        return jax.lax.dynamic_update_slice_in_dim(y_SD, y_BD, s, 0)
 
       return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
 

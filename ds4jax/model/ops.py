@@ -2,7 +2,8 @@
 
 Every projection goes through `einsum`, which pins f32 matmuls to full precision (HF parity
 needs it) and accumulates bf16 matmuls in f32. Weights may be dense arrays or `Packed`
-GGUF blocks (docs/design.md §8): `einsum`, `dense` and `rows` dequantise inside the step.
+GGUF blocks (docs/design.md §8): `einsum` multiplies them through the kernel interface
+(`quant.matmul`, §8.1), `dense` and `rows` dequantise inside the step.
 """
 
 from __future__ import annotations
@@ -12,92 +13,60 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gguf import GGMLQuantizationType as Q
-
+from ds4jax.quant import matmul as quant_matmul
 from ds4jax.quant.packed import Packed
 
 HIGHEST = jax.lax.Precision.HIGHEST
-# A packed 2-D weight whose f32 form is larger than this is dequantised in row tiles.
-TILE_BYTES = 256 << 20
-# Rows of x up to which a packed linear layer runs as a fused dequantise-and-reduce.
-MATVEC_ROWS = 8
+# A packed 2-D weight whose f32 form is larger than this is dequantised in row tiles (prefill).
+TILE_BYTES = quant_matmul.TILE_BYTES
 
 
 def _dot(spec: str, x, w):
-  x = x.astype(w.dtype)
-  prec = HIGHEST if w.dtype == jnp.float32 else None
-  return jnp.einsum(spec, x, w, precision=prec, preferred_element_type=jnp.float32)
+  return quant_matmul.dot(spec, x, w)
 
 
 def einsum(spec: str, x, w):
   """`jnp.einsum(spec, x, w)` with x cast to w's dtype, full precision, f32 result.
 
-  `w` may be a `Packed` weight: it is dequantised inside the step. For a 2-D packed weight used
-  as a linear layer, `"...K,NK->...N"`:
-  - up to `MATVEC_ROWS` rows of x (decode): one fused dequantise-multiply-reduce over the
-    weight's blocks, which reads the packed planes once and never writes the f32 weight;
-  - more rows (prefill): dequantise, then a matmul (bit-identical to the dequantised path);
-    a weight whose f32 form exceeds `TILE_BYTES` goes in row tiles under `lax.map`, so it
-    never exists whole in f32 (the Flash head: 2.1 GB in f32, 212 MB a tile).
+  `w` may be a `Packed` weight, multiplied through the kernel interface (`quant.matmul`,
+  docs/design.md §8.1) with its own activation mode `w.act`:
+  - a linear layer, `"...K,NK->...N"`: `quant.matmul` on the rows of x (a decode step's few
+    rows: the backend's packed kernel; a prefill chunk: dequantise, then a matmul, in row
+    tiles of at most `TILE_BYTES` as f32, bit-identical to the dequantised path);
+  - a grouped layer, `"...GK,GNK->...GN"` (the grouped output LoRA): `quant.expert_matmul`
+    with row (i, g) on group g, when the CPU kernels run and x has at most
+    `quant.matmul.KERNEL_ROWS` rows per group;
+  - anything else: dequantised, then `jnp.einsum` (x rounded first in q8 mode).
   """
   if not isinstance(w, Packed):
     return _dot(spec, x, w)
   ins, out = spec.split("->")
   x_axes, w_axes = ins.split(",")
-  linear = (len(w_axes) == 2 and x_axes.endswith(w_axes[1])
-            and out == x_axes[:-1] + w_axes[0])
-  if not linear:
-    return _dot(spec, x, w.dense())
-  if int(np.prod(x.shape[:-1])) <= MATVEC_ROWS and _fuses(w):
-    return matvec(x, w)
-  n_tiles = _tile_count(w)
-  if n_tiles == 1:
-    return _dot(spec, x, w.dense())
-  # Row tiles of w: each gives a slice of the last output axis.
-  tiles = w.tiles(n_tiles)
-  y_n = jax.lax.map(lambda planes: _dot(spec, x, Packed(tuple(planes), w.qtype, tiles.shape[1:],
-                                                        w.dtype).dense()), tiles.planes)
-  y_n = jnp.moveaxis(y_n, 0, -2)  # [..., n, rows/n]
-  return y_n.reshape(y_n.shape[:-2] + (w.shape[0],))
-
-
-def _fuses(w: Packed) -> bool:
-  """Whether a fused dequantise-and-reduce beats dequantise-then-dot for a few rows of x,
-  measured on XLA:CPU (T = 1, ms; scripts/bench_model.py has the end-to-end effect):
-  Q8_0 256x512 0.10 vs 0.15, 4096x4096 16 vs 327; F16 256x512 0.08 vs 0.04 but far less
-  memory traffic at scale; IQ2_XXS 2048x4096 29 vs 126, yet 256x512 0.72 vs 0.44;
-  Q2_K 512x256 0.74 vs 0.21, 4096x2048 42 vs 34."""
-  q = int(w.qtype)
-  if q in (int(Q.Q8_0), int(Q.F16), int(Q.BF16)):
-    return True
-  return q == int(Q.IQ2_XXS) and int(np.prod(w.shape)) >= (1 << 20)
-
-
-def matvec(x_MK, w: Packed):
-  """x [..., K] times a packed [N, K] weight -> f32 [..., N], as one fused reduction over the
-  weight's blocks (`Packed.blocks`): x is reshaped to the block layout instead of the weight
-  to rows, so XLA emits a single loop that reads the packed planes. Products are the exact
-  f32 products of the (dtype-rounded) operands; only the summation order differs from a dot."""
-  lead, k = x_MK.shape[:-1], x_MK.shape[-1]
-  blocks_N_ = w.blocks()  # f32 [N, B, *block] (or [N, K] for F16 / BF16)
-  x = x_MK.reshape(-1, k)
-  if w.dtype != jnp.float32:  # bf16 compute: bf16 operands, f32 products and sums
-    blocks_N_ = blocks_N_.astype(w.dtype).astype(jnp.float32)
-    x = x.astype(w.dtype)
-  x_M1_ = x.astype(jnp.float32).reshape((x.shape[0], 1) + blocks_N_.shape[1:])
-  y_MN = jnp.sum(blocks_N_[None] * x_M1_, axis=tuple(range(2, x_M1_.ndim)))
-  return y_MN.reshape(lead + (w.shape[0],))
+  k = x.shape[-1]
+  if len(w_axes) == 2 and x_axes.endswith(w_axes[1]) and out == x_axes[:-1] + w_axes[0]:
+    y_MN = quant_matmul.matmul(x.reshape(-1, k), w, act=w.act, tile_bytes=TILE_BYTES)
+    return y_MN.reshape(x.shape[:-1] + (w.shape[0],))
+  grouped = (len(w_axes) == 3 and x_axes[-2:] == w_axes[0] + w_axes[2]
+             and out == x_axes[:-1] + w_axes[1])
+  rows = int(np.prod(x.shape[:-2])) if grouped else 0
+  if grouped and rows <= quant_matmul.KERNEL_ROWS and quant_matmul.uses_kernel(w):
+    g = w.shape[0]
+    e_P = jnp.tile(jnp.arange(g, dtype=jnp.int32), rows)
+    y_PN = quant_matmul.expert_matmul(x.reshape(-1, k), w, e_P, act=w.act)
+    return y_PN.reshape(x.shape[:-1] + (w.shape[1],))
+  return _dot(spec, quant_matmul.activations(x, w), w.dense())
 
 
 def _tile_count(w: Packed) -> int:
-  """Smallest divisor n of w's rows with rows/n * cols * 4 <= TILE_BYTES (1 if small)."""
-  rows, per_row = w.shape[0], 4 * int(np.prod(w.shape[1:]))
-  if rows * per_row <= TILE_BYTES or w.ndim != 2:
-    return 1
-  for n in range(2, rows + 1):
-    if rows % n == 0 and (rows // n) * per_row <= TILE_BYTES:
-      return n
-  return rows
+  """Row tiles of a packed weight's dequantise-then-dot path under `TILE_BYTES`."""
+  return quant_matmul.tile_count(w, TILE_BYTES)
+
+
+def groups(w, g: int):
+  """A `[G * R, K]` weight as `[G, R, K]` (dense: a reshape; Packed: still packed)."""
+  if isinstance(w, Packed):
+    return w.reshape_lead((g, w.shape[0] // g))
+  return w.reshape(g, -1, w.shape[-1])
 
 
 def dense(w):

@@ -51,6 +51,8 @@ class Packed:
     qtype: the GGML type id (int).
     shape: the element shape, numpy orientation (the contraction axis is last).
     dtype: what `dense()` returns: float32 or bfloat16.
+    act: how products with it treat their activations (`quant.matmul`): "exact" (default)
+      or "q8" (x rounded to int8 blocks first); a load option (`runtime.load`).
   `data` gives the GGUF bytes back (`storage` layout), e.g. for a checkpoint.
   """
 
@@ -58,12 +60,13 @@ class Packed:
   qtype: int = dataclasses.field(metadata={"static": True})
   shape: tuple = dataclasses.field(metadata={"static": True})
   dtype: Any = dataclasses.field(metadata={"static": True})
+  act: str = dataclasses.field(default="exact", metadata={"static": True})
 
   @classmethod
-  def abstract(cls, qtype: Q | int, shape, dtype) -> Packed:
+  def abstract(cls, qtype: Q | int, shape, dtype, act: str = "exact") -> Packed:
     """The Packed of a tensor not yet loaded: its planes are ShapeDtypeStructs."""
     return cls(tuple(jax.ShapeDtypeStruct(s, d) for s, d in plane_specs(qtype, shape)),
-               int(qtype), tuple(int(s) for s in shape), jnp.dtype(dtype))
+               int(qtype), tuple(int(s) for s in shape), jnp.dtype(dtype), act)
 
   @classmethod
   def from_gguf_data(cls, data, qtype: Q | int, shape, dtype) -> Packed:
@@ -135,7 +138,8 @@ class Packed:
 
   def _lead(self, fn, shape) -> Packed:
     """The Packed whose planes are `fn(plane)` (an op on the leading axes) and shape `shape`."""
-    return Packed(tuple(fn(p) for p in self.planes), self.qtype, tuple(shape), self.dtype)
+    return Packed(tuple(fn(p) for p in self.planes), self.qtype, tuple(shape), self.dtype,
+                  self.act)
 
   def index(self, i) -> Packed:
     """Entry `i` (traced or not) of axis 0, still packed: `[*shape[1:]]`."""
@@ -186,3 +190,12 @@ def plane_specs(qtype: Q | int, shape) -> tuple[tuple[tuple[int, ...], np.dtype]
 
 def is_packed(x) -> bool:
   return isinstance(x, Packed)
+
+
+def with_activations(tree, act: str):
+  """`tree` (any pytree, e.g. an nnx State or a flat {path: Param} dict) with every Packed
+  leaf's `act` set to `act` ("exact" | "q8")."""
+  if act not in ("exact", "q8"):
+    raise ValueError(f"unsupported activations {act!r}: expected 'exact' or 'q8'")
+  return jax.tree.map(lambda x: dataclasses.replace(x, act=act) if isinstance(x, Packed) else x,
+                      tree, is_leaf=lambda x: isinstance(x, Packed))

@@ -36,7 +36,7 @@ from ds4jax.gguf.writer import RawTensor
 from ds4jax.model import sharding
 from ds4jax.runtime.runner import StageRunner
 from ds4jax.model.stage import Stage
-from ds4jax.quant.packed import Packed
+from ds4jax.quant.packed import Packed, with_activations
 from ds4jax.quant.source import Stored, TensorSource
 
 WEIGHTS = ("packed", "dequantized")
@@ -171,6 +171,14 @@ def _place(flat, items: Iterable[tuple[tuple, Any, int | None]], mesh=None):
   return filled
 
 
+def _with_activations(flat: dict, activations: str) -> dict:
+  """`flat` ({path: Param}) with every Packed value's activation mode set (`quant.matmul`);
+  ValueError for a mode other than 'exact' or 'q8'."""
+  with_activations((), activations)  # the check, also for a stage with nothing packed
+  return {path: var.replace(with_activations(var.get_value(), activations))
+          if isinstance(var.get_value(), Packed) else var for path, var in flat.items()}
+
+
 def _qname(qtype: int) -> str:
   from gguf import GGMLQuantizationType as Q
   return Q(int(qtype)).name
@@ -201,7 +209,8 @@ def _abstract(source: TensorSource, layers, dtype, weights: str):
 
 
 def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
-               *, dtype=None, weights: str = "packed", devices=1) -> Stage:
+               *, dtype=None, weights: str = "packed", devices=1,
+               activations: str = "exact") -> Stage:
   """Loads the slice `layers` of a source (only its tensors are read).
 
   source: a `quant.source.TensorSource` (a GGUF or an orbax checkpoint, see
@@ -216,13 +225,15 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
   devices: the stage's local devices, 1 (default: one device, no mesh), N, "all", or a
     `jax.sharding.Mesh` with an "expert" axis: the routed experts are sharded over them
     (expert parallelism, `model.sharding`), each device receiving only its experts' bytes.
+  activations: 'exact' (default) or 'q8': how the packed weights' products treat their
+    activations (`quant.matmul`; q8 rounds them to int8 blocks first, within a stated bound).
   """
   source = as_source(source)
   mesh = sharding.make_mesh(devices)
   sharding.check_experts(source.cfg.n_experts, mesh)
   rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
   stage = nnx.merge(graphdef, nnx.from_flat_state(
-      _place(flat, source.tensors(rng, packed=packed), mesh)))
+      _with_activations(_place(flat, source.tensors(rng, packed=packed), mesh), activations)))
   sharding.attach(stage, mesh)
   return stage
 
@@ -231,7 +242,8 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
                 *, ctx_size: int, max_chunk: int = 256, dtype=None, weights: str = "packed",
                 fingerprint: str | None = None, compile_sizes: Sequence[int] = (),
                 compile_batches=None, devices=1,
-                prepare: Callable[[StageRunner], None] | None = None) -> StageRunner:
+                prepare: Callable[[StageRunner], None] | None = None,
+                activations: str = "exact") -> StageRunner:
   """A StageRunner for `layers` of a source (as in `load_stage`), built in the order that
   keeps the process's peak memory low (issue 7):
 
@@ -246,7 +258,7 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
   prepare: called with the weightless runner in step 1, after those (the builder compiles
   every shape a stage serves here: `ds4jax.build`).
   fingerprint: None is the source's; another one is a ValueError (the wrong model).
-  devices: as in `load_stage` (the step compiles for the sharded placement).
+  devices, activations: as in `load_stage` (the step compiles for the sharded placement).
   """
   source = as_source(source)
   mesh = sharding.make_mesh(devices)
@@ -255,6 +267,7 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
     raise ValueError(f"{source.path} is of another model (fingerprint "
                      f"{source.fingerprint[:16]}, expected {fingerprint[:16]})")
   rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
+  flat = _with_activations(flat, activations)
   abstract = nnx.merge(graphdef, nnx.from_flat_state(flat))
   sharding.attach(abstract, mesh)
   runner = StageRunner(abstract, ctx_size=ctx_size, max_chunk=max_chunk,
@@ -269,7 +282,8 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
       prepare(runner)
     trim_heap()
   items = source.tensors(rng, packed=packed)
-  stage = nnx.merge(graphdef, nnx.from_flat_state(_place(flat, items, mesh)))
+  stage = nnx.merge(graphdef, nnx.from_flat_state(
+      _with_activations(_place(flat, items, mesh), activations)))
   sharding.attach(stage, mesh)
   runner.set_params(stage)
   trim_heap()
