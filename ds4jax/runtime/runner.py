@@ -138,12 +138,15 @@ class StageRunner:
   def serving_shapes(self, prefill_chunk: int, n_slots: int) -> list[tuple[int, int]]:
     """The (B, T) shapes of `forward_batch` that a `StageBatcher` of `n_slots` slots runs when
     prefills come in chunks of up to `prefill_chunk` tokens: every decode batch bucket up to
-    n_slots rows ([B, 1]), then every bucket of one session's prefill chunk ([1, T]); the
-    batcher never runs several chunks, nor decode rows with a chunk, in one call."""
+    n_slots rows ([B, 1]), then the prefill ladder of one session's chunk ([1, T]: the top
+    chunk, a quarter of it, a sixteenth, ...); the batcher never runs several chunks, nor
+    decode rows with a chunk, in one call. Once compiled, `forward_batch` pads a chunk to the
+    smallest of these that holds it (`_fit`), so a prefill pads at most 4x and a server
+    compiles log4, not log2, of its chunk sizes (docs/design.md §11)."""
     top_b = bucket(min(int(n_slots), self.max_batch), self.max_batch)
     top_t = bucket(min(int(prefill_chunk), self.max_chunk, self.ctx_size), self.max_chunk)
     decode = [(b, 1) for b in _powers_of_two(top_b)]
-    return decode + [(1, t) for t in _powers_of_two(top_t) if t > 1]
+    return decode + [(1, t) for t in _quarters(top_t) if t > 1]
 
   def compile_shapes(self, shapes_BT, n_slots: int, on_shape=None) -> None:
     """Compiles `forward_batch` for each (B, T) of `shapes_BT` (bucketed as `forward_batch`
@@ -291,6 +294,16 @@ class StageRunner:
     pad[:r] = hc_RCD
     return np.asarray(self._head_step(self._param_leaves, pad)[:r], np.float32)
 
+  def _fit(self, n_slots: int, b: int, t: int) -> tuple[int, int]:
+    """The padded (B, T) a [b, t] call of a pool of `n_slots` runs at: the cheapest shape
+    `compile_shapes` compiled for that pool that holds it (so a served step never compiles),
+    else the power-of-two buckets (compiled on first use). Fixed once a runner is built, so
+    the same call always runs the same program."""
+    fits = [(bb, tb) for bb, tb in self._compiled_BT.get(n_slots, ()) if bb >= b and tb >= t]
+    if fits:
+      return min(fits, key=lambda s: (s[0] * s[1], s))
+    return bucket(b, self.max_batch), bucket(t, self.max_chunk)
+
   def _batch_args(self, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B):
     """forward_batch's checks and bucket padding: ((slots, tokens, hc, n_valid), (B, T))."""
     tokens_BT = np.asarray(tokens_BT)
@@ -314,7 +327,7 @@ class StageRunner:
       raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
     if (hc_BTCD is None) != self.embeds:
       raise ValueError("hc must be None iff the stage embeds (starts at layer 0)")
-    bb, tb = bucket(b, self.max_batch), bucket(t, self.max_chunk)
+    bb, tb = self._fit(n_scratch, b, t)
     tok = np.zeros((bb, tb), np.int32)
     tok[:b, :t] = tokens_BT
     slots = np.full((bb,), n_scratch, np.int32)
@@ -383,6 +396,14 @@ class StageRunner:
       out, state = self._step(self._param_leaves, state, tok, hc, np.int32(n))
       outs.append(np.asarray(out[:n], np.float32))
     return (outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)), state
+
+
+def _quarters(top: int) -> list[int]:
+  """top (a power of two), top / 4, top / 16, ... down to 1 or 2, ascending."""
+  out = [top]
+  while out[-1] >= 4:
+    out.append(out[-1] // 4)
+  return out[::-1]
 
 
 def _powers_of_two(top: int) -> list[int]:

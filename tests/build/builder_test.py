@@ -11,7 +11,8 @@ from ds4jax.runtime.sampling import SamplingParams
 
 def test_serving_shapes_are_the_decode_buckets_then_the_chunk_buckets(tiny_gguf):
   r = build.load_runner(tiny_gguf, "all", ctx_size=64, prefill_chunk=8, max_sessions=3)
-  assert r.serving_shapes(8, 3) == [(1, 1), (2, 1), (4, 1), (1, 2), (1, 4), (1, 8)]
+  assert r.serving_shapes(8, 3) == [(1, 1), (2, 1), (4, 1), (1, 2), (1, 8)]
+  assert r.serving_shapes(256, 1) == [(1, 1), (1, 4), (1, 16), (1, 64)]  # capped at ctx 64
   assert r.max_chunk == 256 and build.max_chunk_for(300) == 512
 
 

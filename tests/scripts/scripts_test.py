@@ -176,10 +176,10 @@ def read_until(proc, text, timeout=200.0):
 
 
 # "listening on": the coordinator is up and waits for its workers, which are still loading.
-# "warming up": the route is up and the coordinator is generating through it (the warm-up,
-# then 100 tokens: seconds of work left at the signal). (An interrupt during the demo's JAX
-# import, right after "started", can crash in native code: reported, not tested here.)
-@pytest.mark.parametrize("when", ["listening on", "warming up"])
+# "route ready": the route is up and the coordinator generates through it (100 tokens, then
+# the single-process check: seconds of work left at the signal). (An interrupt during the
+# demo's JAX import, right after "started", can crash in native code: reported, not tested.)
+@pytest.mark.parametrize("when", ["listening on", "route ready"])
 def test_demo_ctrl_c_stops_workers(env, when):
   """Ctrl-C while the workers load, and during the generation: exit 130, workers reaped."""
   with running_demo(env, "--max_new_tokens=100") as proc:

@@ -161,12 +161,14 @@ def test_split_server_acceptance(split, tiny_reference):
       assert list(pool.map(run, prompts)) == seq
     assert len(set(seq)) > 1, "distinct prompts should give distinct texts"
 
-    # 5. A client that leaves mid-stream frees its session (server and coordinator).
+    # 5. A client that leaves mid-stream frees its session (server and coordinator). The model
+    # process reports its session count on change, so /health follows it a moment later.
+    _wait_for(c, lambda h: h["sessions"] == 0, "the streams of step 4 were not freed")
     body = {"prompt": PROMPT, "max_tokens": 200, "temperature": 0, "stream": True}
     with c.stream("POST", "/v1/completions", json=body) as r:
       lines = r.iter_lines()
       assert next(lines).startswith("data: ")
-      assert c.get("/health").json()["sessions"] == 1
+      _wait_for(c, lambda h: h["sessions"] == 1, "the open stream has no session")
     _wait_for(c, lambda h: h["sessions"] == 0 and h["route"]["backend"]["sessions"] == 0,
               "the session was not freed")
 
