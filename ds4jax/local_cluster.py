@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -115,6 +116,8 @@ class LocalWorkers:
     self.coordinator = coordinator
     self.ctx_size = int(ctx_size)
     self.cache_dir = cache_dir
+    # A folder of our own goes at stop() unless a worker died (its log says why).
+    self._own_logs, self.failed = log_dir is None, False
     self.log_dir = pathlib.Path(log_dir or tempfile.mkdtemp(prefix="ds4jax-workers-"))
     self.extra_args = list(extra_args)
     self.procs: list[subprocess.Popen] = []
@@ -143,6 +146,7 @@ class LocalWorkers:
     """Raises WorkerDied, with the last line of its log, if a worker has exited."""
     for rng, p, log in zip(self.ranges, self.procs, self.logs):
       if p.poll() is not None:
+        self.failed = True
         raise WorkerDied(f"worker {rng} exited with status {p.returncode}: {log_tail(log)}")
 
   def stop(self, timeout: float = 5.0) -> None:
@@ -158,6 +162,8 @@ class LocalWorkers:
         signal_group(p, signal.SIGKILL)
         p.wait()
     _LIVE.discard(self)
+    if self._own_logs and not self.failed:
+      shutil.rmtree(self.log_dir, ignore_errors=True)
 
   def __enter__(self):
     return self.start()

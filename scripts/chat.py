@@ -84,7 +84,7 @@ def main(argv):
                            sampling=cli.sampling_params())
       try:
         for piece in stream:
-          sys.stdout.write(piece)
+          sys.stdout.write(cli.visible(piece) if sys.stdout.isatty() else piece)
           sys.stdout.flush()
       except KeyboardInterrupt:
         # Ctrl-C stops this reply only; the conversation goes on without it.

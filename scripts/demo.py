@@ -46,12 +46,6 @@ def say(msg: str) -> None:
   print(msg, file=sys.stderr, flush=True)
 
 
-def visible(text: str) -> str:
-  """Control characters as escapes, not raw bytes (a random model such as tiny prints them)."""
-  return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" if ord(c) < 256
-                 else f"\\u{ord(c):04x}" for c in text)
-
-
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -72,7 +66,8 @@ def main(argv):
   close = lambda: None
   try:
     workers.start()
-    say(f"workers {', '.join(workers.ranges)} started (logs in {workers.log_dir})")
+    say(f"workers {', '.join(workers.ranges)} started (logs in {workers.log_dir}, removed at "
+        "exit unless a worker fails)")
     cli.enable_compilation_cache(cache_dir)
     coord = build.coordinator(
         gguf, layers=cli.option("layers"), listen=f"{host}:{port}", ctx_size=ctx,
@@ -80,7 +75,6 @@ def main(argv):
         route_timeout=float(cli.option("route_timeout")),
         activation_dtype=cli.option("activation_dtype"), key_file=cli.option("key_file"))
     close = coord.close
-    say(f"coordinator {cli.option('layers')} listening on {host}:{port}")
     cli.wait_for_route(coord, float(cli.option("route_timeout")), say=say, poll=workers.check)
     say(cli.format_route(coord.route_info()))
     tokenizer = sources.open_tokenizer(gguf)
@@ -96,7 +90,7 @@ def main(argv):
     stream = Generator(coord, tokenizer).stream(prompt, **kw)
     sys.stdout.write("--- split generation ---\n")
     for piece in stream:
-      sys.stdout.write(visible(piece))
+      sys.stdout.write(cli.visible(piece))
       sys.stdout.flush()
     res = stream.result
     t = res.timings

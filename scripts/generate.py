@@ -82,13 +82,16 @@ def main(argv):
                         sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
                         chat=bool(cli.option("chat")), system=cli.option("system"),
                         thinking=bool(cli.option("thinking")), capture=capture)
+    show = cli.visible if sys.stdout.isatty() else str  # a pipe gets the exact text
     for piece in stream:
       if _STREAM.value:
-        sys.stdout.write(piece)
+        sys.stdout.write(show(piece))
         sys.stdout.flush()
     res = stream.result
     if not _STREAM.value:
-      sys.stdout.write(res.text)
+      sys.stdout.write(show(res.text))
+    if not res.text.endswith("\n"):
+      sys.stdout.write("\n")
     if _SAVE.value:
       print(file=sys.stderr)  # ends the streamed text's line
       cli.save_session(backend, sid, _SAVE.value, res.prompt_tokens + res.tokens)

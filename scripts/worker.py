@@ -1,4 +1,5 @@
-r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until it is up).
+r"""Serve a layer range of a ds4 GGUF to a coordinator (dials in; retries until it is up, or
+for --connect_timeout seconds).
 
     python scripts/worker.py --gguf=PATH --layers=A:B|A:output --coordinator=HOST:PORT
     # ds4-worker's spelling works too (what LocalAI's --ds4-args pass; docs/localai.md):
@@ -23,7 +24,8 @@ from ml_collections import config_flags
 
 from ds4jax import cli
 
-_GGUF = flags.DEFINE_string("gguf", None, "Path of the GGUF, or 'tiny'/'bench' (test models).")
+_GGUF = flags.DEFINE_string("gguf", None, "Path of the GGUF, 'docs' for the shipped trained "
+                            "model, or 'tiny'/'bench' (random test models).")
 _LAYERS = flags.DEFINE_string("layers", None, "Inclusive range A:B, or A:output with the head.")
 _COORD = flags.DEFINE_string("coordinator", None, "HOST:PORT of the coordinator.")
 _CTX = flags.DEFINE_integer("ctx_size", 4096, "KV capacity per session, in tokens.",
@@ -42,6 +44,10 @@ _TLS_INSECURE = flags.DEFINE_boolean("tls_insecure", False, "Use TLS without ver
                                      "pair it with a key).")
 _TLS_NAME = flags.DEFINE_string("tls_server_name", None, "The name to verify in the "
                                 "coordinator's certificate (default: the --coordinator host).")
+_DIAL_TIMEOUT = flags.DEFINE_float("connect_timeout", None, "Exit (status 2) once the "
+                                   "coordinator has been unreachable this many seconds, from "
+                                   "the start or a lost link (default: redial forever, as a "
+                                   "service should; scripts and tests set it).", lower_bound=0)
 _BACKOFF_MIN = flags.DEFINE_float("backoff_min", 0.2, "First redial delay (s).", lower_bound=0.01)
 _BACKOFF_MAX = flags.DEFINE_float("backoff_max", 5.0, "Longest redial delay (s).", lower_bound=0.01)
 cli.define_weight_flags()
@@ -92,7 +98,7 @@ def main(argv):
   opt = WorkerOptions(ctx=int(cli.option("ctx_size")), max_sessions=_SESSIONS.value,
                       key=auth.load_key(cli.option("key_file")), tls=tls,
                       tls_server_name=_TLS_NAME.value,
-                      backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
+                      dial_timeout=_DIAL_TIMEOUT.value, backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
   import jax  # deferred: flag errors stay fast
   from ds4jax.runtime.load import return_big_frees

@@ -12,6 +12,7 @@ at full speed when it is returned, and a worker says READY only once its shapes 
 from __future__ import annotations
 
 import errno
+import os
 import socket
 from typing import Sequence
 
@@ -45,8 +46,12 @@ def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 409
   """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
   in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
   batch their decode steps. Returns once every stage is loaded and compiled."""
-  from ds4jax.runtime.local import LocalBackend
-  runners = [load_runner(path, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
+  from ds4jax.runtime import sources
+  from ds4jax.runtime.local import LocalBackend, check_chain
+  src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
+      else path
+  check_chain([src.resolve(spec) for spec in ranges], src.cfg.n_layers)  # before any loads
+  runners = [load_runner(src, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                          max_sessions=max_sessions, dtype=dtype, weights=weights,
                          devices=devices) for spec in ranges]
   return LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)

@@ -64,7 +64,8 @@ def compile_serving(runner, prefill_chunk: int, n_slots: int) -> float:
 def _open(path, layers):
   """(source, resolved range, label) of a path (GGUF file or checkpoint dir) or a source."""
   from ds4jax.runtime import sources  # deferred: the loaders import JAX
-  src = sources.open_source(path) if isinstance(path, (str, os.PathLike)) else path
+  src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
+      else path
   return src, src.resolve(layers), os.path.basename(os.fspath(src.path))
 
 

@@ -28,12 +28,23 @@ def build_backend():
                 prefill_chunk=int(option("prefill_chunk", 256)),
                 max_sessions=int(option("max_sessions", 8)), **weight_options())
   listen = option("listen")
+  layers = option("layers", "all") or "all"
   if not listen:
-    layers = option("layers", "all") or "all"
     ranges = ("all",) if layers == "all" else tuple(layers.split(","))
-    backend = build.local_backend(gguf, ranges=ranges, **common)
+    try:
+      backend = build.local_backend(gguf, ranges=ranges, **common)
+    except ValueError as e:
+      if layers == "all":
+        raise
+      raise ValueError(f"--layers={layers} without --listen runs every stage in this process, "
+                       f"and {e}: list ranges for every layer (e.g. --layers=0:1,2:output), or "
+                       "pass --listen=HOST:PORT to coordinate workers for the rest") from None
     return backend, backend.close
-  coord = build.coordinator(gguf, layers=option("layers", "0:0"), listen=listen,
+  if layers == "all":
+    raise ValueError(f"--listen={listen} makes this process the coordinator of layers 0:K and "
+                     "the workers own the rest: pass --layers=0:K (or drop --listen to run "
+                     "every layer here)")
+  coord = build.coordinator(gguf, layers=layers, listen=listen,
                             route_timeout=float(option("route_timeout", 60.0)),
                             activation_dtype=option("activation_dtype", "f32"),
                             key_file=option("key_file"), tls_cert=option("tls_cert"),

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def visible(text: str) -> str:
+  """Control characters as escapes, not raw bytes (a random model such as tiny prints them;
+  a terminal would act on them)."""
+  return "".join(c if c.isprintable() or c in "\n\t" else f"\\x{ord(c):02x}" if ord(c) < 256
+                 else f"\\u{ord(c):04x}" for c in text)
+
+
 def format_route(info: dict) -> str:
   """`route: 0:1@local -> 2:output@HOST:PORT` from a backend's `route_info()`."""
   stages = info.get("route", [])

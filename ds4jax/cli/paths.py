@@ -13,31 +13,17 @@ import os
 
 from ds4jax.data import cache_root
 
-PRESETS = ("tiny", "bench")
+PRESETS = ("tiny", "bench")  # the random test models; `docs` is the shipped trained one
 
 
 def resolve_gguf(spec: str | None, cache_dir: str | None = None) -> str:
-  """A GGUF path, or a preset name built into the cache; one-line errors otherwise."""
+  """A --gguf value as a path (`runtime.sources.resolve`: a GGUF file, a checkpoint
+  directory, or a built-in model name built into the cache); one-line errors otherwise."""
   if not spec:
-    raise ValueError("--gguf is required (a GGUF path, or 'tiny' for the built-in test model)")
-  named = spec in PRESETS or spec == "docs"
-  # A model name wins over a directory that is not a checkpoint (the repo's own docs/).
-  if os.path.exists(spec) and not (named and os.path.isdir(spec) and not os.path.isfile(
-      os.path.join(spec, "ds4jax_checkpoint.json"))):
-    if os.path.isdir(spec):  # an orbax checkpoint (scripts/convert_to_orbax.py)
-      from ds4jax.runtime import sources
-      sources.open_source(spec)  # reads the manifest: a one-line error if it is not one
-      return spec
-    if not os.path.isfile(spec):
-      raise ValueError(f"--gguf={spec} is not a file")
-    return spec
-  if spec == "docs":
-    from ds4jax.data import docs_gguf_path
-    return docs_gguf_path()
-  if spec in PRESETS:
-    from ds4jax.gguf import tiny  # deferred: only needed for the test models
-    return tiny.tiny_gguf_path(spec, cache_dir)
-  raise FileNotFoundError(f"GGUF file not found: {spec}")
+    raise ValueError("--gguf is required (a GGUF path, 'docs' for the shipped trained model, "
+                     "or 'tiny'/'bench' for a random test model)")
+  from ds4jax.runtime import sources  # deferred: a script's --help imports no JAX
+  return sources.resolve(spec, cache_dir)
 
 
 def compilation_cache_dir(cache_dir: str | None = None) -> str:

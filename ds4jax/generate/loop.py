@@ -128,10 +128,8 @@ class Generator:
       if not ids:
         raise ValueError("prompt_tokens is empty")
       return ids
-    if chat:
-      msgs = ([("system", system)] if system else []) + [("user", prompt)]
-      return self.tokenizer.chat_prompt(msgs, thinking=thinking)
-    return self.tokenizer.encode(prompt, add_bos=True)
+    return self.tokenizer.prompt(prompt, chat=chat, system=system if chat else None,
+                                 thinking=thinking)
 
   # ------------------------------------------------------------------------ generation
   def generate(self, prompt: str | None = None, *, prompt_tokens: Sequence[int] | None = None,
@@ -172,6 +170,10 @@ class Generator:
     # Checked here, not on the first next(), so a bad call fails where it is made.
     if max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    ctx = int(self.backend.ctx_size)
+    if len(ids) > ctx:
+      raise ValueError(f"the prompt has {len(ids)} tokens, more than the context size {ctx} "
+                       "(--ctx_size)")
     if isinstance(stop, str):
       stop = [stop]
     if any(not s for s in stop):
@@ -199,6 +201,9 @@ class Generator:
     # Backend time only: what the consumer does between pieces is not the model's speed.
     prefill_s = decode_s = 0.0
     t0 = time.perf_counter()
+    # The context holds the prompt and every token fed back: the last step that fits runs
+    # ctx tokens and samples one more, then the generation stops at "length".
+    max_new_tokens = min(max_new_tokens, int(self.backend.ctx_size) - len(transcript) + 1)
     try:
       for i in range(max_new_tokens):
         t_step = time.perf_counter()

@@ -49,7 +49,7 @@ class LocalBackend(RouteBackend):
       runners = [runners]
     if not runners:
       raise ValueError("LocalBackend needs at least one StageRunner")
-    _check_chain([r.layers for r in runners], runners[0].cfg.n_layers)
+    check_chain([r.layers for r in runners], runners[0].cfg.n_layers)
     if prefill_chunk < 1:
       raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
     super().__init__(runners, prefill_chunk=min(prefill_chunk, *(r.max_chunk for r in runners)),
@@ -57,7 +57,7 @@ class LocalBackend(RouteBackend):
                      progress_every_s=progress_every_s)
 
 
-def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
+def check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
   """Refuses runners that do not cover [0, n_layers) contiguously, embed first, head last."""
   expect = 0
   for k, r in enumerate(ranges):
@@ -70,4 +70,4 @@ def _check_chain(ranges: Sequence[LayerRange], n_layers: int) -> None:
     raise ValueError(f"the stages end at layer {expect - 1}, the model has {n_layers} layers")
 
 
-__all__ = ["LocalBackend", "SessionError", "StepRequest", "common_prefix"]
+__all__ = ["LocalBackend", "SessionError", "StepRequest", "check_chain", "common_prefix"]

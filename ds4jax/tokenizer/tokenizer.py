@@ -175,8 +175,22 @@ class Tokenizer:
     return cls(tokens, merges, types)
 
   # ------------------------------------------------------------------------ encode / decode
+  def prompt(self, text: str, *, chat: bool = False, system: str | None = None,
+             thinking: bool = False) -> list[int]:
+    """The transcript a prompt starts, exactly as the scripts, the server and
+    `Generator.generate` build it: BOS + text, or with `chat` ds4's chat format (an optional
+    system message, the user turn, then the assistant's). Use it for `model.logits(...)`
+    to see what generate.py computes; `encode` is the bare text, with no BOS."""
+    if chat:
+      return self.chat_prompt(([("system", system)] if system else []) + [("user", text)],
+                              thinking=thinking)
+    if system:
+      raise ValueError("a system message needs chat=True")
+    return self.encode(text, add_bos=True)
+
   def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
-    """Text -> ids. Special-token strings in `text` become their single ids."""
+    """Text -> ids, with no BOS unless `add_bos` (`prompt` is what a generation starts
+    from). Special-token strings in `text` become their single ids."""
     ids = self.hf.encode(text, add_special_tokens=False).ids
     return ([self.bos_id] + ids) if add_bos else ids
 

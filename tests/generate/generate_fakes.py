@@ -111,8 +111,9 @@ class ScriptBackend:
 
   reports_prefill_progress = False  # the Generator logs prefill progress itself
 
-  def __init__(self, script):
+  def __init__(self, script, ctx_size: int = 1 << 20):
     self.script = list(script)
+    self.ctx_size = ctx_size
     self.seen: list[list[int]] = []
     self.open: set[str] = set()
     self._n = 0

@@ -26,6 +26,29 @@ def test_prompt_formats(tiny_tokenizer):
     gen.prompt_ids("a", [1])
 
 
+def test_prompt_is_the_tokenizers_prompt(tiny_tokenizer):
+  """Issue 24 item 11: the notebook path (Tokenizer.prompt) is what generation feeds."""
+  tok = tiny_tokenizer
+  gen = Generator(ScriptBackend([5]), tok)
+  assert gen.prompt_ids("hi") == tok.prompt("hi")
+  assert gen.prompt_ids("hi", chat=True, system="s") == tok.prompt("hi", chat=True, system="s")
+
+
+def test_the_context_bounds_the_prompt_up_front_and_ends_generation_at_length(tiny_tokenizer):
+  """Issue 24 item 2: a prompt longer than the context is a one-line error before any step;
+  a generation that fills the context stops with finish_reason 'length', not an error."""
+  backend = ScriptBackend([5] * 20, ctx_size=8)
+  gen = Generator(backend, tiny_tokenizer)
+  with pytest.raises(ValueError, match="the prompt has 9 tokens, more than the context size 8"):
+    gen.generate(prompt_tokens=list(range(9)), max_new_tokens=4)
+  assert backend.seen == []
+  res = gen.generate(prompt_tokens=[1, 2, 3, 4, 5], max_new_tokens=10)
+  assert len(res.tokens) == 4 and res.finish_reason == "length"  # 5 + 3 fed back = 8
+  assert max(len(t) for t in backend.seen) == 8
+  res = gen.generate(prompt_tokens=list(range(8)), max_new_tokens=10)
+  assert len(res.tokens) == 1 and res.finish_reason == "length"
+
+
 def test_utf8_split_across_tokens_streams_whole_characters(tiny_tokenizer):
   tok = tiny_tokenizer
   text = "café 🙂 世界!"

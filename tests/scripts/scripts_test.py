@@ -67,6 +67,27 @@ def test_unknown_config_field_is_named_with_the_fields(env):
   assert "ctx_size" in p.stderr and "max_new_tokens" in p.stderr
 
 
+def test_layers_and_listen_that_disagree_say_which_flag_is_missing(env):
+  """Issue 24 item 7: a partial --layers without --listen names --listen (not the output
+  head), and --listen with --layers=all is refused, not ignored; both before any load."""
+  p = run("generate.py", "--gguf=tiny", "--layers=0:1", "--prompt=x", env=env)
+  assert_one_line_error(p, "--layers=0:1 without --listen")
+  assert "--listen=HOST:PORT" in p.stderr and "loaded" not in p.stderr
+  p = run("generate.py", "--gguf=tiny", "--listen=127.0.0.1:0", "--prompt=x", env=env)
+  assert_one_line_error(p, "pass --layers=0:K")
+
+
+def test_worker_at_a_closed_port_gives_up_after_connect_timeout(env):
+  """Issue 24 item 5: --connect_timeout bounds the redialing (default: forever)."""
+  with socket.socket() as s:  # a port that was free a moment ago: nobody listens there
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  p = run("worker.py", "--gguf=tiny", "--layers=2:output", f"--coordinator=127.0.0.1:{port}",
+          "--connect_timeout=1", env=env)
+  assert_one_line_error(p, f"coordinator 127.0.0.1:{port} not reachable for")
+  assert "--connect_timeout" in p.stderr and p.returncode == 2
+
+
 def test_port_in_use(env):
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))

@@ -288,7 +288,9 @@ class WorkerLink:
         return
       self.alive = False
       pending, self._pending = self._pending, {}
-    log.log(logging.DEBUG if quiet else logging.WARNING, "dropping %s: %s", self, err)
+    why = str(err)  # a link error often names the link already: say it once
+    log.log(logging.DEBUG if quiet else logging.WARNING, "dropping %s",
+            why if why.startswith(str(self)) else f"{self}: {why}")
     self.ch.close()
     with self._rd:
       self._rd.notify_all()  # a parked reader thread exits

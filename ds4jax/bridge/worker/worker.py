@@ -41,6 +41,9 @@ class WorkerOptions:
   tls_server_name: str | None = None  # checked against the certificate; default: the host
   wrap: Callable | None = None
   connect_timeout: float = 5.0
+  # Give up (ConnectionError) once the coordinator has been unreachable this long, counted
+  # from the start or the last lost link; None: redial forever, as a service should.
+  dial_timeout: float | None = None
   backoff_min: float = 0.2
   backoff_max: float = 5.0
   frame_timeout: float = 30.0
@@ -111,10 +114,15 @@ class Worker:
 
   def _dial_loop(self) -> None:
     delay = self.opt.backoff_min
+    since = time.monotonic()  # unreachable since
     while not self._stop.is_set():
       try:
         sock = transport.connect(*self.addr, timeout=self.opt.connect_timeout, wrap=self.opt.wrap)
       except OSError as e:
+        waited = time.monotonic() - since
+        if self.opt.dial_timeout is not None and waited >= self.opt.dial_timeout:
+          raise ConnectionError(f"coordinator {self.addr[0]}:{self.addr[1]} not reachable for "
+                                f"{waited:.0f}s (--connect_timeout): {e}") from None
         log.info("coordinator %s:%d not reachable (%s); retrying in %.1fs", *self.addr, e, delay)
         self._stop.wait(delay * (0.5 + random.random()))
         delay = min(delay * 2, self.opt.backoff_max)
@@ -147,6 +155,7 @@ class Worker:
           sock.close()
         except OSError:
           pass
+      since = time.monotonic()
       n = self.sessions.clear()
       if self._fatal is not None:
         raise self._fatal
