@@ -80,7 +80,7 @@ def main(argv):
     tokenizer = sources.open_tokenizer(gguf)
     kw = dict(prompt_tokens=cli.parse_tokens(cli.option("prompt_tokens")),
               max_new_tokens=int(cli.option("max_new_tokens")), sampling=cli.sampling_params(),
-              chat=bool(cli.option("chat")), system=cli.option("system"),
+              chat=cli.chat_mode(tokenizer), system=cli.option("system"),
               thinking=bool(cli.option("thinking")), stop=list(cli.option("stop") or []))
     prompt = None if kw["prompt_tokens"] else cli.option("prompt")
     say(f"prompt: {prompt!r}" if prompt is not None else f"prompt tokens: {kw['prompt_tokens']}")

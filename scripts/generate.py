@@ -71,7 +71,7 @@ def main(argv):
     if cli.option("warmup") and not _LOAD.value:
       # A throwaway 2-token run compiles the prefill and decode shapes (own session).
       gen.generate(prompt, prompt_tokens=prompt_tokens, max_new_tokens=2,
-                   chat=bool(cli.option("chat")), system=cli.option("system"),
+                   chat=cli.chat_mode(tokenizer), system=cli.option("system"),
                    thinking=bool(cli.option("thinking")))
     sid = backend.new_session()
     if _LOAD.value:  # the restored transcript, then the new prompt (if any)
@@ -80,7 +80,7 @@ def main(argv):
     stream = gen.stream(prompt, prompt_tokens=prompt_tokens, sid=sid,
                         max_new_tokens=int(cli.option("max_new_tokens")),
                         sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
-                        chat=bool(cli.option("chat")), system=cli.option("system"),
+                        chat=cli.chat_mode(tokenizer), system=cli.option("system"),
                         thinking=bool(cli.option("thinking")), capture=capture)
     show = cli.visible if sys.stdout.isatty() else str  # a pipe gets the exact text
     for piece in stream:
@@ -120,7 +120,7 @@ def _restore(backend, sid, path, tokenizer, prompt, prompt_tokens) -> list[int]:
   if prompt_tokens is not None:
     return ids + list(prompt_tokens)
   if prompt is not None:
-    if cli.option("chat"):
+    if cli.chat_mode(tokenizer):
       return ids + tokenizer.user_turn(prompt, thinking=bool(cli.option("thinking")))
     return ids + tokenizer.encode(prompt)
   return ids

@@ -61,7 +61,9 @@ def define_run_flags(*, prompt: bool = True) -> None:
   if prompt:
     flags.DEFINE_string("prompt", None, "Text prompt.")
     flags.DEFINE_list("prompt_tokens", None, "Exact prompt token ids, e.g. 0,17,42.")
-    flags.DEFINE_boolean("chat", True, "Wrap --prompt in the ds4 chat format.")
+    flags.DEFINE_boolean("chat", None, "Wrap --prompt in the ds4 chat format (default: what "
+                         "the model was trained on: chat for ds4's GGUFs and the random test "
+                         "models, plain text for the docs model; --chat / --nochat override).")
     flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
 
 
@@ -137,6 +139,12 @@ def worker_layers() -> str | None:
     raise ValueError(f"the config lists {len(workers)} workers ({', '.join(workers)}): pick "
                      "this one's with --layers")
   return workers[0]
+
+
+def chat_mode(tokenizer) -> bool:
+  """--chat, else the model's own default (`Tokenizer.chat_model`, from its metadata)."""
+  chat = option("chat")
+  return bool(tokenizer.chat_model if chat is None else chat)
 
 
 def sampling_params() -> SamplingParams:

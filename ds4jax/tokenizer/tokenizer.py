@@ -128,6 +128,9 @@ class Tokenizer:
                                                                          reverse=True)])
     self.hf = hf
 
+    # Whether the model was trained on ds4's chat format (`chat_model_of`): the scripts'
+    # --chat default. A vocabulary alone cannot tell; from_gguf reads the model's metadata.
+    self.chat_model = True
     self.bos_id = vocab[BOS]
     self.eos_id = vocab[EOS]
     self.user_id = vocab[USER]
@@ -168,11 +171,14 @@ class Tokenizer:
       raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from None
     tokens = _string_array(reader, "tokenizer.ggml.tokens", path)
     merges = _string_array(reader, "tokenizer.ggml.merges", path)
+    chat = chat_model_of(reader)
     field = reader.get_field("tokenizer.ggml.token_type")
     types = None
     if field is not None:
       types = [int(field.parts[i][0]) for i in field.data]
-    return cls(tokens, merges, types)
+    tok = cls(tokens, merges, types)
+    tok.chat_model = chat
+    return tok
 
   # ------------------------------------------------------------------------ encode / decode
   def prompt(self, text: str, *, chat: bool = False, system: str | None = None,
@@ -248,6 +254,16 @@ class Tokenizer:
 
   def __repr__(self) -> str:
     return f"Tokenizer(vocab_size={self.vocab_size}, specials={len(self.special_ids)})"
+
+
+def chat_model_of(reader) -> bool:
+  """Whether a GGUF's model speaks ds4's chat format: its `ds4jax.chat` key if it has one;
+  else False for a model ds4jax trained (`ds4jax.train.*`: plain text), True otherwise
+  (ds4's GGUFs are chat models)."""
+  field = reader.get_field("ds4jax.chat")
+  if field is not None:
+    return bool(field.parts[field.data[0]][0])
+  return reader.get_field("ds4jax.train.command") is None
 
 
 def _string_array(reader, key: str, path: str) -> list[str]:

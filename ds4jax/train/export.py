@@ -105,7 +105,8 @@ def export_run(trainer, out: str, report: str, *, command: str, wall_s: float,
   t_export = time.perf_counter()
   cfg, vocab = trainer.cfg, trainer.corpus.vocab
   tensors = stage_tensors(trainer.stage())
-  meta = {"ds4jax.train.command": command,
+  meta = {"ds4jax.chat": False,  # trained on plain text: generation defaults to --nochat
+          "ds4jax.train.command": command,
           "ds4jax.train.steps": int(trainer.state.step),
           "ds4jax.train.held_out": ",".join(trainer.config.held_out)}
   paths = {"q8": out}

@@ -38,3 +38,10 @@ def test_prompt_is_the_transcript_generate_starts_from():
   assert chat == tok.chat_prompt([("system", "Be brief."), ("user", text)])
   with pytest.raises(ValueError, match="chat=True"):
     tok.prompt(text, system="Be brief.")
+
+
+def test_the_chat_default_follows_what_the_model_was_trained_on(tiny_gguf):
+  """Issue 24 item 1: the docs model (plain text) defaults to --nochat, ds4-layout models
+  to the chat format; the scripts' --chat default is `Tokenizer.chat_model`."""
+  assert Tokenizer.from_gguf(data.docs_gguf_path()).chat_model is False
+  assert Tokenizer.from_gguf(tiny_gguf).chat_model is True
