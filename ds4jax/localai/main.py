@@ -21,9 +21,16 @@ _CACHE = flags.DEFINE_string("cache_dir", None, "The model process's cache direc
                              "(compilations; default $DS4JAX_CACHE or ~/.cache/ds4jax).")
 
 PARENT_WATCH_ENV = "LOCALAI_BACKEND_PARENT_WATCH"
+_WATCH = flags.DEFINE_float(
+    "parent_watch", None, "Seconds between checks that the process that started this backend "
+    "(LocalAI) is alive; when it is gone the backend exits. Started from a shell, it exits "
+    "with that shell: pass --parent_watch=0 to run it on its own. Default: "
+    f"${PARENT_WATCH_ENV}, else 2.", lower_bound=0)
 
 
 def _parent_watch_s() -> float:
+  if _WATCH.value is not None:
+    return float(_WATCH.value)
   v = os.environ.get(PARENT_WATCH_ENV, "2").strip().lower()
   if v in ("", "0", "false", "off", "no"):
     return 0.0

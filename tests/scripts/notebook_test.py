@@ -48,6 +48,8 @@ def test_split_inference_notebook_runs(tmp_path, monkeypatch, tiny_gguf, tiny_ca
   # bridge) to within float32 reassociation.
   dlogits = _numbers(outputs, r"max \|Δlogit\|[^:]*: ([-+.\de]+)")
   assert len(dlogits) == 3 and all(0 <= d <= 1e-4 for d in dlogits), dlogits
+  # Issue 24 item 13: the f32 wire is exact: the bridge equals the same stages in process.
+  assert _numbers(outputs, r"same stages in process: max \|Δlogit\| = ([-+.\de]+)") == [0.0]
   # Both figures rendered.
   pngs = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
   assert len(pngs) == 2
@@ -63,6 +65,9 @@ def test_docs_notebook_runs(tmp_path, monkeypatch, tiny_cache_dir):
   assert table["Q8_0 (shipped)"] < table["unigram"] - 1.0
   assert table["IQ2_XXS/Q2_K"] < table["unigram"]
   assert "held-out" in outputs
+  # Issue 24 item 13: the shipped file's perplexity is the same here as in the report.
+  (here, then), = re.findall(r"Q8_0 ppl here ([\d.]+), in the training report ([\d.]+)", outputs)
+  assert abs(float(here) - float(then)) < 0.02, (here, then)
   # Greedy text speaks the corpus (as tests/train/docs_model_test.py asks of generate.py).
   (known, total), = [tuple(map(int, m)) for m in re.findall(r"corpus words: (\d+)/(\d+)", outputs)]
   assert total >= 12 and known >= 0.6 * total, (known, total)
