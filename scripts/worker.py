@@ -106,7 +106,11 @@ def main(argv):
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   worker = build.worker(path, layers, addr, options=opt, **cli.weight_options())
   logging.info("worker for layers %s of %s, dialing %s:%d", worker.layers.describe(), path, *addr)
-  worker.run()
+  try:
+    worker.run()
+  except cli.input_errors() as e:  # its slice may still load on another thread: no teardown
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    cli.hard_exit(2)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,15 @@ at full speed when it is returned, and a worker says READY only once its shapes 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 from typing import Sequence
 
-from ds4jax.build.stages import load_runner
+from ds4jax.build.stages import DEFAULT_MAX_CHUNK, compile_serving, load_runner, max_chunk_for
 from ds4jax.config import LayerRange, LayerRangeError
+
+log = logging.getLogger("ds4jax.build")
 
 
 def parse_hostport(spec: str) -> tuple[str, int]:
@@ -106,10 +109,12 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
            weights: str = "packed", devices=1, options=None):
   """A `Worker` for `layers` of the model that dials `coordinator_addr` when `run()`.
 
-  HELLO needs only the metadata; the weights load after the first ACCEPT, which names the
-  coordinator's prefill chunk: then every shape the worker serves (decode batches up to
-  `options.max_sessions`, the chunk's buckets) compiles before the weights load, and READY
-  follows. options: `WorkerOptions` (ctx, max_sessions, key, tls, ...).
+  HELLO needs only the metadata, so the slice loads while the worker dials (issue 24 item 4:
+  a route forms in max(load, connect)): every shape it serves for the scripts' default
+  prefill chunk (decode batches up to `options.max_sessions`, the chunk's ladder) compiles,
+  then the weights load. ACCEPT names the coordinator's chunk: the worker compiles that
+  chunk's ladder if it differs (and serves exactly it), then says READY. options:
+  `WorkerOptions` (ctx, max_sessions, key, tls, ...).
   """
   from ds4jax.bridge.worker.worker import Worker, WorkerOptions
   from ds4jax.runtime import sources
@@ -121,13 +126,21 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
     from ds4jax.model import sharding
     sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
 
-  def load():  # after ACCEPT: `warm_sizes` holds the coordinator's prefill chunk
-    return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=max(w.warm_sizes, default=256),
+  def load():  # at run(), while dialing: for the scripts' default chunk (or one ACCEPT named)
+    return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=w.chunk or DEFAULT_MAX_CHUNK,
                        max_sessions=opt.max_sessions, dtype=dtype, weights=weights,
                        devices=devices)
 
+  def refit(runner):  # after ACCEPT: serve the coordinator's chunk ladder, and only it
+    chunk = w.chunk or DEFAULT_MAX_CHUNK
+    if max_chunk_for(chunk) > runner.max_chunk:  # sized for a smaller chunk: load again
+      log.info("the coordinator's prefill chunk %d needs a larger runner: loading again", chunk)
+      return load()
+    compile_serving(runner, chunk, opt.max_sessions, only=True)
+    return runner
+
   w = Worker(coordinator_addr, fingerprint=fp, n_layers=cfg.n_layers,
-             vocab_size=cfg.vocab_size, layers=rng, options=opt, load=load)
+             vocab_size=cfg.vocab_size, layers=rng, options=opt, load=load, refit=refit)
   return w
 
 

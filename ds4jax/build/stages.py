@@ -45,9 +45,11 @@ def _span(values) -> str:
   return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
-def compile_serving(runner, prefill_chunk: int, n_slots: int) -> float:
+def compile_serving(runner, prefill_chunk: int, n_slots: int, *, only: bool = False) -> float:
   """Compiles every (B, T) that a StageBatcher of `n_slots` slots runs on `runner` with
-  chunks of up to `prefill_chunk` tokens, saying so per shape; returns the seconds spent."""
+  chunks of up to `prefill_chunk` tokens (those it lacks), saying so per shape; returns the
+  seconds spent. `only`: they become the runner's whole set for that pool
+  (`StageRunner.compile_shapes`)."""
   shapes = runner.serving_shapes(prefill_chunk, n_slots)
   name = runner.layers.describe()
   log.info("layers %s: compiling %d shapes (%s), or loading them from the compilation cache",
@@ -57,7 +59,7 @@ def compile_serving(runner, prefill_chunk: int, n_slots: int) -> float:
   def said(k, n, shape, dt):
     log.info("layers %s: compiled [B=%d, T=%d] in %.1fs (%d/%d)", name, *shape, dt, k, n)
 
-  runner.compile_shapes(shapes, n_slots, on_shape=said)
+  runner.compile_shapes(shapes, n_slots, on_shape=said, only=only)
   return time.perf_counter() - t0
 
 

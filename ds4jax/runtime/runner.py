@@ -148,10 +148,14 @@ class StageRunner:
     decode = [(b, 1) for b in _powers_of_two(top_b)]
     return decode + [(1, t) for t in _quarters(top_t) if t > 1]
 
-  def compile_shapes(self, shapes_BT, n_slots: int, on_shape=None) -> None:
+  def compile_shapes(self, shapes_BT, n_slots: int, on_shape=None, *,
+                     only: bool = False) -> None:
     """Compiles `forward_batch` for each (B, T) of `shapes_BT` (bucketed as `forward_batch`
     does), and the pool's slot operations, for a pool of `n_slots`, from shapes alone (no
-    weights, no pool needed). `on_shape(k, n, (B, T), seconds)` is called after each."""
+    weights, no pool needed); a shape this pool has compiled already is skipped.
+    `on_shape(k, n, (B, T), seconds)` is called after each. `only`: these become the pool's
+    whole compiled set, so `_fit` dispatches to them alone (a worker whose coordinator names
+    another prefill chunk than the one it compiled for while it dialed)."""
     params = self._abstract_params()
     pool = jax.eval_shape(self._pool_init(n_slots))
     n_s = jax.ShapeDtypeStruct((), jnp.int32)
@@ -161,8 +165,12 @@ class StageRunner:
                                  bucket(min(int(t), self.ctx_size), self.max_chunk))
                                 for b, t in shapes_BT))
     done = self._compiled_BT.setdefault(int(n_slots), [])
+    if only:
+      done[:] = [s for s in done if s in shapes]
     for k, (b, t) in enumerate(shapes):
       t0 = time.perf_counter()
+      if (b, t) in done:
+        continue
       hc = None
       if not self.embeds:
         hc = jax.ShapeDtypeStruct((b, t, self.cfg.n_hc, self.cfg.d_model), jnp.float32)

@@ -71,6 +71,10 @@ class _StepHook:
   def reports_prefill_progress(self) -> bool:
     return self._backend.reports_prefill_progress
 
+  @property
+  def ctx_size(self) -> int:
+    return self._backend.ctx_size
+
   def new_session(self) -> str:
     return self._backend.new_session()
 

@@ -99,7 +99,9 @@ def logged_ports(messages) -> set[int]:
 
 
 def test_fuzz_coordinator(logs, fake_bridge):
-  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
+  # heartbeat_s 1: the legitimate link is declared dead after 3 s without a frame (a loaded
+  # 2-core box can stall a thread for a second); the fuzz links never get past the handshake.
+  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=1.0,
                                   route_timeout=10, request_timeout=10, prefill_chunk=8)
   legit, legit_t = fake_bridge.worker(coord.address)
   coord.wait_route(HANG_S)
@@ -232,7 +234,9 @@ def auth_case(m: Mutator, i: int):
 
 
 def test_fuzz_keyed_coordinator_handshake(logs, fake_bridge):
-  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=0.2,
+  # heartbeat_s 1: the legitimate link is declared dead after 3 s without a frame (a loaded
+  # 2-core box can stall a thread for a second); the fuzz links never get past the handshake.
+  coord = fake_bridge.coordinator(handshake_timeout=0.5, frame_timeout=0.5, heartbeat_s=1.0,
                                   route_timeout=10, request_timeout=10, key=KEY)
   fake_bridge.worker(coord.address, key=KEY)
   legit_wid = coord.wait_route(HANG_S)[0].wid

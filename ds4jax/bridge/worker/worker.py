@@ -11,6 +11,7 @@ batches what is queued (docs/protocol.md §3). The connection's serving threads 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import random
@@ -65,18 +66,23 @@ class Worker:
     coordinator: (host, port) to dial.
     fingerprint, n_layers, vocab_size: the model this worker holds (sent in HELLO).
     layers: the requested range as given by the user (validated by the coordinator).
-    load: returns the StageRunner; called once, after the first ACCEPT.
+    load: returns the StageRunner; called once: after the first ACCEPT, or with `refit`
+      at `run()`, while the worker dials (a route then forms in max(load, connect)).
+    refit: after ACCEPT, fits the preloaded runner to what the coordinator named
+      (`prefill_chunk`); returns the runner to serve.
   """
 
   def __init__(self, coordinator: tuple[str, int], *, fingerprint: str, n_layers: int,
                vocab_size: int, layers: LayerRange, load: Callable[[], Any],
-               options: WorkerOptions | None = None):
+               options: WorkerOptions | None = None,
+               refit: Callable[[Any], Any] | None = None):
     self.addr = coordinator
     self.fingerprint = fingerprint
     self.n_layers = n_layers
     self.vocab_size = vocab_size
     self.layers = layers
-    self._load = load
+    self._load, self._refit = load, refit
+    self._preload: concurrent.futures.Future | None = None
     self.opt = options or WorkerOptions()
     self.runner = None
     self.batcher: StageBatcher | None = None  # the pool of session states (after the load)
@@ -104,6 +110,9 @@ class Worker:
     """Serves until stop(); raises HandshakeRefused when the coordinator refuses this worker
     or the key/certificate check fails (final: redialing cannot fix it; see final_reason).
     The session pool's compute thread stops when it returns."""
+    if self._refit is not None and self.runner is None and self._preload is None:
+      self._preload = concurrent.futures.Future()
+      threading.Thread(target=self._preload_runner, daemon=True, name="worker-load").start()
     try:
       self._dial_loop()
     finally:
@@ -196,14 +205,31 @@ class Worker:
     return hb
 
   @property
+  def chunk(self) -> int:
+    """The coordinator's prefill chunk (ACCEPT names it; 0 until then, or if it did not)."""
+    return self._chunk
+
+  @property
   def warm_sizes(self) -> tuple[int, ...]:
     """The chunk sizes the warm-up runs (known once ACCEPT named the prefill chunk)."""
     return (1, self._chunk) if self.opt.warmup else ()
 
+  def _preload_runner(self) -> None:
+    t0 = time.monotonic()
+    try:
+      runner = self._load()
+    except BaseException as e:  # raised again on the serving thread that waits for it
+      self._preload.set_exception(e)
+      return
+    log.info("loaded layers %s in %.1fs", self.layers.describe(), time.monotonic() - t0)
+    self._preload.set_result(runner)
+
   def _prepare(self, ch: transport.Channel) -> None:
     """Loads the slice and builds its session pool (once), compiles its shapes, then says
     READY. Runs on a serving thread, so the reader keeps answering heartbeats meanwhile."""
-    if self.runner is None:
+    if self.runner is None and self._preload is not None:
+      self.runner = self._refit(self._preload.result())
+    elif self.runner is None:
       t0 = time.monotonic()
       self.runner = self._load()
       log.info("loaded layers %s in %.1fs", self.layers.describe(), time.monotonic() - t0)
