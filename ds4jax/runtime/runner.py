@@ -182,6 +182,10 @@ class StageRunner:
       if on_shape is not None:
         on_shape(k + 1, len(shapes), (b, t), time.perf_counter() - t0)
 
+  def compiled_shapes(self, n_slots: int) -> list[tuple[int, int]]:
+    """The (B, T) shapes compiled for a pool of `n_slots`: those `forward_batch` runs at."""
+    return list(self._compiled_BT.get(int(n_slots), ()))
+
   def compile_batch(self, batch_sizes, chunk_sizes=(1,), n_slots: int = 1) -> None:
     """Compiles `forward_batch` for every (bucketed) batch size x chunk size from shapes
     alone, for a pool of `n_slots` (the pool's shape is part of the program)."""

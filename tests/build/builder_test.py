@@ -40,3 +40,36 @@ def test_a_built_backend_traces_nothing_while_it_serves(tiny_gguf):
   finally:
     be.close()
   assert [r.n_traces for r in be.runners] == traces
+
+
+def test_a_worker_loads_while_it_dials_then_serves_the_coordinators_chunk(tiny_gguf):
+  """Issue 24 item 4: the slice loads and compiles before any coordinator answers (a route
+  forms in max(load, connect)); ACCEPT's prefill chunk (8) becomes the worker's ladder."""
+  import threading
+  import time
+
+  from ds4jax.bridge.worker.worker import WorkerOptions
+  from ds4jax.local_cluster import free_port
+  port = free_port("127.0.0.1")
+  w = build.worker(tiny_gguf, "2:output", ("127.0.0.1", port),
+                   options=WorkerOptions(ctx=64, max_sessions=2, backoff_max=0.2))
+  t = threading.Thread(target=w.run, daemon=True)
+  t.start()
+  coord = None
+  try:
+    deadline = time.monotonic() + 120
+    while not w.loaded:
+      assert time.monotonic() < deadline, "the slice never loaded"
+      time.sleep(0.05)
+    assert w.connections == 0  # loaded and compiled, and no coordinator has answered yet
+    coord = build.coordinator(tiny_gguf, layers="0:1", listen=f"127.0.0.1:{port}",
+                              ctx_size=64, prefill_chunk=8, max_sessions=2)
+    coord.wait_route(60)
+    assert set(w.runner.compiled_shapes(2)) == set(w.runner.serving_shapes(8, 2))
+    sid = coord.new_session()
+    assert coord.step(sid, [1, 5, 7], SamplingParams(), 0).token >= 0
+  finally:
+    w.stop()
+    if coord is not None:
+      coord.close()
+    t.join(30)

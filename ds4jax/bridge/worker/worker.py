@@ -205,6 +205,12 @@ class Worker:
     return hb
 
   @property
+  def loaded(self) -> bool:
+    """True once the slice is loaded and compiled (while dialing, or after ACCEPT)."""
+    p = self._preload
+    return self.runner is not None or (p is not None and p.done() and p.exception() is None)
+
+  @property
   def chunk(self) -> int:
     """The coordinator's prefill chunk (ACCEPT names it; 0 until then, or if it did not)."""
     return self._chunk
