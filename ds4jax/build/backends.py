@@ -110,10 +110,10 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
   """A `Worker` for `layers` of the model that dials `coordinator_addr` when `run()`.
 
   HELLO needs only the metadata, so the slice loads while the worker dials (issue 24 item 4:
-  a route forms in max(load, connect)): every shape it serves for the scripts' default
-  prefill chunk (decode batches up to `options.max_sessions`, the chunk's ladder) compiles,
-  then the weights load. ACCEPT names the coordinator's chunk: the worker compiles that
-  chunk's ladder if it differs (and serves exactly it), then says READY. options:
+  a route forms in max(load, connect)): the decode shapes (batches up to
+  `options.max_sessions`) compile, then the weights load. ACCEPT names the coordinator's
+  prefill chunk: its ladder compiles (with the weights resident: the one compile-first
+  exception, since only the coordinator knows the chunk), then READY. options:
   `WorkerOptions` (ctx, max_sessions, key, tls, ...).
   """
   from ds4jax.bridge.worker.worker import Worker, WorkerOptions
@@ -126,12 +126,12 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
     from ds4jax.model import sharding
     sharding.check_experts(cfg.n_experts, sharding.make_mesh(devices))
 
-  def load():  # at run(), while dialing: for the scripts' default chunk (or one ACCEPT named)
-    return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=w.chunk or DEFAULT_MAX_CHUNK,
+  def load():  # at run(), while dialing: the decode shapes (the chunk's come with ACCEPT)
+    return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=w.chunk or 1,
                        max_sessions=opt.max_sessions, dtype=dtype, weights=weights,
                        devices=devices)
 
-  def refit(runner):  # after ACCEPT: serve the coordinator's chunk ladder, and only it
+  def refit(runner):  # after ACCEPT: the coordinator's chunk ladder, and only it
     chunk = w.chunk or DEFAULT_MAX_CHUNK
     if max_chunk_for(chunk) > runner.max_chunk:  # sized for a smaller chunk: load again
       log.info("the coordinator's prefill chunk %d needs a larger runner: loading again", chunk)

@@ -27,6 +27,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 from ds4jax.runtime.capture import Captured, CaptureSpec
+from ds4jax.runtime.edits import Interventions
 from ds4jax.runtime.progress import heartbeat
 from ds4jax.runtime.sampling import SamplingMethod, SamplingParams
 from ds4jax.runtime.types import Backend, HopTelemetry
@@ -136,12 +137,13 @@ class Generator:
                max_new_tokens: int = 64, sampling: SamplingMethod | None = None,
                stop: Sequence[str] = (), stop_tokens: Sequence[int] = (), chat: bool = False,
                system: str | None = None, thinking: bool = False, top_logprobs: int = 0,
-               sid: str | None = None, capture: CaptureSpec | None = None) -> GenerationResult:
+               sid: str | None = None, capture: CaptureSpec | None = None,
+               edits: Interventions | None = None) -> GenerationResult:
     """Generates to completion; same arguments as `stream`."""
     it = self.stream(prompt, prompt_tokens=prompt_tokens, max_new_tokens=max_new_tokens,
                      sampling=sampling, stop=stop, stop_tokens=stop_tokens, chat=chat,
                      system=system, thinking=thinking, top_logprobs=top_logprobs, sid=sid,
-                     capture=capture)
+                     capture=capture, edits=edits)
     for _ in it:
       pass
     return it.result
@@ -150,7 +152,8 @@ class Generator:
              max_new_tokens: int = 64, sampling: SamplingMethod | None = None,
              stop: Sequence[str] = (), stop_tokens: Sequence[int] = (), chat: bool = False,
              system: str | None = None, thinking: bool = False, top_logprobs: int = 0,
-             sid: str | None = None, capture: CaptureSpec | None = None) -> TextStream:
+             sid: str | None = None, capture: CaptureSpec | None = None,
+             edits: Interventions | None = None) -> TextStream:
     """Streams text pieces; the returned iterator's `.result` is set at the end.
 
     Args:
@@ -165,7 +168,11 @@ class Generator:
         closed at the end.
       capture: named points to keep on every step (`result.captured`); with a reused `sid`
         the rows start where the session's reused prefix ends.
+      edits: interventions applied on every step (`runtime.edits.Interventions`, e.g. ds4's
+        directional steering), checked against the model before anything runs.
     """
+    if edits is not None:
+      edits.resolve(self.backend.cfg)
     ids = self.prompt_ids(prompt, prompt_tokens, chat=chat, system=system, thinking=thinking)
     # Checked here, not on the first next(), so a bad call fails where it is made.
     if max_new_tokens < 1:
@@ -179,10 +186,11 @@ class Generator:
     if any(not s for s in stop):
       raise ValueError("stop strings must be non-empty")
     return TextStream(self._run(ids, max_new_tokens, sampling, stop, stop_tokens, top_logprobs,
-                                sid, capture))
+                                sid, capture, edits))
 
   def _run(self, transcript: list[int], max_new_tokens: int, sampling, stop, stop_tokens,
-           top_logprobs: int, sid: str | None, capture: CaptureSpec | None = None):
+           top_logprobs: int, sid: str | None, capture: CaptureSpec | None = None,
+           edits: Interventions | None = None):
     params = (sampling or SamplingParams()).to_params()
     end_ids = {self.tokenizer.eos_id, *map(int, stop_tokens)}
     own_session = sid is None
@@ -197,6 +205,8 @@ class Generator:
     logprobs: list[list[tuple[int, float]]] = []
     captured: list[Captured] = []
     kw = {} if capture is None else {"capture": capture}  # backends without capture: as before
+    if edits is not None:
+      kw["edits"] = edits
     finish, n_prefill, cut = "length", 0, False
     # Backend time only: what the consumer does between pieces is not the model's speed.
     prefill_s = decode_s = 0.0

@@ -20,33 +20,66 @@ E = experts, V = vocab; the table is `config.POINTS` / `config.point_shape`):
   logits         f32 [T, V]     the model's output (no layer)
 
 `lens` is not a point of the step: the stage that owns the head applies it to `hc_out`
-afterwards (`StageRunner.head_rows`), wherever that layer ran. Interventions (issue 22,
-later) edit a value where `Taps.__call__` sees it: the return value replaces it.
+afterwards (`StageRunner.head_rows`), wherever that layer ran.
+
+Interventions edit `attn_out`, `ffn_out` and `hc_out` where `Taps.__call__` sees them (the
+return value flows on; a capture of the same point sees the edited value). Each edit is an
+`EDIT_OPS` op with per-row values, inputs of the program (so sessions with different values
+share one call), applied in this order when several hit one point (N = B*T rows, `row` the
+point's per-row shape, [D] or [C, D]):
+
+  set      v [N, *row], m [N]   y <- v where m (activation patching at chosen positions)
+  scale    s [N]                y <- s * y (zero-ablation: s = 0)
+  add      v [N, *row]          y <- y + v
+  project  d [N, D], s [N]      y <- y - s * d (d . y) over the last axis (ds4's directional
+                                steering: d unit-norm, s = 1 projects d out, s < 0 amplifies)
+
+A row an edit does not touch carries the neutral value (m False, s 1, v 0, d 0).
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Any, Iterable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
 
 from ds4jax.config import STEP_POINTS, point_name
 
+EDIT_OPS = ("set", "scale", "add", "project")  # in the order they apply at one point
+EDIT_POINTS = ("attn_out", "ffn_out", "hc_out")
+
 
 class Taps:
-  """The points one traced step keeps: `want` holds (point, absolute layer) pairs of
-  STEP_POINTS. Calling it at a point returns the value (unchanged for capture) and keeps it
-  under "{point}.{layer}" in `saved` when wanted."""
+  """The points one traced step keeps and edits.
 
-  def __init__(self, want: Iterable[tuple[str, int]]):
+  want: (point, absolute layer) pairs of STEP_POINTS to keep: calling the taps at a point
+    keeps the (edited) value under "{point}.{layer}" in `saved`.
+  edits: {(op, point, layer): values} with op in EDIT_OPS and point in EDIT_POINTS; the
+    values are traced arrays with N rows, as the module doc describes (`set`: (v, m),
+    `project`: (d, s), `scale`: s, `add`: v).
+  """
+
+  def __init__(self, want: Iterable[tuple[str, int]], edits: Mapping[tuple, Any] | None = None):
     self.want = frozenset(want)
     bad = sorted({p for p, _ in self.want} - set(STEP_POINTS))
     if bad:
       raise ValueError(f"{bad[0]!r} is not a point of the step")
+    self.edits = dict(edits or {})
+    for op, point, _ in self.edits:
+      if op not in EDIT_OPS or point not in EDIT_POINTS:
+        raise ValueError(f"cannot {op} {point!r}")
     self.saved: dict = {}
 
   def wants_layer(self, layer: int) -> bool:
-    return any(il == layer for _, il in self.want)
+    return (any(il == layer for _, il in self.want)
+            or any(il == layer for _, _, il in self.edits))
 
   def __call__(self, point: str, layer: int, x):
+    for op in EDIT_OPS:
+      v = self.edits.get((op, point, layer))
+      if v is not None:
+        x = _apply(op, x, v)
     if (point, layer) in self.want:
       self.saved[point_name(point, layer)] = x
     return x
@@ -56,4 +89,68 @@ class Taps:
     return lambda point, x: self(point, layer, x)
 
 
-__all__ = ["Taps"]
+_NEUTRAL = {"scale": 1.0, "add": 0.0, "project": 0.0, "set": 0.0}
+
+
+def pad_edit(op: str, v, bb: int, tb: int):
+  """One edit's host values for B rows -> [bb, ...] ([bb, tb, ...] for `set`), padding rows
+  neutral (a padding row's output is dropped anyway)."""
+  def pad(a, fill, rows_only=True):
+    a = np.asarray(a)
+    b = a.shape[0]
+    if rows_only:
+      out = np.full((bb,) + a.shape[1:], fill, a.dtype)
+      out[:b] = a
+    else:  # [B, T, ...] -> [bb, tb, ...]
+      out = np.full((bb, tb) + a.shape[2:], fill, a.dtype)
+      out[:b, :a.shape[1]] = a
+    return out
+
+  if op == "set":
+    val, m = v
+    return pad(np.asarray(val, np.float32), 0.0, False), pad(np.asarray(m, bool), False, False)
+  if op == "project":
+    d, s = v
+    return pad(np.asarray(d, np.float32), 0.0), pad(np.asarray(s, np.float32), 0.0)
+  return pad(np.asarray(v, np.float32), _NEUTRAL[op])
+
+
+def edit_rows(edits, t: int):
+  """Traced per-session edit values [B, ...] -> per-row [N = B*T, ...] (model/taps.py)."""
+  def rows(a):
+    return jnp.repeat(a, t, axis=0)
+
+  def flat(a):  # [B, T, ...] -> [N, ...]
+    return a.reshape((a.shape[0] * a.shape[1],) + a.shape[2:])
+
+  out = {}
+  for (op, point, il), v in edits.items():
+    if op == "set":
+      out[(op, point, il)] = (flat(v[0]), flat(v[1]))
+    elif op == "project":
+      out[(op, point, il)] = (rows(v[0]), rows(v[1]))
+    else:
+      out[(op, point, il)] = rows(v)
+  return out
+
+
+def _rows(v, x):
+  """A per-row [N] value broadcast against x [N, ...]."""
+  return v.reshape(v.shape + (1,) * (x.ndim - 1))
+
+
+def _apply(op: str, x, v):
+  if op == "set":
+    val, m = v
+    return jnp.where(_rows(m, x), val.astype(x.dtype), x)
+  if op == "scale":
+    return x * _rows(v, x).astype(x.dtype)
+  if op == "add":
+    return x + v.astype(x.dtype)
+  d, s = v  # project: d [N, D] against the last axis of x ([N, D] or [N, C, D])
+  d = d.reshape((d.shape[0],) + (1,) * (x.ndim - 2) + d.shape[-1:]).astype(x.dtype)
+  dot = jnp.sum(x * d, axis=-1, keepdims=True)
+  return x - _rows(s, x).astype(x.dtype) * d * dot
+
+
+__all__ = ["EDIT_OPS", "EDIT_POINTS", "Taps", "edit_rows", "pad_edit"]

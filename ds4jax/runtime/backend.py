@@ -26,6 +26,7 @@ from typing import Any, Callable, Sequence
 
 from ds4jax.runtime import batching
 from ds4jax.runtime.capture import CaptureSpec, StepCapture
+from ds4jax.runtime.edits import Interventions
 from ds4jax.runtime.session import RouteSession, SessionError
 from ds4jax.runtime.step import StepRequest, run_step
 from ds4jax.runtime.types import StepResult
@@ -225,14 +226,18 @@ class RouteBackend:
 
   def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
            top_logprobs: int = 0, return_logits: bool = False,
-           capture: CaptureSpec | None = None) -> StepResult:
+           capture: CaptureSpec | None = None, edits: Interventions | None = None
+           ) -> StepResult:
     """Brings the session's state to `transcript` and samples the token that follows it.
     Thread-safe: concurrent steps of different sessions batch at every stage. `capture`
     keeps named points of the positions the step computes (`StepResult.captured`,
-    runtime/capture.py); a request this model cannot serve is a CaptureError before any
-    compute."""
+    runtime/capture.py); `edits` applies interventions in the step (runtime/edits.py: a
+    session whose state was computed under other edits recomputes it). A request this
+    model cannot serve is a one-line CaptureError or EditError before any compute."""
     params = sampling.to_params() if hasattr(sampling, "to_params") else sampling
     cap = None if capture is None else StepCapture(capture, self.cfg)
+    if edits is not None:
+      edits.resolve(self.cfg)
     sess = self._get(sid)
     try:
       with sess.lock:
@@ -250,7 +255,8 @@ class RouteBackend:
               return run_step(sess, self.batchers, tokens, params, step,
                               prefill_chunk=self.prefill_chunk, top_logprobs=top_logprobs,
                               return_logits=return_logits, downstream=down,
-                              progress_every_s=self.progress_every_s, capture=cap)
+                              progress_every_s=self.progress_every_s, capture=cap,
+                              edits=edits)
           except BaseException as e:
             if not self._recoverable(sess, e, tries, step):
               raise
@@ -276,7 +282,7 @@ class RouteBackend:
             max_workers=self.max_sessions, thread_name_prefix="ds4jax-step")
     futs = [self._pool.submit(self.step, r.sid, r.transcript, r.sampling, r.step,
                               top_logprobs=r.top_logprobs, return_logits=r.return_logits,
-                              capture=r.capture)
+                              capture=r.capture, edits=r.edits)
             for r in requests]
     out: list[StepResult | BaseException] = []
     for f in futs:

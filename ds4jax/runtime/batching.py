@@ -60,6 +60,7 @@ class _Item:
   arg: Any = None
   t_submit: float = 0.0
   want: frozenset | None = None  # captured points (runner.forward_capture); None: none
+  edits: dict | None = None  # this row's interventions (runtime/edits.py `for_chunk`)
 
 
 @dataclasses.dataclass
@@ -174,19 +175,21 @@ class StageBatcher:
     """
     return self._run(slot, tokens_T, hc_TCD, pos0, None)
 
-  def run_capture(self, slot: int, tokens_T, hc_TCD, pos0: int, want):
+  def run_capture(self, slot: int, tokens_T, hc_TCD, pos0: int, want, edits=None):
     """`run` that also keeps the named points `want` ((point, layer) pairs; model/taps.py)
+    and applies `edits` ({(op, point, layer): this row's values}, runtime/edits.py)
     -> (out, {"{point}.{layer}": np.ndarray [T, ...]}). It batches with plain items: the
-    call captures the union of its items' points and each item gets its own."""
-    return self._run(slot, tokens_T, hc_TCD, pos0, frozenset(want))
+    call captures the union of its items' points and carries the union of their edit keys,
+    each row with its own values (neutral where it has none)."""
+    return self._run(slot, tokens_T, hc_TCD, pos0, frozenset(want), edits or None)
 
-  def _run(self, slot: int, tokens_T, hc_TCD, pos0: int, want):
+  def _run(self, slot: int, tokens_T, hc_TCD, pos0: int, want, edits=None):
     tokens_T = np.asarray(tokens_T, np.int32).reshape(-1)
     if not 1 <= tokens_T.shape[0] <= self.runner.max_chunk:
       raise ValueError(f"a batcher item takes 1..{self.runner.max_chunk} tokens, "
                        f"got {tokens_T.shape[0]}")
     item = _Item("run", slot, concurrent.futures.Future(), tokens=tokens_T, hc=hc_TCD,
-                 pos0=int(pos0), t_submit=time.perf_counter(), want=want)
+                 pos0=int(pos0), t_submit=time.perf_counter(), want=want, edits=edits)
     if not 0 <= slot < self.n_slots:
       raise ValueError(f"slot {slot} is not in [0, {self.n_slots})")
     with self._cv:
@@ -335,12 +338,13 @@ class StageBatcher:
       if hc is not None:
         hc[b, :n] = np.asarray(it.hc, np.float32)
     want = frozenset().union(*(it.want for it in ok if it.want))
+    edits = _edit_table(ok, t)
     caps = {}
     t0 = time.perf_counter()
     try:
-      if want:
+      if want or edits:
         out, caps, self._pool = self.runner.forward_capture(
-            self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid, want)
+            self._pool, [it.slot for it in ok], tokens_BT, hc, n_valid, want, edits)
         caps = {k: np.asarray(v) for k, v in caps.items()}
       else:
         out, self._pool = self.runner.forward_batch(
@@ -369,7 +373,7 @@ class StageBatcher:
       for it, n in zip(ok, n_valid):
         self._pos[it.slot] = it.pos0 + int(n)
     for b, (it, n) in enumerate(zip(ok, n_valid)):
-      if it.want is None:
+      if it.want is None and it.edits is None:
         it.future.set_result(out[b, :n])
       else:
         it.future.set_result((out[b, :n], {point_name(p, il): caps[point_name(p, il)][b, :n]
@@ -384,6 +388,40 @@ class StageBatcher:
       self._pool = self.runner.init_pool(self.n_slots)
       with self._cv:
         self._pos = [0] * self.n_slots
+
+
+def _edit_table(items, t: int) -> dict:
+  """The call's edits: {(op, point, layer): values with one row per item} (the layout
+  `StageRunner.forward_capture` takes), neutral where an item has no such edit."""
+  keys = sorted({k for it in items if it.edits for k in it.edits})
+  table = {}
+  for key in keys:
+    op = key[0]
+    given = [(b, it.edits[key]) for b, it in enumerate(items) if it.edits and key in it.edits]
+    if op == "scale":
+      s = np.ones((len(items),), np.float32)
+      for b, v in given:
+        s[b] = v
+      table[key] = s
+    elif op == "add":
+      v0 = np.asarray(given[0][1])
+      v = np.zeros((len(items),) + v0.shape, np.float32)
+      for b, x in given:
+        v[b] = x
+      table[key] = v
+    elif op == "project":
+      d0 = np.asarray(given[0][1][0])
+      d, s = np.zeros((len(items),) + d0.shape, np.float32), np.zeros((len(items),), np.float32)
+      for b, (x, sc) in given:
+        d[b], s[b] = x, sc
+      table[key] = (d, s)
+    else:  # set: [n, *row] rows and [n] mask per item, padded to the call's t
+      row = np.asarray(given[0][1][0]).shape[1:]
+      v, m = np.zeros((len(items), t) + row, np.float32), np.zeros((len(items), t), bool)
+      for b, (x, mask) in given:
+        v[b, :len(mask)], m[b, :len(mask)] = x, mask
+      table[key] = (v, m)
+  return table
 
 
 def warmup_batched(runner, batch_sizes, chunk_sizes, n_slots: int) -> None:

@@ -19,7 +19,7 @@ from flax import nnx
 from ds4jax.model import decode_state, sharding
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
-from ds4jax.model.taps import Taps
+from ds4jax.model.taps import Taps, edit_rows, pad_edit
 from ds4jax.quant.packed import Packed
 
 
@@ -84,10 +84,10 @@ class StageRunner:
     # The capturing variant (issue 22): a separate program, so a step that captures nothing
     # runs (and compiles) exactly `_batch_step`. `want` (static) is a frozenset of
     # (point, absolute layer) pairs of model.taps.STEP_POINTS.
-    def capture_step(params, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B, want):
+    def capture_step(params, pool, slots_B, tokens_BT, hc_BTCD, n_valid_B, edits, want):
       self.n_traces += 1
       params = jax.tree.unflatten(self._param_def, params)
-      taps = Taps(want)
+      taps = Taps(want, edit_rows(edits, tokens_BT.shape[1]))
       out, pool = nnx.merge(self.graphdef, params).batched(pool, slots_B, tokens_BT, hc_BTCD,
                                                            n_valid_B, taps=taps)
       b, t = tokens_BT.shape
@@ -271,21 +271,29 @@ class StageRunner:
     out, pool = self._batch_step(self._param_leaves, pool, *args)
     return out[:b, :t], pool
 
-  def forward_capture(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B, want):
-    """`forward_batch` that also keeps named points (model/taps.py): `want` is a set of
-    (point, absolute layer) pairs of STEP_POINTS for layers of this stage.
+  def forward_capture(self, pool: StageState, slots_B, tokens_BT, hc_BTCD, n_valid_B, want,
+                      edits=None):
+    """`forward_batch` that also keeps named points and applies interventions
+    (model/taps.py): `want` is a set of (point, absolute layer) pairs of STEP_POINTS for
+    layers of this stage; `edits` {(op, point, layer): per-row values} (host arrays with B
+    rows: `scale` s [B]; `add` v [B, *row]; `project` (d [B, D], s [B]); `set` (v [B, T,
+    *row], m [B, T] bool)); rows an edit does not touch hold its neutral value.
 
     Returns:
       (out, {"{point}.{layer}": jax.Array [B, T, ...]}, pool), rows past n_valid padding.
-      Each distinct `want` compiles its own program once per shape; the plain step's
-      program is never touched.
+      Each distinct `want` and set of edit keys compiles its own program once per shape
+      (the values are inputs); the plain step's program is never touched.
     """
     want = frozenset((str(p), int(il)) for p, il in want)
-    outside = sorted(il for _, il in want if not self.layers.start <= il <= self.layers.end)
+    edits = dict(edits or {})
+    layers = [il for _, il in want] + [il for _, _, il in edits]
+    outside = sorted(il for il in layers if not self.layers.start <= il <= self.layers.end)
     if outside:
       raise ValueError(f"layer {outside[0]} is not in this stage's range {self.layers}")
     args, (b, t) = self._batch_args(pool, slots_B, tokens_BT, hc_BTCD, n_valid_B)
-    out, caps, pool = self._capture_step(self._param_leaves, pool, *args, want=want)
+    bb, tb = args[1].shape
+    padded = {k: pad_edit(k[0], v, bb, tb) for k, v in edits.items()}
+    out, caps, pool = self._capture_step(self._param_leaves, pool, *args, padded, want=want)
     return out[:b, :t], {k: v[:b, :t] for k, v in caps.items()}, pool
 
   def head_rows(self, hc_RCD) -> np.ndarray:

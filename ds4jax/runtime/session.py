@@ -58,6 +58,7 @@ class RouteSession:
     self.slots: list[int] | None = None
     self.held: dict[int, int] = {}
     self.closed = False  # close_session ran (a step still running frees the slots at its end)
+    self.edits_key: str | None = None  # the interventions its state was computed under
     self.last_used = 0.0
     self._free_slots = free_slots
     self._cache: dict[int, list[_Cached]] = {}

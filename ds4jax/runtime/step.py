@@ -36,6 +36,7 @@ import numpy as np
 from ds4jax.wire import protocol
 from ds4jax.runtime import sampling as sampling_lib
 from ds4jax.runtime.capture import StepCapture
+from ds4jax.runtime.edits import EditError, Interventions
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.types import HopTelemetry, StepResult
 
@@ -91,6 +92,7 @@ class StepRequest:
   top_logprobs: int = 0
   return_logits: bool = False
   capture: Any = None  # a runtime.capture.CaptureSpec
+  edits: Any = None  # runtime.edits.Interventions
 
 
 class Stream(Protocol):
@@ -133,14 +135,26 @@ class Downstream(Protocol):
 def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], params,
              step: int, *, prefill_chunk: int, top_logprobs: int = 0,
              return_logits: bool = False, downstream: Downstream | None = None,
-             progress_every_s: float = 2.0, capture: StepCapture | None = None) -> StepResult:
+             progress_every_s: float = 2.0, capture: StepCapture | None = None,
+             edits: Interventions | None = None) -> StepResult:
   """One step of `sess` over the route `local` (StageBatchers, in layer order, in whose pools
   `sess.slots` are) + `downstream`; see the module docstring. The caller holds sess.lock and
   has given the session its slots; `transcript` is a checked list of ids. `capture` (one
   per step, kept across its attempts) makes every hop keep the named points of its layers
-  for the positions the step computes; None runs exactly the plain step."""
+  for the positions the step computes; None runs exactly the plain step. `edits` (resolved
+  interventions) edit the points of the layers they name on the hop that runs them; a
+  session's state computed under other edits is recomputed from position 0."""
+  if edits is not None and downstream is not None:
+    remote = [il for il in sorted(edits.layers) if not any(
+        b.runner.layers.start <= il <= b.runner.layers.end for b in local)]
+    if remote:  # before any compute: the session keeps its state
+      raise EditError(f"layer {remote[0]} runs on a worker: interventions on workers' layers "
+                      "are not carried over the bridge yet (edit the coordinator's layers)")
   p = min(common_prefix(sess.tokens, transcript), len(transcript) - 1)
   p = min([p] + [b.pos(s) for b, s in zip(local, sess.slots)])
+  key = None if edits is None else edits.key
+  if key != sess.edits_key:  # the cached state was computed under other edits
+    p, sess.edits_key = 0, key
   if downstream is not None:
     p = downstream.reach(sess, p)
   if capture is not None:  # its refusals come before any compute (a rewind computes nothing)
@@ -169,7 +183,7 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
     if stream is not None and not stream.acquire():
       break
     try:
-      out = _through_local(local, sess.slots, c, compute_s, capture)
+      out = _through_local(local, sess.slots, c, compute_s, capture, edits)
     except BaseException as e:
       sess.reset()  # the local state may have been donated half-way: start over cleanly
       if stream is not None:
@@ -199,7 +213,8 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
 
 
 def _through_local(local, slots, c: Chunk, compute_s: list[float],
-                   capture: StepCapture | None = None) -> np.ndarray:
+                   capture: StepCapture | None = None,
+                   edits: Interventions | None = None) -> np.ndarray:
   """Runs a chunk through the local hops in order (each in pieces of at most its runner's
   max_chunk); -> the last hop's output, float32 [T, C, D] or logits [T, V]. With a capture,
   a hop that owns asked layers keeps their points, and the hop with the head adds the logits
@@ -215,13 +230,18 @@ def _through_local(local, slots, c: Chunk, compute_s: list[float],
       want = capture.want(b.runner.layers) or None
     pieces = [(tokens_T[a:a + size], None if x is None else x[a:a + size], c.pos0 + a)
               for a in range(0, n, size)]
-    if want is None:
+    cuts = [None] * len(pieces)
+    if edits is not None:
+      cuts = [edits.for_chunk(b.runner.layers, pos, len(toks)) or None
+              for toks, _, pos in pieces]
+    if want is None and not any(cuts):
       outs = [b.run(slot, *piece) for piece in pieces]
     else:
-      got = [b.run_capture(slot, *piece, want) for piece in pieces]
+      got = [b.run_capture(slot, *piece, want or (), cut) for piece, cut in zip(pieces, cuts)]
       outs = [o for o, _ in got]
-      capture.keep(c.pos0, {key: np.concatenate([caps[key] for _, caps in got])
-                            for key in got[0][1]})
+      if want is not None:
+        capture.keep(c.pos0, {key: np.concatenate([caps[key] for _, caps in got])
+                              for key in got[0][1]})
     x = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
     if capture is not None and b.runner.has_output:
       capture.head(c.pos0, x, b.runner)

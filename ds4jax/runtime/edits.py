@@ -1,0 +1,194 @@
+"""Interventions: edits of named points, applied in the step on the stage that owns the layer
+(issue 22; docs/design.md §14). A request carries them, like a capture: sessions with
+different edits share one batched call, and no process needs a restart.
+
+    steer = Interventions.ds4_steering("dir.f32", cfg, ffn=1.0)        # ds4's --dir-steering
+    ablate = Interventions([Edit("scale", "attn_out", 2, scale=0.0)])   # zero-ablation
+    res = backend.step(sid, transcript, sampling, 0, edits=steer)
+
+Ops (`model.taps.EDIT_OPS`, applied in this order at one point) on `attn_out` / `ffn_out`
+([D] per row) or `hc_out` ([C, D]):
+
+  set      y <- value[i] at the absolute positions `positions[i]` (activation patching: the
+           rows of a captured run); other positions untouched
+  scale    y <- scale * y (scale 0: zero-ablation)
+  add      y <- y + scale * value
+  project  y <- y - scale * d (d . y), d = value / |value| over the last axis (scale 1:
+           project d out; negative: amplify it; ds4's directional steering)
+
+Bad requests (unknown point or op, a layer outside the model, a value of the wrong shape, a
+steering file that is not L x D float32) are one-line `EditError`s before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Sequence
+
+import numpy as np
+
+from ds4jax.config import LayerRange, ModelConfig
+
+OPS = ("set", "scale", "add", "project")
+POINTS = ("attn_out", "ffn_out", "hc_out")
+
+
+class EditError(ValueError):
+  """An intervention this model cannot take (one line, before any compute)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+  """One edit of `point` at absolute `layer` (see the module doc for each op).
+
+  value: add: the vector [D] ([C, D] for hc_out); project: the direction [D]; set: the rows
+    [P, D] (or [P, C, D]) for `positions`; unused by scale.
+  scale: scale's factor; add's and project's multiplier.
+  positions: set only: the P absolute positions the rows of `value` replace.
+  """
+  op: str
+  point: str
+  layer: int
+  value: np.ndarray | None = None
+  scale: float = 1.0
+  positions: tuple[int, ...] | None = None
+
+
+def _row_shape(point: str, cfg: ModelConfig) -> tuple[int, ...]:
+  return (cfg.n_hc, cfg.d_model) if point == "hc_out" else (cfg.d_model,)
+
+
+class Interventions:
+  """A request's edits, checked against a model (`resolve`); cut per stage and chunk by
+  `for_chunk` into the per-row values `StageBatcher.run_capture` takes."""
+
+  def __init__(self, edits: Sequence[Edit]):
+    self.edits = tuple(edits)
+    if not self.edits:
+      raise EditError("an intervention names at least one edit")
+    self._resolved: ModelConfig | None = None
+
+  def resolve(self, cfg: ModelConfig) -> "Interventions":
+    """Checks every edit against `cfg` (one-line EditError) and merges them: adds sum,
+    scales multiply, sets of one point merge by position; two projects of one point are
+    refused. Returns self."""
+    merged: dict[tuple, list] = {}
+    for e in self.edits:
+      if e.op not in OPS:
+        raise EditError(f"unknown edit {e.op!r} (known: {', '.join(OPS)})")
+      if e.point not in POINTS:
+        raise EditError(f"cannot edit {e.point!r} (editable points: {', '.join(POINTS)})")
+      if not 0 <= int(e.layer) < cfg.n_layers:
+        raise EditError(f"edit layer {e.layer} is outside the model's 0..{cfg.n_layers - 1}")
+      if not np.isfinite(e.scale):
+        raise EditError(f"{e.op} {e.point}.{e.layer}: the scale must be finite")
+      row = _row_shape(e.point, cfg)
+      key = (e.op, e.point, int(e.layer))
+      if e.op == "scale":
+        merged[key] = [float(merged.get(key, [1.0])[0]) * float(e.scale)]
+        continue
+      v = None if e.value is None else np.asarray(e.value, np.float32)
+      if e.op == "set":
+        pos = tuple(int(p) for p in (e.positions or ()))
+        if v is None or v.shape != (len(pos),) + row or not pos:
+          raise EditError(f"set {e.point}.{e.layer}: {len(pos)} positions need a value of shape "
+                          f"{(len(pos),) + row}, got {None if v is None else v.shape}")
+        if min(pos) < 0:
+          raise EditError(f"set {e.point}.{e.layer}: positions must be >= 0")
+        rows = merged.setdefault(key, [{}])[0]
+        rows.update(zip(pos, v))
+        continue
+      want = (cfg.d_model,) if e.op == "project" else row
+      if v is None or v.shape != want or not np.all(np.isfinite(v)):
+        raise EditError(f"{e.op} {e.point}.{e.layer}: the value must be finite float32 "
+                        f"{want}, got {None if v is None else v.shape}")
+      if e.op == "add":
+        prev = merged.get(key, [np.zeros(row, np.float32)])[0]
+        merged[key] = [prev + np.float32(e.scale) * v]
+      else:  # project
+        if key in merged:
+          raise EditError(f"two projections of {e.point}.{e.layer}: give one direction")
+        n = float(np.linalg.norm(v))
+        if n == 0.0:
+          raise EditError(f"project {e.point}.{e.layer}: the direction is zero")
+        merged[key] = [v / np.float32(n), float(e.scale)]
+    self._merged, self._resolved = merged, cfg
+    return self
+
+  @property
+  def key(self) -> str:
+    """A digest of the resolved edits: equal edits, equal keys (a session's state is valid
+    only under the edits it was computed with)."""
+    if self._resolved is None:
+      raise EditError("resolve() the interventions against the model first")
+    h = hashlib.sha256()
+    for k in sorted(self._merged):
+      h.update(repr(k).encode())
+      for v in self._merged[k]:
+        if isinstance(v, dict):
+          for p in sorted(v):
+            h.update(str(p).encode() + np.asarray(v[p], np.float32).tobytes())
+        else:
+          h.update(np.asarray(v, np.float32).tobytes())
+    return h.hexdigest()[:32]
+
+  @property
+  def layers(self) -> frozenset[int]:
+    return frozenset(int(e.layer) for e in self.edits)
+
+  def for_chunk(self, layers: LayerRange, pos0: int, n: int) -> dict:
+    """The per-row values of one session's chunk of `n` tokens at `pos0` on a stage owning
+    `layers`: {(op, point, layer): scale s | add v [*row] | project (d [D], s) | set (v [n,
+    *row], m [n])}; a set that touches none of the chunk's positions is left out."""
+    if self._resolved is None:
+      raise EditError("resolve() the interventions against the model first")
+    out = {}
+    for (op, point, il), vals in self._merged.items():
+      if not layers.start <= il <= layers.end:
+        continue
+      if op == "set":
+        rows = {p - pos0: v for p, v in vals[0].items() if pos0 <= p < pos0 + n}
+        if not rows:
+          continue
+        row = _row_shape(point, self._resolved)
+        v, m = np.zeros((n,) + row, np.float32), np.zeros((n,), bool)
+        for i, r in rows.items():
+          v[i], m[i] = r, True
+        out[(op, point, il)] = (v, m)
+      elif op == "project":
+        out[(op, point, il)] = (vals[0], np.float32(vals[1]))
+      else:
+        out[(op, point, il)] = np.float32(vals[0]) if op == "scale" else vals[0]
+    return out
+
+  @classmethod
+  def ds4_steering(cls, path: str | os.PathLike, cfg: ModelConfig, *, ffn: float = 1.0,
+                   attn: float = 0.0) -> "Interventions":
+    """ds4's directional steering (`--dir-steering-file/-ffn/-attn`): a flat little-endian
+    float32 file of L x D unit directions, one per layer, projected out of each layer's
+    ffn_out with scale `ffn` and its attn_out with scale `attn` (0: that side untouched);
+    y <- y - s * d (d . y). Returns the resolved interventions."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"steering file not found: {path}")
+    want = cfg.n_layers * cfg.d_model * 4
+    size = os.path.getsize(path)
+    if size != want:
+      raise EditError(f"steering file {path} has {size} bytes; this model needs L x D = "
+                      f"{cfg.n_layers} x {cfg.d_model} float32 = {want}")
+    dirs = np.fromfile(path, dtype="<f4").reshape(cfg.n_layers, cfg.d_model)
+    if not np.all(np.isfinite(dirs)):
+      raise EditError(f"steering file {path} holds non-finite values")
+    edits = []
+    for point, s in (("ffn_out", ffn), ("attn_out", attn)):
+      if s:
+        edits += [Edit("project", point, il, dirs[il], float(s))
+                  for il in range(cfg.n_layers) if np.any(dirs[il])]
+    if not edits:
+      raise EditError(f"steering file {path} with ffn={ffn}, attn={attn} changes nothing")
+    return cls(edits).resolve(cfg)
+
+
+__all__ = ["Edit", "EditError", "Interventions", "OPS", "POINTS"]
