@@ -48,6 +48,8 @@ def main(argv):
   if _SAVE.value:
     snapshots.check_target(_SAVE.value, overwrite=True)
   cli.enable_compilation_cache(cli.option("cache_dir"))
+  edits = cli.steering(sources.model_info(cli.resolve_gguf(cli.option("gguf"),
+                                                           cli.option("cache_dir")))[0])
   backend, close = cli.build_backend()
   try:
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
@@ -81,7 +83,7 @@ def main(argv):
         continue
       sys.stdout.write("assistant> ")
       stream = chat.stream(text, max_new_tokens=int(cli.option("max_new_tokens")),
-                           sampling=cli.sampling_params())
+                           sampling=cli.sampling_params(), edits=edits)
       try:
         for piece in stream:
           sys.stdout.write(cli.visible(piece) if sys.stdout.isatty() else piece)

@@ -60,6 +60,9 @@ def main(argv):
     raise ValueError("--capture and --capture_out go together")
   capture = (CaptureSpec.parse(_CAPTURE.value, _CAPTURE_LAYERS.value) if _CAPTURE.value
              else None)  # a bad point or layer list fails here, before any load
+  # ds4's steering file is checked against the model's header before any load.
+  edits = cli.steering(sources.model_info(cli.resolve_gguf(cli.option("gguf"),
+                                                           cli.option("cache_dir")))[0])
   backend, close = cli.build_backend()
   try:
     if capture is not None:
@@ -72,7 +75,7 @@ def main(argv):
       # A throwaway 2-token run compiles the prefill and decode shapes (own session).
       gen.generate(prompt, prompt_tokens=prompt_tokens, max_new_tokens=2,
                    chat=cli.chat_mode(tokenizer), system=cli.option("system"),
-                   thinking=bool(cli.option("thinking")))
+                   thinking=bool(cli.option("thinking")), edits=edits)
     sid = backend.new_session()
     if _LOAD.value:  # the restored transcript, then the new prompt (if any)
       prompt_tokens = _restore(backend, sid, _LOAD.value, tokenizer, prompt, prompt_tokens)
@@ -81,7 +84,8 @@ def main(argv):
                         max_new_tokens=int(cli.option("max_new_tokens")),
                         sampling=cli.sampling_params(), stop=list(cli.option("stop") or []),
                         chat=cli.chat_mode(tokenizer), system=cli.option("system"),
-                        thinking=bool(cli.option("thinking")), capture=capture)
+                        thinking=bool(cli.option("thinking")), capture=capture,
+                        edits=edits)
     show = cli.visible if sys.stdout.isatty() else str  # a pipe gets the exact text
     for piece in stream:
       if _STREAM.value:

@@ -36,6 +36,7 @@ def define_run_flags(*, prompt: bool = True) -> None:
   flags.DEFINE_integer("ctx_size", 4096, "KV capacity in tokens.")
   define_weight_flags()
   define_device_flags()
+  define_steering_flags()
   flags.DEFINE_integer("prefill_chunk", 256, "Most tokens per prefill call (its power-of-two "
                        "buckets compile at load).", lower_bound=1)
   flags.DEFINE_integer("max_sessions", 8, "Sessions whose decode state this process keeps (the "
@@ -139,6 +140,30 @@ def worker_layers() -> str | None:
     raise ValueError(f"the config lists {len(workers)} workers ({', '.join(workers)}): pick "
                      "this one's with --layers")
   return workers[0]
+
+
+def define_steering_flags() -> None:
+  """ds4's directional steering (`--dir-steering-*`, absl spelling)."""
+  flags.DEFINE_string("dir_steering_file", None, "ds4 directional steering: a flat "
+                      "little-endian float32 file of L x D unit directions, one per layer; "
+                      "each is projected out of that layer's output (y -= s * d (d . y)).")
+  flags.DEFINE_float("dir_steering_ffn", None, "The scale s on each layer's FFN output "
+                     "(default 1 with a file; negative amplifies the direction).")
+  flags.DEFINE_float("dir_steering_attn", None, "The scale s on each layer's attention output "
+                     "(default 0: untouched).")
+
+
+def steering(cfg):
+  """The run's ds4 directional steering (`runtime.edits.Interventions`), or None."""
+  path = option("dir_steering_file")
+  ffn, attn = option("dir_steering_ffn"), option("dir_steering_attn")
+  if not path:
+    if ffn is not None or attn is not None:
+      raise ValueError("--dir_steering_ffn/--dir_steering_attn need --dir_steering_file")
+    return None
+  from ds4jax.runtime.edits import Interventions  # deferred: numpy only, but not for --help
+  return Interventions.ds4_steering(path, cfg, ffn=1.0 if ffn is None else float(ffn),
+                                    attn=0.0 if attn is None else float(attn))
 
 
 def chat_mode(tokenizer) -> bool:

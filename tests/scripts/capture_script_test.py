@@ -37,3 +37,39 @@ def test_bad_capture_flags_are_one_line_errors(env, tmp_path):  # noqa: F811
                         "capture layer 4 is out of range")
   assert_one_line_error(run("generate.py", "--gguf=tiny", "--prompt=x", "--capture=lens",
                             env=env), "--capture and --capture_out go together")
+
+
+def test_generate_steers_with_a_ds4_direction_file(env, tmp_path, tiny_gguf):  # noqa: F811
+  """--dir_steering_file/--dir_steering_ffn (ds4's spelling): the script's greedy tokens are
+  the in-process Generator's with the same steering, and differ from the plain run."""
+  from ds4jax import build
+  from ds4jax.generate.loop import Generator
+  from ds4jax.runtime import sources
+  from ds4jax.runtime.edits import Interventions
+  cfg, _ = sources.model_info(tiny_gguf)
+  dirs = np.random.default_rng(3).standard_normal((cfg.n_layers, cfg.d_model))
+  (dirs / np.linalg.norm(dirs, axis=1, keepdims=True)).astype("<f4").tofile(tmp_path / "d.f32")
+  common = ["generate.py", "--gguf=tiny", "--prompt=Hello, world", "--max_new_tokens=8",
+            "--nochat", *SHAPES]
+  outs = {}
+  for name, extra in (("plain", []), ("steered", [f"--dir_steering_file={tmp_path}/d.f32",
+                                                  "--dir_steering_ffn=2"])):
+    p = run(*common, *extra, f"--output_json={tmp_path}/{name}.json", env=env)
+    assert p.returncode == 0, p.stderr
+    outs[name] = json.loads((tmp_path / f"{name}.json").read_text())["tokens"]
+  assert outs["steered"] != outs["plain"]
+  tok = sources.open_tokenizer(tiny_gguf)
+  be = build.local_backend(tiny_gguf, ctx_size=128, prefill_chunk=16)  # the script's shapes
+  try:
+    ref = Generator(be, tok).generate(
+        "Hello, world", max_new_tokens=8,
+        edits=Interventions.ds4_steering(tmp_path / "d.f32", cfg, ffn=2.0))
+  finally:
+    be.close()
+  assert outs["steered"] == ref.tokens
+  # A file of the wrong size, and scales without a file: one line each, before any load.
+  (tmp_path / "bad.f32").write_bytes(b"\0" * 12)
+  assert_one_line_error(run(*common, f"--dir_steering_file={tmp_path}/bad.f32", env=env),
+                        "needs L x D = 4 x 256 float32")
+  assert_one_line_error(run(*common, "--dir_steering_ffn=1", env=env),
+                        "need --dir_steering_file")
