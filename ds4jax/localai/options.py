@@ -39,8 +39,7 @@ WIRE_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "int8", "32": "f32", "16": 
 DS4_ENGINE_KEYS = ("kv_cache_dir", "mtp_path", "mtp_draft", "mtp_margin", "power_percent",
                    "warm_weights", "quality", "ssd_streaming", "ssd_streaming_cold",
                    "ssd_streaming_preload_experts", "ssd_streaming_cache_experts",
-                   "simulate_used_memory", "expert_profile_path", "directional_steering_file",
-                   "directional_steering_attn", "directional_steering_ffn", "ds4_devices")
+                   "simulate_used_memory", "expert_profile_path", "ds4_devices")
 
 _LAYERS_RE = re.compile(r"(\d+):(\d+|output)")
 
@@ -67,6 +66,8 @@ class LoadSpec:
   prefill_chunk: int = 256
   max_concurrency: int = DEFAULT_MAX_CONCURRENCY
   ignored: tuple[str, ...] = ()
+  # ds4's directional steering: the file (absolute) and the FFN / attention scales.
+  steering: tuple[str, float | None, float | None] | None = None
 
   def model_args(self, cache_dir: str | None = None) -> list[str]:
     """The command line of the model process (`ds4jax.serving.model_proc`, serve.py's flags)."""
@@ -82,6 +83,11 @@ class LoadSpec:
         args.append(f"--tls_cert={self.tls_cert}")
       if self.tls_key:
         args.append(f"--tls_key={self.tls_key}")
+    if self.steering is not None:
+      path, ffn, attn = self.steering
+      args.append(f"--dir_steering_file={path}")
+      args += [f"--dir_steering_{k}={v}" for k, v in (("ffn", ffn), ("attn", attn))
+               if v is not None]
     if cache_dir:
       args.append(f"--cache_dir={cache_dir}")
     return args
@@ -117,6 +123,19 @@ def _path_option(opts: dict[str, Any], key: str, model_dir: str) -> str | None:
   if not os.path.isfile(path):
     raise LoadError(f"ds4jax: {key} file not found: {path}")
   return path
+
+
+def _float_option(opts: dict[str, Any], key: str) -> float | None:
+  v = opts.get(key)
+  if v is None:
+    return None
+  try:
+    f = float(v)
+  except (TypeError, ValueError):
+    f = float("nan")
+  if f != f or f in (float("inf"), float("-inf")):
+    raise LoadError(f"ds4: {key} must be a number, got {v!r}")
+  return f
 
 
 def model_path(model: str, model_file: str, model_dir: str) -> str:
@@ -178,6 +197,13 @@ def load_spec(req) -> LoadSpec:
     raise LoadError("ds4jax: ds4_tls_key needs ds4_tls_cert")
   if coordinator:
     _check_security(key_file, tls_cert, tls_key)
+  steering = None
+  steer_file = _path_option(opts, "directional_steering_file", base_dir)
+  if steer_file:
+    steering = (steer_file, _float_option(opts, "directional_steering_ffn"),
+                _float_option(opts, "directional_steering_attn"))
+  elif any(k in opts for k in ("directional_steering_ffn", "directional_steering_attn")):
+    raise LoadError("ds4: directional_steering_ffn/attn need directional_steering_file")
   ignored = tuple(k for k in opts if k in DS4_ENGINE_KEYS)
   for k in ignored:
     log.warning("ignoring ds4 option %s: ds4jax has no equivalent", k)
@@ -190,7 +216,8 @@ def load_spec(req) -> LoadSpec:
                   coordinator=coordinator,
                   layers=layers, listen=listen, route_timeout=float(route_timeout),
                   activation_dtype=dtype, key_file=key_file, tls_cert=tls_cert, tls_key=tls_key,
-                  prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored)
+                  prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored,
+                  steering=steering)
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

@@ -75,6 +75,10 @@ class _StepHook:
   def ctx_size(self) -> int:
     return self._backend.ctx_size
 
+  @property
+  def cfg(self):
+    return self._backend.cfg
+
   def new_session(self) -> str:
     return self._backend.new_session()
 
@@ -100,8 +104,9 @@ def prompt_ids(tokenizer, job: GenerationJob) -> Optional[list[int]]:
   return tokenizer.chat_prompt([(m["role"], m["content"]) for m in job.messages])
 
 
-def make_work(backend, tokenizer, job: GenerationJob, generator_cls):
-  """The `work(cancel, emit)` function that runs `job` on `backend` in a thread."""
+def make_work(backend, tokenizer, job: GenerationJob, generator_cls, edits=None):
+  """The `work(cancel, emit)` function that runs `job` on `backend` in a thread; `edits`:
+  the server's interventions (its ds4 steering flags), on every step."""
 
   def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
     steps = [0]
@@ -113,6 +118,8 @@ def make_work(backend, tokenizer, job: GenerationJob, generator_cls):
     gen = generator_cls(_StepHook(backend, cancel, on_step), tokenizer)
     kw: dict[str, Any] = dict(max_new_tokens=job.max_tokens, sampling=job.sampling,
                               stop=list(job.stop))
+    if edits is not None:
+      kw["edits"] = edits
     if job.messages is not None:
       stream = gen.stream(prompt_tokens=prompt_ids(tokenizer, job), **kw)
     elif isinstance(job.prompt, str):

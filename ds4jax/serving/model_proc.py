@@ -85,8 +85,9 @@ def error_kind(e: BaseException) -> str:
 class ModelServer:
   """The model side of the socketpair: one thread per request, a route pusher, a reader."""
 
-  def __init__(self, conn: socket.socket, backend, tokenizer, generator_cls):
+  def __init__(self, conn: socket.socket, backend, tokenizer, generator_cls, edits=None):
     self.conn = conn
+    self.edits = edits  # the server's ds4 steering (--dir_steering_*), on every request
     self.tracked = SessionTracker(backend)
     self.tokenizer = tokenizer
     self.generator_cls = generator_cls
@@ -123,7 +124,8 @@ class ModelServer:
 
   def _run(self, rid: str, job: generation.GenerationJob, cancel: threading.Event) -> None:
     try:
-      work = generation.make_work(self.tracked, self.tokenizer, job, self.generator_cls)
+      work = generation.make_work(self.tracked, self.tokenizer, job, self.generator_cls,
+                                  self.edits)
       work(cancel, lambda ev: self.send({"op": "event", "rid": rid, "ev": event_to_dict(ev)}))
     except Exception as e:
       if error_kind(e) == "internal":
@@ -171,6 +173,7 @@ def main(argv):
 
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   try:
+    edits = cli.steering(sources.model_info(gguf)[0])  # a bad file fails before the load
     backend, close = cli.build_backend()
   except Exception as e:  # one line to the server, which prints it and exits
     conn.sendall((json.dumps({"op": "failed", "message": cli.one_line(e)}) + "\n").encode())
@@ -179,7 +182,7 @@ def main(argv):
     tokenizer = sources.open_tokenizer(gguf)
     address = getattr(backend, "address", None)
     ready = {"listen": f"{address[0]}:{address[1]}" if address else None}
-    ModelServer(conn, backend, tokenizer, Generator).serve(ready)
+    ModelServer(conn, backend, tokenizer, Generator, edits).serve(ready)
   finally:
     close()
 

@@ -153,3 +153,23 @@ def test_tokenizer_process_matches_the_tokenizer(tiny_gguf):
   finally:
     child.close()
   assert child.proc.returncode == 0
+
+
+def test_directional_steering_options_reach_the_model_process(tiny_gguf, tmp_path):
+  """Issue 22 item 6: ds4's directional_steering_* (a path relative to the model directory,
+  as ds4 takes it) become the model process's --dir_steering_* flags."""
+  (tmp_path / "dir.f32").write_bytes(b"\0" * 16)  # its size is checked against the model later
+  r = req(tiny_gguf, "directional_steering_file:dir.f32", "directional_steering_ffn:0.5",
+          model_path=str(tmp_path))
+  spec = load_spec(r)
+  assert spec.steering == (str(tmp_path / "dir.f32"), 0.5, None) and spec.ignored == ()
+  args = spec.model_args()
+  assert f"--dir_steering_file={tmp_path / 'dir.f32'}" in args
+  assert "--dir_steering_ffn=0.5" in args and not any("steering_attn" in a for a in args)
+  with pytest.raises(LoadError, match="need directional_steering_file"):
+    load_spec(req(tiny_gguf, "directional_steering_attn:1"))
+  with pytest.raises(LoadError, match="directional_steering_file file not found"):
+    load_spec(req(tiny_gguf, "directional_steering_file:nope.f32", model_path=str(tmp_path)))
+  with pytest.raises(LoadError, match="directional_steering_ffn must be a number"):
+    load_spec(req(tiny_gguf, "directional_steering_file:dir.f32",
+                  "directional_steering_ffn:lots", model_path=str(tmp_path)))
