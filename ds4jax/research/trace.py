@@ -26,6 +26,7 @@ import numpy as np
 
 from ds4jax.config import LAYER_POINTS, point_name
 from ds4jax.runtime.capture import Captured, CaptureError, CaptureSpec
+from ds4jax.runtime.edits import Edit, Interventions
 from ds4jax.runtime.sampling import SamplingParams
 
 # nnsight's spelling: a layer's output is its HC streams.
@@ -63,6 +64,31 @@ class Point:
 
   def __init__(self, trace: "Trace", point: str, layers: Sequence[int] | None, stacked: bool):
     self._trace, self._point, self._layers, self._stacked = trace, point, layers, stacked
+
+  # Interventions (runtime/edits.py), applied in the traced run on every layer of this view.
+  def _edit(self, op: str, value=None, scale: float = 1.0, positions=None) -> None:
+    if self._layers is None:
+      raise ValueError(f"{self._point} cannot be edited (editable: attn_out, ffn_out, hc_out)")
+    self._trace._edit([Edit(op, ALIASES.get(self._point, self._point), il, value, scale,
+                            positions) for il in self._layers])
+
+  def set(self, values, positions: Sequence[int]) -> None:
+    """Patch: the rows `values` [P, ...] replace this point at absolute `positions`."""
+    self._edit("set", values, positions=tuple(positions))
+
+  def scale(self, s: float) -> None:
+    self._edit("scale", scale=s)
+
+  def zero(self) -> None:
+    """Zero-ablation."""
+    self._edit("scale", scale=0.0)
+
+  def add(self, v, scale: float = 1.0) -> None:
+    self._edit("add", v, scale)
+
+  def project(self, d, scale: float = 1.0) -> None:
+    """y <- y - scale * d (d . y) (ds4's directional steering: 1 removes d, < 0 amplifies)."""
+    self._edit("project", d, scale)
 
   def save(self) -> Saved:
     keys = ([point_name(self._point, None)] if self._layers is None
@@ -124,6 +150,7 @@ class Trace:
     self._generate = generate
     self._saves: list[Saved] = []
     self._keys: list[str] = []
+    self._edits: list = []  # runtime.edits.Edit, from the points' set/scale/add/project
 
   @property
   def logits(self) -> Point:
@@ -137,6 +164,11 @@ class Trace:
     self._keys += [k for k in keys if k not in self._keys]
     return s
 
+  def _edit(self, edits: list) -> None:
+    if self.captured is not None or self.result is not None:
+      raise RuntimeError("this trace has run: edit points inside its with block")
+    self._edits += edits
+
   def __enter__(self) -> "Trace":
     return self
 
@@ -144,25 +176,28 @@ class Trace:
     if etype is None:
       self.run()
 
-  def spec(self) -> CaptureSpec:
-    """The capture this trace asks for: exactly the saved arrays."""
+  def spec(self) -> CaptureSpec | None:
+    """The capture this trace asks for: exactly the saved arrays (None: edits only)."""
     if not self._keys:
-      raise CaptureError("nothing is saved in this trace: call .save() on a point")
+      if self._edits:
+        return None
+      raise CaptureError("nothing is saved or edited in this trace: call .save() on a point")
     return CaptureSpec.of_keys(self._keys, self.positions, self.max_bytes)
 
   def run(self) -> None:
     spec = self.spec()
+    edits = Interventions(self._edits) if self._edits else None
     backend = self.lab.backend
     if self._generate is None:
       sid = backend.new_session()
       try:
-        res = backend.step(sid, self.tokens, SamplingParams(), 0, capture=spec)
+        res = backend.step(sid, self.tokens, SamplingParams(), 0, capture=spec, edits=edits)
       finally:
         backend.close_session(sid)
       self.next_token, self.captured = res.token, res.captured
     else:
       self.result = self.lab.generator().generate(prompt_tokens=self.tokens, capture=spec,
-                                                  **self._generate)
+                                                  edits=edits, **self._generate)
       self.captured = self.result.captured
     for s in self._saves:
       s._fill(self.captured)

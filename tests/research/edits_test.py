@@ -155,3 +155,25 @@ def test_bad_edits_are_one_line_errors_and_the_session_survives(whole, edit, mat
     assert after.n_computed == 1  # the session kept its state
   finally:
     whole.close_session(sid)
+
+
+def test_a_lab_trace_edits_and_patches_like_nnsight(tiny_gguf, whole):
+  """Activation patching through the notebook API: ffn_out of layer 1 from prompt A
+  replaces prompt B's at the first 4 positions; an ablation reads back as zeros."""
+  from ds4jax.research import Lab
+  lab = Lab(whole, None)
+  a, b = PROMPT, [3, 14, 15, 92, 65, 35, 89, 79]
+  with lab.trace(a) as ta:
+    src = ta.layers[1].ffn_out.save()
+  with lab.trace(b) as tb:
+    tb.layers[1].ffn_out.set(src.value[:4], positions=range(4))
+    tb.layers[2].attn_out.zero()
+    patched, ablated = tb.layers[1].ffn_out.save(), tb.layers[2].attn_out.save()
+  with lab.trace(b) as tc:
+    plain = tc.layers[1].ffn_out.save()
+  np.testing.assert_array_equal(patched.value[:4], src.value[:4])
+  np.testing.assert_allclose(patched.value[4:], plain.value[4:], atol=1e-5)  # only those rows
+  assert not np.any(ablated.value)
+  with pytest.raises(ValueError, match="logits cannot be edited"):
+    with lab.trace(b) as td:
+      td.logits.zero()
