@@ -103,7 +103,8 @@ def test_broken_worker_link_is_detected_and_recovered(caplog, kind, kw, reason):
   msg = logged(caplog, "ds4jax.bridge.coordinator", "dropping worker#1", reason)
   assert "127.0.0.1:" in msg
   assert any("worker lost" in e for e in coord.events)  # the user sees a warning
-  print(f"\n{kind}: detected ({msg.split(': ', 1)[1][:70]}...) and recovered in {elapsed:.2f}s")
+  print(f"\n{kind}: detected ({msg.split('dropping ', 1)[1][:70]}...) and recovered in "
+        f"{elapsed:.2f}s")
 
 
 def test_silent_worker_is_declared_dead_by_heartbeat(caplog):

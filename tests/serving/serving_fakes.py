@@ -41,6 +41,7 @@ class FakeBackend:
   """A thread-safe fake Backend with a route that completes on `join()`."""
 
   reports_prefill_progress = False  # the Generator logs prefill progress itself
+  ctx_size = 1 << 16
 
   def __init__(self, *, n_layers: int = 4, coord_end: int = 1, ready: bool = True,
                step_s: float = 0.002, fail_on_token: int | None = None, eos: bool = True):
