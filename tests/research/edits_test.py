@@ -11,8 +11,9 @@ from ds4jax.runtime.capture import CaptureSpec
 from ds4jax.runtime.edits import Edit, EditError, Interventions
 from ds4jax.runtime.local import StepRequest
 from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.testing.suite import CHUNK, CTX
 
-SHAPES = dict(ctx_size=64, prefill_chunk=8, max_sessions=2)
+SHAPES = dict(ctx_size=CTX, prefill_chunk=CHUNK)  # the suite's: programs other tests compiled
 PROMPT = [1, 17, 42, 9, 250, 31, 7, 5, 77, 12]
 GREEDY = SamplingParams()
 
@@ -30,6 +31,13 @@ def direction(whole):
   return d / np.linalg.norm(d)
 
 
+@pytest.fixture(scope="module")
+def steer(whole, direction):
+  """Steering on every layer's ffn_out (one program for the tests that share it)."""
+  return Interventions([Edit("project", "ffn_out", il, direction, 2.0)
+                        for il in range(whole.cfg.n_layers)])
+
+
 def _step(be, edits=None, capture=None, transcript=PROMPT):
   sid = be.new_session()
   try:
@@ -40,27 +48,29 @@ def _step(be, edits=None, capture=None, transcript=PROMPT):
 
 
 def test_each_op_does_what_it_says_at_its_point(whole, direction):
+  """All four ops on one point, in their order (set, scale, add, project); the values are
+  program inputs, so a second set of values (zero, amplify) runs the same program."""
   cap = CaptureSpec.parse("ffn_out,attn_out", layers="2")
   plain = _step(whole, capture=cap).captured
   f, a = plain["ffn_out.2"], plain["attn_out.2"]
   v = np.linspace(-1, 1, whole.cfg.d_model, dtype=np.float32)
-  cases = {
-      "project": (Edit("project", "ffn_out", 2, 3 * direction, 1.0),
-                  f - np.outer(f @ direction, direction)),
-      "amplify": (Edit("project", "ffn_out", 2, direction, -2.0),
-                  f + 2 * np.outer(f @ direction, direction)),
-      "scale": (Edit("scale", "ffn_out", 2, scale=0.5), 0.5 * f),
-      "zero": (Edit("scale", "ffn_out", 2, scale=0.0), 0 * f),
-      "add": (Edit("add", "ffn_out", 2, v, 2.0), f + 2 * v),
-      "set": (Edit("set", "ffn_out", 2, np.stack([v, -v]), positions=(3, 7)),
-              np.where(np.isin(np.arange(len(PROMPT)), [3, 7])[:, None],
-                       np.array([v if i == 3 else -v for i in range(len(PROMPT))]), f)),
-  }
-  for name, (edit, want) in cases.items():
-    got = _step(whole, Interventions([edit]), cap).captured
-    np.testing.assert_allclose(got["ffn_out.2"], want, atol=2e-5, err_msg=name)
+  at = np.isin(np.arange(len(PROMPT)), [3, 7])[:, None]
+  patched = np.where(at, np.array([v if i == 3 else -v for i in range(len(PROMPT))]), f)
+
+  def project(y, s):
+    return y - s * np.outer(y @ direction, direction)
+
+  for scale, add_s, proj_s in ((0.5, 2.0, 1.0), (0.0, 1.0, -2.0)):
+    edits = Interventions([
+        Edit("set", "ffn_out", 2, np.stack([v, -v]), positions=(3, 7)),
+        Edit("scale", "ffn_out", 2, scale=scale),
+        Edit("add", "ffn_out", 2, v, add_s),
+        Edit("project", "ffn_out", 2, 3 * direction, proj_s)])  # normalised by the edit
+    got = _step(whole, edits, cap).captured
+    want = project(scale * patched + add_s * v, proj_s)
+    np.testing.assert_allclose(got["ffn_out.2"], want, atol=2e-5, err_msg=str(scale))
     # attn_out of the same layer comes first: the edit cannot reach it.
-    np.testing.assert_array_equal(got["attn_out.2"], a, err_msg=name)
+    np.testing.assert_array_equal(got["attn_out.2"], a)
 
 
 def test_ds4_steering_file_projects_every_layers_ffn_out(whole, tmp_path):
@@ -82,11 +92,9 @@ def test_ds4_steering_file_projects_every_layers_ffn_out(whole, tmp_path):
     Interventions.ds4_steering(tmp_path / "short.f32", cfg)
 
 
-def test_mixed_edits_in_one_batch_each_equal_alone(whole, direction):
+def test_mixed_edits_in_one_batch_each_equal_alone(whole, steer):
   """Two sessions, one steered and one plain, decode together (step_many): each token
   sequence equals the same session run alone."""
-  steer = Interventions([Edit("project", "ffn_out", il, direction, 2.0)
-                         for il in range(whole.cfg.n_layers)])
   edits = [steer, None]
   alone = []
   for e in edits:
@@ -107,8 +115,7 @@ def test_mixed_edits_in_one_batch_each_equal_alone(whole, direction):
   assert seqs == alone
 
 
-def test_changed_edits_recompute_the_session(whole, direction):
-  steer = Interventions([Edit("project", "ffn_out", 1, direction, 1.5)])
+def test_changed_edits_recompute_the_session(whole, steer):
   sid = whole.new_session()
   try:
     plain = whole.step(sid, PROMPT, GREEDY, 0, return_logits=True)
@@ -122,10 +129,7 @@ def test_changed_edits_recompute_the_session(whole, direction):
     whole.close_session(sid)
 
 
-def test_a_split_in_process_steers_as_one_process(tiny_gguf, whole, direction):
-  steer = Interventions([Edit("project", "ffn_out", il, direction, 1.0) for il in (0, 3)]
-                        + [Edit("add", "hc_out", 1, np.full((whole.cfg.n_hc, whole.cfg.d_model),
-                                                             0.01, np.float32))])
+def test_a_split_in_process_steers_as_one_process(tiny_gguf, whole, steer):
   split = build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), **SHAPES)
   try:
     a, b = _step(whole, steer), _step(split, steer)

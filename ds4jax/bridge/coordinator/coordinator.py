@@ -359,9 +359,9 @@ class Coordinator(RouteBackend):
     return RouteUnavailable(f"{message}; waited {self.opt.route_timeout:.0f}s")
 
   def step(self, sid: str, transcript: Sequence[int], sampling, step: int, *,
-           top_logprobs: int = 0, return_logits: bool = False, capture=None):
+           top_logprobs: int = 0, return_logits: bool = False, capture=None, edits=None):
     res = super().step(sid, transcript, sampling, step, top_logprobs=top_logprobs,
-                       return_logits=return_logits, capture=capture)
+                       return_logits=return_logits, capture=capture, edits=edits)
     wire = sum(t.bytes_in + t.bytes_out for t in res.telemetry)
     self.last_step = {"sid": sid, "n_computed": res.n_computed, "wire_bytes": wire,
                       "wire_bytes_per_token": wire / max(res.n_computed, 1)}
