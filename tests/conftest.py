@@ -94,3 +94,18 @@ def tiny_reference(tiny_gguf):
   reference.generator = gen  # for chats (gen.chat()) and other uses of the same model
   yield reference
   backend.close()
+
+
+# The files that take longest (a cold run on this 2-core machine: the notebooks, the routes
+# of real processes, the bench smoke), first: the suite's two test processes (scripts/test.sh,
+# pytest-xdist, a file at a time) then end together instead of one of them running a long
+# file alone at the end.
+_LONGEST_FIRST = ("notebook_test.py", "notebook_docs_test.py", "capture_route_test.py",
+                  "edits_test.py", "bench_smoke_test.py", "e2e_test.py", "scripts_test.py",
+                  "train_test.py", "local_batching_test.py", "sharding_test.py",
+                  "capture_script_test.py", "generate_session_test.py", "batch_test.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: k for k, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda it: rank.get(it.path.name, len(rank)))  # stable: file order kept
