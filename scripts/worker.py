@@ -98,7 +98,8 @@ def main(argv):
   opt = WorkerOptions(ctx=int(cli.option("ctx_size")), max_sessions=_SESSIONS.value,
                       key=auth.load_key(cli.option("key_file")), tls=tls,
                       tls_server_name=_TLS_NAME.value,
-                      dial_timeout=_DIAL_TIMEOUT.value, backoff_min=_BACKOFF_MIN.value, backoff_max=_BACKOFF_MAX.value)
+                      dial_timeout=_DIAL_TIMEOUT.value, backoff_min=_BACKOFF_MIN.value,
+                      backoff_max=_BACKOFF_MAX.value)
   cli.enable_compilation_cache(_CACHE.value)
   import jax  # deferred: flag errors stay fast
   from ds4jax.runtime.load import return_big_frees

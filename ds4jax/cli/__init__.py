@@ -37,5 +37,6 @@ __all__ = [
     "format_route", "hard_exit", "input_errors", "install_sigint_handler",
     "interrupt_handled", "one_line", "option", "parse_devices", "parse_flags", "parse_hostport",
     "parse_tokens", "resolve_gguf", "restore_session", "run", "sampling_params", "visible",
-    "save_session", "setup_logging", "steering", "wait_for_route", "weight_options", "worker_layers",
+    "save_session", "setup_logging", "steering", "wait_for_route", "weight_options",
+    "worker_layers",
 ]
