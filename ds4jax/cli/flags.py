@@ -151,19 +151,34 @@ def define_steering_flags() -> None:
                      "(default 1 with a file; negative amplifies the direction).")
   flags.DEFINE_float("dir_steering_attn", None, "The scale s on each layer's attention output "
                      "(default 0: untouched).")
+  flags.DEFINE_string("expert_steering_file", None, "ds4 expert steering: a flat little-endian "
+                      "float32 file of L x E values (+1 promote, -1 suppress, 0 leave), added "
+                      "times the scale to each routed layer's selection scores before top-k.")
+  flags.DEFINE_float("expert_steering_scale", None, "The expert map's scale (default 0.01 "
+                     "with a file; about 1 steers softly, 1e6 forces on or off).")
 
 
 def steering(cfg):
-  """The run's ds4 directional steering (`runtime.edits.Interventions`), or None."""
+  """The run's ds4 steering (`runtime.edits.Interventions`): directional (--dir_steering_*)
+  and expert (--expert_steering_*), or None."""
+  from ds4jax.runtime.edits import Interventions  # deferred: numpy only, but not for --help
   path = option("dir_steering_file")
   ffn, attn = option("dir_steering_ffn"), option("dir_steering_attn")
-  if not path:
-    if ffn is not None or attn is not None:
-      raise ValueError("--dir_steering_ffn/--dir_steering_attn need --dir_steering_file")
+  parts = []
+  if path:
+    parts.append(Interventions.ds4_steering(path, cfg, ffn=1.0 if ffn is None else float(ffn),
+                                            attn=0.0 if attn is None else float(attn)))
+  elif ffn is not None or attn is not None:
+    raise ValueError("--dir_steering_ffn/--dir_steering_attn need --dir_steering_file")
+  path, scale = option("expert_steering_file"), option("expert_steering_scale")
+  if path:
+    parts.append(Interventions.ds4_expert_steering(
+        path, cfg, scale=0.01 if scale is None else float(scale)))
+  elif scale is not None:
+    raise ValueError("--expert_steering_scale needs --expert_steering_file")
+  if not parts:
     return None
-  from ds4jax.runtime.edits import Interventions  # deferred: numpy only, but not for --help
-  return Interventions.ds4_steering(path, cfg, ffn=1.0 if ffn is None else float(ffn),
-                                    attn=0.0 if attn is None else float(attn))
+  return Interventions([e for p in parts for e in p.edits]).resolve(cfg)
 
 
 def chat_mode(tokenizer) -> bool:

@@ -66,14 +66,19 @@ class MoE(nnx.Module):
 
   def route(self, x_TD, tokens_T, tap=None):
     """Returns (experts int32 [T, k], weights f32 [T, k]). `tap(point, value) -> value` sees
-    router_scores [T, E], router_ids and router_weights (model/taps.py); None: no points."""
+    router_scores [T, E], the selection scores `router_select` [T, E] (scores + bias: an
+    edit point only, for expert steering), router_ids and router_weights (model/taps.py);
+    None: no points."""
     p_TE = jnp.sqrt(jax.nn.softplus(ops.einsum("TD,ED->TE", x_TD, self.gate[...])))
     if tap is not None:
       p_TE = tap("router_scores", p_TE)
     if self.is_hash:
       idx_TK = self.tid2eid[...][tokens_T]
     else:
-      _, idx_TK = jax.lax.top_k(p_TE + self.bias[...][None, :], self.k)
+      sel_TE = p_TE + self.bias[...][None, :]
+      if tap is not None:
+        sel_TE = tap("router_select", sel_TE)
+      _, idx_TK = jax.lax.top_k(sel_TE, self.k)
     w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
     if self.norm_topk:
       w_TK = w_TK / (jnp.sum(w_TK, axis=-1, keepdims=True) + 1e-20)

@@ -34,6 +34,10 @@ point's per-row shape, [D] or [C, D]):
   project  d [N, D], s [N]      y <- y - s * d (d . y) over the last axis (ds4's directional
                                 steering: d unit-norm, s = 1 projects d out, s < 0 amplifies)
 
+`router_select` [N, E] is the top-k key of a routed layer (scores + bias; the weights still
+gather the unbiased scores): `add` there is expert steering (a large value forces an expert
+in, a large negative one bans it).
+
 A row an edit does not touch carries the neutral value (m False, s 1, v 0, d 0).
 """
 
@@ -47,7 +51,7 @@ import numpy as np
 from ds4jax.config import STEP_POINTS, point_name
 
 EDIT_OPS = ("set", "scale", "add", "project")  # in the order they apply at one point
-EDIT_POINTS = ("attn_out", "ffn_out", "hc_out")
+EDIT_POINTS = ("attn_out", "ffn_out", "hc_out", "router_select")
 
 
 class Taps:

@@ -16,6 +16,11 @@ Ops (`model.taps.EDIT_OPS`, applied in this order at one point) on `attn_out` / 
   project  y <- y - scale * d (d . y), d = value / |value| over the last axis (scale 1:
            project d out; negative: amplify it; ds4's directional steering)
 
+Expert steering edits `router_select` [E], a routed layer's top-k key (scores + bias; the
+chosen experts' weights stay their unbiased scores) with `add`: `Interventions.experts`
+forces or bans experts (+-FORCE), `Interventions.ds4_expert_steering` reads ds4's L x E map.
+Hash-routed layers cannot be steered (as in ds4).
+
 Bad requests (unknown point or op, a layer outside the model, a value of the wrong shape, a
 steering file that is not L x D float32) are one-line `EditError`s before any compute.
 """
@@ -32,7 +37,9 @@ import numpy as np
 from ds4jax.config import LayerRange, ModelConfig
 
 OPS = ("set", "scale", "add", "project")
-POINTS = ("attn_out", "ffn_out", "hc_out")
+POINTS = ("attn_out", "ffn_out", "hc_out", "router_select")
+# Forcing or banning an expert adds this to its selection score (far above any score).
+FORCE = 1e6
 
 
 class EditError(ValueError):
@@ -57,6 +64,8 @@ class Edit:
 
 
 def _row_shape(point: str, cfg: ModelConfig) -> tuple[int, ...]:
+  if point == "router_select":
+    return (cfg.n_experts,)
   return (cfg.n_hc, cfg.d_model) if point == "hc_out" else (cfg.d_model,)
 
 
@@ -84,6 +93,12 @@ class Interventions:
         raise EditError(f"edit layer {e.layer} is outside the model's 0..{cfg.n_layers - 1}")
       if not np.isfinite(e.scale):
         raise EditError(f"{e.op} {e.point}.{e.layer}: the scale must be finite")
+      if e.point == "router_select":
+        if e.op != "add":
+          raise EditError(f"router_select takes add only (expert steering), not {e.op}")
+        if cfg.is_hash_layer(int(e.layer)):
+          raise EditError(f"layer {e.layer} routes by token hash: expert steering does not "
+                          "apply (as in ds4)")
       row = _row_shape(e.point, cfg)
       key = (e.op, e.point, int(e.layer))
       if e.op == "scale":
@@ -164,6 +179,41 @@ class Interventions:
     return out
 
   @classmethod
+  def experts(cls, layer: int, cfg: ModelConfig, *, force: Sequence[int] = (),
+              ban: Sequence[int] = ()) -> "Interventions":
+    """Force experts into, or ban them from, the top-k of a routed layer (their weights stay
+    their own scores)."""
+    v = np.zeros((cfg.n_experts,), np.float32)
+    for e, s in [(e, 1.0) for e in force] + [(e, -1.0) for e in ban]:
+      if not 0 <= int(e) < cfg.n_experts:
+        raise EditError(f"expert {e} is outside 0..{cfg.n_experts - 1}")
+      v[int(e)] = s
+    return cls([Edit("add", "router_select", layer, v, FORCE)]).resolve(cfg)
+
+  @classmethod
+  def ds4_expert_steering(cls, path: str | os.PathLike, cfg: ModelConfig, *,
+                          scale: float = 0.01) -> "Interventions":
+    """ds4's expert steering (`--expert-steering-file/-scale`): a flat little-endian float32
+    file of L x E values (+1 promotes an expert, -1 suppresses it, 0 leaves it), added times
+    `scale` to each routed layer's selection scores before top-k (the additive reading of
+    ds4's docs; hash-routed layers are unaffected). Returns the resolved interventions."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"expert steering file not found: {path}")
+    want = cfg.n_layers * cfg.n_experts * 4
+    if os.path.getsize(path) != want:
+      raise EditError(f"expert steering file {path} has {os.path.getsize(path)} bytes; this "
+                      f"model needs L x E = {cfg.n_layers} x {cfg.n_experts} float32 = {want}")
+    m = np.fromfile(path, dtype="<f4").reshape(cfg.n_layers, cfg.n_experts)
+    if not np.all(np.isfinite(m)):
+      raise EditError(f"expert steering file {path} holds non-finite values")
+    edits = [Edit("add", "router_select", il, m[il], float(scale))
+             for il in range(cfg.n_layers) if not cfg.is_hash_layer(il) and np.any(m[il])]
+    if not edits or not scale:
+      raise EditError(f"expert steering file {path} with scale {scale} changes nothing")
+    return cls(edits).resolve(cfg)
+
+  @classmethod
   def ds4_steering(cls, path: str | os.PathLike, cfg: ModelConfig, *, ffn: float = 1.0,
                    attn: float = 0.0) -> "Interventions":
     """ds4's directional steering (`--dir-steering-file/-ffn/-attn`): a flat little-endian
@@ -191,4 +241,4 @@ class Interventions:
     return cls(edits).resolve(cfg)
 
 
-__all__ = ["Edit", "EditError", "Interventions", "OPS", "POINTS"]
+__all__ = ["Edit", "EditError", "FORCE", "Interventions", "OPS", "POINTS"]

@@ -181,3 +181,30 @@ def test_a_lab_trace_edits_and_patches_like_nnsight(tiny_gguf, whole):
   with pytest.raises(ValueError, match="logits cannot be edited"):
     with lab.trace(b) as td:
       td.logits.zero()
+
+
+def test_experts_forced_banned_and_ds4_expert_maps(whole, tmp_path):
+  """Expert steering on a routed layer: a forced expert is on every row, a banned one on
+  none; ds4's L x E map (additive, times its scale) reads its file format; hash layers and
+  files of the wrong size are one-line errors."""
+  cfg = whole.cfg
+  il = cfg.n_hash_layers  # the first top-k layer
+  cap = CaptureSpec.parse("router_ids", layers=str(il))
+  plain = _step(whole, capture=cap).captured[f"router_ids.{il}"]
+  common = int(np.bincount(plain.ravel(), minlength=cfg.n_experts).argmax())
+  rare = int(np.bincount(plain.ravel(), minlength=cfg.n_experts).argmin())
+  forced = _step(whole, Interventions.experts(il, cfg, force=[rare]), cap).captured
+  assert all(rare in row for row in forced[f"router_ids.{il}"].tolist())
+  banned = _step(whole, Interventions.experts(il, cfg, ban=[common]), cap).captured
+  assert common not in banned[f"router_ids.{il}"]
+  m = np.zeros((cfg.n_layers, cfg.n_experts), "<f4")
+  m[il, rare] = 1.0
+  m.tofile(tmp_path / "experts.f32")
+  steer = Interventions.ds4_expert_steering(tmp_path / "experts.f32", cfg, scale=1e6)
+  got = _step(whole, steer, cap).captured[f"router_ids.{il}"]
+  assert all(rare in row for row in got.tolist())
+  with pytest.raises(EditError, match="routes by token hash"):
+    Interventions.experts(0, cfg, ban=[1])
+  m[:-1].tofile(tmp_path / "short.f32")
+  with pytest.raises(EditError, match=rf"L x E = {cfg.n_layers} x {cfg.n_experts} float32"):
+    Interventions.ds4_expert_steering(tmp_path / "short.f32", cfg)

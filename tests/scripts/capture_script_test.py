@@ -73,3 +73,5 @@ def test_generate_steers_with_a_ds4_direction_file(env, tmp_path, tiny_gguf):  #
                         "needs L x D = 4 x 256 float32")
   assert_one_line_error(run(*common, "--dir_steering_ffn=1", env=env),
                         "need --dir_steering_file")
+  assert_one_line_error(run(*common, f"--expert_steering_file={tmp_path}/bad.f32", env=env),
+                        "needs L x E = 4 x 8 float32")
