@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 
 import numpy as np
 
@@ -23,15 +22,9 @@ def hbm_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 10) -> float:
   """GB/s of `y = x + 1` over a float32 array (one read and one write per element)."""
   import jax
   import jax.numpy as jnp
+  from ds4jax.bench.measure import median_call_s
   x = jnp.zeros((n_bytes // 4,), jnp.float32)
-  f = jax.jit(lambda a: a + 1.0)
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t0)
-  return 2 * n_bytes / float(np.median(times)) / 1e9
+  return 2 * n_bytes / median_call_s(jax.jit(lambda a: a + 1.0), x, reps=reps) / 1e9
 
 
 def decode_weight_bytes(gguf: str, bytes_per_value: int | None = None) -> int:

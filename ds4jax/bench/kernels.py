@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from ds4jax.bench.measure import median_call_s
 from ds4jax.quant import cpu_ffi, kernels
 from ds4jax.quant import matmul as qm
 from ds4jax.quant.packed import FLOAT16_TYPES, Packed
@@ -65,15 +66,9 @@ def random_packed(qtype, shape, seed: int = 0) -> Packed:
 def read_gbs(n_bytes: int = 2 << 30, reps: int = 7) -> float:
   """GB/s at which XLA reads an f32 array of `n_bytes` (a sum; the floor's bandwidth)."""
   x = jnp.ones((n_bytes // 4,), jnp.float32)
-  f = jax.jit(jnp.sum)
-  jax.block_until_ready(f(x))
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(f(x))
-    times.append(time.perf_counter() - t0)
+  s = median_call_s(jax.jit(jnp.sum), x, reps=reps)
   del x
-  return n_bytes / float(np.median(times)) / 1e9
+  return n_bytes / s / 1e9
 
 
 def _xla_int8(x_MK, w: Packed):

@@ -29,6 +29,19 @@ def peak_rss_mb(pid: int | str = "self") -> float | None:
   return None if n is None else n / 2**20
 
 
+def median_call_s(f: Callable, *args, reps: int = 7) -> float:
+  """Median seconds of `f(*args)` (a jitted function) over `reps` calls after one warm-up,
+  each waited for (`jax.block_until_ready`)."""
+  import jax  # deferred: the bench's process-level helpers import no JAX
+  jax.block_until_ready(f(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
 def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
   """Deterministic random token ids (the same prompt for every configuration)."""
   return np.random.default_rng(seed).integers(2, vocab_size, n).tolist()
