@@ -48,8 +48,7 @@ def main(argv):
   if _SAVE.value:
     snapshots.check_target(_SAVE.value, overwrite=True)
   cli.enable_compilation_cache(cli.option("cache_dir"))
-  edits = cli.steering(sources.model_info(cli.resolve_gguf(cli.option("gguf"),
-                                                           cli.option("cache_dir")))[0])
+  edits = cli.steering()  # a bad steering file fails here, before any load
   backend, close = cli.build_backend()
   try:
     cli.wait_for_route(backend, float(cli.option("route_timeout")))

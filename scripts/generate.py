@@ -60,9 +60,7 @@ def main(argv):
     raise ValueError("--capture and --capture_out go together")
   capture = (CaptureSpec.parse(_CAPTURE.value, _CAPTURE_LAYERS.value) if _CAPTURE.value
              else None)  # a bad point or layer list fails here, before any load
-  # ds4's steering file is checked against the model's header before any load.
-  edits = cli.steering(sources.model_info(cli.resolve_gguf(cli.option("gguf"),
-                                                           cli.option("cache_dir")))[0])
+  edits = cli.steering()  # a bad steering file fails here, before any load
   backend, close = cli.build_backend()
   try:
     if capture is not None:

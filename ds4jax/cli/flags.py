@@ -158,10 +158,18 @@ def define_steering_flags() -> None:
                      "with a file; about 1 steers softly, 1e6 forces on or off).")
 
 
-def steering(cfg):
+def steering():
   """The run's ds4 steering (`runtime.edits.Interventions`): directional (--dir_steering_*)
-  and expert (--expert_steering_*), or None."""
-  from ds4jax.runtime.edits import Interventions  # deferred: numpy only, but not for --help
+  and expert (--expert_steering_*), checked against --gguf's header (before any load), or
+  None."""
+  from ds4jax.runtime import sources  # deferred: --help imports no JAX
+  from ds4jax.runtime.edits import Interventions
+  if not any(option(k) is not None for k in ("dir_steering_file", "dir_steering_ffn",
+                                              "dir_steering_attn", "expert_steering_file",
+                                              "expert_steering_scale")):
+    return None
+  from ds4jax.cli.paths import resolve_gguf  # its one-line error for a missing --gguf
+  cfg = sources.model_info(resolve_gguf(option("gguf"), option("cache_dir")))[0]
   path = option("dir_steering_file")
   ffn, attn = option("dir_steering_ffn"), option("dir_steering_attn")
   parts = []

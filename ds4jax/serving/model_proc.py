@@ -173,7 +173,7 @@ def main(argv):
 
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   try:
-    edits = cli.steering(sources.model_info(gguf)[0])  # a bad file fails before the load
+    edits = cli.steering()  # a bad file fails before the load
     backend, close = cli.build_backend()
   except Exception as e:  # one line to the server, which prints it and exits
     conn.sendall((json.dumps({"op": "failed", "message": cli.one_line(e)}) + "\n").encode())
