@@ -153,6 +153,47 @@ class Interventions:
   def layers(self) -> frozenset[int]:
     return frozenset(int(e.layer) for e in self.edits)
 
+  def touches(self, layers: LayerRange) -> bool:
+    """Whether any edit names a layer of `layers` (a stage's range)."""
+    return any(layers.start <= il <= layers.end for il in self.layers)
+
+  def to_wire(self, layers: LayerRange) -> tuple[list, list[tuple[str, np.ndarray]]]:
+    """The edits of `layers` as plain data for a worker (docs/protocol.md §12):
+    ([[op, point, layer, scale, positions | None, value index | None], ...],
+    [(str(index), value f32 array), ...]). `from_wire` inverts it."""
+    items, values = [], []
+    for e in self.edits:
+      if not layers.start <= int(e.layer) <= layers.end:
+        continue
+      vi = None
+      if e.value is not None:
+        vi = len(values)
+        values.append((str(vi), np.asarray(e.value, np.float32)))
+      items.append([e.op, e.point, int(e.layer), float(e.scale),
+                    None if e.positions is None else [int(q) for q in e.positions], vi])
+    return items, values
+
+  @classmethod
+  def from_wire(cls, items, values: dict[str, np.ndarray]) -> "Interventions":
+    """Inverse of `to_wire` (unresolved); EditError for anything malformed."""
+    if not isinstance(items, list) or not items:
+      raise EditError("edits must be a non-empty list")
+    edits = []
+    for it in items:
+      if (not isinstance(it, list) or len(it) != 6 or not isinstance(it[0], str)
+          or not isinstance(it[1], str) or type(it[2]) is not int
+          or not isinstance(it[3], (int, float)) or isinstance(it[3], bool)):
+        raise EditError(f"malformed edit {str(it)[:80]}")
+      pos, vi = it[4], it[5]
+      if pos is not None and not (isinstance(pos, list)
+                                  and all(type(q) is int for q in pos)):  # noqa: E721
+        raise EditError("edit positions must be a list of integers")
+      if vi is not None and str(vi) not in values:
+        raise EditError(f"edit value {vi!r} is missing")
+      edits.append(Edit(it[0], it[1], it[2], None if vi is None else values[str(vi)],
+                        float(it[3]), None if pos is None else tuple(pos)))
+    return cls(edits)
+
   def for_chunk(self, layers: LayerRange, pos0: int, n: int) -> dict:
     """The per-row values of one session's chunk of `n` tokens at `pos0` on a stage owning
     `layers`: {(op, point, layer): scale s | add v [*row] | project (d [D], s) | set (v [n,

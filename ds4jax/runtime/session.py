@@ -58,7 +58,9 @@ class RouteSession:
     self.slots: list[int] | None = None
     self.held: dict[int, int] = {}
     self.closed = False  # close_session ran (a step still running frees the slots at its end)
-    self.edits_key: str | None = None  # the interventions its state was computed under
+    self.edits = None  # the runtime.edits.Interventions its state was computed under
+    self.edits_key: str | None = None  # their key (None: no edits)
+    self.hop_edits: dict[int, str] = {}  # worker id -> the edits key it holds for this session
     self.last_used = 0.0
     self._free_slots = free_slots
     self._cache: dict[int, list[_Cached]] = {}
@@ -90,7 +92,7 @@ class RouteSession:
     slots, self.slots = self.slots, None
     if slots is not None and self._free_slots is not None:
       self._free_slots(slots)
-    self.tokens, self.hashes, self.held = [], [protocol.FNV_INIT], {}
+    self.tokens, self.hashes, self.held, self.hop_edits = [], [protocol.FNV_INIT], {}, {}
     with self._cache_lock:
       self._cache, self._cache_bytes = {}, 0
 

@@ -36,7 +36,7 @@ import numpy as np
 from ds4jax.wire import protocol
 from ds4jax.runtime import sampling as sampling_lib
 from ds4jax.runtime.capture import StepCapture
-from ds4jax.runtime.edits import EditError, Interventions
+from ds4jax.runtime.edits import Interventions
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.types import HopTelemetry, StepResult
 
@@ -126,6 +126,9 @@ class Downstream(Protocol):
   def check_capture(self, capture: StepCapture) -> None:
     """Raises CaptureError when a remote hop cannot capture (before any compute)."""
 
+  def check_edits(self, edits: Interventions) -> None:
+    """Raises EditError when a remote hop whose layers `edits` name cannot take them."""
+
   def begin(self, sess: RouteSession, params, step: int, top_logprobs: int,
             return_logits: bool, n_chunks: int, capture: StepCapture | None = None) -> Stream:
     """Starts a pass of n_chunks chunks, the last one sampled by the final hop; with a
@@ -142,19 +145,17 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
   has given the session its slots; `transcript` is a checked list of ids. `capture` (one
   per step, kept across its attempts) makes every hop keep the named points of its layers
   for the positions the step computes; None runs exactly the plain step. `edits` (resolved
-  interventions) edit the points of the layers they name on the hop that runs them; a
-  session's state computed under other edits is recomputed from position 0."""
+  interventions) edit the points of the layers they name on the hop that runs them (a remote
+  hop gets them once per session, docs/protocol.md §12); a session's state computed under
+  other edits is recomputed from position 0."""
   if edits is not None and downstream is not None:
-    remote = [il for il in sorted(edits.layers) if not any(
-        b.runner.layers.start <= il <= b.runner.layers.end for b in local)]
-    if remote:  # before any compute: the session keeps its state
-      raise EditError(f"layer {remote[0]} runs on a worker: interventions on workers' layers "
-                      "are not carried over the bridge yet (edit the coordinator's layers)")
+    downstream.check_edits(edits)  # before any compute: the session keeps its state
   p = min(common_prefix(sess.tokens, transcript), len(transcript) - 1)
   p = min([p] + [b.pos(s) for b, s in zip(local, sess.slots)])
   key = None if edits is None else edits.key
   if key != sess.edits_key:  # the cached state was computed under other edits
     p, sess.edits_key = 0, key
+  sess.edits = edits  # the remote hops read theirs from the session (rebuilds too)
   if downstream is not None:
     p = downstream.reach(sess, p)
   if capture is not None:  # its refusals come before any compute (a rewind computes nothing)

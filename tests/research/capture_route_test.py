@@ -1,7 +1,8 @@
-"""Capture across a route (issue 22): one process, an in-process split and a coordinator with
-two threaded workers (real StageRunners, loopback sockets) capture the same arrays; a step
-that captures nothing is today's step (no compilation, the protocol-v3 bytes, the same
-tokens); bad requests fail in one line before any compute and the session goes on.
+"""Capture and interventions across a route (issue 22): one process, an in-process split and
+a coordinator with two threaded workers (real StageRunners, loopback sockets) capture the
+same arrays and edit the same way; a step that captures nothing is today's step (no
+compilation, the protocol-v3 bytes, the same tokens); bad requests fail in one line before
+any compute and the session goes on.
 
 Route: coordinator 0:0 | worker 1:1 | worker 2:output at the suite's standard shapes (a
 20-token prompt is two prefill chunks: the lens inputs and the captured rows cross both).
@@ -18,6 +19,7 @@ from ds4jax.bridge.worker.worker import Worker, WorkerOptions
 from ds4jax.config import LAYER_POINTS
 from ds4jax.research import Lab
 from ds4jax.runtime.capture import Captured, CaptureError, CaptureSpec
+from ds4jax.runtime.edits import Edit, EditError, Interventions
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.runtime.step import StepRequest
 from ds4jax.testing.suite import CHUNK, CTX
@@ -220,3 +222,93 @@ def test_the_notebook_api_is_the_same_on_a_route(route, reference):
     t.layers[4]
   with pytest.raises(AttributeError, match="no point 'mlp'"):
     t.layers[0].mlp
+
+
+# ------------------------------------------------------------- interventions on workers
+
+
+@pytest.fixture(scope="module")
+def edits(one):
+  """Each hop edits its own layers: ds4-style steering of every layer's ffn_out, a patch of
+  attn_out on worker 1:1 at two prompt positions, an expert banned on the head's layer 3."""
+  cfg, rng = one.cfg, np.random.default_rng(1)
+  d = rng.standard_normal(cfg.d_model).astype(np.float32)
+  rows = 3 * rng.standard_normal((2, cfg.d_model)).astype(np.float32)
+  ban = Interventions.experts(3, cfg, ban=[0, 1, 2]).edits
+  return Interventions([Edit("project", "ffn_out", il, d, 1.5) for il in range(cfg.n_layers)]
+                       + [Edit("set", "attn_out", 1, rows, positions=(3, 12)), *ban]
+                       ).resolve(cfg)
+
+
+def _edited(backend, edits, sid=None, n=N_NEW, between=None):
+  """Greedy steps under `edits` -> (tokens, [logits_V per step], results); `between(i, sid)`
+  runs before step i."""
+  sid, tr, out = sid or backend.new_session(), list(PROMPT), []
+  for i in range(n):
+    if between is not None:
+      between(i, sid)
+    out.append(backend.step(sid, tr, GREEDY, i, return_logits=True, edits=edits))
+    tr.append(out[-1].token)
+  backend.close_session(sid)
+  return tr[len(PROMPT):], [r.logits_V for r in out], out
+
+
+@pytest.fixture(scope="module")
+def edited_one(one, edits):
+  return _edited(one, edits)
+
+
+def test_workers_apply_the_edits_of_their_layers_as_one_process(route, edited_one, reference,
+                                                                 edits):
+  coord, _ = route
+  toks, logits, results = _edited(coord, edits)
+  assert toks == edited_one[0]
+  assert max(float(np.abs(a - b).max()) for a, b in zip(logits, edited_one[1])) <= 1e-6
+  plain = generate(coord, CaptureSpec.parse("logits", positions="last"), n=1)[1]["logits"][0]
+  assert float(np.abs(plain - logits[0]).max()) > 1e-2  # the edits changed the model
+  # Worker 1:1 got its edits (the patch rows, the direction) once; later steps name the key.
+  first, later = results[0].telemetry[1].bytes_in, results[-1].telemetry[1].bytes_in
+  plain_work = _plain_decode_bytes("x" * 16, ["1:1"])[0][0]
+  assert first > (3 * 256) * 4 and plain_work < later <= plain_work + 64
+
+
+def test_a_worker_that_lost_the_edits_gets_them_again(route, edited_one, edits):
+  """A worker that evicted the session, or holds it under other edits, answers
+  PrefixMismatch; the coordinator replays that hop with the edits in full."""
+  coord, workers = route
+
+  def lose(i, sid):
+    if i == 1:
+      workers[0].sessions.drop(sid)
+    if i == 2:
+      workers[1].sessions.get(sid).edits_key = "stale"
+
+  toks, logits, _ = _edited(coord, edits, between=lose)
+  assert toks == edited_one[0]
+  assert max(float(np.abs(a - b).max()) for a, b in zip(logits, edited_one[1])) <= 1e-6
+
+
+def test_steered_and_plain_sessions_batch_together_on_workers(route, edited_one, reference,
+                                                               edits):
+  coord, _ = route
+  sids, trs = [coord.new_session(), coord.new_session()], [list(PROMPT), list(PROMPT)]
+  for i in range(N_NEW):
+    res = coord.step_many([StepRequest(sids[0], trs[0], GREEDY, i, edits=edits),
+                           StepRequest(sids[1], trs[1], GREEDY, i)])
+    for tr, r in zip(trs, res):
+      assert not isinstance(r, BaseException), r
+      tr.append(r.token)
+  assert trs[0][len(PROMPT):] == edited_one[0] and trs[1][len(PROMPT):] == reference[0]
+  for sid in sids:
+    coord.close_session(sid)
+
+
+def test_a_worker_that_cannot_edit_refuses_before_compute(route, edits, monkeypatch):
+  coord, _ = route
+  hop = coord.wait_route()[-1]
+  monkeypatch.setitem(hop.hello, "caps", [c for c in hop.hello["caps"] if c != "edits"])
+  sid = coord.new_session()
+  with pytest.raises(EditError, match="cannot take interventions") as e:
+    coord.step(sid, PROMPT, GREEDY, 0, edits=edits)
+  assert "\n" not in str(e.value) and coord.session_tokens(sid) == []
+  coord.close_session(sid)

@@ -348,6 +348,7 @@ class Coordinator(RouteBackend):
       if e.etype != "PrefixMismatch" or tries["mismatch"] > self.opt.max_mismatches:
         return False
       sess.held.pop(getattr(e, "wid", -1), None)
+      sess.hop_edits.pop(getattr(e, "wid", -1), None)  # it may have lost them too
       self._event(f"session {sid} step {step}: {e.remote_message}; rebuilding that hop")
       return True
     if super()._recoverable(sess, e, tries, step):

@@ -44,13 +44,16 @@ class Pass:
       reads one of the links.
     capture: the step's `runtime.capture.StepCapture`: each hop's WORK names what it
       returns (`cap`), and the arrays after a reply's tensor go to it, not to the next hop.
+    edits(hop) -> (the WORK `ed` field, its payload tail) | None: the session's
+      interventions for that hop (remote.edits_field), docs/protocol.md §12.
   """
 
   def __init__(self, sid: str, hops: Sequence[WorkerLink], *, window: int,
                extra: dict[str, Any], out_dtype: str,
                on_done: Callable[[int, Chunk, protocol.Frame], None], direct: bool = False,
-               capture=None):
+               capture=None, edits: Callable[[WorkerLink], Any] | None = None):
     self.capture = capture
+    self.edits = edits
     self.sid = sid
     self.hops = list(hops)
     self.window = max(1, window)
@@ -132,6 +135,10 @@ class Pass:
       if cap is not None:
         h["cap"] = cap
         payload += lens_in
+    ed = None if self.edits is None else self.edits(hop)
+    if ed is not None:  # its values end the payload
+      h["ed"] = ed[0]
+      payload += ed[1]
     try:
       self.stats[i].bytes_in += hop.request(h, payload,
                                             lambda f, e: self._on_reply(i, chunk, f, e))

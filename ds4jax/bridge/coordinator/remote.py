@@ -10,6 +10,9 @@ position 0). So a step can:
     session) by replaying its cached inputs through that stage only;
   - `begin`: stream the step's chunks through the hops, pipelined (`pipeline.Pass`); the final
     hop samples the last position and returns the token.
+
+A session's interventions (`sess.edits`) reach each hop whose layers they name in its WORK
+frames: in full until the hop has answered one (`sess.hop_edits`), then by key only.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from ds4jax.bridge.coordinator.pipeline import Pass
 from ds4jax.wire import protocol, tensors
 from ds4jax.wire.errors import LinkLost, ProtocolError
 from ds4jax.runtime.capture import CaptureError
+from ds4jax.runtime.edits import EditError
 from ds4jax.runtime.session import RouteSession
 from ds4jax.runtime.step import Chunk
 from ds4jax.runtime.types import HopTelemetry
@@ -72,6 +76,14 @@ class RemoteHops:
     if old:
       raise CaptureError(f"{old[0]!r} cannot capture (its worker predates capture)")
 
+  def check_edits(self, edits) -> None:
+    """Edits of a hop's layers need its worker to know the WORK `ed` field (HELLO caps
+    "edits"): an older worker would ignore them."""
+    old = [hop for hop in self.hops if edits.touches(hop.layers)
+           and "edits" not in hop.hello.get("caps", ())]
+    if old:
+      raise EditError(f"{old[0]!r} cannot take interventions (its worker predates them)")
+
   def begin(self, sess: RouteSession, params, step: int, top_logprobs: int,
             return_logits: bool, n_chunks: int, capture=None) -> "_Stream":
     extra = _sampling_fields(params, step, top_logprobs, return_logits)
@@ -79,13 +91,16 @@ class RemoteHops:
 
   def _done(self, sess: RouteSession, hops, i: int, c: Chunk, f: protocol.Frame) -> None:
     sess.held[hops[i].wid] = c.pos0 + len(c.tokens)
+    if sess.edits is not None and sess.edits.touches(hops[i].layers):
+      sess.hop_edits[hops[i].wid] = sess.edits.key  # its worker holds them: send the key only
     if i + 1 < len(hops) and f.header.get("kind") == "hidden":
       sess.cache_add(hops[i + 1].layers.start, c.pos0, f.header["x"], f.payload)
 
   def _rebuild(self, sess: RouteSession, hop, lo: int, hi: int) -> None:
     """Replays positions [lo, hi) of the session through `hop` only, from cached inputs."""
     ps = Pass(sess.sid, [hop], window=self.window, extra={}, out_dtype=self._dtype(sess),
-              on_done=lambda i, c, f: self._done(sess, [hop], i, c, f))
+              on_done=lambda i, c, f: self._done(sess, [hop], i, c, f),
+              edits=lambda h: edits_field(sess, h))
     for pos0, desc, data in sess.cache_span(hop.layers.start, lo, hi):
       n = desc["shape"][0]
       c = Chunk(pos0, sess.tokens[pos0:pos0 + n], sess.hashes[pos0], sess.hashes[pos0 + n], "ack")
@@ -114,7 +129,7 @@ class _Stream:
     self.last: Chunk | None = None
     self.ps = Pass(sess.sid, r.hops, window=r.window, extra=self.extra, out_dtype=self.dtype,
                    on_done=lambda i, c, f: r._done(sess, r.hops, i, c, f), direct=self.direct,
-                   capture=self.capture)
+                   capture=self.capture, edits=lambda hop: edits_field(sess, hop))
 
   def acquire(self) -> bool:
     return self.ps.acquire()
@@ -142,6 +157,20 @@ class _Stream:
     tel = [HopTelemetry(str(hop.layers), hop.peer, st.compute_s, st.queue_s, st.bytes_in,
                         st.bytes_out, st.n_tokens) for hop, st in zip(hops, self.ps.stats)]
     return token, logprobs, logits_V, tel
+
+
+def edits_field(sess: RouteSession, hop) -> tuple[dict[str, Any], bytes] | None:
+  """The WORK `ed` field for `hop` (docs/protocol.md §12) and its payload tail: None when the
+  session's edits name none of its layers; the key alone once its worker holds them; else
+  the key, the edits and their values."""
+  edits = sess.edits
+  if edits is None or not edits.touches(hop.layers):
+    return None
+  if sess.hop_edits.get(hop.wid) == edits.key:
+    return {"k": edits.key}, b""
+  items, values = edits.to_wire(hop.layers)
+  descs, data = tensors.encode_named(values)
+  return {"k": edits.key, "e": items, "v": descs}, data
 
 
 def _sampling_fields(sampling, step: int, top_logprobs: int, return_logits: bool,

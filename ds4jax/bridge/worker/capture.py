@@ -2,7 +2,8 @@
 keep, checked before any compute, and the arrays its RESULT carries after its tensor.
 
     req = parse(worker, header, n, lens_bytes)      # None when the frame asks nothing
-    out, named = run(worker, slot, tokens, x, pos0, req)
+    out, kept = work.compute(worker, slot, tokens, x, pos0, req.want, edits)
+    named = pick(worker, out, kept, req)
 
 `cap` = {"n": names to return, "r": chunk rows (absent: all), "li": layers whose hc_out rows
 (f32 [R, C, D] each) follow the activations, for the lens on the stage with the head}.
@@ -78,15 +79,10 @@ def parse(worker, h: dict, n: int, lens_bytes) -> WorkCapture | None:
                      lens_in)
 
 
-def run(worker, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int, req: WorkCapture):
-  """The chunk through the worker's batcher keeping `req.want` -> (out [T, ...] as `compute`
-  returns it, [(name, f32 array [R, ...])] in the order of `req.names`)."""
-  step = worker.runner.max_chunk
-  got = [worker.batcher.run_capture(slot, tokens_T[a:a + step], None if x_TCD is None
-                                    else x_TCD[a:a + step], pos0 + a, req.want)
-         for a in range(0, tokens_T.shape[0], step)]
-  out = got[0][0] if len(got) == 1 else np.concatenate([o for o, _ in got], axis=0)
-  kept = {k: np.concatenate([caps[k] for _, caps in got])[req.rows] for k in got[0][1]}
+def pick(worker, out, kept: dict[str, np.ndarray], req: WorkCapture):
+  """The arrays `req` names from a computed chunk (`work.compute`'s out [T, ...] and kept
+  points [T, ...]) -> [(name, f32 array [R, ...])] in the order of `req.names`."""
+  kept = {k: v[req.rows] for k, v in kept.items()}
   named = []
   for key in req.names:
     point, il = split_point_name(key)
@@ -98,7 +94,7 @@ def run(worker, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int, req: WorkCapt
     else:
       v = kept[key]
     named.append((key, np.asarray(v, np.float32)))
-  return out, named
+  return named
 
 
-__all__ = ["WorkCapture", "parse", "run"]
+__all__ = ["WorkCapture", "parse", "pick"]

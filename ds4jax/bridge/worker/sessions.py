@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+from typing import Any
 
 from ds4jax.wire import protocol
 from ds4jax.wire.errors import PrefixMismatch
@@ -28,6 +29,8 @@ class Session:
   tokens: list[int] = dataclasses.field(default_factory=list)
   hashes: list[int] = dataclasses.field(default_factory=lambda: [protocol.FNV_INIT])
   busy: bool = False  # between prepare and commit/release: not evictable
+  edits: Any = None  # the runtime.edits.Interventions its state is computed under
+  edits_key: str | None = None  # the coordinator's key for them
 
   @property
   def n(self) -> int:

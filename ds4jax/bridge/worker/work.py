@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ds4jax.bridge.worker import capture
+from ds4jax.bridge.worker import capture, edits
 from ds4jax.wire import protocol, tensors
 from ds4jax.wire.errors import PrefixMismatch, ProtocolError
 from ds4jax.wire.protocol import field
@@ -54,7 +54,8 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   if hashes[-1] != ha:
     raise ProtocolError("work token prefix hash metadata mismatch")
   x = None
-  rest = memoryview(f.payload)[4 * n:]
+  # Interventions (docs/protocol.md §12): their values end the payload.
+  ed, rest = edits.parse(worker, h, memoryview(f.payload)[4 * n:])
   if not worker.layers.embeds:
     # WORK names only the wire dtype; the shape is this stage's input shape for n tokens
     # (check_desc checks the dtype, decode the payload length).
@@ -71,13 +72,14 @@ def run_work(worker, f: protocol.Frame, t_recv: float) -> tuple[dict[str, Any], 
   s, evicted = worker.sessions.prepare(sid, pos0, hb_)
   for old in evicted:
     log.info("evicted session %s (limit %d)", old, worker.sessions.limit)
+  edits.bind(worker, s, ed)
   t1 = time.monotonic()
   named = None
   try:
-    if cap is None:
-      out = compute(worker, s.slot, tokens, x, pos0)
-    else:
-      out, named = capture.run(worker, s.slot, tokens, x, pos0, cap)
+    out, kept = compute(worker, s.slot, tokens, x, pos0, frozenset() if cap is None
+                        else cap.want, s.edits)
+    if cap is not None:
+      named = capture.pick(worker, out, kept, cap)
   except StateLost as e:  # the pool was rebuilt after another call failed
     worker.sessions.drop(sid)
     raise PrefixMismatch(f"session {sid} lost its state on this worker ({e})") from None
@@ -114,14 +116,25 @@ def request_ids(h: dict[str, Any]) -> tuple[int, str]:
   return req, sid
 
 
-def compute(worker, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int) -> np.ndarray:
+def compute(worker, slot: int, tokens_T: np.ndarray, x_TCD, pos0: int, want=frozenset(),
+            edits=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """tokens [T] (+ activations [T, C, D]) through the worker's batcher, in pieces of at most
-  the runner's max_chunk; -> float32 [T, V] logits (head) or [T, C, D]."""
+  the runner's max_chunk, keeping the points `want` ((point, layer) pairs) and applying the
+  session's `edits` (runtime.edits.Interventions); -> (float32 [T, V] logits (head) or
+  [T, C, D], {"{point}.{layer}": [T, ...]})."""
   step = worker.runner.max_chunk
-  outs = [worker.batcher.run(slot, tokens_T[a:a + step], None if x_TCD is None
-                             else x_TCD[a:a + step], pos0 + a)
-          for a in range(0, tokens_T.shape[0], step)]
-  return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+  outs, kept = [], []
+  for a in range(0, tokens_T.shape[0], step):
+    toks, xa = tokens_T[a:a + step], None if x_TCD is None else x_TCD[a:a + step]
+    cut = None if edits is None else edits.for_chunk(worker.layers, pos0 + a, len(toks))
+    if want or cut:
+      o, caps = worker.batcher.run_capture(slot, toks, xa, pos0 + a, want, cut or None)
+    else:
+      o, caps = worker.batcher.run(slot, toks, xa, pos0 + a), {}
+    outs.append(o)
+    kept.append(caps)
+  out = outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)
+  return out, {k: np.concatenate([caps[k] for caps in kept]) for k in kept[0]}
 
 
 @functools.cache

@@ -30,7 +30,8 @@ from ds4jax.config import LayerRange
 from ds4jax.runtime.batching import StageBatcher, warmup_batched
 
 log = logging.getLogger("ds4jax.bridge.worker")
-CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch", "capture")
+CAPABILITIES = ("sample", "logits", "rewind", "ack_only", "telemetry", "batch", "capture",
+                "edits")
 
 
 @dataclasses.dataclass
