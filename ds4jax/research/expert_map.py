@@ -28,23 +28,39 @@ import numpy as np
 
 from ds4jax.config import point_name
 from ds4jax.research import prompt_sets
-from ds4jax.runtime.capture import CaptureSpec
 
 FORMAT = "ds4-expert-steering-v1"
 _log = logging.getLogger("ds4jax")
 
 
 def routed_layers(cfg, layers: str | Sequence[int] = "all") -> tuple[int, ...]:
-  """The layers a map steers: "all" (every routed layer), "A:B" (inclusive) or "i,j,...";
-  a layer outside the model or a hash-routed one is a one-line error."""
-  if isinstance(layers, str) and layers.strip() == "all":
-    return tuple(il for il in range(cfg.n_layers) if not cfg.is_hash_layer(il))
-  got = CaptureSpec.parse("router_ids", layers).resolve(cfg).layers
-  hashed = [il for il in got if cfg.is_hash_layer(il)]
+  """The layers a map steers: "all" (every routed layer), or a comma list of layers and
+  inclusive ranges ("3-42" as ds4 writes it, or "3:42"); a layer outside the model or a
+  hash-routed one is a one-line error."""
+  if isinstance(layers, str):
+    if layers.strip() == "all":
+      return tuple(il for il in range(cfg.n_layers) if not cfg.is_hash_layer(il))
+    got = set()
+    for part in (p.strip() for p in layers.split(",") if p.strip()):
+      a, _, b = part.replace(":", "-").partition("-")
+      try:
+        lo, hi = int(a), int(b or a)
+      except ValueError:
+        raise ValueError(f"bad layer list {layers!r} (expected all, or e.g. 3-42 or 1,3)") \
+            from None
+      got.update(range(min(lo, hi), max(lo, hi) + 1))
+  else:
+    got = {int(il) for il in layers}
+  if not got:
+    raise ValueError(f"the layer list {layers!r} names no layer")
+  bad = [il for il in sorted(got) if not 0 <= il < cfg.n_layers]
+  if bad:
+    raise ValueError(f"layer {bad[0]} is out of range: the model has layers 0..{cfg.n_layers - 1}")
+  hashed = [il for il in sorted(got) if cfg.is_hash_layer(il)]
   if hashed:
     raise ValueError(f"layer {hashed[0]} routes by token hash: expert steering does not apply "
                      f"(routed layers: {cfg.n_hash_layers}..{cfg.n_layers - 1})")
-  return tuple(got)
+  return tuple(sorted(got))
 
 
 def expert_counts(lab, prompt: str | Sequence[int], layers: Sequence[int], *,
