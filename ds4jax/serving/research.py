@@ -170,7 +170,8 @@ class Research:
                                capture.get("positions", "all"),
                                self.max_capture_bytes).resolve(self.cfg)
     except (CaptureError, TypeError) as e:
-      raise BadRequest(f"capture: {e}") from None
+      msg = str(e)
+      raise BadRequest(msg if "capture" in msg else f"capture: {msg}") from None
     n_new = max(1, min(int(max_new_tokens), int(ctx) - int(n_prompt) + 1))
     end = int(n_prompt) + n_new - 1  # positions 0 .. end-1 run through the model
     if spec.positions == "all":

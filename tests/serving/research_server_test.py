@@ -15,6 +15,7 @@ import json
 
 import httpx
 import numpy as np
+import openai
 import pytest
 
 from ds4jax import build
@@ -135,6 +136,12 @@ def test_request_steering_and_capture_in_process(model, ref):
     assert text == want.text
     _same_capture(got, want.captured)
     assert "capture" not in _post(c).json()  # only when asked
+    # The openai client: the fields in extra_body, the capture in model_extra.
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0,
+                                  extra_body={"steering": STEER, "capture": CAPTURE})
+    assert r.choices[0].text == steered
+    _same_capture(r.model_extra["capture"], ref(edits=steer, capture=spec).captured)
 
     # Different steering at once: each equals its result alone.
     kinds = [None, STEER, {"expert_steering_file": "e.f32", "expert_steering_scale": 1e6}]
