@@ -115,7 +115,8 @@ class Research:
       if not opts.get(file):
         bad = [s for s in scales if given.get(s)]
         if bad:
-          raise BadRequest(f"steering: {bad[0]} needs {file} (this server has none)")
+          raise BadRequest(f"steering: {bad[0]} needs {file} (neither the request nor the "
+                           "server gives one)")
       if not opts.get(file) or not any(vals):
         for k in (file, *scales):
           opts.pop(k, None)

@@ -106,7 +106,7 @@ def _same_capture(got, want):
   got = decode_captured(got)
   assert sorted(got.keys()) == sorted(want.keys())
   np.testing.assert_array_equal(got.positions, want.positions)
-  for k in want.keys():
+  for k in want.arrays:
     assert got[k].dtype == want[k].dtype and got[k].shape == want[k].shape, k
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 

@@ -148,7 +148,7 @@ def test_captured_encoding_round_trips():
   assert enc["arrays"]["router_ids.2"]["dtype"] == "int32"
   back = decode_captured(enc)
   assert back.positions.tolist() == [0, 1, 2] and sorted(back.keys()) == sorted(cap.keys())
-  for k in cap.keys():
+  for k in cap.arrays:
     np.testing.assert_array_equal(back[k], cap[k])
     assert back[k].dtype == cap[k].dtype
 
@@ -166,8 +166,8 @@ def test_request_fields_and_their_trip_to_the_model_process():
   for bad in [dict(steering={"dir_steering_file": "../x.f32"}),
               dict(steering={"dir_steering_ffn": "lots"}),
               dict(steering={"dir_steering_scale": 1}),
-              dict(capture={"points": "nope"}), dict(capture={"points": "ffn_out", "layers": "a:b"}),
-              dict(capture={"layers": "1"})]:
+              dict(capture={"points": "nope"}),
+              dict(capture={"points": "ffn_out", "layers": "a:b"}), dict(capture={"layers": "1"})]:
     with pytest.raises(pydantic.ValidationError):
       schemas.CompletionRequest(**body, **bad)
   job = generation.GenerationJob(prompt="x", messages=None, max_tokens=3,
