@@ -10,6 +10,9 @@ r"""Serves a ds4 GGUF over an OpenAI-compatible HTTP API, whole or as the coordi
     curl -s localhost:8000/health
     curl -s localhost:8000/v1/chat/completions -H 'content-type: application/json' \
         -d '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 32}'
+    # ds4 steering flags are every request's default; a request's "steering" overrides them
+    # (files: plain names in --steering_dir) and its "capture" returns named points.
+    python scripts/serve.py --gguf=tiny --dir_steering_file=dir.f32 --steering_dir=steer/
 
 The model runs in a child process (`ds4jax.serving.model_proc`) so that JAX compilation never
 stalls `/health`; `--in_process` keeps it in this one. Once both sockets are bound it prints
@@ -50,17 +53,19 @@ def _exit_cleanly(signum, frame):
 
 
 def _in_process(gguf: str):
-  """(backend, tokenizer, listen, close) with the model in this process."""
+  """(backend, tokenizer, listen, close, research) with the model in this process."""
   from ds4jax.runtime import sources
   cli.enable_compilation_cache(cli.option("cache_dir"))
+  research = model_proc.research_from_flags(gguf)  # a bad steering file fails before the load
   backend, close = cli.build_backend()
   address = getattr(backend, "address", None)
   listen = f"{address[0]}:{address[1]}" if address else None
-  return backend, sources.open_tokenizer(gguf), listen, close
+  return backend, sources.open_tokenizer(gguf), listen, close, research
 
 
 def _child_process():
-  """(model process, None, listen, close): the model runs in `serving.model_proc`."""
+  """(model process, None, listen, close, None): the model runs in `serving.model_proc`
+  (with its own steering and capture settings, from the same flags)."""
   from ds4jax.serving.remote import ModelProcess
   model = ModelProcess(sys.argv[1:])
   try:
@@ -68,7 +73,7 @@ def _child_process():
   except BaseException:
     model.close()
     raise
-  return model, None, ready.get("listen"), model.close
+  return model, None, ready.get("listen"), model.close, None
 
 
 def main(argv):
@@ -82,14 +87,15 @@ def main(argv):
 
   sock = _bind(FLAGS.http)  # first: a busy port fails in a second, not after a model load
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
-  backend, tokenizer, listen, close = (_in_process(gguf) if FLAGS.in_process
-                                       else _child_process())
+  backend, tokenizer, listen, close, research = (_in_process(gguf) if FLAGS.in_process
+                                                 else _child_process())
   try:
     name = FLAGS.model_name or os.path.splitext(os.path.basename(gguf))[0]
     timeout = float(cli.option("route_timeout", 60.0))
     app = create_app(backend, tokenizer, name, route_timeout=timeout,
                      max_concurrency=FLAGS.max_concurrency, queue_timeout=FLAGS.queue_timeout,
-                     default_max_tokens=int(cli.option("max_new_tokens", 256)))
+                     default_max_tokens=int(cli.option("max_new_tokens", 256)),
+                     research=research)
     host, port = sock.getsockname()[:2]
     print(f"serving http://{host}:{port} model={name} listen={listen or '-'}", flush=True)
     ok, reason = backend.route_ready() if hasattr(backend, "route_ready") else (True, "")

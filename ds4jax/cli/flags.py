@@ -158,35 +158,24 @@ def define_steering_flags() -> None:
                      "with a file; about 1 steers softly, 1e6 forces on or off).")
 
 
+def steering_options() -> dict:
+  """The ds4 steering flags that were given ({name: value}, `edits.DS4_STEERING_OPTIONS`)."""
+  from ds4jax.runtime.edits import DS4_STEERING_OPTIONS  # deferred: --help imports no numpy
+  return {k: option(k) for k in DS4_STEERING_OPTIONS if option(k) is not None}
+
+
 def steering():
   """The run's ds4 steering (`runtime.edits.Interventions`): directional (--dir_steering_*)
   and expert (--expert_steering_*), checked against --gguf's header (before any load), or
   None."""
   from ds4jax.runtime import sources  # deferred: --help imports no JAX
-  from ds4jax.runtime.edits import Interventions
-  if not any(option(k) is not None for k in ("dir_steering_file", "dir_steering_ffn",
-                                              "dir_steering_attn", "expert_steering_file",
-                                              "expert_steering_scale")):
+  from ds4jax.runtime.edits import ds4_steering_options
+  opts = steering_options()
+  if not opts:
     return None
   from ds4jax.cli.paths import resolve_gguf  # its one-line error for a missing --gguf
   cfg = sources.model_info(resolve_gguf(option("gguf"), option("cache_dir")))[0]
-  path = option("dir_steering_file")
-  ffn, attn = option("dir_steering_ffn"), option("dir_steering_attn")
-  parts = []
-  if path:
-    parts.append(Interventions.ds4_steering(path, cfg, ffn=1.0 if ffn is None else float(ffn),
-                                            attn=0.0 if attn is None else float(attn)))
-  elif ffn is not None or attn is not None:
-    raise ValueError("--dir_steering_ffn/--dir_steering_attn need --dir_steering_file")
-  path, scale = option("expert_steering_file"), option("expert_steering_scale")
-  if path:
-    parts.append(Interventions.ds4_expert_steering(
-        path, cfg, scale=0.01 if scale is None else float(scale)))
-  elif scale is not None:
-    raise ValueError("--expert_steering_scale needs --expert_steering_file")
-  if not parts:
-    return None
-  return Interventions([e for p in parts for e in p.edits]).resolve(cfg)
+  return ds4_steering_options(cfg, opts)
 
 
 def chat_mode(tokenizer) -> bool:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,9 @@ OPS = ("set", "scale", "add", "project")
 POINTS = ("attn_out", "ffn_out", "hc_out", "router_select")
 # Forcing or banning an expert adds this to its selection score (far above any score).
 FORCE = 1e6
+# ds4's steering options (its flag names in absl spelling), as scripts and the server take them.
+DS4_STEERING_OPTIONS = ("dir_steering_file", "dir_steering_ffn", "dir_steering_attn",
+                        "expert_steering_file", "expert_steering_scale")
 
 
 class EditError(ValueError):
@@ -282,4 +285,34 @@ class Interventions:
     return cls(edits).resolve(cfg)
 
 
-__all__ = ["Edit", "EditError", "FORCE", "Interventions", "OPS", "POINTS"]
+def ds4_steering_options(cfg: ModelConfig, options: Mapping[str, Any], *,
+                         prefix: str = "--") -> Interventions | None:
+  """ds4's steering from its options (`DS4_STEERING_OPTIONS`: a directional file with its
+  FFN / attention scales, defaults 1 and 0; an expert map with its scale, default 0.01),
+  both summed, resolved against `cfg`; None without a file. A scale without its file is a
+  one-line EditError naming the options with `prefix` ("--" for flags)."""
+  unknown = sorted(set(options) - set(DS4_STEERING_OPTIONS))
+  if unknown:
+    raise EditError(f"unknown steering option {prefix}{unknown[0]} (known: "
+                    f"{', '.join(prefix + k for k in DS4_STEERING_OPTIONS)})")
+  get = lambda k, default=None: default if options.get(k) is None else options[k]  # noqa: E731
+  parts = []
+  if get("dir_steering_file"):
+    parts.append(Interventions.ds4_steering(
+        get("dir_steering_file"), cfg, ffn=float(get("dir_steering_ffn", 1.0)),
+        attn=float(get("dir_steering_attn", 0.0))))
+  elif get("dir_steering_ffn") is not None or get("dir_steering_attn") is not None:
+    raise EditError(f"{prefix}dir_steering_ffn/{prefix}dir_steering_attn need "
+                    f"{prefix}dir_steering_file")
+  if get("expert_steering_file"):
+    parts.append(Interventions.ds4_expert_steering(
+        get("expert_steering_file"), cfg, scale=float(get("expert_steering_scale", 0.01))))
+  elif get("expert_steering_scale") is not None:
+    raise EditError(f"{prefix}expert_steering_scale needs {prefix}expert_steering_file")
+  if not parts:
+    return None
+  return Interventions([e for p in parts for e in p.edits]).resolve(cfg)
+
+
+__all__ = ["DS4_STEERING_OPTIONS", "Edit", "EditError", "FORCE", "Interventions", "OPS",
+           "POINTS", "ds4_steering_options"]

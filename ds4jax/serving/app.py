@@ -11,6 +11,9 @@ events or not), `GET /v1/models`, `GET /health` (route state, workers, sessions;
 A request first waits for a complete route (up to `route_timeout`, polling without blocking the
 loop), then for a generation slot, then generates in its own thread as its own backend session.
 Route timeout -> HTTP 503 with the missing layers; bad body -> HTTP 400; wrong model -> 404.
+Both generation endpoints take two extensions (serving/research.py): `steering` (ds4's
+options over the server's flags) and `capture` (named points, returned as `capture` in the
+completion or the stream's final chunk); a bad one is HTTP 400 before any compute.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ds4jax.serving import schemas
 from ds4jax.serving.engine import Busy, Engine, RouteNotReady, SessionTracker
 from ds4jax.serving.generation import Finished, GenerationJob, Piece, Stepped, make_work
 from ds4jax.serving.metrics import Metrics
+from ds4jax.serving.research import BadRequest, Research
 
 log = logging.getLogger("ds4jax.serving")
 
@@ -47,22 +51,26 @@ def _route_error_kind(exc: BaseException) -> bool:
 class InProcess(SessionTracker):
   """The model in the server's own process: a Backend plus what turns a job into work."""
 
-  def __init__(self, backend, tokenizer, generator_cls, serialize_steps: bool = False):
+  def __init__(self, backend, tokenizer, generator_cls, serialize_steps: bool = False,
+               research: Optional[Research] = None):
     super().__init__(backend, serialize_steps=serialize_steps)
     self.tokenizer = tokenizer
     self.generator_cls = generator_cls
+    # Requests may steer and capture by default; a backend without a config refuses both.
+    self.research = research or Research(getattr(backend, "cfg", None))
 
   def n_open(self) -> int:
     return len(self.open)
 
   def make_work(self, job: GenerationJob):
-    return make_work(self, self.tokenizer, job, self.generator_cls)
+    return make_work(self, self.tokenizer, job, self.generator_cls, self.research)
 
 
 def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout: float = 60.0,
                max_concurrency: int = 8, default_max_tokens: int = 256,
                serialize_steps: bool = False, generator_cls=None,
-               queue_timeout: float = 30.0) -> fastapi.FastAPI:
+               queue_timeout: float = 30.0,
+               research: Optional[Research] = None) -> fastapi.FastAPI:
   """Builds the server around a `Backend` (LocalBackend or Coordinator) and its tokenizer.
 
   Args:
@@ -77,6 +85,9 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     default_max_tokens: chat completion length when the request gives none.
     serialize_steps: one `step` at a time, for backends that are not thread-safe.
     generator_cls: `(backend, tokenizer) -> Generator`; defaults to `generate.loop.Generator`.
+    research: the in-process model's default steering and capture limit
+      (`research.Research`; default: no steering, captures up to 64 MiB). A ModelProcess
+      has its own, from its flags.
   """
   metrics = Metrics()
   if hasattr(backend, "make_work"):
@@ -84,7 +95,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
   else:
     if generator_cls is None:
       from ds4jax.generate.loop import Generator as generator_cls
-    tracked = InProcess(backend, tokenizer, generator_cls, serialize_steps)
+    tracked = InProcess(backend, tokenizer, generator_cls, serialize_steps, research)
   engine = Engine(tracked, route_timeout=route_timeout, max_concurrency=max_concurrency,
                   metrics=metrics, queue_timeout=queue_timeout)
   created = int(time.time())
@@ -213,21 +224,25 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
     metrics.count_request(endpoint, 200)
     metrics.observe_duration(endpoint, time.monotonic() - t0)
     if chat:
-      return schemas.chat_completion(rid, model_name, text, fin.finish_reason, use)
-    return schemas.completion(rid, model_name, text, fin.finish_reason, use)
+      out = schemas.chat_completion(rid, model_name, text, fin.finish_reason, use)
+    else:
+      out = schemas.completion(rid, model_name, text, fin.finish_reason, use)
+    if fin.captured is not None:
+      out["capture"] = fin.captured
+    return out
 
   @app.post("/v1/completions")
   async def completions(body: schemas.CompletionRequest, request: fastapi.Request):
     job = GenerationJob(prompt=body.prompt, messages=None,
                         max_tokens=body.max_tokens or default_max_tokens,
-                        sampling=body.sampling(), stop=body.stop_list())
+                        sampling=body.sampling(), stop=body.stop_list(), **body.research())
     return await serve(request, body, job, "/v1/completions", chat=False)
 
   @app.post("/v1/chat/completions")
   async def chat_completions(body: schemas.ChatCompletionRequest, request: fastapi.Request):
     job = GenerationJob(prompt=None, messages=body.message_dicts(),
                         max_tokens=body.max_new_tokens(default_max_tokens),
-                        sampling=body.sampling(), stop=body.stop_list())
+                        sampling=body.sampling(), stop=body.stop_list(), **body.research())
     return await serve(request, body, job, "/v1/chat/completions", chat=True)
 
   return app
@@ -276,6 +291,9 @@ def _generation_error(e: BaseException, endpoint: str, error_response):
   if _route_error_kind(e):
     return error_response(503, f"distributed route lost: {e}", "service_unavailable",
                           "route_unavailable", endpoint=endpoint)
+  if isinstance(e, BadRequest):  # a steering or capture field, before any compute
+    return error_response(400, str(e), "invalid_request_error", "invalid_request",
+                          endpoint=endpoint)
   if isinstance(e, ValueError):  # e.g. prompt longer than the context, bad token id
     return error_response(400, str(e), "invalid_request_error", "invalid_prompt",
                           endpoint=endpoint)
@@ -344,6 +362,13 @@ async def _chain(first: list[Any], events):
     yield ev
 
 
+def _with_capture(chunk: dict[str, Any], fin: Finished) -> dict[str, Any]:
+  """The final chunk of a stream carries the request's capture, if it asked for one."""
+  if fin.captured is not None:
+    chunk["capture"] = fin.captured
+  return chunk
+
+
 def _sse(obj: Any) -> str:
   return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -380,7 +405,8 @@ async def _sse_completion(events, rid, model, include_usage, metrics, endpoint, 
     elif isinstance(ev, Stepped):
       continue
     elif isinstance(ev, Finished):
-      yield _sse(schemas.completion(rid, model, "", ev.finish_reason, created=created))
+      yield _sse(_with_capture(schemas.completion(rid, model, "", ev.finish_reason,
+                                                  created=created), ev))
       if include_usage:
         body = schemas.completion(rid, model, "", None, created=created,
                                   use=schemas.usage(ev.prompt_tokens, ev.completion_tokens))
@@ -401,7 +427,8 @@ async def _sse_chat(events, rid, model, include_usage, metrics, endpoint, t0):
     elif isinstance(ev, Stepped):
       continue
     elif isinstance(ev, Finished):
-      yield _sse(schemas.chat_chunk(rid, model, created, {}, ev.finish_reason))
+      yield _sse(_with_capture(schemas.chat_chunk(rid, model, created, {}, ev.finish_reason),
+                               ev))
       if include_usage:
         yield _sse(schemas.chat_chunk(rid, model, created, None,
                                       use=schemas.usage(ev.prompt_tokens, ev.completion_tokens)))

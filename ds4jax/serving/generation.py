@@ -5,7 +5,10 @@ The work function drives `generate.loop.Generator` (so the server's text is exac
 
   Stepped(n)   after every backend step (the first one marks the end of the prefill),
   Piece(text)  for every streamed text piece,
-  Finished(…)  once, with the finish reason and token counts.
+  Finished(…)  once, with the finish reason, token counts and the asked capture (encoded).
+
+A job's `steering` and `capture` (the request's fields) are resolved by the server's
+`research.Research` before the first step: a bad one is a `BadRequest` and nothing runs.
 
 Cancellation is checked before every backend step: a set flag raises inside the generator's
 loop, whose `finally` closes the session, so a client that leaves frees its KV state at once.
@@ -19,6 +22,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.serving.research import BadRequest, encode_captured
 
 # OpenAI knows "stop" and "length"; the loop's "eos" is a natural stop.
 _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -26,13 +30,20 @@ _FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 @dataclasses.dataclass(frozen=True)
 class GenerationJob:
-  """What to generate: a text or token prompt, or chat messages ({'role', 'content'})."""
+  """What to generate: a text or token prompt, or chat messages ({'role', 'content'}).
+
+  steering: ds4 steering options overriding the server's (`Research.options`); None: the
+    server's own.
+  capture: {"points", "layers", "positions"} to capture (`Research.capture`); None: none.
+  """
 
   prompt: Optional[str | list[int]]
   messages: Optional[list[dict[str, str]]]
   max_tokens: int
   sampling: SamplingParams
   stop: Sequence[str] = ()
+  steering: Optional[dict[str, Any]] = None
+  capture: Optional[dict[str, Any]] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +64,7 @@ class Finished:
   prompt_tokens: int
   completion_tokens: int
   timings: dict[str, float]
+  captured: Optional[dict[str, Any]] = None  # research.encode_captured's form
 
 
 class Cancelled(Exception):
@@ -104,9 +116,10 @@ def prompt_ids(tokenizer, job: GenerationJob) -> Optional[list[int]]:
   return tokenizer.chat_prompt([(m["role"], m["content"]) for m in job.messages])
 
 
-def make_work(backend, tokenizer, job: GenerationJob, generator_cls, edits=None):
-  """The `work(cancel, emit)` function that runs `job` on `backend` in a thread; `edits`:
-  the server's interventions (its ds4 steering flags), on every step."""
+def make_work(backend, tokenizer, job: GenerationJob, generator_cls, research=None):
+  """The `work(cancel, emit)` function that runs `job` on `backend` in a thread; `research`
+  (a `research.Research`) resolves the job's steering (the server's flags by default) and
+  capture. Without one, a job that asks for either is a BadRequest."""
 
   def work(cancel: threading.Event, emit: Callable[[Any], None]) -> None:
     steps = [0]
@@ -116,16 +129,24 @@ def make_work(backend, tokenizer, job: GenerationJob, generator_cls, edits=None)
       emit(Stepped(steps[0], wall_s, tuple(res.telemetry or ())))
 
     gen = generator_cls(_StepHook(backend, cancel, on_step), tokenizer)
+    if job.messages is not None:
+      ids = prompt_ids(tokenizer, job)
+    elif isinstance(job.prompt, str):
+      ids = gen.prompt_ids(job.prompt)
+    else:
+      ids = gen.prompt_ids(prompt_tokens=list(job.prompt))
     kw: dict[str, Any] = dict(max_new_tokens=job.max_tokens, sampling=job.sampling,
                               stop=list(job.stop))
-    if edits is not None:
-      kw["edits"] = edits
-    if job.messages is not None:
-      stream = gen.stream(prompt_tokens=prompt_ids(tokenizer, job), **kw)
-    elif isinstance(job.prompt, str):
-      stream = gen.stream(job.prompt, **kw)
-    else:
-      stream = gen.stream(prompt_tokens=list(job.prompt), **kw)
+    if research is not None:  # before any step: a bad field runs nothing
+      edits = research.edits(job.steering)
+      capture = research.capture(job.capture, len(ids), job.max_tokens, backend.ctx_size)
+      if edits is not None:
+        kw["edits"] = edits
+      if capture is not None:
+        kw["capture"] = capture
+    elif job.steering is not None or job.capture is not None:
+      raise BadRequest("this server takes no steering or capture")
+    stream = gen.stream(prompt_tokens=ids, **kw)
     try:
       for piece in stream:
         emit(Piece(piece))
@@ -134,7 +155,8 @@ def make_work(backend, tokenizer, job: GenerationJob, generator_cls, edits=None)
     finally:
       stream.close()  # a no-op when exhausted; otherwise runs the loop's close_session
     res = stream.result
+    captured = None if res.captured is None else encode_captured(res.captured)
     emit(Finished(_FINISH.get(res.finish_reason, res.finish_reason), len(res.prompt_tokens),
-                  len(res.tokens), dict(res.timings)))
+                  len(res.tokens), dict(res.timings), captured))
 
   return work

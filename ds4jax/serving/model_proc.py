@@ -6,12 +6,15 @@ answers within 100 ms. The server process never imports JAX; it talks to this on
 socketpair with JSON lines (no pickle):
 
   server -> model   {"op": "generate", "rid": R, "job": {...}}   {"op": "cancel", "rid": R}
+                    (a job's optional "steering" and "capture": the request's fields)
                     {"op": "shutdown"}
   model -> server   {"op": "ready", "listen": "HOST:PORT"|null, "model": NAME}
                     {"op": "route", "ok": b, "reason": s, "info": {...}, "missing": [...],
                      "sessions": n}                                 (on change, else every 1 s)
                     {"op": "event", "rid": R, "ev": {"type": "stepped"|"piece"|"finished", ...}}
-                    {"op": "error", "rid": R, "kind": "route"|"value"|"internal", "message": s}
+                    {"op": "error", "rid": R, "kind": "route"|"request"|"value"|"internal",
+                     "message": s}
+  (a "finished" event carries "captured", research.encode_captured's form, when asked)
                     {"op": "done", "rid": R}
 
 Started by `ds4jax.serving.remote.ModelProcess` as
@@ -33,6 +36,7 @@ from absl import flags
 from ds4jax import cli
 from ds4jax.serving import generation
 from ds4jax.serving.engine import SessionTracker
+from ds4jax.serving.research import DEFAULT_MAX_CAPTURE_BYTES, BadRequest, Research
 
 log = logging.getLogger("ds4jax.serving")
 # How often the route is re-checked and pushed to the server (also a push at every change).
@@ -53,8 +57,23 @@ def define_flags() -> None:
                      "(--max_concurrency) before HTTP 429 with Retry-After.", lower_bound=0.0)
   flags.DEFINE_enum("http_log_level", "warning", ["debug", "info", "warning", "error"],
                     "uvicorn's log level (access lines at info).")
+  flags.DEFINE_string("steering_dir", None, "A directory of steering files that requests may "
+                      "name (plain file names in their `steering` field); none: requests may "
+                      "only re-scale the --dir_steering_*/--expert_steering_* files.")
+  flags.DEFINE_float("max_capture_mb", DEFAULT_MAX_CAPTURE_BYTES / 2**20, "The most MiB of "
+                     "captured arrays one response may carry (a request over it: HTTP 400 "
+                     "before any compute); 0 refuses captures.", lower_bound=0.0)
   flags.DEFINE_boolean("in_process", False, "Run the model inside the HTTP server's process "
                        "(saves a process; /health may stall while JAX compiles).")
+
+
+def research_from_flags(gguf: str) -> Research:
+  """The server's `Research` from its flags: the ds4 steering flags as every request's
+  default (a bad file fails here, before any load), --steering_dir, --max_capture_mb."""
+  from ds4jax.runtime import sources
+  cfg = sources.model_info(gguf)[0]
+  return Research(cfg, defaults=cli.steering_options(), steering_dir=flags.FLAGS.steering_dir,
+                  max_capture_bytes=int(flags.FLAGS.max_capture_mb * 2**20))
 
 
 def job_from_dict(d: dict[str, Any]) -> generation.GenerationJob:
@@ -62,7 +81,8 @@ def job_from_dict(d: dict[str, Any]) -> generation.GenerationJob:
   return generation.GenerationJob(prompt=d["prompt"], messages=d["messages"],
                                   max_tokens=int(d["max_tokens"]),
                                   sampling=SamplingParams.from_dict(d["sampling"]),
-                                  stop=tuple(d["stop"]))
+                                  stop=tuple(d["stop"]), steering=d.get("steering"),
+                                  capture=d.get("capture"))
 
 
 def event_to_dict(ev) -> dict[str, Any]:
@@ -71,23 +91,28 @@ def event_to_dict(ev) -> dict[str, Any]:
             "telemetry": [h.to_dict() for h in ev.telemetry]}
   if isinstance(ev, generation.Piece):
     return {"type": "piece", "text": ev.text}
-  return {"type": "finished", "finish_reason": ev.finish_reason,
-          "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-          "timings": ev.timings}
+  out = {"type": "finished", "finish_reason": ev.finish_reason,
+         "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
+         "timings": ev.timings}
+  if ev.captured is not None:
+    out["captured"] = ev.captured
+  return out
 
 
 def error_kind(e: BaseException) -> str:
   if type(e).__name__ == "RouteUnavailable":
     return "route"
+  if isinstance(e, BadRequest):
+    return "request"
   return "value" if isinstance(e, ValueError) else "internal"
 
 
 class ModelServer:
   """The model side of the socketpair: one thread per request, a route pusher, a reader."""
 
-  def __init__(self, conn: socket.socket, backend, tokenizer, generator_cls, edits=None):
+  def __init__(self, conn: socket.socket, backend, tokenizer, generator_cls, research=None):
     self.conn = conn
-    self.edits = edits  # the server's ds4 steering (--dir_steering_*), on every request
+    self.research = research  # the server's default steering, request steering and capture
     self.tracked = SessionTracker(backend)
     self.tokenizer = tokenizer
     self.generator_cls = generator_cls
@@ -125,13 +150,15 @@ class ModelServer:
   def _run(self, rid: str, job: generation.GenerationJob, cancel: threading.Event) -> None:
     try:
       work = generation.make_work(self.tracked, self.tokenizer, job, self.generator_cls,
-                                  self.edits)
+                                  self.research)
       work(cancel, lambda ev: self.send({"op": "event", "rid": rid, "ev": event_to_dict(ev)}))
     except Exception as e:
-      if error_kind(e) == "internal":
+      kind = error_kind(e)
+      if kind == "internal":
         log.exception("generation %s failed", rid)
-      self.send({"op": "error", "rid": rid, "kind": error_kind(e),
-                 "message": f"{type(e).__name__}: {e}"})
+      # A bad request field's message is the client's answer as it stands.
+      message = str(e) if kind == "request" else f"{type(e).__name__}: {e}"
+      self.send({"op": "error", "rid": rid, "kind": kind, "message": message})
     finally:
       self._running.pop(rid, None)
       self.send({"op": "done", "rid": rid})
@@ -173,7 +200,7 @@ def main(argv):
 
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   try:
-    edits = cli.steering()  # a bad file fails before the load
+    research = research_from_flags(gguf)  # a bad steering file fails before the load
     backend, close = cli.build_backend()
   except Exception as e:  # one line to the server, which prints it and exits
     conn.sendall((json.dumps({"op": "failed", "message": cli.one_line(e)}) + "\n").encode())
@@ -182,7 +209,7 @@ def main(argv):
     tokenizer = sources.open_tokenizer(gguf)
     address = getattr(backend, "address", None)
     ready = {"listen": f"{address[0]}:{address[1]}" if address else None}
-    ModelServer(conn, backend, tokenizer, Generator, edits).serve(ready)
+    ModelServer(conn, backend, tokenizer, Generator, research).serve(ready)
   finally:
     close()
 

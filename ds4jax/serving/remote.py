@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from ds4jax.wire.errors import RouteUnavailable
 from ds4jax.serving import generation
+from ds4jax.serving.research import BadRequest
 
 log = logging.getLogger("ds4jax.serving")
 
@@ -42,8 +43,12 @@ def read_messages(conn: socket.socket) -> Iterator[dict[str, Any]]:
 
 
 def _job_to_dict(job: generation.GenerationJob) -> dict[str, Any]:
-  return {"prompt": job.prompt, "messages": job.messages, "max_tokens": job.max_tokens,
-          "sampling": job.sampling.to_dict(), "stop": list(job.stop)}
+  d = {"prompt": job.prompt, "messages": job.messages, "max_tokens": job.max_tokens,
+       "sampling": job.sampling.to_dict(), "stop": list(job.stop)}
+  for k in ("steering", "capture"):
+    if getattr(job, k) is not None:
+      d[k] = getattr(job, k)
+  return d
 
 
 def _event(d: dict[str, Any]):
@@ -53,12 +58,14 @@ def _event(d: dict[str, Any]):
   if kind == "piece":
     return generation.Piece(d["text"])
   return generation.Finished(d["finish_reason"], d["prompt_tokens"], d["completion_tokens"],
-                             d["timings"])
+                             d["timings"], d.get("captured"))
 
 
 def _error(kind: str, message: str) -> Exception:
   if kind == "route":
     return RouteUnavailable(message)
+  if kind == "request":
+    return BadRequest(message)
   if kind == "value":
     return ValueError(message)
   return RuntimeError(message)

@@ -16,7 +16,9 @@ from typing import Any, Callable, Literal, Optional, Union
 import pydantic
 from pydantic import Field
 
+from ds4jax.runtime.capture import CaptureError, CaptureSpec
 from ds4jax.runtime.sampling import SamplingParams
+from ds4jax.serving.research import plain_name
 
 # Generation bounds. The context window caps the real length; this only rejects absurd values.
 MAX_TOKENS_LIMIT = 1 << 20
@@ -45,6 +47,48 @@ class StreamOptions(_Body):
   include_usage: bool = False
 
 
+_Scale = Optional[float]
+
+
+class Steering(_Body):
+  """The `steering` extension: ds4's options, each overriding the server's flag of that name
+  (docs/serving.md). Files are plain names in the server's --steering_dir; a file of null
+  turns that file off; scales of 0 turn their file off."""
+
+  dir_steering_file: Optional[str] = None
+  dir_steering_ffn: _Scale = Field(default=None, allow_inf_nan=False)
+  dir_steering_attn: _Scale = Field(default=None, allow_inf_nan=False)
+  expert_steering_file: Optional[str] = None
+  expert_steering_scale: _Scale = Field(default=None, allow_inf_nan=False)
+
+  @pydantic.field_validator("dir_steering_file", "expert_steering_file")
+  @classmethod
+  def _plain(cls, v):
+    if v is not None and not plain_name(v):
+      raise ValueError(f"a plain file name in the server's --steering_dir, got {v!r}")
+    return v
+
+  def options(self) -> dict[str, Any]:
+    """The options the request gave (an explicit null included)."""
+    return self.model_dump(exclude_unset=True)
+
+
+class Capture(_Body):
+  """The `capture` extension: generate.py's --capture / --capture_layers spellings."""
+
+  points: Union[str, list[str]]  # "ffn_out,router_ids" or a list of names
+  layers: Union[str, list[int]] = "all"  # "all", "A:B" (inclusive), "i,j" or a list
+  positions: Union[str, list[int]] = "all"  # "all", "last", "A:B", "i,j" or a list
+
+  @pydantic.model_validator(mode="after")
+  def _parse(self):
+    try:
+      CaptureSpec.parse(self.points, self.layers, self.positions)
+    except CaptureError as e:
+      raise ValueError(str(e)) from None
+    return self
+
+
 class _Sampling(_Body):
   """Fields shared by both endpoints."""
 
@@ -63,6 +107,9 @@ class _Sampling(_Body):
   frequency_penalty: float = 0.0
   logit_bias: Optional[dict[str, float]] = None
   user: Optional[str] = None
+  # Extensions (docs/serving.md): absent steering = the server's; null = none.
+  steering: Optional[Steering] = None
+  capture: Optional[Capture] = None
 
   _one_choice = _refuse("n", message="only n=1 is supported", accept=lambda v: v == 1)
   _no_penalty = _refuse("presence_penalty", "frequency_penalty",
@@ -94,6 +141,17 @@ class _Sampling(_Body):
 
   def include_usage(self) -> bool:
     return bool(self.stream_options and self.stream_options.include_usage)
+
+  def research(self) -> dict[str, Any]:
+    """The job's `steering` (None: the server's; null: every file off) and `capture`."""
+    if "steering" not in self.model_fields_set:
+      steering = None
+    elif self.steering is None:
+      steering = {"dir_steering_file": None, "expert_steering_file": None}
+    else:
+      steering = self.steering.options()
+    capture = None if self.capture is None else self.capture.model_dump()
+    return {"steering": steering, "capture": capture}
 
 
 class CompletionRequest(_Sampling):

@@ -3,7 +3,6 @@ with the model server in a thread over the fake backend: the server's request pa
 snapshots, cancellation and error mapping, without a JAX process."""
 
 import json
-import threading
 import time
 
 import httpx
@@ -11,57 +10,20 @@ import openai
 import pytest
 
 from ds4jax.generate.loop import Generator
-from ds4jax.serving import model_proc
 from ds4jax.serving.app import create_app
-from ds4jax.serving.remote import ModelProcess
 
-from serving_fakes import FakeBackend, serve_in_thread, tiny_tokenizer
+from serving_fakes import FakeBackend, linked_model, serve_in_thread, tiny_tokenizer
 
 MODEL = "tiny-remote"
 
 
-class _Proc:
-  """Stands in for the child's Popen: 'exits' when the model server thread returns."""
-
-  def __init__(self):
-    self.returncode = None
-    self.exited = threading.Event()
-
-  def wait(self, timeout=None):
-    if not self.exited.wait(timeout):
-      import subprocess
-      raise subprocess.TimeoutExpired("model", timeout)
-    self.returncode = 0
-    return 0
-
-  def terminate(self):
-    self.exited.set()
-
-  kill = terminate
-
-
 @pytest.fixture
 def linked():
-  import socket
   tok = tiny_tokenizer()
   backend = FakeBackend(ready=False, step_s=0.01, eos=False)
-  ours, theirs = socket.socketpair()
-  proc = _Proc()
-  server = model_proc.ModelServer(theirs, backend, tok, Generator)
-
-  def run():
-    try:
-      server.serve({"listen": "127.0.0.1:1"})
-    finally:
-      theirs.close()
-      proc.exited.set()
-
-  threading.Thread(target=run, daemon=True).start()
-  model = ModelProcess([], _attach=(ours, proc))
-  assert model.wait_ready(10) == {"op": "ready", "listen": "127.0.0.1:1"}
-  with serve_in_thread(create_app(model, None, MODEL, route_timeout=1.0)) as url:
+  with linked_model(backend, tok) as model, \
+      serve_in_thread(create_app(model, None, MODEL, route_timeout=1.0)) as url:
     yield backend, model, url, tok
-  model.close()
 
 
 def _route_complete(url):

@@ -59,3 +59,15 @@ def test_model_process_failure_reaches_the_server(tmp_path):
   finally:
     model.close()
   assert model.proc.returncode not in (None, 0)
+
+
+@pytest.mark.parametrize("mode", [[], ["--in_process"]])
+def test_bad_steering_dir_fails_before_the_load(mode, tiny_gguf, tmp_path):
+  """--steering_dir (the files requests may name) is checked at start, in either process."""
+  r = _serve(f"--gguf={tiny_gguf}", "--http=127.0.0.1:0", f"--steering_dir={tmp_path}/nope",
+             f"--cache_dir={tmp_path}", *mode)
+  assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+  err = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+  # The model process's own line, then the server's (the same message).
+  assert err and all(f"--steering_dir is not a directory: {tmp_path}/nope" in line
+                     for line in err)

@@ -5,12 +5,17 @@ the whole transcript (so a session that lost or mixed state would produce differ
 steps take `step_s` seconds, and the route is incomplete ("missing layer 2") until
 `join()` is called. It records every session it opens and closes. A test can hold every step
 (`hold`, an Event the steps wait for) and wait for one to be under way (`in_step`).
+
+`linked_model` runs `model_proc.ModelServer` over any backend in a thread, joined to a
+`ModelProcess` by a real socketpair: the server's model-process path without a child.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import socket
+import subprocess
 import threading
 import time
 
@@ -134,3 +139,49 @@ def serve_in_thread(app, port: int | None = None):
   finally:
     server.should_exit = True
     thread.join(10)
+
+
+class FakeProc:
+  """Stands in for the child's Popen: 'exits' when the model server thread returns."""
+
+  def __init__(self):
+    self.returncode = None
+    self.exited = threading.Event()
+
+  def wait(self, timeout=None):
+    if not self.exited.wait(timeout):
+      raise subprocess.TimeoutExpired("model", timeout)
+    self.returncode = 0
+    return 0
+
+  def terminate(self):
+    self.exited.set()
+
+  kill = terminate
+
+
+@contextlib.contextmanager
+def linked_model(backend, tokenizer, research=None, listen: str = "127.0.0.1:1"):
+  """A `ModelProcess` whose model server (over `backend`, with `research`) runs in a thread
+  of this process; yields it once ready, closes it after."""
+  from ds4jax.generate.loop import Generator
+  from ds4jax.serving import model_proc
+  from ds4jax.serving.remote import ModelProcess
+  ours, theirs = socket.socketpair()
+  proc = FakeProc()
+  server = model_proc.ModelServer(theirs, backend, tokenizer, Generator, research)
+
+  def run():
+    try:
+      server.serve({"listen": listen})
+    finally:
+      theirs.close()
+      proc.exited.set()
+
+  threading.Thread(target=run, daemon=True).start()
+  model = ModelProcess([], _attach=(ours, proc))
+  try:
+    assert model.wait_ready(10) == {"op": "ready", "listen": listen}
+    yield model
+  finally:
+    model.close()
