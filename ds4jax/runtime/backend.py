@@ -5,9 +5,9 @@ hops only, the `Coordinator` (bridge/coordinator/) has its local hop and a `Down
 worker links. This class owns what they share: the session table, the sessions' slots in
 every local hop's `StageBatcher` pool (least recently used idle sessions give theirs up),
 the checks on a transcript, the retry loop around `step.run_step`, `step_many`, session
-export/import for snapshots, and ds4's disk KV cache around a step (`kv_disk`). A subclass provides the downstream and its recovery rules
-through the `_downstream`, `_leases` and `_recoverable` hooks; the algorithm never calls
-back into it.
+export/import for snapshots, and ds4's disk KV cache around a step (`kv_disk`). A subclass
+provides the downstream and its recovery rules through the `_downstream`, `_leases` and
+`_recoverable` hooks; the algorithm never calls back into it.
 
 Steps of different sessions run concurrently (one caller thread each): their decode tokens
 run as one batched call at every local stage. One session's steps are serialized.
