@@ -374,10 +374,11 @@ class RouteBackend:
     sess.edits_key = key  # the state was computed under these edits
 
   def _disk_store(self, sess: RouteSession, tokens: list[int], n_computed: int, edits) -> None:
-    """After a prefill: stores the state at its last chunk boundary, unless that state was
-    there before this step (then it is stored already) or is on disk (sess.lock held)."""
+    """After a prefill: stores the state at its last chunk boundary before the transcript's
+    last token (so the same prompt again finds it), unless that state was there before this
+    step (then it is stored already) or is on disk (sess.lock held)."""
     tag = "" if edits is None else edits.key
-    n = len(tokens) // self.kv_disk.every * self.kv_disk.every
+    n = (len(tokens) - 1) // self.kv_disk.every * self.kv_disk.every
     if n <= len(tokens) - n_computed:
       return
     if self.kv_disk.has(tokens[:n], tag):

@@ -74,9 +74,11 @@ def test_hit_miss_and_partial_prefix(make_runner, plain, tmp_path, caplog):
   assert part.n_computed == 18 and part.token == first_step(plain, other).token
   assert be.kv_disk.has(other[:48])
   # Diverging before the first boundary: a miss (its 16 tokens are stored). Exactly a
-  # boundary long: the last token is always computed, so the 32-token entry serves 33 tokens.
+  # boundary long: the last token is always computed, so the 32-token entry serves 33 tokens
+  # and up; 32 tokens store (and then find) the state of 16.
   assert first_step(be, PROMPT[:5] + [7] * 20).n_computed == 25
-  assert first_step(be, PROMPT[:32]).n_computed == 32
+  assert first_step(be, PROMPT[:32]).n_computed == 32 and be.kv_disk.has(PROMPT[:16])
+  assert first_step(be, PROMPT[:32]).n_computed == 16
   assert first_step(be, PROMPT[:33]).n_computed == 1
   # A session that holds more than the disk has is not touched; decode steps store nothing.
   sid = be.new_session()
@@ -86,7 +88,7 @@ def test_hit_miss_and_partial_prefix(make_runner, plain, tmp_path, caplog):
     tr.append(res.token)
   assert res.n_computed == 1
   be.close_session(sid)
-  assert be.kv_disk.stats["stores"] == 3 and not warnings_of(caplog)
+  assert be.kv_disk.stats["stores"] == 4 and not warnings_of(caplog)
   be.close()
   # Another process (here: another cache object on the same directory) finds the entries.
   with cached(make_runner, tmp_path) as again:
