@@ -193,6 +193,8 @@ class KVDiskCache:
                      self.space_bytes / 2**20)
       return False
     with self._lock:
+      if (d / snapshots.MANIFEST).is_file():  # another session stored it meanwhile
+        return False
       self._evict(self.space_bytes - size, keep=d.name)
       try:
         snapshots.write_snapshot(d, cfg=self.cfg, fingerprint=self.fingerprint, tokens=tokens,
