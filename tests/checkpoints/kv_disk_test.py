@@ -224,3 +224,19 @@ def test_through_a_bridge_split_and_back(make_runner, plain, tmp_path, caplog):
   finally:
     route.close()
   assert not warnings_of(caplog)
+
+
+def test_a_steered_state_has_its_own_entries(make_runner, tmp_path):
+  """A state computed under interventions (ds4's steering) is stored under their key: a plain
+  prompt never loads it, the same steering does, with the same logits."""
+  from ds4jax.runtime.edits import Interventions
+  with cached(make_runner, tmp_path / "kv") as be:
+    cfg = be.cfg
+    dirs = np.random.default_rng(5).standard_normal((cfg.n_layers, cfg.d_model))
+    (dirs / np.linalg.norm(dirs, axis=1, keepdims=True)).astype("<f4").tofile(tmp_path / "d")
+    edits = Interventions.ds4_steering(tmp_path / "d", cfg, ffn=2.0)
+    steered = first_step(be, PROMPT, edits=edits)
+    assert first_step(be, PROMPT).n_computed == 40  # not the steered entry
+    again = first_step(be, PROMPT, edits=edits)
+    assert again.n_computed == 8 and again.token == steered.token
+    np.testing.assert_allclose(again.logits_V, steered.logits_V, rtol=0, atol=1e-5)
