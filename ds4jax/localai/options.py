@@ -9,8 +9,10 @@ the error texts of LocalAI PR #10098:
     ds4_listen:HOST:PORT        where workers dial in
     ds4_route_timeout:SECONDS   how long a Predict waits for the route (default 60)
 
-ds4jax adds `ds4_key_file`, `ds4_tls_cert`, `ds4_tls_key`, `ds4_activation_dtype`,
-`ds4_prefill_chunk` (ds4's `prefill_chunk` too) and `ds4_max_concurrency`. Every problem is a
+ds4's `kv_cache_dir:DIR` (relative: to the models directory) is the model process's
+`--kv_disk_dir` (ds4's disk KV cache). ds4jax adds `ds4_key_file`, `ds4_tls_cert`,
+`ds4_tls_key`, `ds4_activation_dtype`, `ds4_prefill_chunk` (ds4's `prefill_chunk` too) and
+`ds4_max_concurrency`. Every problem is a
 `LoadError` with one line, which the server returns as `Result(success=false)`.
 
 Nothing here imports JAX: it runs in the gRPC process, before the model process starts.
@@ -36,7 +38,7 @@ WIRE_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "int8", "32": "f32", "16": 
                "8": "int8"}
 # ds4 engine knobs with no ds4jax equivalent: accepted (a LocalAI YAML written for ds4 loads)
 # and logged as ignored.
-DS4_ENGINE_KEYS = ("kv_cache_dir", "mtp_path", "mtp_draft", "mtp_margin", "power_percent",
+DS4_ENGINE_KEYS = ("mtp_path", "mtp_draft", "mtp_margin", "power_percent",
                    "warm_weights", "quality", "ssd_streaming", "ssd_streaming_cold",
                    "ssd_streaming_preload_experts", "ssd_streaming_cache_experts",
                    "simulate_used_memory", "expert_profile_path", "ds4_devices")
@@ -68,6 +70,7 @@ class LoadSpec:
   ignored: tuple[str, ...] = ()
   # ds4's directional steering: the file (absolute) and the FFN / attention scales.
   steering: tuple[str, float | None, float | None] | None = None
+  kv_cache_dir: str | None = None  # ds4's disk KV cache (absolute)
 
   def model_args(self, cache_dir: str | None = None) -> list[str]:
     """The command line of the model process (`ds4jax.serving.model_proc`, serve.py's flags)."""
@@ -88,6 +91,8 @@ class LoadSpec:
       args.append(f"--dir_steering_file={path}")
       args += [f"--dir_steering_{k}={v}" for k, v in (("ffn", ffn), ("attn", attn))
                if v is not None]
+    if self.kv_cache_dir:
+      args.append(f"--kv_disk_dir={self.kv_cache_dir}")
     if cache_dir:
       args.append(f"--cache_dir={cache_dir}")
     return args
@@ -122,6 +127,19 @@ def _path_option(opts: dict[str, Any], key: str, model_dir: str) -> str | None:
   path = v if os.path.isabs(v) else os.path.join(model_dir, v)
   if not os.path.isfile(path):
     raise LoadError(f"ds4jax: {key} file not found: {path}")
+  return path
+
+
+def _dir_option(opts: dict[str, Any], key: str, model_dir: str) -> str | None:
+  """A directory the model process creates if missing (`--kv_disk_dir` checks the rest)."""
+  v = opts.get(key)
+  if v is None:
+    return None
+  if not isinstance(v, str) or not v:
+    raise LoadError(f"ds4jax: {key} needs a directory ({key}:DIR)")
+  path = os.path.abspath(os.path.join(model_dir, v))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise LoadError(f"ds4jax: {key} {path} is a file, not a directory")
   return path
 
 
@@ -204,6 +222,7 @@ def load_spec(req) -> LoadSpec:
                 _float_option(opts, "directional_steering_attn"))
   elif any(k in opts for k in ("directional_steering_ffn", "directional_steering_attn")):
     raise LoadError("ds4: directional_steering_ffn/attn need directional_steering_file")
+  kv_cache_dir = _dir_option(opts, "kv_cache_dir", base_dir)
   ignored = tuple(k for k in opts if k in DS4_ENGINE_KEYS)
   for k in ignored:
     log.warning("ignoring ds4 option %s: ds4jax has no equivalent", k)
@@ -217,7 +236,7 @@ def load_spec(req) -> LoadSpec:
                   layers=layers, listen=listen, route_timeout=float(route_timeout),
                   activation_dtype=dtype, key_file=key_file, tls_cert=tls_cert, tls_key=tls_key,
                   prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored,
-                  steering=steering)
+                  steering=steering, kv_cache_dir=kv_cache_dir)
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

@@ -134,7 +134,21 @@ def test_listen_port_in_use(tiny_gguf):
 
 
 def test_ds4_engine_keys_are_known():
-  assert "kv_cache_dir" in options.DS4_ENGINE_KEYS and "mtp_path" in options.DS4_ENGINE_KEYS
+  assert "mtp_path" in options.DS4_ENGINE_KEYS and "ssd_streaming" in options.DS4_ENGINE_KEYS
+
+
+def test_kv_cache_dir_is_the_disk_kv_cache(tiny_gguf, tmp_path):
+  """ds4's kv_cache_dir (relative: to the models dir) becomes the model process's
+  --kv_disk_dir (issue 23 item 3), no longer an ignored key."""
+  spec = load_spec(req(tiny_gguf, "kv_cache_dir:kv", model_path=str(tmp_path)))
+  assert spec.kv_cache_dir == str(tmp_path / "kv") and spec.ignored == ()
+  assert f"--kv_disk_dir={tmp_path / 'kv'}" in spec.model_args()
+  assert not any(a.startswith("--kv_disk") for a in load_spec(req(tiny_gguf)).model_args())
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(LoadError, match="kv_cache_dir .* is a file, not a directory"):
+    load_spec(req(tiny_gguf, "kv_cache_dir:f", model_path=str(tmp_path)))
+  with pytest.raises(LoadError, match="kv_cache_dir needs a directory"):
+    load_spec(req(tiny_gguf, "kv_cache_dir"))
 
 
 def test_tokenizer_process_matches_the_tokenizer(tiny_gguf):
