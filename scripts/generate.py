@@ -64,13 +64,14 @@ def main(argv):
   capture = (CaptureSpec.parse(_CAPTURE.value, _CAPTURE_LAYERS.value) if _CAPTURE.value
              else None)  # a bad point or layer list fails here, before any load
   edits = cli.steering()  # a bad steering file fails here, before any load
-  backend, close = cli.build_backend()
+  gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
+  tokenizer = sources.open_tokenizer(gguf)
+  backend, close = cli.build_backend(prefill_chunk=_prefill_chunk(tokenizer, prompt,
+                                                                  prompt_tokens))
   try:
     if capture is not None:
       capture = capture.resolve(backend.cfg)  # layers past the model: before any compute
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
-    gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
-    tokenizer = sources.open_tokenizer(gguf)
     gen = Generator(backend, tokenizer)
     if cli.option("warmup") and not _LOAD.value:
       # A throwaway 2-token run compiles the prefill and decode shapes (own session).
@@ -119,6 +120,20 @@ def main(argv):
     out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
+
+
+def _prefill_chunk(tokenizer, prompt, prompt_tokens) -> int | None:
+  """This one run's prompt is known before the load, so every stage compiles only the
+  prefill shapes it runs (`runner.prefill_chunk_for`: the same programs, at the same
+  chunking). None (--prefill_chunk as given) for a restored session, whose transcript is
+  not known yet, and with --kv_disk_dir, whose entries sit at --prefill_chunk boundaries."""
+  from ds4jax.runtime.runner import prefill_chunk_for
+  if _LOAD.value or cli.option("kv_disk_dir"):
+    return None
+  ids = prompt_tokens if prompt is None else tokenizer.prompt(
+      prompt, chat=cli.chat_mode(tokenizer), system=cli.option("system"),
+      thinking=bool(cli.option("thinking")))
+  return prefill_chunk_for(len(ids), int(cli.option("prefill_chunk")))
 
 
 def _restore(backend, sid, path, tokenizer, prompt, prompt_tokens) -> list[int]:

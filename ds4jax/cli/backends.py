@@ -16,18 +16,19 @@ from ds4jax.cli.flags import kv_disk_options, option, weight_options
 from ds4jax.cli.paths import resolve_gguf
 
 
-def build_backend():
+def build_backend(*, prefill_chunk: int | None = None):
   """The backend the run options ask for, compiled for every shape it serves: a
   `LocalBackend` without --listen (--layers: one range, or several comma-separated for an
   in-process split), else a listening `Coordinator` for --layers (0:K); with
-  --kv_disk_dir, either one keeps ds4's disk KV cache there.
+  --kv_disk_dir, either one keeps ds4's disk KV cache there. `prefill_chunk` overrides
+  --prefill_chunk (a one-shot run's `runner.prefill_chunk_for`).
 
   Returns (backend, close) where close() stops its threads and releases its sockets.
   """
   kv_disk = kv_disk_options()  # its one-line errors before the model is looked for
   gguf = resolve_gguf(option("gguf"), option("cache_dir"))
   common = dict(ctx_size=int(option("ctx_size", 4096)),
-                prefill_chunk=int(option("prefill_chunk", 256)),
+                prefill_chunk=int(prefill_chunk or option("prefill_chunk", 256)),
                 max_sessions=int(option("max_sessions", 8)), **weight_options(), **kv_disk)
   listen = option("listen")
   layers = option("layers", "all") or "all"

@@ -418,6 +418,18 @@ class StageRunner:
     return (outs[0] if len(outs) == 1 else np.concatenate(outs, axis=0)), state
 
 
+def prefill_chunk_for(n_tokens: int, prefill_chunk: int) -> int:
+  """The smallest prefill chunk whose ladder (`StageRunner.serving_shapes`) still runs a
+  prompt of `n_tokens` in one call exactly as `prefill_chunk`'s would: a one-shot run
+  (generate.py) then compiles only the shapes its prompt uses (a 10-token prompt: T = 4, 16,
+  not 64 and 256). A prompt longer than `prefill_chunk` keeps it."""
+  c = int(prefill_chunk)
+  if n_tokens > c:
+    return c
+  fits = [t for t in _quarters(bucket(c, 1 << 30)) if t >= n_tokens]
+  return min(fits[0], c) if fits else c
+
+
 def _quarters(top: int) -> list[int]:
   """top (a power of two), top / 4, top / 16, ... down to 1 or 2, ascending."""
   out = [top]

@@ -16,6 +16,17 @@ def test_serving_shapes_are_the_decode_buckets_then_the_chunk_buckets(tiny_gguf)
   assert r.max_chunk == 256 and build.max_chunk_for(300) == 512
 
 
+def test_a_one_shot_prompt_compiles_only_the_rungs_it_runs():
+  """generate.py's chunk for a prompt it knows (`prefill_chunk_for`): the lowest rung of the
+  ladder that holds the prompt, whose own ladder is the rungs below, so the prompt runs at
+  the same shape and the same chunking as with the full ladder."""
+  from ds4jax.runtime.runner import prefill_chunk_for
+  assert [prefill_chunk_for(n, 256) for n in (1, 4, 5, 16, 17, 64, 65, 256, 300)] == [
+      1, 4, 16, 16, 64, 64, 256, 256, 256]
+  assert prefill_chunk_for(50, 100) == 100 and prefill_chunk_for(7, 100) == 8
+  assert prefill_chunk_for(3, 16) == 4 and prefill_chunk_for(20, 16) == 16
+
+
 def test_a_built_backend_traces_nothing_while_it_serves(tiny_gguf):
   be = build.local_backend(tiny_gguf, ranges=("0:1", "2:output"), ctx_size=64,
                            prefill_chunk=8, max_sessions=2)
