@@ -45,10 +45,11 @@ def check_port_free(host: str, port: int) -> None:
 
 def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 4096,
                   prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
-                  weights: str = "packed", devices=1):
+                  weights: str = "packed", devices=1, streaming=None):
   """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
   in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
-  batch their decode steps. Returns once every stage is loaded and compiled."""
+  batch their decode steps. Returns once every stage is loaded and compiled. streaming:
+  expert streaming options (`stages.load_runner`), each stage its own cache."""
   from ds4jax.runtime import sources
   from ds4jax.runtime.local import LocalBackend, check_chain
   src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
@@ -56,14 +57,14 @@ def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 409
   check_chain([src.resolve(spec) for spec in ranges], src.cfg.n_layers)  # before any loads
   runners = [load_runner(src, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                          max_sessions=max_sessions, dtype=dtype, weights=weights,
-                         devices=devices) for spec in ranges]
+                         devices=devices, streaming=streaming) for spec in ranges]
   return LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
 
 
 def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
                 ctx_size: int = 4096, prefill_chunk: int = 256, max_sessions: int = 8,
                 dtype: str | None = None, weights: str = "packed", devices=1,
-                key_file: str | None = None, tls_cert: str | None = None,
+                streaming=None, key_file: str | None = None, tls_cert: str | None = None,
                 tls_key: str | None = None, **options):
   """A listening `Coordinator` that runs `layers` (0:K) of the model here; workers dial
   `listen` (HOST:PORT, port 0: any free one, then `coord.address`) for the rest.
@@ -84,7 +85,8 @@ def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
   if port:
     check_port_free(host, port)  # before a possibly long model load, not after
   runner = load_runner(path, layers, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
-                       max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices)
+                       max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices,
+                       streaming=streaming)
   try:
     return Coordinator(runner, CoordinatorOptions(
         host=host, port=port, prefill_chunk=prefill_chunk, max_sessions=max_sessions, key=key,
@@ -106,7 +108,7 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
 
 
 def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str | None = None,
-           weights: str = "packed", devices=1, options=None):
+           weights: str = "packed", devices=1, options=None, streaming=None):
   """A `Worker` for `layers` of the model that dials `coordinator_addr` when `run()`.
 
   HELLO needs only the metadata, so the slice loads while the worker dials (issue 24 item 4:
@@ -129,7 +131,7 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
   def load():  # at run(), while dialing: the decode shapes (the chunk's come with ACCEPT)
     return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=w.chunk or 1,
                        max_sessions=opt.max_sessions, dtype=dtype, weights=weights,
-                       devices=devices)
+                       devices=devices, streaming=streaming)
 
   def refit(runner):  # after ACCEPT: the coordinator's chunk ladder, and only it
     chunk = w.chunk or DEFAULT_MAX_CHUNK
