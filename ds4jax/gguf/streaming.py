@@ -316,13 +316,11 @@ def stats() -> dict | None:
   return out
 
 
-def report(n_tokens: int) -> str | None:
-  """'expert cache: N live entries (X MiB), hit rate H%, Y MiB read from the file per token'
-  for this process's caches over `n_tokens` processed tokens (None without streaming)."""
-  s = stats()
-  if s is None:
-    return None
-  per = s["bytes_read"] / max(int(n_tokens), 1)
-  return (f"expert cache: {s['entries']} live entries ({s['bytes'] / 2**20:.1f} MiB), hit rate "
-          f"{100 * s['hit_rate']:.1f}% ({s['hits']} hits, {s['misses']} misses), "
-          f"{per / 2**20:.2f} MiB read from the file per token")
+def format_stats(s: dict) -> str:
+  """The report line of `stats()` (with `bytes_read_per_token` added by the caller, who knows
+  the tokens): live entries, hit rate, bytes read from the file per token."""
+  line = (f"expert cache: {s['entries']} live entries ({s['bytes'] / 2**20:.1f} MiB), hit rate "
+          f"{100 * s['hit_rate']:.1f}% ({s['hits']} hits, {s['misses']} misses)")
+  if "bytes_read_per_token" in s:
+    line += f", {s['bytes_read_per_token'] / 2**20:.3f} MiB read from the file per token"
+  return line
