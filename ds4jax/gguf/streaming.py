@@ -21,7 +21,6 @@ import collections
 import dataclasses
 import functools
 import os
-import re
 import threading
 import weakref
 
@@ -29,24 +28,16 @@ import jax
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
+from ds4jax.config import expert_cache_option
 from ds4jax.quant.packed import FLOAT16_TYPES, Packed, plane_specs, storage
 
 # The routed expert tensors of layer {i}, in (gate, up, down) order, and their parameters.
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 EXPERT_PARAMS = ("gate_exps", "up_exps", "down_exps")
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)\s*", re.IGNORECASE)
-
 
 class StreamingError(RuntimeError):
   """The GGUF under a streaming process failed (deleted, truncated, unreadable); one line."""
-
-
-def is_expert_param(path) -> bool:
-  """True for a stage-local path `blocks.i.moe.{gate,up,down}_exps`."""
-  return len(path) >= 2 and str(path[-2]) == "moe" and str(path[-1]) in EXPERT_PARAMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,19 +62,11 @@ class StreamingOptions:
   def parse(cls, cache="32GB", preload: int = 0, cold: bool = False) -> StreamingOptions:
     """`cache`: a byte size ('32GB', '512MiB', decimal and binary units) or a plain N (expert
     slots); one-line ValueErrors for anything else."""
-    spec = str(cache).strip()
     if int(preload) < 0:
       raise ValueError(f"--ssd_streaming_preload_experts must be >= 0, got {preload}")
-    if spec.isdigit():
-      if int(spec) < 1:
-        raise ValueError("--ssd_streaming_cache_experts must be at least 1 expert slot")
-      return cls(slots=int(spec), preload=int(preload), cold=bool(cold), spec=spec)
-    m = _SIZE_RE.fullmatch(spec)
-    if not m:
-      raise ValueError(f"--ssd_streaming_cache_experts={spec!r}: expected a size (e.g. 32GB, "
-                       "512MiB) or a number of expert slots")
-    budget = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    return cls(budget=budget, preload=int(preload), cold=bool(cold), spec=spec)
+    budget, slots = expert_cache_option(cache)
+    return cls(budget=budget, slots=slots, preload=int(preload), cold=bool(cold),
+               spec=str(cache).strip())
 
 
 @dataclasses.dataclass(frozen=True)
