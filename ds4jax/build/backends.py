@@ -49,16 +49,32 @@ def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 409
   """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
   in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
   batch their decode steps. Returns once every stage is loaded and compiled. streaming:
-  expert streaming options (`stages.load_runner`), each stage its own cache."""
+  expert streaming options (`stages.load_runner`); the stages share one cache (ds4's
+  budget is the process's)."""
   from ds4jax.runtime import sources
   from ds4jax.runtime.local import LocalBackend, check_chain
   src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
       else path
-  check_chain([src.resolve(spec) for spec in ranges], src.cfg.n_layers)  # before any loads
+  rngs = [src.resolve(spec) for spec in ranges]
+  check_chain(rngs, src.cfg.n_layers)  # before any loads
+  if streaming is not None and len(rngs) > 1:  # one cache and one budget for the process
+    streaming = _shared_cache(src, rngs, streaming, dtype)
   runners = [load_runner(src, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                          max_sessions=max_sessions, dtype=dtype, weights=weights,
                          devices=devices, streaming=streaming) for spec in ranges]
   return LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
+
+
+def _shared_cache(src, rngs, options, dtype):
+  """One `ExpertCache` over every layer of `rngs` (a GGUF source), for in-process stages."""
+  from ds4jax.gguf.source import GGUFSource
+  from ds4jax.gguf.streaming import ExpertCache
+  from ds4jax.runtime.load import parse_dtype
+  if not isinstance(src, GGUFSource):
+    return options  # the loader says why streaming needs a GGUF
+  layers = [il for rng in rngs for il in rng.layers()]
+  return ExpertCache(src.file, layers, options, k=src.cfg.n_experts_used,
+                     dtype=parse_dtype(dtype or src.dtype))
 
 
 def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",

@@ -210,7 +210,8 @@ def _abstract(source: TensorSource, layers, dtype, weights: str, stream=None, me
   """(graphdef, flat, tensors) for a load of `layers` of `source`; `tensors()`
   iterates what `_place` takes. stream: `gguf.streaming.StreamingOptions` (None: every
   weight resident); the routed experts then stay in the file, read through an ExpertCache
-  (its budget checked here, before anything compiles)."""
+  (its budget checked here, before anything compiles), or an `ExpertCache` over these layers
+  (and maybe others: one cache, one budget, for the stages of a process)."""
   packed = parse_weights(weights) == "packed"
   rng = source.resolve(layers)
   dt = str(parse_dtype(dtype if dtype is not None else source.dtype))
@@ -225,9 +226,12 @@ def _abstract(source: TensorSource, layers, dtype, weights: str, stream=None, me
                        "--weights=packed, not --weights=dequantized")
     if mesh is not None:
       raise ValueError("--ssd_streaming with --devices > 1 is not supported yet")
-    cache = streaming.ExpertCache(source.file, rng.layers(), stream,
-                                  k=source.cfg.n_experts_used, dtype=parse_dtype(dt),
-                                  act=activations)
+    cache = stream if isinstance(stream, streaming.ExpertCache) else streaming.ExpertCache(
+        source.file, rng.layers(), stream, k=source.cfg.n_experts_used, dtype=parse_dtype(dt),
+        act=activations)
+    if not set(rng.layers()) <= set(cache.layers):
+      raise ValueError(f"the expert cache holds layers {cache.layers}, not all of "
+                       f"{rng.describe()}")
   stored = source.abstract(rng, packed=packed, dtype=dt,
                            **({} if cache is None else {"experts": False}))
   graphdef, flat = abstract_stage(source.cfg, rng, dt, stored, cache)
@@ -256,7 +260,8 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
   activations: 'exact' (default) or 'q8': how the packed weights' products treat their
     activations (`quant.matmul`; q8 rounds them to int8 blocks first, within a stated bound).
   streaming_options: a `gguf.streaming.StreamingOptions`: the routed experts stay in the
-    GGUF, read on demand into a bounded host cache (expert streaming); None: resident.
+    GGUF, read on demand into a bounded host cache (expert streaming); or an ExpertCache
+    shared with other stages of the process; None: resident.
   """
   source = as_source(source)
   mesh = sharding.make_mesh(devices)

@@ -38,7 +38,7 @@ def _caches(backend) -> list[ExpertCache]:
 
 @pytest.mark.parametrize("ranges,cache,preload", [
     (("all",), "300KB", 0),  # 5 experts of 32: misses and evictions every token
-    (("0:1", "2:output"), "3", 0),  # 3 slots per stage
+    (("0:1", "2:output"), "3", 0),  # 3 slots for both stages
     (("all",), "1GB", 8),  # the whole slice: every expert read once
 ])
 def test_greedy_tokens_equal_the_resident_run(tiny_gguf, tiny_reference, ranges, cache,
@@ -54,6 +54,7 @@ def test_greedy_tokens_equal_the_resident_run(tiny_gguf, tiny_reference, ranges,
   finally:
     be.close()
   assert got.tokens == want.tokens
+  assert len({id(c) for c in caches}) == 1  # the stages of a process share one cache
   for c in caches:
     s = c.stats()
     assert s["hits"] + s["misses"] > 0 and s["bytes"] == c.nbytes
