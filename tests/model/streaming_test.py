@@ -3,8 +3,12 @@ GGUF and come through a bounded host cache; greedy tokens equal the resident run
 process and an in-process split, with a cache smaller than the experts (misses, evictions)
 and with a whole-slice one; bad budgets, modes and files are one-line errors."""
 
+import json
 import os
+import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -109,8 +113,8 @@ def test_options():
 def test_truncated_file_is_a_streaming_error(tiny_gguf, tmp_path):
   path = str(tmp_path / "m.gguf")
   shutil.copy(tiny_gguf, path)
-  cache = ExpertCache(open_gguf(path, cache=False), [3], StreamingOptions.parse("2"), k=2,
-                      dtype=np.float32)
+  cache = ExpertCache(open_gguf(path, cache=False), [3],
+                      StreamingOptions.parse("2", cold=True), k=2, dtype=np.float32)
   planes = cache._host_gather(np.array([[0, 5]], np.int32), il=3, p=2)
   assert planes[-1].tolist() == [[0, 1]] and cache.stats()["misses"] == 2
   os.truncate(path, 4096)  # the header survives, the tensor data does not
@@ -133,3 +137,25 @@ def test_deleted_file_mid_run_is_a_clear_error(tiny_gguf, tmp_path):
     assert streaming.stats()["misses"] > 0
   finally:
     be.close()
+
+
+def test_generate_flags_report_and_errors(tiny_gguf, tiny_cache_dir, tiny_reference, tmp_path):
+  gen = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "generate.py"
+  base = [sys.executable, str(gen), f"--gguf={tiny_gguf}", f"--cache_dir={tiny_cache_dir}",
+          f"--ctx_size={CTX}", f"--prefill_chunk={CHUNK}", "--max_new_tokens=8",
+          "--prompt_tokens=" + ",".join(map(str, PROMPT)), "--ssd_streaming"]
+  out = tmp_path / "out.json"
+  env = dict(os.environ, DS4JAX_CACHE=tiny_cache_dir, JAX_PLATFORMS="cpu")
+  p = subprocess.run(base + ["--ssd_streaming_cache_experts=6", f"--output_json={out}"],
+                     capture_output=True, text=True, timeout=600, env=env)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert "expert cache: 6 live entries" in p.stderr and "read from the file per token" in p.stderr
+  got = json.loads(out.read_text())
+  assert got["tokens"] == tiny_reference(prompt_tokens=PROMPT, max_new_tokens=8).tokens
+  assert got["expert_cache"]["entries"] == 6 and got["expert_cache"]["bytes_read_per_token"] > 0
+  p = subprocess.run(base + ["--ssd_streaming_cache_experts=1"], capture_output=True, text=True,
+                     timeout=600, env=env)
+  assert p.returncode != 0
+  assert p.stderr.strip().splitlines()[-1] == (
+      "error: --ssd_streaming_cache_experts=1 is below one token's experts: at least 2 slots "
+      "(0.1 MiB)")
