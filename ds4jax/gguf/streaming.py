@@ -171,15 +171,16 @@ class ExpertCache:
       out.append(_planes(buf, t.qtype, t.shape[1:]))
     return tuple(out)
 
-  def _get(self, il: int, e: int):
-    """The planes of (il, e), from the cache or the file (then cached, LRU evicted first)."""
+  def _get(self, il: int, e: int, *, count: bool = True):
+    """The planes of (il, e), from the cache or the file (then cached, LRU evicted first);
+    `count`: as a hit or a miss in `stats()` (a preload is neither)."""
     key = (il, e)
     hit = self._lru.get(key)
     if hit is not None:
       self._lru.move_to_end(key)
-      self.hits += 1
+      self.hits += count
       return hit[0]
-    self.misses += 1
+    self.misses += count
     planes = self._read(il, e)
     size = self.entry_bytes[il]
     while self._lru and self._full(size):
@@ -199,8 +200,7 @@ class ExpertCache:
         for e in range(self.n_experts):
           if done >= n or self._full(self.entry_bytes[il]):
             return done
-          self._get(il, e)
-          self.misses -= 1  # a preload is neither a miss nor a hit
+          self._get(il, e, count=False)
           done += 1
     return done
 
