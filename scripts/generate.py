@@ -10,6 +10,9 @@ r"""Generates from a prompt, whole model in one process or as the coordinator of
     # Save the session (transcript + every stage's KV) and continue it later, on any route:
     python scripts/generate.py --gguf=tiny --prompt="Hello" --save_session=/tmp/s1
     python scripts/generate.py --gguf=tiny --load_session=/tmp/s1 --max_new_tokens=16
+    # ds4's disk KV cache: a later run sharing the prompt's prefix loads it instead of
+    # computing it (--output_json reports cached_prompt_tokens):
+    python scripts/generate.py --gguf=tiny --prompt="$(cat long.txt)" --kv_disk_dir=/tmp/kv
     # Capture named points of every processed position (prompt, then each token fed back):
     python scripts/generate.py --gguf=tiny --prompt="Hello" --capture=ffn_out,router_ids,lens \
         --capture_layers=1:2 --capture_out=/tmp/cap.npz
@@ -107,7 +110,8 @@ def main(argv):
     close()
   t = res.timings
   print(f"\n{cli.format_route(route)}", file=sys.stderr)
-  print(f"prefill {t['prefill_tokens']} tok at {t['prefill_tok_s']:.1f} tok/s, decode "
+  cached = f" ({res.cached_prompt_tokens} cached)" if res.cached_prompt_tokens else ""
+  print(f"prefill {t['prefill_tokens']} tok at {t['prefill_tok_s']:.1f} tok/s{cached}, decode "
         f"{t['decode_tokens']} tok at {t['decode_tok_s']:.1f} tok/s ({res.finish_reason})",
         file=sys.stderr)
   print(cli.format_hop_table(res.hop_summary()), file=sys.stderr)

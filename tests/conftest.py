@@ -100,11 +100,11 @@ def tiny_reference(tiny_gguf):
 # of real processes, the bench smoke), first: the suite's two test processes (scripts/test.sh,
 # pytest-xdist, a file at a time) then end together instead of one of them running a long
 # file alone at the end.
-_LONGEST_FIRST = ("notebook_test.py", "notebook_docs_test.py", "capture_route_test.py",
-                  "edits_test.py", "bench_smoke_test.py", "e2e_test.py", "scripts_test.py",
-                  "train_test.py", "local_batching_test.py", "sharding_test.py",
-                  "capture_script_test.py", "builders_test.py", "generate_session_test.py",
-                  "batch_test.py")
+_LONGEST_FIRST = ("notebook_test.py", "notebook_docs_test.py", "notebook_inside_test.py",
+                  "capture_route_test.py", "edits_test.py", "bench_smoke_test.py",
+                  "e2e_test.py", "scripts_test.py", "train_test.py", "local_batching_test.py",
+                  "sharding_test.py", "capture_script_test.py", "builders_test.py",
+                  "generate_session_test.py", "batch_test.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -12,9 +12,9 @@ Scripts (through `ds4jax.cli`), the OpenAI server's model process, LocalAI, the 
 and the notebooks all build here; `runtime` and `bridge` hold no builders of their own.
 """
 
-from ds4jax.build.backends import (check_port_free, coordinator, local_backend, parse_hostport,
-                                   requested_range, worker)
+from ds4jax.build.backends import (attach_kv_disk, check_port_free, coordinator, local_backend,
+                                   parse_hostport, requested_range, worker)
 from ds4jax.build.stages import compile_serving, load_model, load_runner, max_chunk_for
 
-__all__ = ["check_port_free", "compile_serving", "coordinator", "load_model", "load_runner",
+__all__ = ["attach_kv_disk", "check_port_free", "compile_serving", "coordinator", "load_model", "load_runner",
            "local_backend", "max_chunk_for", "parse_hostport", "requested_range", "worker"]

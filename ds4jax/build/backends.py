@@ -45,14 +45,17 @@ def check_port_free(host: str, port: int) -> None:
 
 def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 4096,
                   prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
-                  weights: str = "packed", devices=1, streaming=None):
+                  weights: str = "packed", devices=1, streaming=None, kv_disk_dir=None,
+                  kv_disk_space_mb: float | None = None):
   """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
   in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
-  batch their decode steps. Returns once every stage is loaded and compiled. streaming:
-  expert streaming options (`stages.load_runner`); the stages share one cache (ds4's
-  budget is the process's)."""
+  batch their decode steps. streaming: expert streaming options (`stages.load_runner`); the
+  stages share one cache (ds4's budget is the process's). `kv_disk_dir` (+
+  `kv_disk_space_mb`, default 4096): ds4's disk KV cache there. Returns once every stage is
+  loaded and compiled."""
   from ds4jax.runtime import sources
   from ds4jax.runtime.local import LocalBackend, check_chain
+  _check_kv_disk(kv_disk_dir, kv_disk_space_mb)  # before any loads
   src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
       else path
   rngs = [src.resolve(spec) for spec in ranges]
@@ -62,7 +65,33 @@ def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 409
   runners = [load_runner(src, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                          max_sessions=max_sessions, dtype=dtype, weights=weights,
                          devices=devices, streaming=streaming) for spec in ranges]
-  return LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
+  backend = LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
+  return attach_kv_disk(backend, kv_disk_dir, kv_disk_space_mb)
+
+
+def _check_kv_disk(directory, space_mb) -> None:
+  from ds4jax.checkpoints.kv_disk import KVDiskError, check_dir
+  if directory is None:
+    if space_mb is not None:
+      raise KVDiskError("kv_disk_space_mb needs kv_disk_dir")
+    return
+  if space_mb is not None and not space_mb > 0:
+    raise KVDiskError(f"kv_disk_space_mb must be > 0, got {space_mb}")
+  check_dir(directory)
+
+
+def attach_kv_disk(backend, directory, space_mb: float | None = None):
+  """Gives a built backend ds4's disk KV cache in `directory` (None: none); returns it."""
+  if directory is None:
+    return backend
+  import jax.numpy as jnp
+  from ds4jax.checkpoints.kv_disk import DEFAULT_SPACE_MB, KVDiskCache
+  dtypes = sorted({str(jnp.dtype(r.state_dtype)) for r in backend.runners})
+  backend.kv_disk = KVDiskCache(directory, cfg=backend.cfg, fingerprint=backend.fingerprint,
+                                state_dtype=",".join(dtypes), every=backend.prefill_chunk,
+                                space_mb=DEFAULT_SPACE_MB if space_mb is None else space_mb)
+  log.info("%s", backend.kv_disk.describe())
+  return backend
 
 
 def _shared_cache(src, rngs, options, dtype):
@@ -81,15 +110,18 @@ def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
                 ctx_size: int = 4096, prefill_chunk: int = 256, max_sessions: int = 8,
                 dtype: str | None = None, weights: str = "packed", devices=1,
                 streaming=None, key_file: str | None = None, tls_cert: str | None = None,
-                tls_key: str | None = None, **options):
+                tls_key: str | None = None, kv_disk_dir=None,
+                kv_disk_space_mb: float | None = None, **options):
   """A listening `Coordinator` that runs `layers` (0:K) of the model here; workers dial
   `listen` (HOST:PORT, port 0: any free one, then `coord.address`) for the rest.
 
   The pre-shared key comes from `key_file` or $DS4JAX_KEY (never a flag value; `key=` in
   `options` sets it directly, None for none). tls_cert (+ tls_key): workers connect over
-  TLS. `options`: further `CoordinatorOptions` fields (route_timeout, activation_dtype, ...).
-  Bad addresses, keys and certificates fail before the model loads. Close it with
-  `coord.close()`.
+  TLS. `kv_disk_dir` (+ `kv_disk_space_mb`): ds4's disk KV cache, of the whole model's state
+  (the coordinator gathers the workers' layers to store an entry, and scatters them to load
+  one). `options`: further `CoordinatorOptions` fields (route_timeout, activation_dtype,
+  ...). Bad addresses, keys, certificates and cache directories fail before the model loads.
+  Close it with `coord.close()`.
   """
   from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
   from ds4jax.wire import auth  # stdlib only
@@ -98,18 +130,24 @@ def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
   if tls_key and not tls_cert:
     raise ValueError("--tls_key needs --tls_cert")
   tls = auth.server_ssl_context(tls_cert, tls_key) if tls_cert else None
+  _check_kv_disk(kv_disk_dir, kv_disk_space_mb)
   if port:
     check_port_free(host, port)  # before a possibly long model load, not after
   runner = load_runner(path, layers, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                        max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices,
                        streaming=streaming)
   try:
-    return Coordinator(runner, CoordinatorOptions(
+    coord = Coordinator(runner, CoordinatorOptions(
         host=host, port=port, prefill_chunk=prefill_chunk, max_sessions=max_sessions, key=key,
         tls=tls, **options))
   except OSError as e:
     if e.errno == errno.EADDRINUSE:
       raise ValueError(f"cannot listen on {host}:{port}: address already in use") from None
+    raise
+  try:
+    return attach_kv_disk(coord, kv_disk_dir, kv_disk_space_mb)
+  except BaseException:
+    coord.close()
     raise
 
 
@@ -162,5 +200,5 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
   return w
 
 
-__all__ = ["check_port_free", "coordinator", "local_backend", "parse_hostport",
+__all__ = ["attach_kv_disk", "check_port_free", "coordinator", "local_backend", "parse_hostport",
            "requested_range", "worker"]

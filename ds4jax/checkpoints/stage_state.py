@@ -86,11 +86,16 @@ def export_layer(cfg: ModelConfig, il: int, layer_state, n: int) -> LayerBlob:
   return LayerBlob({"fields": fields, "nbytes": len(data), "sha256": sha256(data)}, data)
 
 
-def export_stage(runner, state) -> tuple[int, dict[int, LayerBlob]]:
-  """(n, {absolute layer: blob}) of a runner's StageState holding n positions."""
-  n = int(state.pos)
-  return n, {il: export_layer(runner.cfg, il, ls, n)
-             for il, ls in zip(runner.layers.layers(), state.layers)}
+def export_stage(runner, state, n: int | None = None) -> tuple[int, dict[int, LayerBlob]]:
+  """(pos, {absolute layer: blob}) of a runner's StageState holding pos positions: the blobs
+  of its first n positions (default: all of them; the rows are indexed by position, so a
+  prefix of them is the state of a prefix of the timeline)."""
+  pos = int(state.pos)
+  n = pos if n is None else int(n)
+  if not 0 <= n <= pos:
+    raise StateError(f"cannot export {n} positions of a state holding {pos}")
+  return pos, {il: export_layer(runner.cfg, il, ls, n)
+               for il, ls in zip(runner.layers.layers(), state.layers)}
 
 
 def expected_nbytes(runner, n: int) -> int:

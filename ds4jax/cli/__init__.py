@@ -22,9 +22,9 @@ from ds4jax.cli.app import (hard_exit, input_errors, install_sigint_handler, int
                             run, setup_logging)
 from ds4jax.cli.backends import build_backend, restore_session, save_session, wait_for_route
 from ds4jax.cli.flags import (FLAGS, chat_mode, config, define_device_flags, define_run_flags,
-                              define_weight_flags, option, parse_devices, parse_flags,
-                              parse_tokens, sampling_params, steering, steering_options,
-                              weight_options, worker_layers)
+                              define_weight_flags, kv_disk_options, option, parse_devices,
+                              parse_flags, parse_tokens, sampling_params, steering,
+                              steering_options, weight_options, worker_layers)
 from ds4jax.cli.output import format_hop_table, format_route, visible
 from ds4jax.cli.paths import (PRESETS, compilation_cache_dir, compilation_cache_env,
                               enable_compilation_cache, resolve_gguf)
@@ -35,7 +35,8 @@ __all__ = [
     "compilation_cache_env", "config", "define_device_flags", "define_run_flags",
     "define_weight_flags", "enable_compilation_cache", "flags", "format_hop_table",
     "format_route", "hard_exit", "input_errors", "install_sigint_handler",
-    "interrupt_handled", "one_line", "option", "parse_devices", "parse_flags", "parse_hostport",
+    "interrupt_handled", "kv_disk_options", "one_line", "option", "parse_devices",
+    "parse_flags", "parse_hostport",
     "parse_tokens", "resolve_gguf", "restore_session", "run", "sampling_params", "visible",
     "save_session", "setup_logging", "steering", "steering_options", "wait_for_route",
     "weight_options", "worker_layers",

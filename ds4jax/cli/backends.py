@@ -12,21 +12,23 @@ import time
 from typing import Callable
 
 from ds4jax import build
-from ds4jax.cli.flags import option, weight_options
+from ds4jax.cli.flags import kv_disk_options, option, weight_options
 from ds4jax.cli.paths import resolve_gguf
 
 
 def build_backend():
   """The backend the run options ask for, compiled for every shape it serves: a
   `LocalBackend` without --listen (--layers: one range, or several comma-separated for an
-  in-process split), else a listening `Coordinator` for --layers (0:K).
+  in-process split), else a listening `Coordinator` for --layers (0:K); with
+  --kv_disk_dir, either one keeps ds4's disk KV cache there.
 
   Returns (backend, close) where close() stops its threads and releases its sockets.
   """
+  kv_disk = kv_disk_options()  # its one-line errors before the model is looked for
   gguf = resolve_gguf(option("gguf"), option("cache_dir"))
   common = dict(ctx_size=int(option("ctx_size", 4096)),
                 prefill_chunk=int(option("prefill_chunk", 256)),
-                max_sessions=int(option("max_sessions", 8)), **weight_options())
+                max_sessions=int(option("max_sessions", 8)), **weight_options(), **kv_disk)
   listen = option("listen")
   layers = option("layers", "all") or "all"
   if not listen:

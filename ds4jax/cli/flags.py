@@ -45,6 +45,7 @@ def define_run_flags(*, prompt: bool = True) -> None:
                        lower_bound=1)
   flags.DEFINE_enum("activation_dtype", "f32", ["f32", "bf16", "int8"],
                     "Activation dtype on the wire (split runs).")
+  define_kv_disk_flags()
   flags.DEFINE_string("key_file", None, "Pre-shared bridge key file (else $DS4JAX_KEY).")
   flags.DEFINE_string("tls_cert", None, "With --listen: serve the bridge over TLS with this "
                       "PEM certificate (workers verify it: scripts/worker.py --tls_ca).")
@@ -109,6 +110,33 @@ def define_device_flags() -> None:
   flags.DEFINE_string("devices", "1", "Local devices this process's stage spans: 1 (one "
                       "device), N, or 'all'. The routed experts are sharded over them (expert "
                       "parallelism); N must divide the model's expert count.")
+
+
+def define_kv_disk_flags() -> None:
+  """ds4's disk KV cache (`--kv-disk-dir`, `--kv-disk-space-mb`, absl spelling)."""
+  flags.DEFINE_string("kv_disk_dir", None, "ds4's disk KV cache: keep sessions' decode state "
+                      "in this directory at prefill-chunk boundaries, keyed by the token "
+                      "prefix, so a later prompt sharing the prefix (after a restart too) "
+                      "loads it instead of computing it. Created if missing.")
+  flags.DEFINE_integer("kv_disk_space_mb", None, "The disk KV cache's size limit in MB; the "
+                       "least recently used entries are evicted (default 4096, as ds4).",
+                       lower_bound=1)
+
+
+def kv_disk_options() -> dict[str, str | int | None]:
+  """{'kv_disk_dir', 'kv_disk_space_mb'} from the run options, checked (one-line errors)
+  before any load: a size without a directory, a directory that is a file or unwritable."""
+  directory, space = option("kv_disk_dir"), option("kv_disk_space_mb")
+  if space is not None and not directory:
+    raise ValueError("--kv_disk_space_mb needs --kv_disk_dir")
+  if directory:
+    from ds4jax.checkpoints.kv_disk import KVDiskError, check_dir
+    try:
+      directory = str(check_dir(directory))
+    except KVDiskError as e:
+      raise ValueError(f"--kv_disk_dir={option('kv_disk_dir')}: {e}") from None
+  return {"kv_disk_dir": directory or None,
+          "kv_disk_space_mb": None if space is None else int(space)}
 
 
 def weight_options() -> dict[str, Any]:

@@ -56,6 +56,12 @@ class GenerationResult:
   # prompt, then each sampled token fed back), a `runtime.capture.Captured`.
   captured: Captured | None = None
 
+  @property
+  def cached_prompt_tokens(self) -> int:
+    """Prompt tokens whose state was reused, not computed: the session's own prefix, a
+    restored snapshot, or ds4's disk KV cache (0 for a fresh session without a hit)."""
+    return len(self.prompt_tokens) - self.n_prefill_computed
+
   def hop_summary(self) -> list[dict[str, Any]]:
     """Per-hop totals: prefill and decode compute time, queue time and bytes."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
@@ -79,6 +85,7 @@ class GenerationResult:
         "finish_reason": self.finish_reason,
         "prompt_tokens": self.prompt_tokens,
         "n_prefill_computed": self.n_prefill_computed,
+        "cached_prompt_tokens": self.cached_prompt_tokens,
         "timings": self.timings,
         "hops": self.hop_summary(),
         "telemetry": [[h.to_dict() for h in hops] for hops in self.telemetry],

@@ -11,8 +11,10 @@ the error texts of LocalAI PR #10098:
 
 ds4's expert streaming keys (`ssd_streaming`, `ssd_streaming_cache_experts:32GB|N`,
 `ssd_streaming_preload_experts:N`, `ssd_streaming_cold`) become serve.py's `--ssd_streaming*`
-flags. ds4jax adds `ds4_key_file`, `ds4_tls_cert`, `ds4_tls_key`, `ds4_activation_dtype`,
-`ds4_prefill_chunk` (ds4's `prefill_chunk` too) and `ds4_max_concurrency`. Every problem is a
+flags. ds4's `kv_cache_dir:DIR` (relative: to the models directory) is the model process's
+`--kv_disk_dir` (ds4's disk KV cache). ds4jax adds `ds4_key_file`, `ds4_tls_cert`,
+`ds4_tls_key`, `ds4_activation_dtype`, `ds4_prefill_chunk` (ds4's `prefill_chunk` too) and
+`ds4_max_concurrency`. Every problem is a
 `LoadError` with one line, which the server returns as `Result(success=false)`.
 
 Nothing here imports JAX: it runs in the gRPC process, before the model process starts.
@@ -40,8 +42,8 @@ WIRE_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "int8", "32": "f32", "16": 
                "8": "int8"}
 # ds4 engine knobs with no ds4jax equivalent: accepted (a LocalAI YAML written for ds4 loads)
 # and logged as ignored.
-DS4_ENGINE_KEYS = ("kv_cache_dir", "mtp_path", "mtp_draft", "mtp_margin", "power_percent",
-                   "warm_weights", "quality", "simulate_used_memory", "expert_profile_path", "ds4_devices")
+DS4_ENGINE_KEYS = ("mtp_path", "mtp_draft", "mtp_margin", "power_percent", "warm_weights",
+                   "quality", "simulate_used_memory", "expert_profile_path", "ds4_devices")
 
 _LAYERS_RE = re.compile(r"(\d+):(\d+|output)")
 
@@ -72,6 +74,7 @@ class LoadSpec:
   steering: tuple[str, float | None, float | None] | None = None
   # ds4's expert streaming: (cache experts, preload experts, cold), or None (resident).
   streaming: tuple[str, int, bool] | None = None
+  kv_cache_dir: str | None = None  # ds4's disk KV cache (absolute)
 
   def model_args(self, cache_dir: str | None = None) -> list[str]:
     """The command line of the model process (`ds4jax.serving.model_proc`, serve.py's flags)."""
@@ -98,6 +101,8 @@ class LoadSpec:
                f"--ssd_streaming_preload_experts={preload}"]
       if cold:
         args.append("--ssd_streaming_cold")
+    if self.kv_cache_dir:
+      args.append(f"--kv_disk_dir={self.kv_cache_dir}")
     if cache_dir:
       args.append(f"--cache_dir={cache_dir}")
     return args
@@ -132,6 +137,19 @@ def _path_option(opts: dict[str, Any], key: str, model_dir: str) -> str | None:
   path = v if os.path.isabs(v) else os.path.join(model_dir, v)
   if not os.path.isfile(path):
     raise LoadError(f"ds4jax: {key} file not found: {path}")
+  return path
+
+
+def _dir_option(opts: dict[str, Any], key: str, model_dir: str) -> str | None:
+  """A directory the model process creates if missing (`--kv_disk_dir` checks the rest)."""
+  v = opts.get(key)
+  if v is None:
+    return None
+  if not isinstance(v, str) or not v:
+    raise LoadError(f"ds4jax: {key} needs a directory ({key}:DIR)")
+  path = os.path.abspath(os.path.join(model_dir, v))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise LoadError(f"ds4jax: {key} {path} is a file, not a directory")
   return path
 
 
@@ -215,6 +233,7 @@ def load_spec(req) -> LoadSpec:
   elif any(k in opts for k in ("directional_steering_ffn", "directional_steering_attn")):
     raise LoadError("ds4: directional_steering_ffn/attn need directional_steering_file")
   streaming = _streaming(opts)
+  kv_cache_dir = _dir_option(opts, "kv_cache_dir", base_dir)
   ignored = tuple(k for k in opts if k in DS4_ENGINE_KEYS)
   for k in ignored:
     log.warning("ignoring ds4 option %s: ds4jax has no equivalent", k)
@@ -228,7 +247,8 @@ def load_spec(req) -> LoadSpec:
                   layers=layers, listen=listen, route_timeout=float(route_timeout),
                   activation_dtype=dtype, key_file=key_file, tls_cert=tls_cert, tls_key=tls_key,
                   prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored,
-                  steering=steering, streaming=streaming)
+                  steering=steering, streaming=streaming,
+                  kv_cache_dir=kv_cache_dir)
 
 
 def _streaming(opts: dict[str, Any]) -> tuple[str, int, bool] | None:

@@ -4,10 +4,10 @@ Both executors are route backends (design.md §0): `LocalBackend` (runtime/local
 hops only, the `Coordinator` (bridge/coordinator/) has its local hop and a `Downstream` of
 worker links. This class owns what they share: the session table, the sessions' slots in
 every local hop's `StageBatcher` pool (least recently used idle sessions give theirs up),
-the checks on a transcript, the retry loop around `step.run_step`, `step_many`, and session
-export/import for snapshots. A subclass provides the downstream and its recovery rules
-through the `_downstream`, `_leases` and `_recoverable` hooks; the algorithm never calls
-back into it.
+the checks on a transcript, the retry loop around `step.run_step`, `step_many`, session
+export/import for snapshots, and ds4's disk KV cache around a step (`kv_disk`). A subclass
+provides the downstream and its recovery rules through the `_downstream`, `_leases` and
+`_recoverable` hooks; the algorithm never calls back into it.
 
 Steps of different sessions run concurrently (one caller thread each): their decode tokens
 run as one batched call at every local stage. One session's steps are serialized.
@@ -28,7 +28,7 @@ from ds4jax.runtime import batching
 from ds4jax.runtime.capture import CaptureSpec, StepCapture
 from ds4jax.runtime.edits import Interventions
 from ds4jax.runtime.session import RouteSession, SessionError
-from ds4jax.runtime.step import StepRequest, run_step
+from ds4jax.runtime.step import StepRequest, common_prefix, run_step
 from ds4jax.runtime.types import StepResult
 
 log = logging.getLogger("ds4jax.backend")
@@ -49,6 +49,10 @@ class RouteBackend:
 
   # The Generator adds no prefill heartbeat of its own: `run_step` logs chunk progress.
   reports_prefill_progress = True
+  # ds4's disk KV cache (a `checkpoints.kv_disk.KVDiskCache`, set by the builder; None: off):
+  # a step loads the longest cached prefix its session lacks, and a prefill stores the state
+  # at its last chunk boundary.
+  kv_disk = None
 
   def __init__(self, runners: Sequence[Any], *, prefill_chunk: int = 256, max_sessions: int = 8,
                max_batch: int | None = None, slot_wait_s: float = 0.0,
@@ -242,6 +246,8 @@ class RouteBackend:
     try:
       with sess.lock:
         tokens = self._checked(transcript, sess.tokens)
+        if self.kv_disk is not None and cap is None and not sess.closed:
+          self._disk_load(sess, tokens, edits)  # a capture computes what it keeps
         tries: collections.Counter = collections.Counter()
         while True:
           if sess.closed:
@@ -252,14 +258,18 @@ class RouteBackend:
           down = self._downstream(sess)
           try:
             with self._leases(sess, down):
-              return run_step(sess, self.batchers, tokens, params, step,
-                              prefill_chunk=self.prefill_chunk, top_logprobs=top_logprobs,
-                              return_logits=return_logits, downstream=down,
-                              progress_every_s=self.progress_every_s, capture=cap,
-                              edits=edits)
+              res = run_step(sess, self.batchers, tokens, params, step,
+                             prefill_chunk=self.prefill_chunk, top_logprobs=top_logprobs,
+                             return_logits=return_logits, downstream=down,
+                             progress_every_s=self.progress_every_s, capture=cap,
+                             edits=edits)
+            break
           except BaseException as e:
             if not self._recoverable(sess, e, tries, step):
               raise
+        if self.kv_disk is not None and res.n_computed > 1:  # a prefill, not a decode token
+          self._disk_store(sess, tokens, res.n_computed, edits)
+        return res
     finally:
       with self._slot_cv:
         self._slot_cv.notify_all()  # a step waiting for a local slot may find one now
@@ -295,43 +305,92 @@ class RouteBackend:
   # -------------------------------------------------------------------------- snapshots
   def export_session(self, sid: str):
     """(tokens, {layer: LayerBlob}) of every layer of the session's state, for snapshots."""
-    from ds4jax.checkpoints import stage_state
-    from ds4jax.checkpoints.snapshots import SnapshotError
     sess = self._get(sid)
     with sess.lock:
-      if sess.slots is None:
-        raise SnapshotError(f"session {sid} holds no state (never stepped, or evicted)")
-      blobs = {}
-      for b, slot in zip(self.batchers, sess.slots):
-        n, part = stage_state.export_stage(b.runner, b.get(slot))
-        if n != len(sess.tokens):
-          raise SnapshotError(f"stage {b.runner.layers} holds {n} positions, the session "
-                              f"{len(sess.tokens)}")
-        blobs.update(part)
-      blobs.update(self._export_remote(sess))
-      return list(sess.tokens), blobs
+      return self._export(sess)
+
+  def _export(self, sess: RouteSession, n: int | None = None):
+    """(tokens[:n], blobs) of the first n positions of sess (default all; sess.lock held)."""
+    from ds4jax.checkpoints import stage_state
+    from ds4jax.checkpoints.snapshots import SnapshotError
+    if sess.slots is None:
+      raise SnapshotError(f"session {sess.sid} holds no state (never stepped, or evicted)")
+    n = len(sess.tokens) if n is None else n
+    blobs = {}
+    for b, slot in zip(self.batchers, sess.slots):
+      held, part = stage_state.export_stage(b.runner, b.get(slot), n)
+      if held != len(sess.tokens):
+        raise SnapshotError(f"stage {b.runner.layers} holds {held} positions, the session "
+                            f"{len(sess.tokens)}")
+      blobs.update(part)
+    blobs.update(self._export_remote(sess, n))
+    return list(sess.tokens[:n]), blobs
 
   def import_session(self, sid: str, tokens: Sequence[int],
                      read: Callable[[Sequence[int]], dict]) -> None:
     """Installs the state of `tokens` into session sid; read(layers) -> {layer: LayerBlob}."""
-    from ds4jax.checkpoints import stage_state
     sess = self._get(sid)
-    tokens = [int(t) for t in tokens]
     with sess.lock:
-      states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
-                                         where=f"stage {r.layers}") for r in self.runners]
-      sess.reset()  # a failed remote import below leaves a clean session
-      self._import_remote(sess, tokens, read)
-      self._activate(sess)
-      for b, slot, st in zip(self.batchers, sess.slots, states):
-        b.put(slot, st)
-      sess.append(tokens)
+      self._import(sess, [int(t) for t in tokens], read)
 
-  def _export_remote(self, sess: RouteSession) -> dict:
+  def _import(self, sess: RouteSession, tokens: list[int], read) -> None:
+    from ds4jax.checkpoints import stage_state
+    states = [stage_state.import_stage(r, len(tokens), read(r.layers.layers()),
+                                       where=f"stage {r.layers}") for r in self.runners]
+    sess.reset()  # a failed remote import below leaves a clean session
+    self._import_remote(sess, tokens, read)
+    self._activate(sess)
+    for b, slot, st in zip(self.batchers, sess.slots, states):
+      b.put(slot, st)
+    sess.append(tokens)
+
+  def _export_remote(self, sess: RouteSession, n: int) -> dict:
     return {}
 
   def _import_remote(self, sess: RouteSession, tokens: list[int], read) -> None:
     pass
+
+  # ---------------------------------------------------------------------- disk KV cache
+  def _disk_load(self, sess: RouteSession, tokens: list[int], edits) -> None:
+    """Installs the longest prefix of `tokens` the disk cache holds beyond what sess holds
+    (sess.lock held). Nothing here fails the step: a bad entry is skipped (the cache warns),
+    a failed install is recomputed."""
+    from ds4jax.checkpoints.stage_state import StateError
+    key = None if edits is None else edits.key
+    held = common_prefix(sess.tokens, tokens) if sess.edits_key == key else 0
+    hit = self.kv_disk.find(tokens, held, key or "")
+    if hit is None:
+      return
+    n, blobs = hit
+    try:
+      self._import(sess, tokens[:n], lambda layers: {il: blobs[il] for il in layers})
+    except StateError as e:  # checked bytes that do not fit these stages
+      self.kv_disk.reject(self.kv_disk.path(tokens[:n], key or ""), e)
+      return
+    except Exception as e:  # noqa: BLE001 - e.g. the route went away: compute instead
+      log.warning("kv disk cache: could not restore %d tokens of session %s (%s: %s); "
+                  "computing them", n, sess.sid, type(e).__name__, e)
+      return
+    sess.edits_key = key  # the state was computed under these edits
+
+  def _disk_store(self, sess: RouteSession, tokens: list[int], n_computed: int, edits) -> None:
+    """After a prefill: stores the state at its last chunk boundary before the transcript's
+    last token (so the same prompt again finds it), unless that state was there before this
+    step (then it is stored already) or is on disk (sess.lock held)."""
+    tag = "" if edits is None else edits.key
+    n = (len(tokens) - 1) // self.kv_disk.every * self.kv_disk.every
+    if n <= len(tokens) - n_computed:
+      return
+    if self.kv_disk.has(tokens[:n], tag):
+      self.kv_disk.touch(self.kv_disk.path(tokens[:n], tag))
+      return
+    try:
+      _, blobs = self._export(sess, n)
+    except Exception as e:  # noqa: BLE001 - never fails the step that computed it
+      log.warning("kv disk cache: could not save %d tokens of session %s (%s: %s)", n,
+                  sess.sid, type(e).__name__, e)
+      return
+    self.kv_disk.store(tokens[:n], blobs, tag)
 
   # ---------------------------------------------------------------------------- route
   def route_ready(self) -> tuple[bool, str]:

@@ -220,7 +220,7 @@ def create_app(backend, tokenizer, model_name: str = "ds4jax", *, route_timeout:
                                error_response)
     text = "".join(pieces)
     metrics.observe_prompt(fin.prompt_tokens)
-    use = schemas.usage(fin.prompt_tokens, fin.completion_tokens)
+    use = schemas.usage(fin.prompt_tokens, fin.completion_tokens, fin.cached_tokens)
     metrics.count_request(endpoint, 200)
     metrics.observe_duration(endpoint, time.monotonic() - t0)
     if chat:
@@ -408,8 +408,8 @@ async def _sse_completion(events, rid, model, include_usage, metrics, endpoint, 
       yield _sse(_with_capture(schemas.completion(rid, model, "", ev.finish_reason,
                                                   created=created), ev))
       if include_usage:
-        body = schemas.completion(rid, model, "", None, created=created,
-                                  use=schemas.usage(ev.prompt_tokens, ev.completion_tokens))
+        use = schemas.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+        body = schemas.completion(rid, model, "", None, created=created, use=use)
         body["choices"] = []
         yield _sse(body)
     else:
@@ -430,8 +430,8 @@ async def _sse_chat(events, rid, model, include_usage, metrics, endpoint, t0):
       yield _sse(_with_capture(schemas.chat_chunk(rid, model, created, {}, ev.finish_reason),
                                ev))
       if include_usage:
-        yield _sse(schemas.chat_chunk(rid, model, created, None,
-                                      use=schemas.usage(ev.prompt_tokens, ev.completion_tokens)))
+        use = schemas.usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
+        yield _sse(schemas.chat_chunk(rid, model, created, None, use=use))
     else:
       yield _sse(ev[1])
   yield "data: [DONE]\n\n"

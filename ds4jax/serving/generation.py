@@ -65,6 +65,7 @@ class Finished:
   completion_tokens: int
   timings: dict[str, float]
   captured: Optional[dict[str, Any]] = None  # research.encode_captured's form
+  cached_tokens: int = 0  # prompt tokens reused, not computed (session or disk KV cache)
 
 
 class Cancelled(Exception):
@@ -157,6 +158,6 @@ def make_work(backend, tokenizer, job: GenerationJob, generator_cls, research=No
     res = stream.result
     captured = None if res.captured is None else encode_captured(res.captured)
     emit(Finished(_FINISH.get(res.finish_reason, res.finish_reason), len(res.prompt_tokens),
-                  len(res.tokens), dict(res.timings), captured))
+                  len(res.tokens), dict(res.timings), captured, res.cached_prompt_tokens))
 
   return work

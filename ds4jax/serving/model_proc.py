@@ -93,7 +93,7 @@ def event_to_dict(ev) -> dict[str, Any]:
     return {"type": "piece", "text": ev.text}
   out = {"type": "finished", "finish_reason": ev.finish_reason,
          "prompt_tokens": ev.prompt_tokens, "completion_tokens": ev.completion_tokens,
-         "timings": ev.timings}
+         "timings": ev.timings, "cached_tokens": ev.cached_tokens}
   if ev.captured is not None:
     out["captured"] = ev.captured
   return out

@@ -58,7 +58,7 @@ def _event(d: dict[str, Any]):
   if kind == "piece":
     return generation.Piece(d["text"])
   return generation.Finished(d["finish_reason"], d["prompt_tokens"], d["completion_tokens"],
-                             d["timings"], d.get("captured"))
+                             d["timings"], d.get("captured"), d.get("cached_tokens", 0))
 
 
 def _error(kind: str, message: str) -> Exception:

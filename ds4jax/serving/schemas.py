@@ -229,9 +229,12 @@ def new_id(prefix: str) -> str:
   return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+  """OpenAI's usage object; `cached_tokens`: prompt tokens whose state was reused (the
+  session's prefix or ds4's disk KV cache), OpenAI's `prompt_tokens_details.cached_tokens`."""
   return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
+          "total_tokens": prompt_tokens + completion_tokens,
+          "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
 def completion(rid: str, model: str, text: str, finish_reason: Optional[str],

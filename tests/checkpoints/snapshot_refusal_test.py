@@ -143,15 +143,19 @@ def prefilled(make_runner):
 
 
 def test_worker_refuses_bad_snapshot_requests(prefilled, snap):
-  """Over the bridge: wrong prefix hash, position count, range or payload size are refused
-  by the worker (a clear remote message) and the link keeps serving."""
+  """Over the bridge: wrong prefix hash, more positions than held, range or payload size are
+  refused by the worker (a clear remote message) and the link keeps serving. A prefix of
+  what it holds is served (the disk KV cache stores at chunk boundaries)."""
   c, sid, hop = prefilled
   n = len(PROMPT)
   good_hash = protocol.fnv1a64(PROMPT)
   with pytest.raises(snapshot_bridge.SnapshotTransferError, match="prefix hash"):
     snapshot_bridge.pull(hop, c.runner.cfg, sid, n, good_hash ^ 1)
   with pytest.raises(snapshot_bridge.SnapshotTransferError, match=f"holds {n} positions"):
-    snapshot_bridge.pull(hop, c.runner.cfg, sid, n - 1, protocol.fnv1a64(PROMPT[:-1]))
+    snapshot_bridge.pull(hop, c.runner.cfg, sid, n + 1, protocol.fnv1a64(PROMPT + [7]))
+  prefix = snapshot_bridge.pull(hop, c.runner.cfg, sid, n - 1, protocol.fnv1a64(PROMPT[:-1]))
+  assert sorted(prefix) == [2, 3] and all(
+      b.meta["fields"][0]["shape"][0] == c.runner.cfg.window + n - 1 for b in prefix.values())
   with pytest.raises(snapshot_bridge.SnapshotTransferError, match="unknown here"):
     snapshot_bridge.pull(hop, c.runner.cfg, "nosuchsession", n, good_hash)
   m = snapshots.read_manifest(snap)

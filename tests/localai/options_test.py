@@ -30,12 +30,12 @@ def test_parse_options_splits_at_the_first_colon():
 
 
 def test_single_node_defaults(tiny_gguf):
-  spec = load_spec(req(tiny_gguf, "unknown_key:1", "kv_cache_dir:/x", "ds4_role:worker"))
+  spec = load_spec(req(tiny_gguf, "unknown_key:1", "mtp_path:/x", "ds4_role:worker"))
   assert not spec.coordinator and spec.layers == "all" and spec.listen is None
   assert spec.route_timeout == 60 and spec.identity == "tiny"
   assert spec.ctx_size == 32768  # ContextSize 0 -> ds4's default
   assert fit_to_model(spec, **TINY).ctx_size == 4096  # capped at the model's context length
-  assert spec.ignored == ("kv_cache_dir",) and spec.streaming is None
+  assert spec.ignored == ("mtp_path",) and spec.streaming is None
   args = spec.model_args("/c")
   assert f"--gguf={tiny_gguf}" in args and "--layers=all" in args and "--cache_dir=/c" in args
   assert not any(a.startswith(("--listen", "--ssd")) for a in args)
@@ -148,7 +148,21 @@ def test_listen_port_in_use(tiny_gguf):
 
 
 def test_ds4_engine_keys_are_known():
-  assert "kv_cache_dir" in options.DS4_ENGINE_KEYS and "mtp_path" in options.DS4_ENGINE_KEYS
+  assert "mtp_path" in options.DS4_ENGINE_KEYS and "ssd_streaming" not in options.DS4_ENGINE_KEYS
+
+
+def test_kv_cache_dir_is_the_disk_kv_cache(tiny_gguf, tmp_path):
+  """ds4's kv_cache_dir (relative: to the models dir) becomes the model process's
+  --kv_disk_dir (issue 23 item 3), no longer an ignored key."""
+  spec = load_spec(req(tiny_gguf, "kv_cache_dir:kv", model_path=str(tmp_path)))
+  assert spec.kv_cache_dir == str(tmp_path / "kv") and spec.ignored == ()
+  assert f"--kv_disk_dir={tmp_path / 'kv'}" in spec.model_args()
+  assert not any(a.startswith("--kv_disk") for a in load_spec(req(tiny_gguf)).model_args())
+  (tmp_path / "f").write_text("x")
+  with pytest.raises(LoadError, match="kv_cache_dir .* is a file, not a directory"):
+    load_spec(req(tiny_gguf, "kv_cache_dir:f", model_path=str(tmp_path)))
+  with pytest.raises(LoadError, match="kv_cache_dir needs a directory"):
+    load_spec(req(tiny_gguf, "kv_cache_dir"))
 
 
 def test_tokenizer_process_matches_the_tokenizer(tiny_gguf):

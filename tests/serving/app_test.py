@@ -54,6 +54,7 @@ def test_openai_client_completions_and_chat(server, tok):
   assert r.choices[0].finish_reason == ("length" if ref.finish_reason == "length" else "stop")
   assert r.usage.prompt_tokens == len(ref.prompt_tokens)
   assert r.usage.completion_tokens == len(ref.tokens)
+  assert r.usage.prompt_tokens_details.cached_tokens == ref.cached_prompt_tokens
   chunks = list(client.completions.create(model=MODEL, prompt="The sky is", max_tokens=24,
                                           temperature=0, stream=True))
   assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text

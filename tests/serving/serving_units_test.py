@@ -87,7 +87,7 @@ def test_job_and_events_round_trip_the_wire_format():
                                  sampling=SamplingParams(temperature=0.7, top_k=5, seed=9),
                                  stop=("x",))
   assert model_proc.job_from_dict(remote._job_to_dict(job)) == job
-  for ev in [generation.Piece("héllo"), generation.Finished("length", 3, 4, {"total_s": 1.0}),
+  for ev in [generation.Piece("héllo"), generation.Finished("length", 3, 4, {"total_s": 1.0}, None, 2),
              generation.Stepped(2, 0.5, (HopTelemetry("0:1", "local", 0.1),))]:
     back = remote._event(model_proc.event_to_dict(ev))
     if isinstance(ev, generation.Stepped):

@@ -368,10 +368,10 @@ class Coordinator(RouteBackend):
                       "wire_bytes_per_token": wire / max(res.n_computed, 1)}
     return res
 
-  def _export_remote(self, sess: RouteSession) -> dict:
+  def _export_remote(self, sess: RouteSession, n: int) -> dict:
     hops = self.wait_route()
     with self._leases(sess, RemoteHops(hops, vocab_size=0, window=1, event=self._event)):
-      return snapshots.pull_route(hops, self.cfg, sess)
+      return snapshots.pull_route(hops, self.cfg, sess, n)
 
   def _import_remote(self, sess: RouteSession, tokens: list[int], read) -> None:
     hops = self.wait_route()

@@ -121,16 +121,17 @@ def push(hop, sid: str, tokens: list[int], blobs: dict[int, LayerBlob]) -> None:
       raise SnapshotTransferError(f"{hop!r} did not acknowledge snapshot part {part}")
 
 
-def pull_route(hops: Sequence[Any], cfg, sess) -> dict[int, LayerBlob]:
-  """The layer blobs of every hop for session sess (each must hold its whole timeline)."""
-  n = len(sess.tokens)
+def pull_route(hops: Sequence[Any], cfg, sess, n: int | None = None) -> dict[int, LayerBlob]:
+  """The layer blobs of every hop for the first n positions of session sess (default: its
+  whole timeline, which every hop must hold)."""
+  n = len(sess.tokens) if n is None else n
   blobs: dict[int, LayerBlob] = {}
   for hop in hops:
     held = sess.held.get(hop.wid, 0)
-    if held != n:
-      raise SnapshotError(f"{hop!r} holds {held} of the session's {n} positions (a worker was "
-                          "replaced or evicted it since the last step): step the session, "
-                          "then save")
+    if held != len(sess.tokens) or held < n:
+      raise SnapshotError(f"{hop!r} holds {held} of the session's {len(sess.tokens)} positions "
+                          "(a worker was replaced or evicted it since the last step): step the "
+                          "session, then save")
     blobs.update(pull(hop, cfg, sess.sid, n, sess.hashes[n]))
   return blobs
 

@@ -55,17 +55,18 @@ class SnapshotTransfers:
       if s is None:
         raise ProtocolError(f"session {sid} is unknown here (evicted, or this worker restarted)")
       try:
-        if s.n != n:
+        if s.n < n:  # a prefix of the timeline is fine (the disk KV cache's boundaries)
           raise ProtocolError(f"session {sid} holds {s.n} positions, the snapshot expects {n}")
         if s.hashes[n] != want:
           raise ProtocolError(f"session {sid} prefix hash {protocol.hash_hex(s.hashes[n])} != "
                               f"snapshot {protocol.hash_hex(want)}")
+        held = s.n
         state = worker.batcher.get(s.slot)  # in order with the pool's compute
       finally:
         worker.sessions.release(s)
-      got_n, blobs = stage_state.export_stage(worker.runner, state)
-      if got_n != n:
-        raise ProtocolError(f"session {sid} state holds {got_n} positions, its timeline {n}")
+      got_n, blobs = stage_state.export_stage(worker.runner, state, n)
+      if got_n != held:
+        raise ProtocolError(f"session {sid} state holds {got_n} positions, its timeline {held}")
       meta, data = stage_state.pack(blobs)
       exports[sid] = {"n": n, "hash": want, "meta": meta, "data": data}
     exp = exports.get(sid)
