@@ -20,8 +20,8 @@ from ds4jax.errors import one_line
 from ds4jax.generate.loop import Generator
 from ds4jax.gguf import streaming
 from ds4jax.gguf.reader import open_gguf
-from ds4jax.gguf.source import GGUFSource
 from ds4jax.gguf.streaming import ExpertCache, StreamingError, StreamingOptions
+from ds4jax.runtime import checkpoint
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.testing.suite import CHUNK, CTX
 from ds4jax.tokenizer import Tokenizer
@@ -83,20 +83,15 @@ def test_budget_below_one_tokens_experts(tiny_gguf):
                       streaming=StreamingOptions.parse("100KB"))
 
 
-def test_unsupported_modes_are_one_line_errors(tiny_gguf):
+def test_unsupported_modes_are_one_line_errors(tiny_gguf, tmp_path):
   opts = StreamingOptions.parse("1GB")
   with pytest.raises(ValueError, match="needs --weights=packed"):
     build.load_runner(tiny_gguf, ctx_size=CTX, weights="dequantized", streaming=opts)
-
-  class Checkpoint:  # any source that is not a GGUF file (an orbax directory)
-    def __init__(self, src):
-      self.cfg, self.path, self.dtype, self.fingerprint = (src.cfg, "/ckpt", "float32",
-                                                           src.fingerprint)
-      self.resolve = src.resolve
-
+  ckpt = tmp_path / "ckpt"
+  checkpoint.save_stage_checkpoint(tiny_gguf, "0:1", ckpt)
   with pytest.raises(ValueError, match=r"^--ssd_streaming reads experts from a GGUF file; "
-                     "/ckpt is not one"):
-    build.load_runner(Checkpoint(GGUFSource(tiny_gguf)), ctx_size=CTX, streaming=opts)
+                     f"{ckpt} is not one"):
+    build.load_runner(str(ckpt), "0:1", ctx_size=CTX, streaming=opts)
 
 
 def test_options():
