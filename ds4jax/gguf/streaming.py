@@ -2,7 +2,7 @@
 the GGUF, read on demand into a bounded host cache; every other weight is resident.
 
     opts = StreamingOptions.parse("1GB", preload=0, cold=False)
-    cache = ExpertCache(ds4file, layers, opts, act="exact")  # checks the budget
+    cache = ExpertCache(ds4file, layers, opts, k=6, dtype=jnp.float32)  # checks the budget
     experts, idx_TK = cache.gather(il, idx_TK)   # inside the jitted step (MoE.__call__)
     cache.stats()  # live entries, hits, misses, bytes read
 
