@@ -366,6 +366,27 @@ def devices_option(spec) -> int | str:
   return int(text)
 
 
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)", re.IGNORECASE)
+
+
+def expert_cache_option(spec) -> tuple[int | None, int | None]:
+  """An expert cache option (`--ssd_streaming_cache_experts`, ds4's semantics) as (a byte
+  budget, None) for a size ('32GB', '512MiB': decimal and binary units) or (None, N) for a
+  plain N expert slots; a one-line ValueError otherwise."""
+  text = str(spec).strip()
+  if text.isdigit():
+    if int(text) < 1:
+      raise ValueError("--ssd_streaming_cache_experts must be at least 1 expert slot")
+    return None, int(text)
+  m = _SIZE_RE.fullmatch(text)
+  if not m:
+    raise ValueError(f"--ssd_streaming_cache_experts={text!r}: expected a size (e.g. 32GB, "
+                     "512MiB) or a number of expert slots")
+  return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]), None
+
+
 # The named points of a step (issue 22): model/taps.py documents them, runtime/capture.py
 # plans their capture. Points computed inside a layer's step, in the order a layer passes
 # them; then the lens (the head on a layer's hc_out) and the model's logits.

@@ -16,6 +16,9 @@ r"""Generates from a prompt, whole model in one process or as the coordinator of
     # Capture named points of every processed position (prompt, then each token fed back):
     python scripts/generate.py --gguf=tiny --prompt="Hello" --capture=ffn_out,router_ids,lens \
         --capture_layers=1:2 --capture_out=/tmp/cap.npz
+    # Routed experts streamed from the file through a 1 GB cache (ds4's --ssd-streaming):
+    python scripts/generate.py --gguf=m.gguf --prompt="Hello" --ssd_streaming \
+        --ssd_streaming_cache_experts=1GB
 """
 
 import json
@@ -24,6 +27,7 @@ import sys
 from absl import flags
 
 from ds4jax import cli
+from ds4jax.gguf import streaming
 from ds4jax.runtime import sources
 from ds4jax.runtime.capture import CaptureSpec
 from ds4jax.generate.loop import Generator
@@ -102,6 +106,7 @@ def main(argv):
       print(file=sys.stderr)  # ends the streamed text's line
       cli.save_session(backend, sid, _SAVE.value, res.prompt_tokens + res.tokens)
     route = backend.route_info()
+    experts = streaming.stats()  # this process's expert caches (--ssd_streaming), or None
   finally:
     close()
   t = res.timings
@@ -111,6 +116,10 @@ def main(argv):
         f"{t['decode_tokens']} tok at {t['decode_tok_s']:.1f} tok/s ({res.finish_reason})",
         file=sys.stderr)
   print(cli.format_hop_table(res.hop_summary()), file=sys.stderr)
+  if experts is not None:
+    experts["bytes_read_per_token"] = experts["bytes_read"] / max(
+        t["prefill_tokens"] + t["decode_tokens"], 1)
+    print(streaming.format_stats(experts), file=sys.stderr)
   if capture is not None:
     res.captured.save_npz(_CAPTURE_OUT.value)
     print(f"captured {len(res.captured.keys())} arrays x {len(res.captured.positions)} positions "
@@ -118,6 +127,8 @@ def main(argv):
   if _OUTPUT_JSON.value:
     out = res.to_dict()
     out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)
+    if experts is not None:
+      out["expert_cache"] = experts
     with open(_OUTPUT_JSON.value, "w") as f:
       json.dump(out, f, indent=1)
 

@@ -112,6 +112,10 @@ def main(argv):
   except cli.input_errors() as e:  # its slice may still load on another thread: no teardown
     print(f"error: {cli.one_line(e)}", file=sys.stderr)
     cli.hard_exit(2)
+  finally:
+    from ds4jax.gguf import streaming  # --ssd_streaming: this worker's expert cache
+    if streaming.stats() is not None:
+      print(streaming.format_stats(streaming.stats()), file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -45,21 +45,26 @@ def check_port_free(host: str, port: int) -> None:
 
 def local_backend(path, *, ranges: Sequence[str] = ("all",), ctx_size: int = 4096,
                   prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
-                  weights: str = "packed", devices=1, kv_disk_dir=None,
+                  weights: str = "packed", devices=1, streaming=None, kv_disk_dir=None,
                   kv_disk_space_mb: float | None = None):
   """A `LocalBackend` over `ranges` of a GGUF or checkpoint directory, each range its own
   in-process stage (e.g. `("0:1", "2:output")`); `max_sessions` sessions keep their KV and
-  batch their decode steps. `kv_disk_dir` (+ `kv_disk_space_mb`, default 4096): ds4's disk
-  KV cache there. Returns once every stage is loaded and compiled."""
+  batch their decode steps. streaming: expert streaming options (`stages.load_runner`); the
+  stages share one cache (ds4's budget is the process's). `kv_disk_dir` (+
+  `kv_disk_space_mb`, default 4096): ds4's disk KV cache there. Returns once every stage is
+  loaded and compiled."""
   from ds4jax.runtime import sources
   from ds4jax.runtime.local import LocalBackend, check_chain
   _check_kv_disk(kv_disk_dir, kv_disk_space_mb)  # before any loads
   src = sources.open_source(sources.resolve(path)) if isinstance(path, (str, os.PathLike)) \
       else path
-  check_chain([src.resolve(spec) for spec in ranges], src.cfg.n_layers)  # before any loads
+  rngs = [src.resolve(spec) for spec in ranges]
+  check_chain(rngs, src.cfg.n_layers)  # before any loads
+  if streaming is not None and len(rngs) > 1:  # one cache and one budget for the process
+    streaming = _shared_cache(src, rngs, streaming, dtype)
   runners = [load_runner(src, spec, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
                          max_sessions=max_sessions, dtype=dtype, weights=weights,
-                         devices=devices) for spec in ranges]
+                         devices=devices, streaming=streaming) for spec in ranges]
   backend = LocalBackend(runners, prefill_chunk=prefill_chunk, max_sessions=max_sessions)
   return attach_kv_disk(backend, kv_disk_dir, kv_disk_space_mb)
 
@@ -89,10 +94,22 @@ def attach_kv_disk(backend, directory, space_mb: float | None = None):
   return backend
 
 
+def _shared_cache(src, rngs, options, dtype):
+  """One `ExpertCache` over every layer of `rngs` (a GGUF source), for in-process stages."""
+  from ds4jax.gguf.source import GGUFSource
+  from ds4jax.gguf.streaming import ExpertCache
+  from ds4jax.runtime.load import parse_dtype
+  if not isinstance(src, GGUFSource):
+    return options  # the loader says why streaming needs a GGUF
+  layers = [il for rng in rngs for il in rng.layers()]
+  return ExpertCache(src.file, layers, options, k=src.cfg.n_experts_used,
+                     dtype=parse_dtype(dtype or src.dtype))
+
+
 def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
                 ctx_size: int = 4096, prefill_chunk: int = 256, max_sessions: int = 8,
                 dtype: str | None = None, weights: str = "packed", devices=1,
-                key_file: str | None = None, tls_cert: str | None = None,
+                streaming=None, key_file: str | None = None, tls_cert: str | None = None,
                 tls_key: str | None = None, kv_disk_dir=None,
                 kv_disk_space_mb: float | None = None, **options):
   """A listening `Coordinator` that runs `layers` (0:K) of the model here; workers dial
@@ -117,7 +134,8 @@ def coordinator(path, *, layers: str = "0:0", listen: str = "127.0.0.1:0",
   if port:
     check_port_free(host, port)  # before a possibly long model load, not after
   runner = load_runner(path, layers, ctx_size=ctx_size, prefill_chunk=prefill_chunk,
-                       max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices)
+                       max_sessions=max_sessions, dtype=dtype, weights=weights, devices=devices,
+                       streaming=streaming)
   try:
     coord = Coordinator(runner, CoordinatorOptions(
         host=host, port=port, prefill_chunk=prefill_chunk, max_sessions=max_sessions, key=key,
@@ -144,7 +162,7 @@ def requested_range(spec: str, n_layers: int) -> LayerRange:
 
 
 def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str | None = None,
-           weights: str = "packed", devices=1, options=None):
+           weights: str = "packed", devices=1, options=None, streaming=None):
   """A `Worker` for `layers` of the model that dials `coordinator_addr` when `run()`.
 
   HELLO needs only the metadata, so the slice loads while the worker dials (issue 24 item 4:
@@ -167,7 +185,7 @@ def worker(path, layers: str, coordinator_addr: tuple[str, int], *, dtype: str |
   def load():  # at run(), while dialing: the decode shapes (the chunk's come with ACCEPT)
     return load_runner(path, rng, ctx_size=opt.ctx, prefill_chunk=w.chunk or 1,
                        max_sessions=opt.max_sessions, dtype=dtype, weights=weights,
-                       devices=devices)
+                       devices=devices, streaming=streaming)
 
   def refit(runner):  # after ACCEPT: the coordinator's chunk ladder, and only it
     chunk = w.chunk or DEFAULT_MAX_CHUNK

@@ -73,7 +73,8 @@ def _open(path, layers):
 
 def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
                 prefill_chunk: int = 256, max_sessions: int = 8, dtype: str | None = None,
-                weights: str = "packed", devices=1, activations: str = "exact"):
+                weights: str = "packed", devices=1, activations: str = "exact",
+                streaming=None):
   """A `StageRunner` for `layers` of the GGUF or orbax checkpoint directory at `path` (or a
   `quant.source.TensorSource`), carrying the model fingerprint, ready to serve a
   `StageBatcher` of `max_sessions` slots fed chunks of up to `prefill_chunk` tokens.
@@ -83,6 +84,8 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
   them). dtype None: float32 for a GGUF, the stored dtype for a checkpoint. weights:
   'packed' or 'dequantized'. devices: 1, N or 'all' local devices (`model.sharding`).
   activations: 'exact' or 'q8' (the packed products' activations, `quant.matmul`).
+  streaming: a `gguf.streaming.StreamingOptions` (ds4's --ssd_streaming*): the routed
+  experts stay in the GGUF, read into a bounded host cache; None: every weight resident.
   ctx_size is capped at the model's context length.
   """
   from ds4jax.runtime import load
@@ -92,17 +95,17 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
   src, rng, name = _open(path, layers)
   spent = [0.0]
   t0 = time.perf_counter()
-  with contextlib.ExitStack() as streaming:
+  with contextlib.ExitStack() as loading:
 
     def prepare(runner):  # compiled shapes first; then the weights stream in, with a heartbeat
       spent[0] = compile_serving(runner, prefill_chunk, max_sessions)
-      streaming.enter_context(heartbeat(f"loading the weights of layers {rng.describe()} of "
+      loading.enter_context(heartbeat(f"loading the weights of layers {rng.describe()} of "
                                         f"{name}"))
 
     runner = load.load_runner(src, rng, ctx_size=min(int(ctx_size), src.cfg.context_length),
                               max_chunk=max_chunk_for(prefill_chunk), dtype=dtype,
                               weights=weights, devices=devices, prepare=prepare,
-                              activations=activations)
+                              activations=activations, streaming_options=streaming)
   log.info("layers %s loaded in %.1fs (%.1fs of it compiling)", rng.describe(),
            time.perf_counter() - t0, spent[0])
   return runner
@@ -110,7 +113,8 @@ def load_runner(path, layers: str | LayerRange = "all", *, ctx_size: int = 4096,
 
 def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None, *,
                ctx_size: int = 4096, max_chunk: int = DEFAULT_MAX_CHUNK,
-               weights: str = "packed", devices=1, activations: str = "exact"):
+               weights: str = "packed", devices=1, activations: str = "exact",
+               streaming=None):
   """Loads `layers` of a ds4 GGUF (or an orbax checkpoint directory, or a `TensorSource`) for
   notebooks: a `runtime.api.Model` (`logits(ids)`, `session()`). Its decode step compiles
   before the weights load; prefill lengths compile on first use (bucketed: 1, 2, 4, ...).
@@ -123,6 +127,7 @@ def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None,
   docs/design.md §12); N must divide the expert count. max_chunk: the longest chunk one
   call runs (a power of two; longer prompts run in pieces). activations: 'exact' (default)
   or 'q8': the packed products round activations to int8 blocks first (`quant.matmul`).
+  streaming: expert streaming options (`load_runner`).
   """
   from ds4jax.runtime import load
   from ds4jax.runtime.api import Model
@@ -132,7 +137,7 @@ def load_model(path, layers: str | LayerRange = "all", dtype: str | None = None,
     return Model(load.load_runner(src, rng, ctx_size=min(int(ctx_size), src.cfg.context_length),
                                   max_chunk=max_chunk, dtype=dtype, weights=weights,
                                   devices=devices, compile_sizes=(1,),
-                                  activations=activations))
+                                  activations=activations, streaming_options=streaming))
 
 
 __all__ = ["compile_serving", "load_model", "load_runner", "max_chunk_for"]

@@ -77,6 +77,32 @@ def define_weight_flags() -> None:
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"],
                     "Compute dtype (default: float32 for a GGUF, the stored dtype for a "
                     "checkpoint directory).")
+  define_streaming_flags()
+
+
+def define_streaming_flags() -> None:
+  """ds4's expert streaming (`--ssd-streaming*`, absl spelling; docs/design.md §15)."""
+  flags.DEFINE_boolean("ssd_streaming", False, "Keep the routed experts in the GGUF (read on "
+                       "demand into a bounded expert cache); every other weight is resident.")
+  flags.DEFINE_string("ssd_streaming_cache_experts", "32GB", "With --ssd_streaming: the expert "
+                      "cache's byte budget (e.g. 32GB, 512MiB) or a number N of expert slots "
+                      "(an expert: one layer's gate, up and down of one expert id).")
+  flags.DEFINE_integer("ssd_streaming_preload_experts", 0, "With --ssd_streaming: experts read "
+                       "into the cache at start (layer by layer), at most what fits.",
+                       lower_bound=0)
+  flags.DEFINE_boolean("ssd_streaming_cold", False, "With --ssd_streaming: drop the GGUF's "
+                       "pages from the OS page cache at start (misses read the disk).")
+
+
+def streaming_options():
+  """The run's `gguf.streaming.StreamingOptions` (None without --ssd_streaming); a bad cache
+  size is a one-line error here, before any load."""
+  if not option("ssd_streaming", False):
+    return None
+  from ds4jax.gguf.streaming import StreamingOptions  # deferred: --help imports no JAX
+  return StreamingOptions.parse(option("ssd_streaming_cache_experts", "32GB"),
+                                preload=int(option("ssd_streaming_preload_experts", 0)),
+                                cold=bool(option("ssd_streaming_cold", False)))
 
 
 def define_device_flags() -> None:
@@ -113,13 +139,14 @@ def kv_disk_options() -> dict[str, str | int | None]:
           "kv_disk_space_mb": None if space is None else int(space)}
 
 
-def weight_options() -> dict[str, str | int | None]:
-  """{'weights': ..., 'dtype': ... or None (the source's), 'devices': N or 'all'} from the
-  run options."""
+def weight_options() -> dict[str, Any]:
+  """{'weights': ..., 'dtype': ... or None (the source's), 'devices': N or 'all',
+  'streaming': `streaming_options()`} from the run options."""
   dtype = option("dtype")
   return {"weights": str(option("weights", "packed")),
           "dtype": None if dtype is None else str(dtype),
-          "devices": parse_devices(option("devices", 1))}
+          "devices": parse_devices(option("devices", 1)),
+          "streaming": streaming_options()}
 
 
 _config_path: str | None = None

@@ -45,16 +45,18 @@ def slice_range(f: DS4File, layers: LayerRange | str | None,
 
 def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
                  fill_optional: bool = True, release: bool = True,
-                 packed: bool = False) -> Iterator[tuple[str, np.ndarray | RawTensor]]:
+                 packed: bool = False,
+                 skip=None) -> Iterator[tuple[str, np.ndarray | RawTensor]]:
   """Yields `(gguf_name, array)` for the slice `rng` of `f`, one tensor at a time.
 
   A consumer that places each array and drops it (runtime.load) never holds more than one
   tensor on the host: the slice is not materialised twice. With `packed`, a tensor that
   `packs` comes as a `RawTensor` holding a copy of its GGUF data (uint8 blocks shaped
   `[*numpy_shape[:-1], row_bytes]`, or the float16/bfloat16 array), the rest dequantised.
-  Other arguments as in `load_tensors`.
+  `skip(name) -> bool`: tensors left unread in the file (expert streaming). Other arguments
+  as in `load_tensors`.
   """
-  entries = f.validate(rng)
+  entries = [e for e in f.validate(rng) if skip is None or not skip(e.name)]
   total = sum(f.nbytes(e.name) for e in entries)
   seen = set()
   t0 = last = time.monotonic()
@@ -79,7 +81,7 @@ def iter_tensors(f: DS4File, rng: LayerRange, *, progress: bool = True,
     del arr  # not kept alive while the next tensor is dequantised
   if fill_optional:
     for e in names.entries(f.cfg, rng, optional=True):
-      if e.name not in seen:
+      if e.name not in seen and (skip is None or not skip(e.name)):
         yield e.name, np.zeros(e.numpy_shape(f.cfg), np.float32)
   if progress and time.monotonic() - t0 >= PROGRESS_EVERY_S:
     logging.info("loaded %d tensors (%.1f MB in the file) in %.1fs", len(entries), total / 1e6,

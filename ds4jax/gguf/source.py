@@ -47,11 +47,14 @@ class GGUFSource:
     return load.slice_range(self.file, layers, None)
 
   def abstract(self, layers: LayerRange, *, packed: bool = True,
-               dtype: str | None = None) -> dict[Path, Stored]:
-    """Checks the slice's tensor table (dims, types) and describes it; any dtype is served."""
+               dtype: str | None = None, experts: bool = True) -> dict[Path, Stored]:
+    """Checks the slice's tensor table (dims, types) and describes it; any dtype is served.
+    experts: False leaves out the routed expert tensors (expert streaming)."""
     del dtype  # the loader casts F32 tensors and packed data dequantises to any dtype
     out = {}
     for e in self.file.validate(layers):
+      if not experts and _routed_expert(e.name):
+        continue
       t = self.file.tensor(e.name)
       shape = e.numpy_shape(self.cfg)
       path = names.local_path(e.name, layers)
@@ -63,15 +66,23 @@ class GGUFSource:
         out[path] = Stored(None, shape, np.dtype(dt))
     return out
 
-  def tensors(self, layers: LayerRange, *,
-              packed: bool = True) -> Iterator[tuple[Path, Any, int | None]]:
-    for name, arr in load.iter_tensors(self.file, layers, fill_optional=False, packed=packed):
+  def tensors(self, layers: LayerRange, *, packed: bool = True,
+              experts: bool = True) -> Iterator[tuple[Path, Any, int | None]]:
+    """The slice's tensors one at a time; experts=False leaves the routed experts unread."""
+    skip = None if experts else _routed_expert
+    for name, arr in load.iter_tensors(self.file, layers, fill_optional=False, packed=packed,
+                                       skip=skip):
       path = names.local_path(name, layers)
       if isinstance(arr, RawTensor):
         yield path, arr.data, int(arr.qtype)
       else:
         yield path, arr, None
       del arr
+
+
+def _routed_expert(name: str) -> bool:
+  """True for `blk.{i}.ffn_{gate,up,down}_exps.weight`."""
+  return name.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight", "ffn_down_exps.weight"))
 
 
 def _packed_dtype(qtype: int) -> np.dtype:

@@ -9,7 +9,9 @@ the error texts of LocalAI PR #10098:
     ds4_listen:HOST:PORT        where workers dial in
     ds4_route_timeout:SECONDS   how long a Predict waits for the route (default 60)
 
-ds4's `kv_cache_dir:DIR` (relative: to the models directory) is the model process's
+ds4's expert streaming keys (`ssd_streaming`, `ssd_streaming_cache_experts:32GB|N`,
+`ssd_streaming_preload_experts:N`, `ssd_streaming_cold`) become serve.py's `--ssd_streaming*`
+flags. ds4's `kv_cache_dir:DIR` (relative: to the models directory) is the model process's
 `--kv_disk_dir` (ds4's disk KV cache). ds4jax adds `ds4_key_file`, `ds4_tls_cert`,
 `ds4_tls_key`, `ds4_activation_dtype`, `ds4_prefill_chunk` (ds4's `prefill_chunk` too) and
 `ds4_max_concurrency`. Every problem is a
@@ -27,6 +29,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from ds4jax.config import expert_cache_option
+
 log = logging.getLogger("ds4jax.localai")
 
 # ds4's defaults: ContextSize 0 -> 32768 tokens, Tokens 0 -> 256 new tokens, 60 s route wait.
@@ -38,10 +42,8 @@ WIRE_DTYPES = {"f32": "f32", "bf16": "bf16", "int8": "int8", "32": "f32", "16": 
                "8": "int8"}
 # ds4 engine knobs with no ds4jax equivalent: accepted (a LocalAI YAML written for ds4 loads)
 # and logged as ignored.
-DS4_ENGINE_KEYS = ("mtp_path", "mtp_draft", "mtp_margin", "power_percent",
-                   "warm_weights", "quality", "ssd_streaming", "ssd_streaming_cold",
-                   "ssd_streaming_preload_experts", "ssd_streaming_cache_experts",
-                   "simulate_used_memory", "expert_profile_path", "ds4_devices")
+DS4_ENGINE_KEYS = ("mtp_path", "mtp_draft", "mtp_margin", "power_percent", "warm_weights",
+                   "quality", "simulate_used_memory", "expert_profile_path", "ds4_devices")
 
 _LAYERS_RE = re.compile(r"(\d+):(\d+|output)")
 
@@ -70,6 +72,8 @@ class LoadSpec:
   ignored: tuple[str, ...] = ()
   # ds4's directional steering: the file (absolute) and the FFN / attention scales.
   steering: tuple[str, float | None, float | None] | None = None
+  # ds4's expert streaming: (cache experts, preload experts, cold), or None (resident).
+  streaming: tuple[str, int, bool] | None = None
   kv_cache_dir: str | None = None  # ds4's disk KV cache (absolute)
 
   def model_args(self, cache_dir: str | None = None) -> list[str]:
@@ -91,6 +95,12 @@ class LoadSpec:
       args.append(f"--dir_steering_file={path}")
       args += [f"--dir_steering_{k}={v}" for k, v in (("ffn", ffn), ("attn", attn))
                if v is not None]
+    if self.streaming is not None:
+      cache, preload, cold = self.streaming
+      args += ["--ssd_streaming", f"--ssd_streaming_cache_experts={cache}",
+               f"--ssd_streaming_preload_experts={preload}"]
+      if cold:
+        args.append("--ssd_streaming_cold")
     if self.kv_cache_dir:
       args.append(f"--kv_disk_dir={self.kv_cache_dir}")
     if cache_dir:
@@ -222,6 +232,7 @@ def load_spec(req) -> LoadSpec:
                 _float_option(opts, "directional_steering_attn"))
   elif any(k in opts for k in ("directional_steering_ffn", "directional_steering_attn")):
     raise LoadError("ds4: directional_steering_ffn/attn need directional_steering_file")
+  streaming = _streaming(opts)
   kv_cache_dir = _dir_option(opts, "kv_cache_dir", base_dir)
   ignored = tuple(k for k in opts if k in DS4_ENGINE_KEYS)
   for k in ignored:
@@ -236,7 +247,31 @@ def load_spec(req) -> LoadSpec:
                   layers=layers, listen=listen, route_timeout=float(route_timeout),
                   activation_dtype=dtype, key_file=key_file, tls_cert=tls_cert, tls_key=tls_key,
                   prefill_chunk=prefill_chunk, max_concurrency=max_concurrency, ignored=ignored,
-                  steering=steering, kv_cache_dir=kv_cache_dir)
+                  steering=steering, streaming=streaming,
+                  kv_cache_dir=kv_cache_dir)
+
+
+def _streaming(opts: dict[str, Any]) -> tuple[str, int, bool] | None:
+  """ds4's `ssd_streaming*` keys, checked: (cache, preload, cold) with `ssd_streaming` on,
+  None without it (the other keys then do nothing, as in ds4, with a warning)."""
+  keys = ("ssd_streaming_cache_experts", "ssd_streaming_preload_experts", "ssd_streaming_cold")
+  on = opts.get("ssd_streaming", False)
+  if on not in (True, "true", "1", "on", "yes", False, "false", "0", "off", "no"):
+    raise LoadError(f"ds4: ssd_streaming takes no value or true/false, got {on!r}")
+  if on not in (True, "true", "1", "on", "yes"):
+    for k in keys:
+      if k in opts:
+        log.warning("ignoring %s: ssd_streaming is off", k)
+    return None
+  cache = opts.get("ssd_streaming_cache_experts", "32GB")
+  try:
+    expert_cache_option(cache if isinstance(cache, str) else "")
+  except ValueError as e:
+    raise LoadError(f"ds4: {str(e).lstrip('-')}") from None
+  preload = _positive_int(opts, "ssd_streaming_preload_experts", "ds4: "
+                          "ssd_streaming_preload_experts must be a positive integer", 0)
+  cold = opts.get("ssd_streaming_cold", False) in (True, "true", "1", "on", "yes")
+  return cache, preload, cold
 
 
 def parse_listen(value: Any) -> tuple[str, int]:

@@ -45,7 +45,7 @@ class MoE(nnx.Module):
 
   def __init__(self, cfg: ModelConfig, *, layer_idx: int, rngs: nnx.Rngs, dtype=jnp.float32):
     e, f, d, k = cfg.n_experts, cfg.expert_ff, cfg.d_model, cfg.n_experts_used
-    self.n_experts, self.k = e, k
+    self.n_experts, self.k, self.layer_idx = e, k, layer_idx
     self.is_hash = cfg.is_hash_layer(layer_idx)
     self.limit = float(cfg.swiglu_clamp[layer_idx])
     self.routed_scale = float(cfg.routed_scale)
@@ -63,6 +63,9 @@ class MoE(nnx.Module):
     self.shared_down = ops.param(rngs, (d, f), dtype)
     # A jax Mesh: the routed experts run expert-parallel on it (`sharding.attach`); static.
     self.expert_mesh = None
+    # Expert streaming (`gguf.streaming.ExpertCache`, static): the module holds no routed
+    # expert arrays; `gather` brings the chosen ones into the step (docs/design.md §15).
+    self.expert_source = None
 
   def route(self, x_TD, tokens_T, tap=None):
     """Returns (experts int32 [T, k], weights f32 [T, k]). `tap(point, value) -> value` sees
@@ -90,7 +93,10 @@ class MoE(nnx.Module):
   def __call__(self, x_TD, tokens_T, tap=None):
     """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32 (tap: see `route`)."""
     idx_TK, w_TK = self.route(x_TD, tokens_T, tap)
-    if self.expert_mesh is None:
+    if self.expert_source is not None:  # streamed: the chosen experts, ids remapped to them
+      experts, ids_TK = self.expert_source.gather(self.layer_idx, idx_TK)
+      routed_TD = self.routed(x_TD, ids_TK, w_TK, experts)
+    elif self.expert_mesh is None:
       routed_TD = self.routed(x_TD, idx_TK, w_TK)
     else:  # experts sharded over the stage's devices (docs/design.md §12)
       routed_TD = sharding.routed_experts(self, x_TD, idx_TK, w_TK)
@@ -105,7 +111,8 @@ class MoE(nnx.Module):
 
     experts: (gate [E', F, D], up [E', F, D], down [E', D, F]) instead of the module's own:
     a device's local slice under expert parallelism (`sharding.routed_experts`), where an id
-    E' marks a pair of another device's expert (weight 0).
+    E' marks a pair of another device's expert (weight 0), or the chosen experts of a
+    streamed layer (`gguf.streaming.ExpertCache.gather`).
     """
     t = x_TD.shape[0]
     gate_EFD, up_EFD, down_EDF = experts or (self.gate_exps[...], self.up_exps[...],

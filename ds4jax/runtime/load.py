@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from ds4jax.config import LayerRange, ModelConfig
-from ds4jax.gguf import names
+from ds4jax.gguf import names, streaming
 from ds4jax.gguf.writer import RawTensor
 from ds4jax.model import sharding
 from ds4jax.runtime.runner import StageRunner
@@ -65,15 +65,22 @@ def parse_weights(weights: str) -> str:
 
 
 def abstract_stage(cfg: ModelConfig, layers: LayerRange, dtype="float32",
-                   stored: Mapping[tuple, Stored] | None = None):
+                   stored: Mapping[tuple, Stored] | None = None, experts=None):
   """(graphdef, {local path: abstract Param}) of a stage, with nothing allocated.
 
   stored: a source's table (`TensorSource.abstract`); its packed entries become abstract
   `Packed` values (the shapes a packed stage compiles with). Every entry is checked against
   the stage: a path the stage lacks, or another shape, is a ValueError.
+  experts: a `gguf.streaming.ExpertCache`: the MoE modules hold no routed expert parameters
+  and read the chosen experts through it (expert streaming).
   """
   dt = parse_dtype(dtype)
   abstract = nnx.eval_shape(lambda: Stage(cfg, layers, rngs=nnx.Rngs(0), dtype=dt))
+  if experts is not None:
+    for block in abstract.blocks:
+      for name in streaming.EXPERT_PARAMS:
+        delattr(block.moe, name)
+      block.moe.expert_source = experts
   graphdef, state = nnx.split(abstract)
   flat = dict(nnx.to_flat_state(state))
   for path, st in (stored or {}).items():
@@ -198,19 +205,44 @@ def as_source(source) -> TensorSource:
   return source
 
 
-def _abstract(source: TensorSource, layers, dtype, weights: str):
-  """(range, packed, graphdef, flat) for a load of `layers` of `source`."""
+def _abstract(source: TensorSource, layers, dtype, weights: str, stream=None, mesh=None,
+              activations: str = "exact"):
+  """(graphdef, flat, tensors) for a load of `layers` of `source`; `tensors()`
+  iterates what `_place` takes. stream: `gguf.streaming.StreamingOptions` (None: every
+  weight resident); the routed experts then stay in the file, read through an ExpertCache
+  (its budget checked here, before anything compiles), or an `ExpertCache` over these layers
+  (and maybe others: one cache, one budget, for the stages of a process)."""
   packed = parse_weights(weights) == "packed"
   rng = source.resolve(layers)
   dt = str(parse_dtype(dtype if dtype is not None else source.dtype))
-  stored = source.abstract(rng, packed=packed, dtype=dt)
-  graphdef, flat = abstract_stage(source.cfg, rng, dt, stored)
-  return rng, packed, graphdef, flat
+  cache = None
+  if stream is not None:
+    from ds4jax.gguf.source import GGUFSource
+    if not isinstance(source, GGUFSource):
+      raise ValueError(f"--ssd_streaming reads experts from a GGUF file; {source.path} is not "
+                       "one (a checkpoint directory)")
+    if not packed:
+      raise ValueError("--ssd_streaming keeps the experts' GGUF bytes: it needs "
+                       "--weights=packed, not --weights=dequantized")
+    if mesh is not None:
+      raise ValueError("--ssd_streaming with --devices > 1 is not supported yet")
+    cache = stream if isinstance(stream, streaming.ExpertCache) else streaming.ExpertCache(
+        source.file, rng.layers(), stream, k=source.cfg.n_experts_used, dtype=parse_dtype(dt),
+        act=activations)
+    if not set(rng.layers()) <= set(cache.layers):
+      raise ValueError(f"the expert cache holds layers {cache.layers}, not all of "
+                       f"{rng.describe()}")
+  stored = source.abstract(rng, packed=packed, dtype=dt,
+                           **({} if cache is None else {"experts": False}))
+  graphdef, flat = abstract_stage(source.cfg, rng, dt, stored, cache)
+  tensors = (lambda: source.tensors(rng, packed=packed)) if cache is None else (
+      lambda: source.tensors(rng, packed=packed, experts=False))
+  return graphdef, flat, tensors
 
 
 def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | str | None = None,
                *, dtype=None, weights: str = "packed", devices=1,
-               activations: str = "exact") -> Stage:
+               activations: str = "exact", streaming_options=None) -> Stage:
   """Loads the slice `layers` of a source (only its tensors are read).
 
   source: a `quant.source.TensorSource` (a GGUF or an orbax checkpoint, see
@@ -227,13 +259,17 @@ def load_stage(source: TensorSource | str | os.PathLike, layers: LayerRange | st
     (expert parallelism, `model.sharding`), each device receiving only its experts' bytes.
   activations: 'exact' (default) or 'q8': how the packed weights' products treat their
     activations (`quant.matmul`; q8 rounds them to int8 blocks first, within a stated bound).
+  streaming_options: a `gguf.streaming.StreamingOptions`: the routed experts stay in the
+    GGUF, read on demand into a bounded host cache (expert streaming); or an ExpertCache
+    shared with other stages of the process; None: resident.
   """
   source = as_source(source)
   mesh = sharding.make_mesh(devices)
   sharding.check_experts(source.cfg.n_experts, mesh)
-  rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
+  graphdef, flat, tensors = _abstract(source, layers, dtype, weights, streaming_options,
+                                      mesh, activations)
   stage = nnx.merge(graphdef, nnx.from_flat_state(
-      _with_activations(_place(flat, source.tensors(rng, packed=packed), mesh), activations)))
+      _with_activations(_place(flat, tensors(), mesh), activations)))
   sharding.attach(stage, mesh)
   return stage
 
@@ -243,7 +279,7 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
                 fingerprint: str | None = None, compile_sizes: Sequence[int] = (),
                 compile_batches=None, devices=1,
                 prepare: Callable[[StageRunner], None] | None = None,
-                activations: str = "exact") -> StageRunner:
+                activations: str = "exact", streaming_options=None) -> StageRunner:
   """A StageRunner for `layers` of a source (as in `load_stage`), built in the order that
   keeps the process's peak memory low (issue 7):
 
@@ -258,7 +294,8 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
   prepare: called with the weightless runner in step 1, after those (the builder compiles
   every shape a stage serves here: `ds4jax.build`).
   fingerprint: None is the source's; another one is a ValueError (the wrong model).
-  devices, activations: as in `load_stage` (the step compiles for the sharded placement).
+  devices, activations, streaming_options: as in `load_stage` (the step compiles for the
+  sharded placement).
   """
   source = as_source(source)
   mesh = sharding.make_mesh(devices)
@@ -266,7 +303,8 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
   if fingerprint is not None and fingerprint != source.fingerprint:
     raise ValueError(f"{source.path} is of another model (fingerprint "
                      f"{source.fingerprint[:16]}, expected {fingerprint[:16]})")
-  rng, packed, graphdef, flat = _abstract(source, layers, dtype, weights)
+  graphdef, flat, tensors = _abstract(source, layers, dtype, weights, streaming_options,
+                                      mesh, activations)
   flat = _with_activations(flat, activations)
   abstract = nnx.merge(graphdef, nnx.from_flat_state(flat))
   sharding.attach(abstract, mesh)
@@ -281,7 +319,7 @@ def load_runner(source: TensorSource | str | os.PathLike, layers: LayerRange | s
     if prepare is not None:
       prepare(runner)
     trim_heap()
-  items = source.tensors(rng, packed=packed)
+  items = tensors()
   stage = nnx.merge(graphdef, nnx.from_flat_state(
       _with_activations(_place(flat, items, mesh), activations)))
   sharding.attach(stage, mesh)

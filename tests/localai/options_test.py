@@ -30,15 +30,29 @@ def test_parse_options_splits_at_the_first_colon():
 
 
 def test_single_node_defaults(tiny_gguf):
-  spec = load_spec(req(tiny_gguf, "unknown_key:1", "ssd_streaming", "ds4_role:worker"))
+  spec = load_spec(req(tiny_gguf, "unknown_key:1", "mtp_path:/x", "ds4_role:worker"))
   assert not spec.coordinator and spec.layers == "all" and spec.listen is None
   assert spec.route_timeout == 60 and spec.identity == "tiny"
   assert spec.ctx_size == 32768  # ContextSize 0 -> ds4's default
   assert fit_to_model(spec, **TINY).ctx_size == 4096  # capped at the model's context length
-  assert spec.ignored == ("ssd_streaming",)
+  assert spec.ignored == ("mtp_path",) and spec.streaming is None
   args = spec.model_args("/c")
   assert f"--gguf={tiny_gguf}" in args and "--layers=all" in args and "--cache_dir=/c" in args
-  assert not any(a.startswith("--listen") for a in args)
+  assert not any(a.startswith(("--listen", "--ssd")) for a in args)
+
+
+def test_ssd_streaming_options_become_flags(tiny_gguf):
+  spec = load_spec(req(tiny_gguf, "ssd_streaming", "ssd_streaming_cache_experts:12GB",
+                       "ssd_streaming_preload_experts:64", "ssd_streaming_cold"))
+  assert spec.streaming == ("12GB", 64, True) and spec.ignored == ()
+  args = spec.model_args()
+  assert args[-4:] == ["--ssd_streaming", "--ssd_streaming_cache_experts=12GB",
+                       "--ssd_streaming_preload_experts=64", "--ssd_streaming_cold"]
+  assert load_spec(req(tiny_gguf, "ssd_streaming")).streaming == ("32GB", 0, False)
+  assert load_spec(req(tiny_gguf, "ssd_streaming_cache_experts:1GB")).streaming is None
+  with pytest.raises(LoadError, match=r"^ds4: ssd_streaming_cache_experts='lots': expected a "
+                     "size"):
+    load_spec(req(tiny_gguf, "ssd_streaming", "ssd_streaming_cache_experts:lots"))
 
 
 def test_coordinator_spec(tiny_gguf, tmp_path):
@@ -134,7 +148,7 @@ def test_listen_port_in_use(tiny_gguf):
 
 
 def test_ds4_engine_keys_are_known():
-  assert "mtp_path" in options.DS4_ENGINE_KEYS and "ssd_streaming" in options.DS4_ENGINE_KEYS
+  assert "mtp_path" in options.DS4_ENGINE_KEYS and "ssd_streaming" not in options.DS4_ENGINE_KEYS
 
 
 def test_kv_cache_dir_is_the_disk_kv_cache(tiny_gguf, tmp_path):
