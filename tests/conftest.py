@@ -104,7 +104,8 @@ _LONGEST_FIRST = ("notebook_test.py", "notebook_docs_test.py", "notebook_inside_
                   "capture_route_test.py", "edits_test.py", "bench_smoke_test.py",
                   "e2e_test.py", "scripts_test.py", "train_test.py", "local_batching_test.py",
                   "sharding_test.py", "capture_script_test.py", "builders_test.py",
-                  "generate_session_test.py", "batch_test.py")
+                  "streaming_test.py", "research_server_test.py", "generate_session_test.py",
+                  "kv_disk_test.py", "kv_disk_script_test.py", "batch_test.py")
 
 
 def pytest_collection_modifyitems(config, items):

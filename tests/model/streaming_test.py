@@ -50,7 +50,7 @@ def test_greedy_tokens_equal_the_resident_run(tiny_gguf, tiny_reference, ranges,
   want = tiny_reference(prompt_tokens=PROMPT, max_new_tokens=8)
   opts = StreamingOptions.parse(cache, preload=preload)
   be = build.local_backend(tiny_gguf, ranges=ranges, ctx_size=CTX, prefill_chunk=CHUNK,
-                           streaming=opts)
+                           max_sessions=1, streaming=opts)  # one session: one decode shape
   try:
     got = Generator(be, Tokenizer.from_gguf(tiny_gguf)).generate(
         None, prompt_tokens=PROMPT, max_new_tokens=8)
@@ -120,7 +120,7 @@ def test_truncated_file_is_a_streaming_error(tiny_gguf, tmp_path):
 def test_deleted_file_mid_run_is_a_clear_error(tiny_gguf, tmp_path):
   path = str(tmp_path / "m.gguf")
   shutil.copy(tiny_gguf, path)
-  be = build.local_backend(path, ctx_size=CTX, prefill_chunk=CHUNK,
+  be = build.local_backend(path, ctx_size=CTX, prefill_chunk=CHUNK, max_sessions=1,
                            streaming=StreamingOptions.parse("2"))
   try:
     sid = be.new_session()
