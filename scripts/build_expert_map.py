@@ -22,20 +22,12 @@ import sys
 
 from absl import flags
 
-from ds4jax import cli, research
-from ds4jax.research import expert_map, prompt_sets
+from ds4jax import cli
+from ds4jax.cli import builders
+from ds4jax.research import expert_map
 from ds4jax.runtime import sources
 
-cli.define_run_flags(prompt=False)
-flags.adopt_module_key_flags(cli.flags)  # --helpshort lists the shared flags too
-flags.FLAGS.set_default("max_sessions", 1)  # one prompt at a time: one decode shape to compile
-flags.FLAGS.set_default("system", prompt_sets.DS4_SYSTEM)  # ds4's builder's default
-flags.DEFINE_alias("think", "thinking")  # ds4's spelling
-flags.DEFINE_alias("ctx", "ctx_size")
-_GOOD = flags.DEFINE_string("good_file", None, "Target prompts, one a line (# comments).")
-_BAD = flags.DEFINE_string("bad_file", None, "Contrast prompts, one a line (# comments).")
-_OUT = flags.DEFINE_string("out", None, "The sidecar's path (.json); the L x E float32 map "
-                           "is written next to it (.f32).")
+builders.define_flags("the L x E float32 map")
 _ACTIVATE = flags.DEFINE_integer("activate_per_layer", 2, "Experts of largest positive risk "
                                  "difference to promote (+1) per layer.", lower_bound=0)
 _DEACTIVATE = flags.DEFINE_integer("deactivate_per_layer", 2, "Experts of most negative risk "
@@ -49,41 +41,22 @@ _MAX_PAIRS = flags.DEFINE_integer("max_pairs", 0, "Use at most this many pairs (
 _STEER_LAYERS = flags.DEFINE_string("steer_layers", "all", "The layers to mark (ds4's "
                                     "--layers; --layers is this process's range): all routed "
                                     "layers, or e.g. 3-42 or 1,3.")
-flags.DEFINE_boolean("chat", None, "Render prompts in ds4's chat format (default: the "
-                     "model's own: chat for ds4's GGUFs, plain for the docs model).")
-_STEERING = ("dir_steering_file", "dir_steering_ffn", "dir_steering_attn",
-             "expert_steering_file", "expert_steering_scale")
 
 
 def main(argv):
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-  for name, holder in (("good_file", _GOOD), ("bad_file", _BAD), ("out", _OUT)):
-    if not holder.value:
-      raise ValueError(f"--{name} is required")
-  if any(cli.option(k) is not None for k in _STEERING):
-    raise ValueError("the builders read the unsteered model: drop the --*_steering_* flags")
-  cli.setup_logging()
-  cli.enable_compilation_cache(cli.option("cache_dir"))
-  good = prompt_sets.read_prompt_file(_GOOD.value)  # bad input fails here, before any load
-  bad = prompt_sets.read_prompt_file(_BAD.value)
-  gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
-  expert_map.routed_layers(sources.model_info(gguf)[0], _STEER_LAYERS.value)  # before loads
-  backend, close = cli.build_backend()
-  try:
-    cli.wait_for_route(backend, float(cli.option("route_timeout")))
-    tokenizer = sources.open_tokenizer(gguf)
-    lab = research.Lab(backend, tokenizer)
+
+  def check(gguf):  # a bad layer list fails before the load
+    expert_map.routed_layers(sources.model_info(gguf)[0], _STEER_LAYERS.value)
+
+  with builders.open_lab(check) as (lab, good, bad, gguf, render):
     m = expert_map.build_expert_map(
         lab, good, bad, layers=_STEER_LAYERS.value, activate=_ACTIVATE.value,
         deactivate=_DEACTIVATE.value, min_rd=_MIN_RD.value, focus_last_tokens=_FOCUS.value,
-        max_pairs=_MAX_PAIRS.value, chat=cli.chat_mode(tokenizer), system=cli.option("system"),
-        thinking=bool(cli.option("thinking")))
-    route = backend.route_info()
-  finally:
-    close()
-  js, f32 = m.save(_OUT.value, target_file=_GOOD.value, contrast_file=_BAD.value, model=gguf)
-  print(cli.format_route(route), file=sys.stderr)
+        max_pairs=_MAX_PAIRS.value, **render)
+  js, f32 = m.save(flags.FLAGS.out, target_file=flags.FLAGS.good_file,
+                   contrast_file=flags.FLAGS.bad_file, model=gguf)
   marked = int((m.map_LE != 0).sum())
   if not marked:
     print("note: no expert passed the marks (the prompt sets route alike, or --min_rd is too "

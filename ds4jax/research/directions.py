@@ -17,9 +17,7 @@ along `normalize(mean_c)` and is renormalised. `normalize` leaves a zero vector 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
@@ -77,17 +75,12 @@ def direction(mean_target_LD: np.ndarray, mean_contrast_LD: np.ndarray, *,
   return d.astype(np.float32)
 
 
-@dataclasses.dataclass
-class Direction:
+class Direction(prompt_sets.Ds4File):
   """A built direction: `dirs_LD` float32 [L, D] (ds4's file) and `meta` (its sidecar)."""
 
-  dirs_LD: np.ndarray
-  meta: dict
-
-  def save(self, out: str | os.PathLike, **meta):
-    """Writes the .f32 and the .json sidecar (`prompt_sets.output_paths`); `meta` adds
-    sidecar fields (the prompt files, the model). Returns (json path, f32 path)."""
-    return prompt_sets.write_ds4_file(out, self.dirs_LD, dict(self.meta, **meta))
+  @property
+  def dirs_LD(self) -> np.ndarray:
+    return self.values
 
 
 def build_direction(lab, target: Sequence[str], contrast: Sequence[str], *,

@@ -19,9 +19,7 @@ zero.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from typing import Sequence
 
 import numpy as np
@@ -124,17 +122,12 @@ def mark_experts(rd_LE: np.ndarray, layers: Sequence[int], *, activate: int = 2,
   return map_LE, report
 
 
-@dataclasses.dataclass
-class ExpertMap:
+class ExpertMap(prompt_sets.Ds4File):
   """A built map: `map_LE` float32 [L, E] (ds4's file) and `meta` (its sidecar)."""
 
-  map_LE: np.ndarray
-  meta: dict
-
-  def save(self, out: str | os.PathLike, **meta):
-    """Writes the .f32 and the .json sidecar (`prompt_sets.output_paths`); `meta` adds
-    sidecar fields (the prompt files, the model). Returns (json path, f32 path)."""
-    return prompt_sets.write_ds4_file(out, self.map_LE, dict(self.meta, **meta))
+  @property
+  def map_LE(self) -> np.ndarray:
+    return self.values
 
 
 def build_expert_map(lab, target: Sequence[str], contrast: Sequence[str], *,

@@ -10,6 +10,7 @@ share (ds4's `dir-steering/tools/build_*.py`; ../shared/docs/ds4-research-and-ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -79,3 +80,17 @@ def write_ds4_file(out: str | os.PathLike, values: np.ndarray,
 
 __all__ = ["DS4_SYSTEM", "output_paths", "paired", "prompt_ids", "read_prompt_file",
            "write_ds4_file"]
+
+
+@dataclasses.dataclass
+class Ds4File:
+  """A built ds4 steering file: `values` float32 [L, X] (the flat file) and `meta` (its
+  sidecar)."""
+
+  values: np.ndarray
+  meta: dict
+
+  def save(self, out: str | os.PathLike, **meta):
+    """Writes the .f32 and the .json sidecar (`output_paths`); `meta` adds sidecar fields
+    (the prompt files, the model). Returns (json path, f32 path)."""
+    return write_ds4_file(out, self.values, dict(self.meta, **meta))
