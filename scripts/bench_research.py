@@ -57,12 +57,8 @@ def _decode_s(backend, prompt, n, kw) -> float:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  cli.enable_compilation_cache(_CACHE.value)
+  path = cli.begin(argv, _GGUF.value, _CACHE.value)
   from ds4jax import build
-  path = cli.resolve_gguf(_GGUF.value, _CACHE.value)
   n = _DECODE.value
   backend = build.local_backend(path, ctx_size=_PROMPT.value + n + 8, prefill_chunk=64,
                                 max_sessions=1)

@@ -78,11 +78,7 @@ def _run(path: str, cache: str | None) -> dict:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cli.setup_logging()
-  cli.enable_compilation_cache(_CACHE_DIR.value)
-  path = cli.resolve_gguf(_GGUF.value, _CACHE_DIR.value)
+  path = cli.begin(argv, _GGUF.value, _CACHE_DIR.value)
   f = open_gguf(path)
   k, n_layers, n_exp = f.cfg.n_experts_used, f.cfg.n_layers, f.cfg.n_experts
   total = n_layers * n_exp

@@ -18,8 +18,8 @@ errors, Ctrl-C, logging), `paths` (--gguf names, the cache and the compilation c
 
 from ds4jax.build import check_port_free, parse_hostport
 from ds4jax.cli import flags
-from ds4jax.cli.app import (hard_exit, input_errors, install_sigint_handler, interrupt_handled,
-                            run, setup_logging)
+from ds4jax.cli.app import (begin, hard_exit, input_errors, install_sigint_handler,
+                            interrupt_handled, run, setup_logging)
 from ds4jax.cli.backends import build_backend, restore_session, save_session, wait_for_route
 from ds4jax.cli.flags import (FLAGS, chat_mode, config, define_device_flags, define_run_flags,
                               define_weight_flags, kv_disk_options, option, parse_devices,
@@ -31,7 +31,7 @@ from ds4jax.cli.paths import (PRESETS, compilation_cache_dir, compilation_cache_
 from ds4jax.errors import one_line
 
 __all__ = [
-    "FLAGS", "PRESETS", "build_backend", "chat_mode", "check_port_free", "compilation_cache_dir",
+    "FLAGS", "PRESETS", "begin", "build_backend", "chat_mode", "check_port_free", "compilation_cache_dir",
     "compilation_cache_env", "config", "define_device_flags", "define_run_flags",
     "define_weight_flags", "enable_compilation_cache", "flags", "format_hop_table",
     "format_route", "hard_exit", "input_errors", "install_sigint_handler",

@@ -112,6 +112,17 @@ def hard_exit(code: int) -> None:
   os._exit(code)
 
 
+def begin(argv: list[str], gguf: str | None = None, cache_dir: str | None = None) -> str | None:
+  """A script's first lines: no stray arguments, progress logging, the persistent compilation
+  cache in `cache_dir`; returns the path of `gguf` (a built-in name or a file), if given."""
+  from ds4jax.cli.paths import enable_compilation_cache, resolve_gguf
+  if len(argv) > 1:
+    raise ValueError(f"unexpected arguments: {' '.join(argv[1:])}")
+  setup_logging()
+  enable_compilation_cache(cache_dir)
+  return None if gguf is None else resolve_gguf(gguf, cache_dir)
+
+
 def setup_logging() -> None:
   """INFO progress lines on stderr with a short prefix; library chatter (jax, gguf) muted."""
   from absl import logging as absl_logging
