@@ -73,14 +73,18 @@ class MoE(nnx.Module):
     edit point only, for expert steering), router_ids and router_weights (model/taps.py);
     None: no points."""
     p_TE = jnp.sqrt(jax.nn.softplus(ops.einsum("TD,ED->TE", x_TD, self.gate[...])))
+    a_TE = None
     if tap is not None:
       p_TE = tap("router_scores", p_TE)
+      # ds4's expert steering: per-expert actions (0 where none; model/taps.py)
+      a_TE = tap("router_steer", jnp.zeros_like(p_TE))
+      p_TE = _steer(p_TE, a_TE, low=None)
     if self.is_hash:
       idx_TK = self.tid2eid[...][tokens_T]
     else:
       sel_TE = p_TE + self.bias[...][None, :]
       if tap is not None:
-        sel_TE = tap("router_select", sel_TE)
+        sel_TE = _steer(tap("router_select", sel_TE), a_TE, low=True)
       _, idx_TK = jax.lax.top_k(sel_TE, self.k)
     w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
     if self.norm_topk:
@@ -227,6 +231,16 @@ class MoE(nnx.Module):
     slot_P = jnp.zeros((n_pairs,), jnp.int32).at[order_S].set(
         jnp.arange(n_pairs, dtype=jnp.int32))
     return jnp.sum(y_SD[slot_P].reshape(t, k, d), axis=1)
+
+
+def _steer(s_TE, a_TE, *, low):
+  """ds4's expert-steering margin rule (the expert-steering PR's `expert_steering_apply_*`):
+  where the action a > 0 the score becomes the row's max + a; where a < 0 it becomes 0 (the
+  router scores: that expert's weight) or, with `low`, the row's min - |a| (the selection
+  key: never chosen); a = 0 leaves it."""
+  top = jnp.max(s_TE, axis=-1, keepdims=True) + jnp.abs(a_TE)
+  down = (jnp.min(s_TE, axis=-1, keepdims=True) - jnp.abs(a_TE)) if low else jnp.zeros_like(s_TE)
+  return jnp.where(a_TE > 0, top, jnp.where(a_TE < 0, down, s_TE))
 
 
 def _expert(w_E__, e):

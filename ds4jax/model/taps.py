@@ -35,8 +35,10 @@ point's per-row shape, [D] or [C, D]):
                                 steering: d unit-norm, s = 1 projects d out, s < 0 amplifies)
 
 `router_select` [N, E] is the top-k key of a routed layer (scores + bias; the weights still
-gather the unbiased scores): `add` there is expert steering (a large value forces an expert
-in, a large negative one bans it).
+gather the unbiased scores): `add` there forces an expert in (a large value) or bans it (a
+large negative one). `router_steer` [N, E] holds ds4's expert-steering actions (map x scale,
+0 by default), which the router applies by ds4's margin rule (`model.moe._steer`): to the
+scores (weights) on every layer and to the selection key on routed layers.
 
 A row an edit does not touch carries the neutral value (m False, s 1, v 0, d 0).
 """
@@ -51,7 +53,7 @@ import numpy as np
 from ds4jax.config import STEP_POINTS, point_name
 
 EDIT_OPS = ("set", "scale", "add", "project")  # in the order they apply at one point
-EDIT_POINTS = ("attn_out", "ffn_out", "hc_out", "router_select")
+EDIT_POINTS = ("attn_out", "ffn_out", "hc_out", "router_select", "router_steer")
 
 
 class Taps:

@@ -16,10 +16,14 @@ Ops (`model.taps.EDIT_OPS`, applied in this order at one point) on `attn_out` / 
   project  y <- y - scale * d (d . y), d = value / |value| over the last axis (scale 1:
            project d out; negative: amplify it; ds4's directional steering)
 
-Expert steering edits `router_select` [E], a routed layer's top-k key (scores + bias; the
-chosen experts' weights stay their unbiased scores) with `add`: `Interventions.experts`
-forces or bans experts (+-FORCE), `Interventions.ds4_expert_steering` reads ds4's L x E map.
-Hash-routed layers cannot be steered (as in ds4).
+Experts: `Interventions.experts` forces or bans experts of a routed layer by adding +-FORCE
+to `router_select` [E], its top-k key (scores + bias; the chosen experts' weights stay their
+unbiased scores); hash-routed layers choose by token and are refused.
+`Interventions.ds4_expert_steering` reads ds4's L x E map into `router_steer` [E] actions
+(map x scale), which the router applies by the margin rule of ds4's expert-steering code
+(`model.moe._steer`): a promoted expert's score becomes the row's max + |a| and its selection
+key the key's max + |a| (always chosen); a suppressed one's score becomes 0 and its key the
+key's min - |a| (never chosen, and weight 0 where a hash layer's table still picks it).
 
 Bad requests (unknown point or op, a layer outside the model, a value of the wrong shape, a
 steering file that is not L x D float32) are one-line `EditError`s before any compute.
@@ -37,7 +41,7 @@ import numpy as np
 from ds4jax.config import LayerRange, ModelConfig
 
 OPS = ("set", "scale", "add", "project")
-POINTS = ("attn_out", "ffn_out", "hc_out", "router_select")
+POINTS = ("attn_out", "ffn_out", "hc_out", "router_select", "router_steer")
 # Forcing or banning an expert adds this to its selection score (far above any score).
 FORCE = 1e6
 # ds4's steering options (its flag names in absl spelling), as scripts and the server take them.
@@ -67,7 +71,7 @@ class Edit:
 
 
 def _row_shape(point: str, cfg: ModelConfig) -> tuple[int, ...]:
-  if point == "router_select":
+  if point in ("router_select", "router_steer"):
     return (cfg.n_experts,)
   return (cfg.n_hc, cfg.d_model) if point == "hc_out" else (cfg.d_model,)
 
@@ -96,9 +100,9 @@ class Interventions:
         raise EditError(f"edit layer {e.layer} is outside the model's 0..{cfg.n_layers - 1}")
       if not np.isfinite(e.scale):
         raise EditError(f"{e.op} {e.point}.{e.layer}: the scale must be finite")
+      if e.point in ("router_select", "router_steer") and e.op != "add":
+        raise EditError(f"{e.point} takes add only (expert steering), not {e.op}")
       if e.point == "router_select":
-        if e.op != "add":
-          raise EditError(f"router_select takes add only (expert steering), not {e.op}")
         if cfg.is_hash_layer(int(e.layer)):
           raise EditError(f"layer {e.layer} routes by token hash: expert steering does not "
                           "apply (as in ds4)")
@@ -238,9 +242,9 @@ class Interventions:
   def ds4_expert_steering(cls, path: str | os.PathLike, cfg: ModelConfig, *,
                           scale: float = 0.01) -> "Interventions":
     """ds4's expert steering (`--expert-steering-file/-scale`): a flat little-endian float32
-    file of L x E values (+1 promotes an expert, -1 suppresses it, 0 leaves it), added times
-    `scale` to each routed layer's selection scores before top-k (the additive reading of
-    ds4's docs; hash-routed layers are unaffected). Returns the resolved interventions."""
+    file of L x E values (+1 promotes an expert, -1 suppresses it, 0 leaves it); each layer's
+    row times `scale` becomes its `router_steer` actions, applied by ds4's margin rule (the
+    module doc). Returns the resolved interventions."""
     path = os.fspath(path)
     if not os.path.isfile(path):
       raise FileNotFoundError(f"expert steering file not found: {path}")
@@ -251,8 +255,8 @@ class Interventions:
     m = np.fromfile(path, dtype="<f4").reshape(cfg.n_layers, cfg.n_experts)
     if not np.all(np.isfinite(m)):
       raise EditError(f"expert steering file {path} holds non-finite values")
-    edits = [Edit("add", "router_select", il, m[il], float(scale))
-             for il in range(cfg.n_layers) if not cfg.is_hash_layer(il) and np.any(m[il])]
+    edits = [Edit("add", "router_steer", il, m[il], float(scale))
+             for il in range(cfg.n_layers) if np.any(m[il])]
     if not edits or not scale:
       raise EditError(f"expert steering file {path} with scale {scale} changes nothing")
     return cls(edits).resolve(cfg)

@@ -185,8 +185,8 @@ def test_a_lab_trace_edits_and_patches_like_nnsight(tiny_gguf, whole):
 
 def test_experts_forced_banned_and_ds4_expert_maps(whole, tmp_path):
   """Expert steering on a routed layer: a forced expert is on every row, a banned one on
-  none; ds4's L x E map (additive, times its scale) reads its file format; hash layers and
-  files of the wrong size are one-line errors."""
+  none; ds4's L x E map (its margin rule, times its scale) reads its file format; forcing on
+  a hash layer and files of the wrong size are one-line errors."""
   cfg = whole.cfg
   il = cfg.n_hash_layers  # the first top-k layer
   cap = CaptureSpec.parse("router_ids", layers=str(il))
@@ -197,12 +197,22 @@ def test_experts_forced_banned_and_ds4_expert_maps(whole, tmp_path):
   assert all(rare in row for row in forced[f"router_ids.{il}"].tolist())
   banned = _step(whole, Interventions.experts(il, cfg, ban=[common]), cap).captured
   assert common not in banned[f"router_ids.{il}"]
+  # ds4's map by its margin rule: at ds4's default scale (0.01) a promoted expert is chosen on
+  # every row and a suppressed one on none; on a hash layer the table still chooses, and a
+  # suppressed expert it picks gets weight 0.
+  hash_ids = _step(whole, capture=CaptureSpec.parse("router_ids", layers="0")).captured[
+      "router_ids.0"]
+  e0 = int(hash_ids[0, 0])
   m = np.zeros((cfg.n_layers, cfg.n_experts), "<f4")
-  m[il, rare] = 1.0
+  m[il, rare], m[il, common], m[0, e0] = 1.0, -1.0, -1.0
   m.tofile(tmp_path / "experts.f32")
-  steer = Interventions.ds4_expert_steering(tmp_path / "experts.f32", cfg, scale=1e6)
-  got = _step(whole, steer, cap).captured[f"router_ids.{il}"]
-  assert all(rare in row for row in got.tolist())
+  steer = Interventions.ds4_expert_steering(tmp_path / "experts.f32", cfg)
+  got = _step(whole, steer, CaptureSpec.parse("router_ids,router_weights",
+                                              layers=f"0,{il}")).captured
+  assert all(rare in row and common not in row for row in got[f"router_ids.{il}"].tolist())
+  ids0, w0 = got["router_ids.0"], got["router_weights.0"]
+  np.testing.assert_array_equal(ids0, hash_ids)
+  assert np.all(w0[ids0 == e0] == 0) and np.all(w0[ids0 != e0] > 0)
   with pytest.raises(EditError, match="routes by token hash"):
     Interventions.experts(0, cfg, ban=[1])
   m[:-1].tofile(tmp_path / "short.f32")
