@@ -10,7 +10,8 @@ r"""Interactive chat with a local or a split model; the KV prefix carries over b
 Each turn prints how many tokens the backend had to compute: only the new user turn (plus the
 previous reply's last token), never the whole transcript again; a restored chat computes no
 more than the uninterrupted one would. Commands: /reset, /quit. Reads stdin line by line, so
-`echo hi | python scripts/chat.py --gguf=tiny` works too.
+`echo hi | python scripts/chat.py --gguf=tiny` works too. `--capture=POINTS --capture_layers=...
+--capture_out=PATH.npz` keeps every position each turn computes (as generate.py does).
 """
 
 import sys
@@ -36,6 +37,7 @@ _SAVE = flags.DEFINE_string("save_session", None, "After every reply, save the c
                             "(transcript and every stage's KV state) to this directory.")
 _LOAD = flags.DEFINE_string("load_session", None, "Continue a chat saved with --save_session "
                             "(it keeps its own system prompt; /reset starts a new one).")
+cli.define_capture_flags()  # every turn's positions, written to --capture_out at the end
 
 
 def main(argv):
@@ -49,8 +51,12 @@ def main(argv):
     snapshots.check_target(_SAVE.value, overwrite=True)
   cli.enable_compilation_cache(cli.option("cache_dir"))
   edits = cli.steering()  # a bad steering file fails here, before any load
+  capture = cli.capture_spec()
+  captured = []  # each turn's Captured (--capture), written at the end
   backend, close = cli.build_backend()
   try:
+    if capture is not None:
+      capture = capture.resolve(backend.cfg)  # layers past the model: before any compute
     cli.wait_for_route(backend, float(cli.option("route_timeout")))
     gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
     tokenizer = sources.open_tokenizer(gguf)
@@ -81,8 +87,9 @@ def main(argv):
         print("(new conversation)", file=sys.stderr)
         continue
       sys.stdout.write("assistant> ")
+      kw = {} if capture is None else {"capture": capture}
       stream = chat.stream(text, max_new_tokens=int(cli.option("max_new_tokens")),
-                           sampling=cli.sampling_params(), edits=edits)
+                           sampling=cli.sampling_params(), edits=edits, **kw)
       try:
         for piece in stream:
           sys.stdout.write(cli.visible(piece) if sys.stdout.isatty() else piece)
@@ -94,6 +101,8 @@ def main(argv):
         print("\n(interrupted)", file=sys.stderr)
         continue
       res = stream.result
+      if capture is not None:
+        captured.append(res.captured)
       t = res.timings
       print(f"\n[turn {len(chat.turns)}: computed {res.n_prefill_computed} of "
             f"{len(res.prompt_tokens)} prompt tokens, {len(res.tokens)} new at "
@@ -104,6 +113,10 @@ def main(argv):
     chat.close()
   finally:
     close()
+  if captured:
+    from ds4jax.runtime.capture import Captured
+    Captured.concat(captured).save_npz(cli.option("capture_out"))
+    print(f"captured {len(captured)} turns -> {cli.option('capture_out')}", file=sys.stderr)
 
 
 if __name__ == "__main__":

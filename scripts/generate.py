@@ -29,7 +29,6 @@ from absl import flags
 from ds4jax import cli
 from ds4jax.gguf import streaming
 from ds4jax.runtime import sources
-from ds4jax.runtime.capture import CaptureSpec
 from ds4jax.generate.loop import Generator
 
 cli.define_run_flags()
@@ -43,15 +42,7 @@ _SAVE = flags.DEFINE_string("save_session", None, "After generating, save the se
                             "(transcript and every stage's KV state) to this directory.")
 _LOAD = flags.DEFINE_string("load_session", None, "Restore a saved session and continue it; a "
                             "--prompt (a new user turn with --chat) or --prompt_tokens is appended.")
-_CAPTURE = flags.DEFINE_string(
-    "capture", None, "Capture these points (comma list of attn_out, ffn_out, hc_out, router_ids, "
-    "router_weights, router_scores, lens, logits) at every position the model processes "
-    "(the prompt, then each generated token fed back), on whichever stage runs the layer.")
-_CAPTURE_LAYERS = flags.DEFINE_string("capture_layers", "all",
-                                      "Layers to capture: all, A:B (inclusive) or i,j,...")
-_CAPTURE_OUT = flags.DEFINE_string("capture_out", None, "Write the captured arrays to this .npz: "
-                                   "keys {point}.{layer} (e.g. ffn_out.3), logits, positions.")
-
+cli.define_capture_flags()
 
 def main(argv):
   if len(argv) > 1:
@@ -63,10 +54,7 @@ def main(argv):
     raise ValueError("give exactly one of --prompt and --prompt_tokens")
   if prompt is None and prompt_tokens is None and not _LOAD.value:
     raise ValueError("give exactly one of --prompt and --prompt_tokens (or --load_session)")
-  if bool(_CAPTURE.value) != bool(_CAPTURE_OUT.value):
-    raise ValueError("--capture and --capture_out go together")
-  capture = (CaptureSpec.parse(_CAPTURE.value, _CAPTURE_LAYERS.value) if _CAPTURE.value
-             else None)  # a bad point or layer list fails here, before any load
+  capture = cli.capture_spec()  # a bad point or layer list fails here, before any load
   edits = cli.steering()  # a bad steering file fails here, before any load
   gguf = cli.resolve_gguf(cli.option("gguf"), cli.option("cache_dir"))
   tokenizer = sources.open_tokenizer(gguf)
@@ -121,9 +109,9 @@ def main(argv):
         t["prefill_tokens"] + t["decode_tokens"], 1)
     print(streaming.format_stats(experts), file=sys.stderr)
   if capture is not None:
-    res.captured.save_npz(_CAPTURE_OUT.value)
+    res.captured.save_npz(cli.option("capture_out"))
     print(f"captured {len(res.captured.keys())} arrays x {len(res.captured.positions)} positions "
-          f"-> {_CAPTURE_OUT.value}", file=sys.stderr)
+          f"-> {cli.option('capture_out')}", file=sys.stderr)
   if _OUTPUT_JSON.value:
     out = res.to_dict()
     out.update(prefill_tok_s=t["prefill_tok_s"], decode_tok_s=t["decode_tok_s"], route=route)

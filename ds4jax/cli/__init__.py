@@ -21,7 +21,8 @@ from ds4jax.cli import flags
 from ds4jax.cli.app import (begin, hard_exit, input_errors, install_sigint_handler,
                             interrupt_handled, run, setup_logging)
 from ds4jax.cli.backends import build_backend, restore_session, save_session, wait_for_route
-from ds4jax.cli.flags import (FLAGS, chat_mode, config, define_device_flags, define_run_flags,
+from ds4jax.cli.flags import (FLAGS, capture_spec, chat_mode, config, define_capture_flags,
+                              define_device_flags, define_run_flags,
                               define_weight_flags, kv_disk_options, option, parse_devices,
                               parse_flags, parse_tokens, sampling_params, steering,
                               steering_options, weight_options, worker_layers)
@@ -31,7 +32,7 @@ from ds4jax.cli.paths import (PRESETS, compilation_cache_dir, compilation_cache_
 from ds4jax.errors import one_line
 
 __all__ = [
-    "FLAGS", "PRESETS", "begin", "build_backend", "chat_mode", "check_port_free", "compilation_cache_dir",
+    "FLAGS", "PRESETS", "begin", "capture_spec", "define_capture_flags", "build_backend", "chat_mode", "check_port_free", "compilation_cache_dir",
     "compilation_cache_env", "config", "define_device_flags", "define_run_flags",
     "define_weight_flags", "enable_compilation_cache", "flags", "format_hop_table",
     "format_route", "hard_exit", "input_errors", "install_sigint_handler",

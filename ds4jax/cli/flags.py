@@ -207,10 +207,35 @@ def define_steering_flags() -> None:
   flags.DEFINE_float("dir_steering_attn", None, "The scale s on each layer's attention output "
                      "(default 0: untouched).")
   flags.DEFINE_string("expert_steering_file", None, "ds4 expert steering: a flat little-endian "
-                      "float32 file of L x E values (+1 promote, -1 suppress, 0 leave), added "
-                      "times the scale to each routed layer's selection scores before top-k.")
+                      "float32 file of L x E values (+1 promote, -1 suppress, 0 leave), "
+                      "applied times the scale by ds4's margin rule (a promoted expert is "
+                      "chosen on every token, a suppressed one on none).")
   flags.DEFINE_float("expert_steering_scale", None, "The expert map's scale (default 0.01 "
-                     "with a file; about 1 steers softly, 1e6 forces on or off).")
+                     "with a file: the margin above the best expert).")
+
+
+def define_capture_flags() -> None:
+  """--capture, --capture_layers, --capture_out (generate.py, chat.py; `capture_spec`)."""
+  flags.DEFINE_string(
+      "capture", None, "Capture these points (comma list of attn_out, ffn_out, hc_out, "
+      "router_ids, router_weights, router_scores, lens, logits) at every position the model "
+      "processes (the prompt, then each generated token fed back), on whichever stage runs "
+      "the layer.")
+  flags.DEFINE_string("capture_layers", "all",
+                      "Layers to capture: all, A:B (inclusive) or i,j,...")
+  flags.DEFINE_string("capture_out", None, "Write the captured arrays to this .npz: keys "
+                      "{point}.{layer} (e.g. ffn_out.3), logits, positions.")
+
+
+def capture_spec():
+  """The run's capture (`runtime.capture.CaptureSpec`) from the capture flags, or None; a bad
+  point or layer list is a one-line error here, before any load."""
+  from ds4jax.runtime.capture import CaptureSpec  # deferred: --help imports no numpy
+  if bool(option("capture")) != bool(option("capture_out")):
+    raise ValueError("--capture and --capture_out go together")
+  if not option("capture"):
+    return None
+  return CaptureSpec.parse(option("capture"), option("capture_layers") or "all")
 
 
 def steering_options() -> dict:

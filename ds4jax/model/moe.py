@@ -73,18 +73,20 @@ class MoE(nnx.Module):
     edit point only, for expert steering), router_ids and router_weights (model/taps.py);
     None: no points."""
     p_TE = jnp.sqrt(jax.nn.softplus(ops.einsum("TD,ED->TE", x_TD, self.gate[...])))
-    a_TE = None
     if tap is not None:
       p_TE = tap("router_scores", p_TE)
-      # ds4's expert steering: per-expert actions (0 where none; model/taps.py)
+    steer = tap is not None and tap.edits("router_steer")
+    if steer:  # ds4's expert steering: per-row, per-expert actions (0: none; model/taps.py)
       a_TE = tap("router_steer", jnp.zeros_like(p_TE))
-      p_TE = _steer(p_TE, a_TE, low=None)
+      p_TE = _steer(p_TE, a_TE, low=False)
     if self.is_hash:
       idx_TK = self.tid2eid[...][tokens_T]
     else:
       sel_TE = p_TE + self.bias[...][None, :]
       if tap is not None:
-        sel_TE = _steer(tap("router_select", sel_TE), a_TE, low=True)
+        sel_TE = tap("router_select", sel_TE)
+      if steer:
+        sel_TE = _steer(sel_TE, a_TE, low=True)
       _, idx_TK = jax.lax.top_k(sel_TE, self.k)
     w_TK = jnp.take_along_axis(p_TE, idx_TK, axis=-1)
     if self.norm_topk:

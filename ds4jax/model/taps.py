@@ -90,9 +90,23 @@ class Taps:
       self.saved[point_name(point, layer)] = x
     return x
 
-  def at(self, layer: int):
-    """The taps of one layer: f(point, x) -> x (what the MoE's router calls)."""
-    return lambda point, x: self(point, layer, x)
+  def at(self, layer: int) -> "LayerTaps":
+    """The taps of one layer: f(point, x) -> x (what the block and the MoE's router call)."""
+    return LayerTaps(self, layer)
+
+
+class LayerTaps:
+  """One layer's taps: `tap(point, x) -> x`; `tap.edits(point)`: whether an edit of this
+  layer names `point` (static: code for an unedited point is not traced at all)."""
+
+  def __init__(self, taps: Taps, layer: int):
+    self.taps, self.layer = taps, layer
+
+  def __call__(self, point: str, x):
+    return self.taps(point, self.layer, x)
+
+  def edits(self, point: str) -> bool:
+    return any((op, point, self.layer) in self.taps.edits for op in EDIT_OPS)
 
 
 _NEUTRAL = {"scale": 1.0, "add": 0.0, "project": 0.0, "set": 0.0}
@@ -159,4 +173,4 @@ def _apply(op: str, x, v):
   return x - _rows(s, x).astype(x.dtype) * d * dot
 
 
-__all__ = ["EDIT_OPS", "EDIT_POINTS", "Taps", "edit_rows", "pad_edit"]
+__all__ = ["EDIT_OPS", "EDIT_POINTS", "LayerTaps", "Taps", "edit_rows", "pad_edit"]

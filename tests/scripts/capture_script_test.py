@@ -1,4 +1,5 @@
-"""generate.py --capture / --capture_layers / --capture_out (issue 22), as a user runs it."""
+"""generate.py and chat.py --capture / --capture_layers / --capture_out (issue 22), as a user
+runs them."""
 
 import json
 
@@ -29,6 +30,22 @@ def test_generate_writes_the_captured_npz(env, tmp_path):  # noqa: F811
   assert f"captured 7 arrays x {n} positions" in p.stderr
 
 
+def test_chat_captures_every_turn(env, tmp_path):  # noqa: F811
+  """Two turns: the arrays cover every position the chat computed, in order, once (each turn
+  computes only its new tokens: the prefix is reused)."""
+  out = tmp_path / "chat.npz"
+  p = run("chat.py", "--gguf=tiny", "--max_new_tokens=3", *SHAPES,
+          "--capture=router_ids,logits", "--capture_layers=1", f"--capture_out={out}",
+          env=env, stdin="Hello\nworld\n")
+  assert p.returncode == 0, p.stderr
+  assert "captured 2 turns" in p.stderr
+  with np.load(out) as z:
+    assert sorted(z.files) == ["logits", "positions", "router_ids.1"]
+    n = len(z["positions"])
+    assert z["positions"].tolist() == list(range(n)) and n > 6
+    assert z["router_ids.1"].shape == (n, 2) and z["logits"].shape == (n, 512)
+
+
 def test_bad_capture_flags_are_one_line_errors(env, tmp_path):  # noqa: F811
   base = ["generate.py", "--gguf=tiny", "--prompt=x", *SHAPES, f"--capture_out={tmp_path}/c.npz"]
   assert_one_line_error(run(*base, "--capture=ffn_out,nope", env=env),
@@ -37,6 +54,9 @@ def test_bad_capture_flags_are_one_line_errors(env, tmp_path):  # noqa: F811
                         "capture layer 4 is out of range")
   assert_one_line_error(run("generate.py", "--gguf=tiny", "--prompt=x", "--capture=lens",
                             env=env), "--capture and --capture_out go together")
+  assert_one_line_error(run("chat.py", "--gguf=tiny", *SHAPES, "--capture=nope",
+                            f"--capture_out={tmp_path}/c.npz", env=env, stdin=""),
+                        "unknown capture point 'nope'")
 
 
 def test_generate_steers_with_a_ds4_direction_file(env, tmp_path, tiny_gguf):  # noqa: F811
