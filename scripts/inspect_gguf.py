@@ -49,6 +49,10 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "With --plan: decode state dtype (a runner's is its compute --dtype).")
 _SESSIONS = flags.DEFINE_integer("sessions", 1, "With --plan: decode states per host (a worker "
                                  "keeps up to --max_sessions).", lower_bound=1)
+_STREAM = flags.DEFINE_string("ssd_streaming_cache_experts", None, "With --plan: plan for "
+                              "ds4's --ssd_streaming with this expert cache per host (32GB, or N "
+                              "expert slots): the routed experts stay in the file, each host "
+                              "holds its other weights and the cache.")
 _OVERHEAD_GB = flags.DEFINE_float("overhead_gb", 1.5, "With --plan: fixed allowance per host, GB.",
                                   lower_bound=0.0)
 _OVERHEAD_FRAC = flags.DEFINE_float("overhead_frac", 0.25, "With --plan: allowance per host, as "
@@ -70,18 +74,24 @@ def _plan() -> str:
       raise ValueError(f"{f.path}: a split file holds only layers {f.held.describe()}: plan "
                        f"from the full file or from --preset")
     cfg = f.cfg
-    embed, per_layer, head = f.layer_bytes()
+    sizes = f.layer_bytes
     source = f"{f.path} ({cfg.n_layers} layers, its tensor table)"
   else:
     overrides = {} if _N_LAYERS.value is None else {"n_layers": _N_LAYERS.value}
     cfg = getattr(ModelConfig, _PRESET.value)(**overrides)
-    embed, per_layer, head = table.layer_bytes(
-        table.tensor_table(cfg, experts=_EXPERTS.value), cfg.n_layers)
+    tensors = table.tensor_table(cfg, experts=_EXPERTS.value)
+    sizes = lambda **kw: table.layer_bytes(tensors, cfg.n_layers, **kw)  # noqa: E731
     source = (f"--preset={_PRESET.value} ({cfg.n_layers} layers, {_EXPERTS.value} experts, "
               f"from metadata)")
+  embed, per_layer, head = sizes()
+  cache, streaming = 0, None
+  if _STREAM.value is not None:  # the routed experts stay in the file; each host adds a cache
+    resident = sizes(resident_only=True)[1]
+    cache, streaming = _expert_cache(cfg, per_layer, resident)
+    per_layer = resident
   state = memory.state_layer_bytes(cfg, ctx=_CTX.value, max_chunk=_CHUNK.value,
                                    dtype=_DTYPE.value)
-  overhead = memory.Overhead(fixed=int(_OVERHEAD_GB.value * memory.GB),
+  overhead = memory.Overhead(fixed=int(_OVERHEAD_GB.value * memory.GB) + cache,
                              frac=_OVERHEAD_FRAC.value)
   host = None if _HOST_MEMORY.value is None else int(_HOST_MEMORY.value * memory.GB)
   kw = {"state_bytes": state, "sessions": _SESSIONS.value, "overhead": overhead}
@@ -96,6 +106,8 @@ def _plan() -> str:
        f"{_SESSIONS.value} session(s): {sum(state) * _SESSIONS.value / memory.GB:.3f} GB in all"),
       memory.format_plan(rows, host_memory=host, overhead=overhead),
   ]
+  if streaming is not None:
+    lines.insert(2, streaming)
   by_weights = plan_ranges(per_layer, _PLAN.value, embed_bytes=embed, head_bytes=head)
   if [r.layers for r in rows] != by_weights:
     lines.append(f"  (balanced on weights + state; on weights alone (--split) it would be "
@@ -107,6 +119,25 @@ def _plan() -> str:
               "no split fits (one layer per host is already too much)")
     lines.append(f"{verdict} in {_HOST_MEMORY.value:g} GB; {fewest}")
   return "\n".join(lines)
+
+
+def _expert_cache(cfg, per_layer, resident) -> tuple[int, str]:
+  """(the expert cache's bytes per host, a line saying what streaming keeps in the file) for
+  --ssd_streaming_cache_experts (a byte budget, or N slots of the largest layer's expert)."""
+  from ds4jax.config import expert_cache_option
+  from ds4jax.partition import memory
+  routed = [a - b for a, b in zip(per_layer, resident)]
+  entry = max(routed) // cfg.n_experts  # one expert (gate, up, down) of the largest layer
+  budget, slots = expert_cache_option(_STREAM.value)
+  cache = budget if budget is not None else slots * entry
+  if cache < cfg.n_experts_used * entry:
+    raise ValueError(f"--ssd_streaming_cache_experts={_STREAM.value} is below one token's "
+                     f"experts: at least {cfg.n_experts_used} slots "
+                     f"({cfg.n_experts_used * entry} bytes)")
+  return cache, (f"  --ssd_streaming: routed experts {sum(routed) / memory.GB:.2f} GB stay in "
+                 f"the file; each host holds its other weights and a "
+                 f"{cache / memory.GB:.2f} GB expert cache ({cache // entry} experts of "
+                 f"{entry / 2**20:.1f} MiB), counted in its fixed allowance")
 
 
 def main(argv):

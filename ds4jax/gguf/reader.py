@@ -237,13 +237,16 @@ class DS4File:
   def nbytes(self, name: str) -> int:
     return int(self.tensor(name).n_bytes)
 
-  def layer_bytes(self) -> tuple[int, list[int], int]:
-    """(embedding bytes, bytes per layer, head bytes) of the tensors this file holds."""
+  def layer_bytes(self, *, resident_only: bool = False) -> tuple[int, list[int], int]:
+    """(embedding bytes, bytes per layer, head bytes) of the tensors this file holds;
+    `resident_only`: without the routed experts (what stays resident under --ssd_streaming)."""
     embed, head, per_layer = 0, 0, [0] * self.cfg.n_layers
     for name, t in self.tensors.items():
       try:
         spec, il = names.lookup(name)
       except names.UnknownTensorError:
+        continue
+      if resident_only and spec.is_expert:
         continue
       if spec.scope == names.EMBED:
         embed += int(t.n_bytes)

@@ -88,10 +88,14 @@ def tensor_table(cfg: ModelConfig, *, experts: str = "iq2", types: str = "ds4",
   return out
 
 
-def layer_bytes(table, n_layers: int) -> tuple[int, list[int], int]:
-  """(embedding bytes, bytes per layer, head bytes), like `DS4File.layer_bytes`."""
+def layer_bytes(table, n_layers: int, *, resident_only: bool = False
+                ) -> tuple[int, list[int], int]:
+  """(embedding bytes, bytes per layer, head bytes), like `DS4File.layer_bytes`;
+  `resident_only`: without the routed experts (what stays resident under --ssd_streaming)."""
   embed, head, per_layer = 0, 0, [0] * n_layers
   for t in table:
+    if resident_only and t.spec.is_expert:
+      continue
     if t.spec.scope == names.EMBED:
       embed += t.nbytes
     elif t.spec.scope == names.HEAD:

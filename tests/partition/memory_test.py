@@ -100,6 +100,16 @@ def test_inspect_plan_script(tiny_gguf):
   assert "     0  0:20          21       42.60" in p.stdout
   assert "     1  21:42+output  22       44.11" in p.stdout
   assert "some host does NOT fit in 24 GB; fewest hosts that fit: 6" in p.stdout
+  # ds4's --ssd_streaming: the routed experts (72.6 GiB) stay in the file, so the whole Flash
+  # fits one 24 GB host with a 4 GB expert cache (issue 23 item 2).
+  p = _inspect("--preset=flash", "--plan=1", "--host_memory=24", "--ctx=8192",
+               "--ssd_streaming_cache_experts=4GB")
+  assert p.returncode == 0, p.stderr
+  assert "routed experts 77.91 GB stay in the file" in p.stdout
+  assert "     0  0:42+output   43        8.80      3.41     20.77     24.00  yes" in p.stdout
+  assert "every host fits in 24 GB; fewest hosts that fit: 1" in p.stdout
+  p = _inspect("--preset=flash", "--plan=1", "--ssd_streaming_cache_experts=3")
+  assert p.returncode == 2 and "below one token's experts: at least 6 slots" in p.stderr
   p = _inspect(f"--gguf={tiny_gguf}", "--plan=2", "--host_memory=128", "--ctx=256",
                "--dtype=bfloat16", "--sessions=2")
   assert p.returncode == 0, p.stderr
