@@ -371,7 +371,7 @@ class RouteBackend:
       log.warning("kv disk cache: could not restore %d tokens of session %s (%s: %s); "
                   "computing them", n, sess.sid, type(e).__name__, e)
       return
-    sess.edits_key = key  # the state was computed under these edits
+    sess.edits = edits  # the state was computed under these edits
 
   def _disk_store(self, sess: RouteSession, tokens: list[int], n_computed: int, edits) -> None:
     """After a prefill: stores the state at its last chunk boundary before the transcript's

@@ -137,6 +137,16 @@ class Interventions:
           raise EditError(f"project {e.point}.{e.layer}: the direction is zero")
         merged[key] = [v / np.float32(n), float(e.scale)]
     self._merged, self._resolved = merged, cfg
+    h = hashlib.sha256()  # once here: every step (and every hop's WORK) reads the key
+    for k in sorted(merged):
+      h.update(repr(k).encode())
+      for v in merged[k]:
+        if isinstance(v, dict):
+          for p in sorted(v):
+            h.update(str(p).encode() + np.asarray(v[p], np.float32).tobytes())
+        else:
+          h.update(np.asarray(v, np.float32).tobytes())
+    self._key = h.hexdigest()[:32]
     return self
 
   @property
@@ -145,16 +155,7 @@ class Interventions:
     only under the edits it was computed with)."""
     if self._resolved is None:
       raise EditError("resolve() the interventions against the model first")
-    h = hashlib.sha256()
-    for k in sorted(self._merged):
-      h.update(repr(k).encode())
-      for v in self._merged[k]:
-        if isinstance(v, dict):
-          for p in sorted(v):
-            h.update(str(p).encode() + np.asarray(v[p], np.float32).tobytes())
-        else:
-          h.update(np.asarray(v, np.float32).tobytes())
-    return h.hexdigest()[:32]
+    return self._key
 
   @property
   def layers(self) -> frozenset[int]:

@@ -59,7 +59,6 @@ class RouteSession:
     self.held: dict[int, int] = {}
     self.closed = False  # close_session ran (a step still running frees the slots at its end)
     self.edits = None  # the runtime.edits.Interventions its state was computed under
-    self.edits_key: str | None = None  # their key (None: no edits)
     self.hop_edits: dict[int, str] = {}  # worker id -> the edits key it holds for this session
     self.last_used = 0.0
     self._free_slots = free_slots
@@ -67,6 +66,11 @@ class RouteSession:
     self._cache_bytes = 0
     self._cache_cap = int(cache_cap)
     self._cache_lock = threading.Lock()
+
+  @property
+  def edits_key(self) -> str | None:
+    """The key of the edits its state was computed under (None: no edits)."""
+    return None if self.edits is None else self.edits.key
 
   def __repr__(self):
     return f"RouteSession({self.sid!r}, {len(self.tokens)} tokens)"

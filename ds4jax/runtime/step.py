@@ -154,7 +154,7 @@ def run_step(sess: RouteSession, local: Sequence[Any], transcript: list[int], pa
   p = min([p] + [b.pos(s) for b, s in zip(local, sess.slots)])
   key = None if edits is None else edits.key
   if key != sess.edits_key:  # the cached state was computed under other edits
-    p, sess.edits_key = 0, key
+    p = 0
   sess.edits = edits  # the remote hops read theirs from the session (rebuilds too)
   if downstream is not None:
     p = downstream.reach(sess, p)
