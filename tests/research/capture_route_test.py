@@ -146,21 +146,28 @@ def test_no_capture_is_todays_step(route, reference):
     assert got == want
 
 
-def test_sessions_capturing_and_not_batch_together(route, reference):
-  coord, _ = route
-  sids = [coord.new_session(), coord.new_session()]
-  trs = [list(PROMPT), list(PROMPT)]
-  caps = []
+def _batched_pair(coord, first: dict, second: dict):
+  """Two sessions stepped together N_NEW times through `step_many`, with the StepRequest
+  keywords `first` and `second` -> (their generated tokens, each step's two results)."""
+  sids, trs, steps = [coord.new_session(), coord.new_session()], [list(PROMPT), list(PROMPT)], []
   for i in range(N_NEW):
-    res = coord.step_many([StepRequest(sids[0], trs[0], GREEDY, i, capture=ALL),
-                           StepRequest(sids[1], trs[1], GREEDY, i)])
+    res = coord.step_many([StepRequest(sids[0], trs[0], GREEDY, i, **first),
+                           StepRequest(sids[1], trs[1], GREEDY, i, **second)])
     for tr, r in zip(trs, res):
       assert not isinstance(r, BaseException), r
       tr.append(r.token)
-    caps.append(res[0].captured)
-    assert res[1].captured is None
-  assert trs[0][len(PROMPT):] == trs[1][len(PROMPT):] == reference[0]
-  assert _max_diff(Captured.concat(caps), reference[1]) <= 1e-6
+    steps.append(res)
+  for sid in sids:
+    coord.close_session(sid)
+  return [tr[len(PROMPT):] for tr in trs], steps
+
+
+def test_sessions_capturing_and_not_batch_together(route, reference):
+  coord, _ = route
+  toks, steps = _batched_pair(coord, {"capture": ALL}, {})
+  assert all(res[1].captured is None for res in steps)
+  assert toks[0] == toks[1] == reference[0]
+  assert _max_diff(Captured.concat([res[0].captured for res in steps]), reference[1]) <= 1e-6
 
 
 def test_positions_and_keys_select_what_travels(route, one, reference):
@@ -291,16 +298,8 @@ def test_a_worker_that_lost_the_edits_gets_them_again(route, edited_one, edits):
 def test_steered_and_plain_sessions_batch_together_on_workers(route, edited_one, reference,
                                                                edits):
   coord, _ = route
-  sids, trs = [coord.new_session(), coord.new_session()], [list(PROMPT), list(PROMPT)]
-  for i in range(N_NEW):
-    res = coord.step_many([StepRequest(sids[0], trs[0], GREEDY, i, edits=edits),
-                           StepRequest(sids[1], trs[1], GREEDY, i)])
-    for tr, r in zip(trs, res):
-      assert not isinstance(r, BaseException), r
-      tr.append(r.token)
-  assert trs[0][len(PROMPT):] == edited_one[0] and trs[1][len(PROMPT):] == reference[0]
-  for sid in sids:
-    coord.close_session(sid)
+  toks, _ = _batched_pair(coord, {"edits": edits}, {})
+  assert toks[0] == edited_one[0] and toks[1] == reference[0]
 
 
 def test_a_worker_that_cannot_edit_refuses_before_compute(route, edits, monkeypatch):
