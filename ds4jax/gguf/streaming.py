@@ -3,16 +3,20 @@ the GGUF, read on demand into a bounded host cache; every other weight is reside
 
     opts = StreamingOptions.parse("1GB", preload=0, cold=False)
     cache = ExpertCache(ds4file, layers, opts, k=6, dtype=jnp.float32)  # checks the budget
-    experts, idx_TK = cache.gather(il, idx_TK)   # inside the jitted step (MoE.__call__)
+    routed_TD = cache.routed(moe, x_TD, idx_TK, w_TK)  # inside the jitted step (MoE.__call__)
     cache.stats()  # live entries, hits, misses, bytes read
 
-An expert is one layer's (gate, up, down) of one expert id. `gather` is a `jax.pure_callback`:
-it takes the chosen ids int32 [T, k] and returns the unique chosen experts' packed planes,
-stacked with a static leading size P = min(T*k, E) (zero-padded; ascending ids), plus the ids
-remapped into that stack; `MoE.routed(..., experts=...)` then runs the same kernels on the
-same bytes as a resident stage. Misses are read with `os.pread` (a truncated file is a short
-read, a one-line `StreamingError`, where a memory map would raise SIGBUS), split into planes
-once, and kept least recently used first within the budget (bytes or slots).
+An expert is one layer's (gate, up, down) of one expert id. The step reaches the cache
+through `jax.pure_callback`s, in the same `MoE.routed` paths as a resident layer:
+- `gather` (decode rows, short chunks: the kernel pairs path) takes chosen ids int32 [T, k]
+  and returns the unique chosen experts' packed planes, stacked with a static leading size
+  P = min(T*k, E) (zero-padded; ascending ids), plus the ids remapped into that stack. More
+  rows than `gather_bytes` allows gather in row groups, one group at a time.
+- `expert` (prefill: the grouped path) reads one expert as the loop over chosen experts
+  reaches it, so a long chunk never holds more than one of them in the step.
+Misses are read with `os.pread` (a truncated file is a short read, a one-line
+`StreamingError`, where a memory map would raise SIGBUS), split into planes once, and kept
+least recently used first within the budget (bytes or slots).
 """
 
 from __future__ import annotations
@@ -25,15 +29,21 @@ import threading
 import weakref
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from ds4jax.config import expert_cache_option
+from ds4jax.quant import matmul as quant_matmul
 from ds4jax.quant.packed import FLOAT16_TYPES, Packed, plane_specs, storage
 
 # The routed expert tensors of layer {i}, in (gate, up, down) order, and their parameters.
 EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 EXPERT_PARAMS = ("gate_exps", "up_exps", "down_exps")
+# The most expert bytes one gather brings into a step: the rows of a longer decode batch or
+# chunk gather in groups (`ExpertCache.routed`), so what the step holds does not grow with
+# them (Flash: 2 rows, 12 experts of 7.1 MB, per gather).
+GATHER_BYTES = 128 << 20
 
 
 class StreamingError(RuntimeError):
@@ -90,14 +100,17 @@ class ExpertCache:
   """
 
   def __init__(self, f, layers, options: StreamingOptions, *, k: int, dtype,
-               act: str = "exact"):
+               act: str = "exact", gather_bytes: int | None = None):
     """f: the open `DS4File`; layers: absolute layer ids of the slice; k: experts per token;
-    dtype: the compute dtype of the packed weights; act: their activation mode."""
+    dtype: the compute dtype of the packed weights; act: their activation mode;
+    gather_bytes: the most expert bytes one gather brings into the step (`routed`; default
+    GATHER_BYTES)."""
     self.path = f.path
     self.options = options
     self.layers = tuple(int(il) for il in layers)
     self.n_experts, self.k = int(f.cfg.n_experts), int(k)
     self.dtype, self.act = dtype, act
+    self.gather_bytes = int(GATHER_BYTES if gather_bytes is None else gather_bytes)
     self._tensors: dict[int, tuple[_Tensor, ...]] = {}
     for il in self.layers:
       ts = []
@@ -221,7 +234,50 @@ class ExpertCache:
     out.append(np.searchsorted(uniq, idx_TK).astype(np.int32))
     return tuple(out)
 
+  def _host_one(self, e, *, il: int):
+    """numpy side of `StreamedLayer.expert`: expert `e`'s planes, gate's, up's, then down's."""
+    with self._lock:
+      got = self._get(il, int(e))
+    return tuple(p for planes in got for p in planes)
+
   # -- device side ---------------------------------------------------------------------
+  def routed(self, moe, x_TD, idx_TK, w_TK):
+    """`moe.routed` (the same kernels, the same paths as a resident layer) on the experts
+    that layer `moe.layer_idx`'s tokens chose, f32 [T, D], for x [T, D], ids int32 [T, k]
+    and weights f32 [T, k]. What the step holds of them at once is bounded:
+    - rows that take the kernel pairs path (decode, short chunks) gather their chosen
+      experts in row groups of at most `gather_bytes`, one group at a time (a `lax.map`);
+      each row's sum is the one its resident call computes;
+    - longer chunks (prefill) take the grouped path, whose loop reads each chosen expert
+      as it reaches it (`StreamedLayer`): one expert in the step at a time.
+    """
+    il, (t, k) = moe.layer_idx, idx_TK.shape
+    gate = Packed.abstract(self._tensors[il][0].qtype, self._tensors[il][0].shape, self.dtype,
+                           self.act)
+    if not quant_matmul.pairs_path(t, gate):
+      return moe.routed(x_TD, idx_TK, w_TK, StreamedLayer(self, il))
+    rows = self.group_rows(il)
+    if t <= rows:
+      experts, ids_TK = self.gather(il, idx_TK)
+      return moe.routed(x_TD, ids_TK, w_TK, experts)
+    n = -(-t // rows)
+    pad = n * rows - t  # padding rows repeat the last row's ids (no new experts), weight 0
+
+    def group(args):
+      x_RD, idx_RK, w_RK = args
+      experts, ids_RK = self.gather(il, idx_RK)
+      return moe.routed(x_RD, ids_RK, w_RK, experts)
+
+    x_GRD = jnp.pad(x_TD, ((0, pad), (0, 0))).reshape(n, rows, -1)
+    idx_GRK = jnp.concatenate([idx_TK, jnp.repeat(idx_TK[-1:], pad, 0)]).reshape(n, rows, k)
+    w_GRK = jnp.pad(w_TK, ((0, pad), (0, 0))).reshape(n, rows, k)
+    return jax.lax.map(group, (x_GRD, idx_GRK, w_GRK)).reshape(n * rows, -1)[:t]
+
+  def group_rows(self, il: int) -> int:
+    """Rows whose chosen experts one gather brings in: the most whose k experts each fit
+    `gather_bytes` (at least 1)."""
+    return max(1, self.gather_bytes // (self.k * self.entry_bytes[il]))
+
   def gather(self, il: int, idx_TK):
     """The experts layer `il`'s tokens chose, for `MoE.routed`.
 
@@ -249,6 +305,22 @@ class ExpertCache:
       at += n
     return tuple(experts), res[-1]
 
+  def expert(self, il: int, e):
+    """Expert `e` (traced int32) of layer `il`: (gate [F, D], up [F, D], down [D, F]) as
+    `Packed`, read through the cache by a `jax.pure_callback`."""
+    specs, n_planes = [], []
+    for tensor in self._tensors[il]:
+      ps = plane_specs(tensor.qtype, tensor.shape[1:])
+      specs += [jax.ShapeDtypeStruct(sh, dt) for sh, dt in ps]
+      n_planes.append(len(ps))
+    res = jax.pure_callback(functools.partial(self._host_one, il=il), tuple(specs), e)
+    out, at = [], 0
+    for tensor, n in zip(self._tensors[il], n_planes):
+      out.append(Packed(tuple(res[at:at + n]), tensor.qtype, tensor.shape[1:], self.dtype,
+                        self.act))
+      at += n
+    return tuple(out)
+
   # -- reports -------------------------------------------------------------------------
   @property
   def nbytes(self) -> int:
@@ -265,6 +337,22 @@ class ExpertCache:
 
   def __repr__(self) -> str:
     return f"ExpertCache({os.path.basename(self.path)!r}, layers {self.layers})"
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamedLayer:
+  """One streamed layer's routed experts as `MoE.routed` reads them one at a time (its
+  grouped path): `expert(e)` and `n_experts`."""
+
+  cache: ExpertCache
+  il: int
+
+  @property
+  def n_experts(self) -> int:
+    return self.cache.n_experts
+
+  def expert(self, e):
+    return self.cache.expert(self.il, e)
 
 
 def _planes(buf, qtype: int, shape) -> tuple:

@@ -99,9 +99,8 @@ class MoE(nnx.Module):
   def __call__(self, x_TD, tokens_T, tap=None):
     """x: [T, D] normalised input, tokens: int32 [T] -> [T, D] f32 (tap: see `route`)."""
     idx_TK, w_TK = self.route(x_TD, tokens_T, tap)
-    if self.expert_source is not None:  # streamed: the chosen experts, ids remapped to them
-      experts, ids_TK = self.expert_source.gather(self.layer_idx, idx_TK)
-      routed_TD = self.routed(x_TD, ids_TK, w_TK, experts)
+    if self.expert_source is not None:  # streamed: the cache brings the chosen experts in
+      routed_TD = self.expert_source.routed(self, x_TD, idx_TK, w_TK)
     elif self.expert_mesh is None:
       routed_TD = self.routed(x_TD, idx_TK, w_TK)
     else:  # experts sharded over the stage's devices (docs/design.md §12)
@@ -118,16 +117,21 @@ class MoE(nnx.Module):
     experts: (gate [E', F, D], up [E', F, D], down [E', D, F]) instead of the module's own:
     a device's local slice under expert parallelism (`sharding.routed_experts`), where an id
     E' marks a pair of another device's expert (weight 0), or the chosen experts of a
-    streamed layer (`gguf.streaming.ExpertCache.gather`).
+    streamed layer (`gguf.streaming.ExpertCache.gather`); or an object whose
+    `expert(e) -> (gate [F, D], up [F, D], down [D, F])` reads one expert (traced id) and
+    whose `n_experts` is E: the grouped path then reads each chosen expert as its loop
+    reaches it (a streamed layer's prefill, `gguf.streaming.StreamedLayer`).
     """
     t = x_TD.shape[0]
+    if hasattr(experts, "expert"):  # one expert at a time: the grouped loop, whatever T
+      return self._grouped(x_TD, idx_TK, w_TK, group_block(t * self.k, experts.n_experts),
+                           experts)
     gate_EFD, up_EFD, down_EDF = experts or (self.gate_exps[...], self.up_exps[...],
                                              self.down_exps[...])
     n_experts = gate_EFD.shape[0]
     block = group_block(t * self.k, n_experts)
     packed = isinstance(gate_EFD, Packed)
-    if packed and (t == 1 or (t <= quant_matmul.KERNEL_ROWS
-                              and quant_matmul.uses_kernel(gate_EFD))):
+    if quant_matmul.pairs_path(t, gate_EFD):
       # Decode rows with packed experts: every (row, expert) pair through the kernel
       # interface, which reads (and unpacks) each chosen expert's bytes once per call, in
       # place, whatever the rows that chose it. Longer chunks (prefill) go grouped below,
@@ -193,8 +197,7 @@ class MoE(nnx.Module):
       3. each token sums its k rows (gathered from their slots).
     """
     t, d = x_TD.shape
-    gate_EFD, up_EFD, down_EDF = experts
-    e_n, k = gate_EFD.shape[0], self.k
+    e_n, k = _n_experts(experts), self.k
     n_pairs = t * k
     e_P = idx_TK.reshape(-1)
     order_S = jnp.argsort(e_P, stable=True).astype(jnp.int32)  # sorted slot -> pair
@@ -209,21 +212,20 @@ class MoE(nnx.Module):
     ids_A = jnp.nonzero(active_E, size=e_n, fill_value=0)[0].astype(jnp.int32)
 
     def one_expert(a, y_SD):
+      # Loop-invariant for the block loop: sliced or read (dequantised) once per expert.
+      gate, up, down = _chosen(experts, ids_A[a])
+      g_FD, u_FD, d_DF = ops.dense(gate), ops.dense(up), ops.dense(down)
       e = ids_A[a]
-      # Loop-invariant for the block loop: sliced (dequantised) once per expert and call.
-      g_FD = ops.dense(_expert(gate_EFD, e))
-      u_FD = ops.dense(_expert(up_EFD, e))
-      d_DF = ops.dense(_expert(down_EDF, e))
 
       def one_block(b, y_SD):
         s = first_E[e] + b * block
         xb_BD = jax.lax.dynamic_slice_in_dim(x_SD, s, block)
         wb_B = jax.lax.dynamic_slice_in_dim(w_S, s, block)
         # q8 experts: the rows rounded as the kernels round them (identity in exact mode).
-        h_BF = swiglu(ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, gate_EFD), g_FD),
-                      ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, up_EFD), u_FD),
+        h_BF = swiglu(ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, gate), g_FD),
+                      ops.einsum("BD,FD->BF", quant_matmul.activations(xb_BD, up), u_FD),
                       self.limit) * wb_B[:, None]
-        y_BD = ops.einsum("BF,DF->BD", quant_matmul.activations(h_BF, down_EDF), d_DF)
+        y_BD = ops.einsum("BF,DF->BD", quant_matmul.activations(h_BF, down), d_DF)
         return jax.lax.dynamic_update_slice_in_dim(y_SD, y_BD, s, 0)
 
       return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
@@ -243,6 +245,18 @@ def _steer(s_TE, a_TE, *, low):
   top = jnp.max(s_TE, axis=-1, keepdims=True) + jnp.abs(a_TE)
   down = (jnp.min(s_TE, axis=-1, keepdims=True) - jnp.abs(a_TE)) if low else jnp.zeros_like(s_TE)
   return jnp.where(a_TE > 0, top, jnp.where(a_TE < 0, down, s_TE))
+
+
+def _n_experts(experts) -> int:
+  return experts.n_experts if hasattr(experts, "expert") else experts[0].shape[0]
+
+
+def _chosen(experts, e):
+  """Expert `e`'s (gate, up, down): read by a one-at-a-time source, or sliced out of the
+  stacked weights."""
+  if hasattr(experts, "expert"):
+    return experts.expert(e)
+  return tuple(_expert(w, e) for w in experts)
 
 
 def _expert(w_E__, e):

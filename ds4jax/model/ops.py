@@ -54,7 +54,7 @@ def einsum(spec: str, x, w):
     e_P = jnp.tile(jnp.arange(g, dtype=jnp.int32), rows)
     y_PN = quant_matmul.expert_matmul(x.reshape(-1, k), w, e_P, act=w.act)
     return y_PN.reshape(x.shape[:-1] + (w.shape[1],))
-  return _dot(spec, quant_matmul.activations(x, w), w.dense())
+  return _dot(spec, quant_matmul.activations(x, w), quant_matmul.after(x, w).dense())
 
 
 def _tile_count(w: Packed) -> int:

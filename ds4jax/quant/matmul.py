@@ -30,6 +30,7 @@ dequantised (`weights="dequantized"`) path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -48,6 +49,9 @@ KERNEL_ROWS = 16
 MATVEC_ROWS = 8
 # A packed 2-D weight whose f32 form is larger than this is dequantised in row tiles.
 TILE_BYTES = 256 << 20
+# A packed weight this big or bigger as f32 is dequantised only once its product's input
+# exists (`after`).
+TIE_BYTES = 16 << 20
 IMPLS = ("auto", "ffi", "xla")
 
 
@@ -82,6 +86,13 @@ def uses_kernel(w: Packed) -> bool:
 def quantizes(w: Packed, act: str) -> bool:
   """Whether products with `w` in mode `act` round x to int8 blocks (q8 and a block type)."""
   return check_act(act) == "q8" and Q(w.qtype) not in FLOAT16_TYPES
+
+
+def pairs_path(t: int, w) -> bool:
+  """Whether `MoE.routed` runs T rows with stacked experts `w` [E, N, K] pair by pair through
+  `expert_matmul` (packed experts: one decode row, or up to KERNEL_ROWS where the C++
+  kernels serve them); else grouped, each chosen expert dequantised once."""
+  return isinstance(w, Packed) and (t == 1 or (t <= KERNEL_ROWS and uses_kernel(w)))
 
 
 def activations(x_MK, w):
@@ -164,13 +175,32 @@ def reference_matmul(x_MK, w: Packed, *, act: str = "exact", tile_bytes: int | N
     return matvec(x_MK, w)
   n_tiles = tile_count(w, TILE_BYTES if tile_bytes is None else tile_bytes)
   if n_tiles == 1:
-    return dot("MK,NK->MN", x_MK, w.dense())
+    return dot("MK,NK->MN", x_MK, after(x_MK, w).dense())
   tiles = w.tiles(n_tiles)
   y_TMn = jax.lax.map(
-      lambda planes: dot("MK,NK->MN", x_MK,
-                         Packed(tuple(planes), w.qtype, tiles.shape[1:], w.dtype).dense()),
+      lambda planes: dot("MK,NK->MN", x_MK, after(
+          x_MK, Packed(tuple(planes), w.qtype, tiles.shape[1:], w.dtype)).dense()),
       tiles.planes)
   return jnp.moveaxis(y_TMn, 0, 1).reshape(x_MK.shape[0], w.shape[0])
+
+
+def after(x, w: Packed) -> Packed:
+  """w, made to depend on x: for a path that dequantises w (whole, or a tile) to multiply it
+  with x, so the dequantisation cannot run before x exists. Without it, XLA starts every
+  layer's dequantisation (it depends on the weights alone) at the top of the step and their
+  f32 copies are all live at once: a prefill's temporaries grew with the layer count
+  (docs/benchmarks.md). Each plane passes a select on a flag computed from x's first element
+  that is always false (a sign bit after clearing it), so the bytes, and the numbers, are
+  the same; the select fuses into the dequantisation. Only weights of TIE_BYTES or more as
+  f32 are tied: the new reader of x can change how XLA fuses x's producer, and with it x's
+  last bits (1e-6 on the tiny model), so small weights, which cost little memory, keep the
+  products bit-identical to the dequantised model's."""
+  if 4 * int(np.prod(w.shape)) < TIE_BYTES:
+    return w
+  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+  never = (bits & 0x7FFFFFFF) < 0
+  return dataclasses.replace(w, planes=tuple(jnp.where(never, jnp.zeros_like(p), p)
+                                             for p in w.planes))
 
 
 def reference_expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):

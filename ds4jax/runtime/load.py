@@ -224,8 +224,6 @@ def _abstract(source: TensorSource, layers, dtype, weights: str, stream=None, me
     if not packed:
       raise ValueError("--ssd_streaming keeps the experts' GGUF bytes: it needs "
                        "--weights=packed, not --weights=dequantized")
-    if mesh is not None:
-      raise ValueError("--ssd_streaming with --devices > 1 is not supported yet")
     cache = stream if isinstance(stream, streaming.ExpertCache) else streaming.ExpertCache(
         source.file, rng.layers(), stream, k=source.cfg.n_experts_used, dtype=parse_dtype(dt),
         act=activations)

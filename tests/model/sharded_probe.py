@@ -3,7 +3,8 @@ sharding_test.py, in its own process: XLA's device count is fixed when JAX start
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 python tests/model/sharded_probe.py TINY.gguf
 
-Everything decodes one token per call (the T = 1 program: one compile per runner), except
+A packed stage on 2 devices also runs with expert streaming. Everything decodes one token per
+call (the T = 1 program: one compile per runner), except
 the in-process split, which prefills a 2-token prompt. The routed paths the decode step does
 not take under a mesh (grouped: packed prefill; all-experts: dense prefill) run on one MoE
 layer of 8 tokens.
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ds4jax.gguf.streaming import StreamingOptions
 from ds4jax.runtime.local import LocalBackend
 from ds4jax.runtime.sampling import SamplingParams
 from ds4jax.model import sharding
@@ -105,6 +107,18 @@ def main(path):
       if (weights, n) == ("dequantized", 1):
         one_device = runner
       del runner
+  # Expert streaming on 2 devices: the experts come through the host cache (4 slots), not the
+  # mesh; the rest of the stage is placed as usual.
+  t = time.perf_counter()
+  runner = StageRunner(load_stage(path, "all", devices=2,
+                                  streaming_options=StreamingOptions.parse("4")),
+                       ctx_size=CTX, max_chunk=CHUNK)
+  toks, logits, replicated = greedy(runner)
+  res["streamed/2"] = {"tokens": toks, "state_replicated": replicated,
+                       "mesh_devices": runner_devices(runner), "expert_bytes": expert_bytes(runner),
+                       "max_abs_dlogit": float(np.abs(logits - refs["packed"]).max()),
+                       "seconds": time.perf_counter() - t}
+  del runner
   # An in-process split: layers 0:1 on 4 devices, 2:output on 1 (the default device).
   t = time.perf_counter()
   runners = [StageRunner(load_stage(path, spec, weights="dequantized", devices=n),

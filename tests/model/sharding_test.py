@@ -52,6 +52,15 @@ def test_greedy_tokens_on_1_2_4_devices_are_one_devices(probe):
       assert r["max_abs_dlogit"] <= BOUND, (weights, n, r["max_abs_dlogit"])
 
 
+def test_expert_streaming_on_2_devices_is_one_devices_resident_run(probe):
+  """--ssd_streaming with --devices=2: the streamed experts run replicated (no psum), so the
+  logits are one device's resident ones bit for bit."""
+  r = probe["streamed/2"]
+  assert r["mesh_devices"] == 2 and r["expert_bytes"] == 0 and r["state_replicated"]
+  assert r["tokens"] == probe["runs"]["packed/1"]["tokens"]
+  assert r["max_abs_dlogit"] == 0.0
+
+
 def test_decode_state_stays_replicated_on_the_mesh(probe):
   assert all(r["state_replicated"] for r in probe["runs"].values())
 

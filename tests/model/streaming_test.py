@@ -73,6 +73,28 @@ def test_greedy_tokens_equal_the_resident_run(tiny_gguf, tiny_reference, ranges,
       assert s["evictions"] > 0 and s["misses"] > s["entries"]
 
 
+def test_bounded_gathers_equal_the_resident_logits(tiny_gguf, monkeypatch):
+  """A 32-token chunk takes the grouped path, which reads one expert at a time; an 8-token
+  chunk and the decode rows gather one row's experts per group (GATHER_BYTES below two rows'):
+  the top log-probabilities equal the resident run's bit for bit."""
+  prompt = list(range(3, 43))  # 40 tokens: chunks of 32 and 8
+  monkeypatch.setattr(streaming, "GATHER_BYTES", 3 * ENTRY)
+  logits = []
+  for opts in (None, StreamingOptions.parse("4")):
+    be = build.local_backend(tiny_gguf, ctx_size=CTX, prefill_chunk=32, max_sessions=1,
+                             streaming=opts)
+    try:
+      got = Generator(be, Tokenizer.from_gguf(tiny_gguf)).generate(
+          None, prompt_tokens=prompt, max_new_tokens=4, top_logprobs=8)
+      if opts is not None:
+        cache = _caches(be)[0]
+        assert cache.group_rows(0) == 1 and cache.stats()["entries"] <= 4
+    finally:
+      be.close()
+    logits.append((got.tokens, got.logprobs))
+  assert logits[1] == logits[0]
+
+
 def test_budget_below_one_tokens_experts(tiny_gguf):
   with pytest.raises(ValueError, match=r"^--ssd_streaming_cache_experts=1 is below one token's "
                      r"experts: at least 2 slots"):
