@@ -114,14 +114,24 @@ def pallas_platforms(w: Packed, p: int) -> tuple[str, ...]:
   return tuple(plat for plat, mod in PALLAS.items() if mod.plan(w, p) is not None)
 
 
-@functools.partial(jax.jit, static_argnames=("act", "platform", "interpret"))
 def pallas_expert_matmul(x_PK, w3: Packed, e_P, *, act: str, platform: str,
                          interpret: bool = False):
   """The Pallas branch of `matmul` / `expert_matmul` for `platform` (cuda | tpu): x rounded
   as `act` asks (`quantize_act` in q8 mode), then that platform's kernel on w3 [E, N, K].
   interpret: the kernel in Pallas interpret mode (on any backend; what the tests run).
-  Jitted so that a step traces each kernel once per shape: every platform's branch is traced
-  wherever the step is (on a CPU too), only the lowered platform's is compiled."""
+
+  Every platform's branch is traced wherever a step is traced (on a CPU host too; only the
+  lowered platform's is compiled), so the kernels are traced once per weight shape and row
+  bucket: rows are padded to a power of two >= 16 (zero rows, expert -1) outside a jit."""
+  p = x_PK.shape[0]
+  rows = max(16, 1 << max(0, (p - 1).bit_length()))
+  x = jnp.pad(x_PK, ((0, rows - p), (0, 0)))
+  e = jnp.pad(e_P.astype(jnp.int32), (0, rows - p), constant_values=-1)
+  return _pallas_call(x, w3, e, act=act, platform=platform, interpret=interpret)[:p]
+
+
+@functools.partial(jax.jit, static_argnames=("act", "platform", "interpret"))
+def _pallas_call(x_PK, w3: Packed, e_P, *, act: str, platform: str, interpret: bool):
   x = quantize_act(x_PK) if quantizes(w3, act) else x_PK
   return PALLAS[platform].expert_matmul(x, w3, e_P, interpret=interpret)
 
