@@ -11,7 +11,8 @@ repeats the last id (no new DMA) and skips its compute. Per step the kernel dequ
 tile in VMEM chunk by chunk (`pallas_tiles.dequant_tile`, `kb` blocks at a time) and
 accumulates `x_chunk @ w_chunk^T` in f32 (`precision=HIGHEST`) into the output block, which
 stays resident across the slots; rows whose expert is another slot's keep their value.
-The IQ2_XXS grid lookup is a lane gather (`take_along_axis`) on a 2 x 128 code table.
+The IQ2_XXS grid lookup is a lane gather (`take_along_axis`) on a 2 x 128 code table;
+f16 fields enter as uint16 bits.
 
 Blocks obey the (8, 128) rule by taking whole trailing plane dims (B, fields) and `tn` rows
 (a multiple of 128 dividing N, else all N); x and y blocks are whole [rows, K] / [rows, tn]
@@ -119,7 +120,10 @@ def expert_matmul(x_PK, w: Packed, e_P, *, interpret: bool = False):
     raise ValueError(f"no Mosaic tiling for {w.shape} x {p} rows of qtype {w.qtype}")
   x, e, n, uid = pt.operands(x_PK, w, e_P, pl_.rows)
   codes = jnp.asarray(pt.iq2_codes()).reshape(2, 128)
-  planes = tuple(w.planes)
+  # f16 fields travel as their bits (a free same-width bitcast): the kernel widens them with
+  # integer ops (`kernels.f16_to_f32`), and no f16 vector reaches Mosaic.
+  planes = tuple(lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.float16 else a
+                 for a in w.planes)
   n_out, tn, rows = w.shape[1], pl_.tn, pl_.rows
 
   def plane_spec(a):
