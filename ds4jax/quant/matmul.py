@@ -111,7 +111,12 @@ def pallas_platforms(w: Packed, p: int) -> tuple[str, ...]:
   (none with DS4JAX_ACCEL_KERNELS=xla)."""
   if accel_impl() == "xla":
     return ()
-  return tuple(plat for plat, mod in PALLAS.items() if mod.plan(w, p) is not None)
+  return tuple(plat for plat, mod in PALLAS.items() if mod.plan(w, row_bucket(p)) is not None)
+
+
+def row_bucket(p: int) -> int:
+  """The rows a Pallas call of p rows runs with: a power of two >= 16."""
+  return max(16, 1 << max(0, (p - 1).bit_length()))
 
 
 def pallas_expert_matmul(x_PK, w3: Packed, e_P, *, act: str, platform: str,
@@ -124,7 +129,7 @@ def pallas_expert_matmul(x_PK, w3: Packed, e_P, *, act: str, platform: str,
   lowered platform's is compiled), so the kernels are traced once per weight shape and row
   bucket: rows are padded to a power of two >= 16 (zero rows, expert -1) outside a jit."""
   p = x_PK.shape[0]
-  rows = max(16, 1 << max(0, (p - 1).bit_length()))
+  rows = row_bucket(p)
   x = jnp.pad(x_PK, ((0, rows - p), (0, 0)))
   e = jnp.pad(e_P.astype(jnp.int32), (0, rows - p), constant_values=-1)
   return _pallas_call(x, w3, e, act=act, platform=platform, interpret=interpret)[:p]
