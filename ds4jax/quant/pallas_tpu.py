@@ -3,8 +3,8 @@
     expert_matmul(x_PK, w: Packed[E, N, K], e_P, *, interpret=False) -> f32[P, N]
     plan(w, p) -> Plan | None     # the tiling, None where these kernels do not apply
 
-Grid (N / tn, U): output tiles ("parallel") times the call's slots ("arbitrary", innermost),
-the distinct experts its rows chose (`pallas_tiles.slots`, scalar-prefetched with their
+Grid (N / tn, min(rows, E)): output tiles ("parallel") times the call's slots ("arbitrary",
+innermost), the distinct experts its rows chose (`pallas_tiles.slots`, scalar-prefetched with their
 count; a plain matmul is one slot, expert 0). The planes' index maps read the slot's expert
 id, so the pipeline DMAs only the chosen experts' tiles, each once per call; a padding slot
 repeats the last id (no new DMA) and skips its compute. Per step the kernel dequantises the
@@ -14,9 +14,12 @@ stays resident across the slots; rows whose expert is another slot's keep their 
 The IQ2_XXS grid lookup is a lane gather (`take_along_axis`) on a 2 x 128 code table;
 f16 fields enter as uint16 bits.
 
-Blocks obey the (8, 128) rule by taking whole trailing plane dims (B, fields) and `tn` rows
-(a multiple of 128 dividing N, else all N); x and y blocks are whole [rows, K] / [rows, tn]
-with rows a multiple of 8.
+Planes enter as rows of bytes, [E, N, B * fields] (a reshape: free where the planes are
+stored so; XLA:TPU pads a minor dim under 128 in HBM, so the planes of `Packed` as loaded
+today are relaid out by that reshape, see design §8.1), each block a lane-dense
+(tn, B * fields) tile; the kernel cuts a chunk's bytes back into blocks. Blocks obey the
+(8, 128) rule: whole rows of bytes, `tn` rows (a multiple of 128 dividing N, else all N), x
+and y blocks whole [rows, K] / [rows, tn] with rows a multiple of 8.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from gguf import GGMLQuantizationType as Q
 from jax import lax
 from jax.experimental import pallas as pl
@@ -34,7 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 from ds4jax.quant import pallas_tiles as pt
 from ds4jax.quant.packed import Packed
 
-TILE_N = 256  # output rows per step (at most)
+TILE_N = 128  # output rows per step (at most; untuned: no TPU here)
 MAX_N = 2048  # an N with no 128-multiple divisor is one tile up to this
 TILE_K = 1024  # elements per in-kernel chunk (at most)
 MAX_ROWS = 256  # rows of x per call (padded); more go to the jax.numpy path
@@ -79,9 +83,10 @@ def _lookup(code_ref):
   return lookup
 
 
-def _kernel(n_ref, uid_ref, e_ref, x_ref, *refs, qtype, dtype, plan: Plan, n_chunks: int):
+def _kernel(n_ref, uid_ref, e_ref, x_ref, *refs, qtype, dtype, plan: Plan, n_chunks: int,
+            trails: tuple):
   *plane_refs, code_ref, o_ref = refs
-  kb, block = plan.kb, plan.block
+  tn, kb, block = plan.tn, plan.kb, plan.block
   u = pl.program_id(1)
 
   @pl.when(u == 0)
@@ -95,11 +100,9 @@ def _kernel(n_ref, uid_ref, e_ref, x_ref, *refs, qtype, dtype, plan: Plan, n_chu
       b0 = c * kb
 
       def get(i, lo=None, size=None, b0=b0):
-        ref = plane_refs[i]
-        trail = tuple(slice(None) for _ in ref.shape[2:])
-        if lo is not None:
-          trail = trail[:-1] + (slice(lo, lo + size),)
-        return ref[(slice(None), slice(b0, b0 + kb)) + trail]
+        x = int(np.prod(trails[i]))  # bytes (fields) per block of plane i
+        chunk = plane_refs[i][:, b0 * x:(b0 + kb) * x].reshape((tn, kb) + trails[i])
+        return chunk if lo is None else chunk[..., lo:lo + size]
 
       w_NK = pt.dequant_tile(qtype, get, _lookup(code_ref), dtype)
       x_PK = x_ref[:, b0 * block:(b0 + kb) * block]
@@ -120,26 +123,26 @@ def expert_matmul(x_PK, w: Packed, e_P, *, interpret: bool = False):
     raise ValueError(f"no Mosaic tiling for {w.shape} x {p} rows of qtype {w.qtype}")
   x, e, n, uid = pt.operands(x_PK, w, e_P, pl_.rows)
   codes = jnp.asarray(pt.iq2_codes()).reshape(2, 128)
-  # f16 fields travel as their bits (a free same-width bitcast): the kernel widens them with
-  # integer ops (`kernels.f16_to_f32`), and no f16 vector reaches Mosaic.
-  planes = tuple(lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.float16 else a
-                 for a in w.planes)
   n_out, tn, rows = w.shape[1], pl_.tn, pl_.rows
+  # Each plane as rows of bytes [E, N, B * fields] (lane-dense VMEM tiles; free where the
+  # planes are stored so), f16 fields as their bits (a same-width bitcast): the kernel widens
+  # them with integer ops (`kernels.f16_to_f32`), and no f16 vector reaches Mosaic.
+  trails = tuple(tuple(a.shape[3:]) if a.ndim > 3 else () for a in w.planes)
+  planes = tuple((lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.float16 else a)
+                 .reshape(a.shape[0], n_out, -1) for a in w.planes)
 
   def plane_spec(a):
-    trail = a.shape[2:]
-    return pl.BlockSpec((None, tn) + trail,
-                        lambda j, s, n_ref, uid_ref, z=(0,) * len(trail): (uid_ref[s], j) + z)
+    return pl.BlockSpec((None, tn, a.shape[2]), lambda j, s, n_ref, uid_ref: (uid_ref[s], j, 0))
 
   whole = lambda shape: pl.BlockSpec(shape, lambda j, s, n_ref, uid_ref: (0, 0))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2, grid=(n_out // tn, rows),
+      num_scalar_prefetch=2, grid=(n_out // tn, min(rows, w.shape[0])),
       in_specs=[whole((rows, 1)), whole((rows, k)), *(plane_spec(a) for a in planes),
                 whole((2, 128))],
       out_specs=pl.BlockSpec((rows, tn), lambda j, s, n_ref, uid_ref: (0, j)))
   y = pl.pallas_call(
       functools.partial(_kernel, qtype=int(w.qtype), dtype=jnp.dtype(w.dtype), plan=pl_,
-                        n_chunks=k // (pl_.kb * pl_.block)),
+                        n_chunks=k // (pl_.kb * pl_.block), trails=trails),
       out_shape=jax.ShapeDtypeStruct((rows, n_out), jnp.float32),
       grid_spec=grid_spec,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
