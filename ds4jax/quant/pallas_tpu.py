@@ -4,15 +4,14 @@
     plan(w, p) -> Plan | None     # the tiling, None where these kernels do not apply
 
 Grid (N / tn, min(rows, E)): output tiles ("parallel") times the call's slots ("arbitrary",
-innermost), the distinct experts its rows chose (`pallas_tiles.slots`, scalar-prefetched with their
-count; a plain matmul is one slot, expert 0). The planes' index maps read the slot's expert
-id, so the pipeline DMAs only the chosen experts' tiles, each once per call; a padding slot
-repeats the last id (no new DMA) and skips its compute. Per step the kernel dequantises the
-tile in VMEM chunk by chunk (`pallas_tiles.dequant_tile`, `kb` blocks at a time) and
-accumulates `x_chunk @ w_chunk^T` in f32 (`precision=HIGHEST`) into the output block, which
-stays resident across the slots; rows whose expert is another slot's keep their value.
-The IQ2_XXS grid lookup is a lane gather (`take_along_axis`) on a 2 x 128 code table;
-f16 fields enter as uint16 bits.
+innermost): the distinct experts its rows chose (`pallas_tiles.slots`, scalar-prefetched
+with their count; a plain matmul is one slot, expert 0). The planes' index maps read the
+slot's expert id, so the pipeline DMAs only the chosen experts' tiles, each once per call; a
+padding slot repeats the last id (no new DMA) and skips its compute. Per step the kernel
+dequantises the tile in VMEM chunk by chunk (`pallas_tiles.dequant_tile`, `kb` blocks at a
+time) and accumulates `x_chunk @ w_chunk^T` in f32 (`precision=HIGHEST`) into the output
+block, which stays resident across the slots; rows whose expert is another slot's keep their
+value. The IQ2_XXS grid lookup is a lane gather (`take_along_axis`) on a 2 x 128 code table.
 
 Planes enter as rows of bytes, [E, N, B * fields] (a reshape: free where the planes are
 stored so; XLA:TPU pads a minor dim under 128 in HBM, so the planes of `Packed` as loaded

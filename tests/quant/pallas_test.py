@@ -86,7 +86,8 @@ def _within_sum_bound(got, x, w_NK):
   x64, w64 = np.asarray(x, np.float64), np.asarray(w_NK, np.float64)
   bound = (x64.shape[-1] + 2) * U * (np.abs(x64) @ np.abs(w64).T)
   err = np.abs(np.asarray(got, np.float64) - x64 @ w64.T)
-  assert (err <= bound).all(), f"max err {err.max():.3g}, bound there {bound.flat[err.argmax()]:.3g}"
+  worst = err.argmax()
+  assert (err <= bound).all(), f"max err {err.flat[worst]:.3g}, bound {bound.flat[worst]:.3g}"
 
 
 @pytest.mark.parametrize("mode", ["sane", "extreme"])
