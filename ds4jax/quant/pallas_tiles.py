@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 
 import gguf
-import jax
 import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
@@ -161,7 +160,7 @@ def largest_divisor(n: int, at_most: int, *, pow2: bool = False) -> int:
 
 def slots(e_P, n_experts: int, rows: int):
   """(n int32 [1], uid int32 [rows]): the n distinct valid experts of e_P ascending, then
-  the last of them repeated (0 if none), so a padding slot names a tile already read."""
+  the last of them repeated (E - 1 if none), so a padding slot names a tile already read."""
   valid_P = (e_P >= 0) & (e_P < n_experts)
   uid = jnp.unique(jnp.where(valid_P, e_P, n_experts), size=rows, fill_value=n_experts)
   n = jnp.sum((uid < n_experts).astype(I32))

@@ -43,12 +43,8 @@ CALL = {"cuda": pallas_gpu.TRITON_CALL, "tpu": "tpu_custom_call"}
 SCALES = {Q.Q8_0: (0,), Q.Q2_K: (80, 82), Q.Q4_K: (0, 2), Q.IQ2_XXS: (0,)}
 EXTREME_F16 = np.array([0x7BFF, 0xFBFF, 0x0001, 0x8001, 0x03FF, 0x8000, 0x0400], np.uint16)
 U = 2.0 ** -24
-E, N = 3, 64
-
-
-def _k(q) -> int:
-  """Two chunks of the GPU tiling (TILE_K = 256 elements), one block at least."""
-  return 512
+# Two K chunks of 256 elements: the GPU tiling, and the TPU one under `small_tiles`.
+E, N, K = 3, 64, 512
 
 
 def _data(q, lead, k, mode="sane", seed=0) -> np.ndarray:
@@ -95,7 +91,7 @@ def _within_sum_bound(got, x, w_NK):
 def test_tiles_are_the_dequant_twins(q, mode):
   """`dequant_tile` on plane chunks == `Packed.dense` (the `kernels.dequant_*` path), as
   uint32 views, with the TPU lookup (a lane gather) on the code table."""
-  w, _ = _weight(q, (16,), _k(q), mode)
+  w, _ = _weight(q, (16,), K, mode)
 
   def get(i, lo=None, size=None):
     return w.planes[i] if lo is None else w.planes[i][..., lo:lo + size]
@@ -131,7 +127,7 @@ def test_kernel_in_interpret_mode(q, platform, small_tiles):
   """expert_matmul with E = 3 (a repeated expert, an unused one, ids -1 and E; two one-hot
   rows) against gguf-py and the jax.numpy reference (`reference_matmul` per expert: the
   dequantise-then-dot path); a matmul is the same kernel on one expert."""
-  k = _k(q)
+  k = K
   w, ref_ENK = _weight(q, (E, N), k)
   e_P = np.array([2, 0, 2, -1, 2, E, 0, 2, 0], np.int32)
   x_PK = _rows(k, 7, [0, k - 1])
@@ -159,7 +155,7 @@ def test_kernel_in_interpret_mode(q, platform, small_tiles):
                          ids=["Q4_K-cuda", "IQ2_XXS-tpu", "BF16-tpu"])
 def test_q8_activations_in_interpret_mode(q, platform):
   """act="q8": x rounded to int8 blocks first (block types; 16-bit weights keep x exact)."""
-  k = _k(q)
+  k = K
   w, ref = _weight(q, (1, N), k)
   x = _rows(k, 4, [])
   y = np.asarray(jax.jit(lambda x, w: qm.pallas_expert_matmul(
@@ -198,7 +194,7 @@ def _kernel_sites(text: str) -> int:
 def test_every_kernel_lowers_through_the_interface(platform):
   """`quant.matmul` (M = 3) and `quant.expert_matmul` (P = 12 rows) of every type lower to
   the platform's Pallas kernel, one call site each, and no CPU kernel."""
-  ws = {q: _weight(q, (E, N), _k(q))[0] for q in TYPES}
+  ws = {q: _weight(q, (E, N), K)[0] for q in TYPES}
 
   def f(x, e, ws):
     return [(qm.matmul(x[:3], w.index(0)), qm.expert_matmul(x, w, e)) for w in ws.values()]
