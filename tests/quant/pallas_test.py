@@ -206,6 +206,26 @@ def test_every_kernel_lowers_through_the_interface(platform):
   assert _kernel_sites(text) == 2 * len(TYPES)
 
 
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_flash_shapes_lower(platform):
+  """Flash's largest products, from abstract weights: the head (Q8_0 [V, D]), the routed
+  experts (IQ2_XXS [E, F, D] gate, Q2_K [E, D, F] down, 6 rows of a token) and an F16
+  compressor, each one Pallas call site."""
+  s = jax.ShapeDtypeStruct
+  head = Packed.abstract(Q.Q8_0, (129280, 4096), jnp.float32)
+  gate = Packed.abstract(Q.IQ2_XXS, (256, 2048, 4096), jnp.float32)
+  down = Packed.abstract(Q.Q2_K, (256, 4096, 2048), jnp.float32)
+  comp = Packed.abstract(Q.F16, (1024, 4096), jnp.float32)
+
+  def f(x_D, x_PD, e_P, x_PF, head, gate, down, comp):
+    return (qm.matmul(x_D, head), qm.expert_matmul(x_PD, gate, e_P),
+            qm.expert_matmul(x_PF, down, e_P), qm.matmul(x_D, comp))
+
+  text = _export(f, platform, s((1, 4096), jnp.float32), s((6, 4096), jnp.float32),
+                 s((6,), jnp.int32), s((6, 2048), jnp.float32), head, gate, down, comp)
+  assert _kernel_sites(text) == 4
+
+
 def test_untileable_weights_and_the_switch_keep_the_reference(monkeypatch):
   """N = 37 has no Triton tile (16 | N): cuda lowers the jax.numpy path; TPU takes all N as
   one tile. DS4JAX_ACCEL_KERNELS=xla lowers the reference everywhere; a bad value is a
