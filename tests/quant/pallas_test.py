@@ -86,21 +86,20 @@ def _within_sum_bound(got, x, w_NK):
   assert (err <= bound).all(), f"max err {err.flat[worst]:.3g}, bound {bound.flat[worst]:.3g}"
 
 
-@pytest.mark.parametrize("mode", ["sane", "extreme"])
 @pytest.mark.parametrize("q", TYPES, ids=lambda q: q.name)
-def test_tiles_are_the_dequant_twins(q, mode):
+def test_tiles_are_the_dequant_twins(q):
   """`dequant_tile` on plane chunks == `Packed.dense` (the `kernels.dequant_*` path), as
-  uint32 views, with the TPU lookup (a lane gather) on the code table."""
-  w, _ = _weight(q, (16,), K, mode)
-
-  def get(i, lo=None, size=None):
-    return w.planes[i] if lo is None else w.planes[i][..., lo:lo + size]
-
+  uint32 views, sane and extreme scales, with the TPU lookup (a lane gather) on the codes."""
   codes = jnp.asarray(pallas_tiles.iq2_codes()).reshape(2, 128)
-  got = np.asarray(jax.jit(lambda: pallas_tiles.dequant_tile(
-      q, get, pallas_tpu._lookup(codes)))())
-  want = np.asarray(jax.jit(w.dense)())
-  np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+  def tile(w):
+    def get(i, lo=None, size=None):
+      return w.planes[i] if lo is None else w.planes[i][..., lo:lo + size]
+    return pallas_tiles.dequant_tile(q, get, pallas_tpu._lookup(codes)), w.dense()
+
+  for mode in ("sane", "extreme"):
+    got, want = map(np.asarray, jax.jit(tile)(_weight(q, (16,), K, mode)[0]))
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
   table = kernels._iq2_xxs_grid()
   codes = pallas_tiles.iq2_codes()
   decoded = np.array([8, 25, 43])[(codes[:, None] >> (2 * np.arange(8))) & 3]
@@ -151,19 +150,18 @@ def test_kernel_in_interpret_mode(q, platform, small_tiles):
   np.testing.assert_array_equal(y_PN[7:][hot != 0].view(np.uint32), hot[hot != 0].view(np.uint32))
 
 
-@pytest.mark.parametrize("q,platform", [(Q.Q4_K, "cuda"), (Q.IQ2_XXS, "tpu"), (Q.BF16, "tpu")],
-                         ids=["Q4_K-cuda", "IQ2_XXS-tpu", "BF16-tpu"])
+@pytest.mark.parametrize("q,platform", [(Q.Q4_K, "cuda"), (Q.IQ2_XXS, "tpu")],
+                         ids=["Q4_K-cuda", "IQ2_XXS-tpu"])
 def test_q8_activations_in_interpret_mode(q, platform):
-  """act="q8": x rounded to int8 blocks first (block types; 16-bit weights keep x exact)."""
+  """act="q8": x rounded to int8 blocks first (`quantize_act`), then the exact kernel."""
   k = K
   w, ref = _weight(q, (1, N), k)
   x = _rows(k, 4, [])
   y = np.asarray(jax.jit(lambda x, w: qm.pallas_expert_matmul(
       x, w, jnp.zeros((4,), jnp.int32), act="q8", platform=platform, interpret=True))(x, w))
-  xq = np.asarray(qm.quantize_act(jnp.asarray(x))) if q != Q.BF16 else x
+  xq = np.asarray(qm.quantize_act(jnp.asarray(x)))
   _within_sum_bound(y, xq, ref[0])
-  if q != Q.BF16:
-    assert np.abs(y - x @ ref[0].T).max() > np.abs(y - xq @ ref[0].T).max()  # not vacuous
+  assert np.abs(y - x @ ref[0].T).max() > np.abs(y - xq @ ref[0].T).max()  # not vacuous
 
 
 @pytest.mark.parametrize("platform", PLATFORMS)
