@@ -2,7 +2,9 @@
 # ds4jax on one GPU: the `bench` preset and a larger model that fills much of the card, each
 # single-process and as a 1-worker split on the same machine (both processes share the GPU),
 # prefill/decode tok/s, and the decode step against its floor (weight bytes / measured HBM
-# bandwidth). Needs a venv with jax[cuda] and ds4jax installed (pip install -e .).
+# bandwidth); then the Flash-dims fixture's decode tok/s at B = 1 and 8 and its fraction of the
+# HBM floor, with the Pallas kernels and with the jax.numpy path (scripts/bench_model.py
+# --floor). Needs a venv with jax[cuda] and ds4jax installed (pip install -e .).
 #
 #   bash scripts/bench_gpu.sh            # results under $OUT (default /tmp/ds4jax-gpu-bench)
 #   bash scripts/bench_gpu.sh --devices=4   # also a stage spanning 1..4 GPUs (issue 14)
@@ -75,6 +77,15 @@ python scripts/bench.py --gguf="$FLASH" --prompt_lens=512 --decode_tokens="$DECO
 
 python -m ds4jax.bench.gpu floor "$OUT/bench.json" "$OUT/large.json" "$OUT/flash.json" \
   --gbs="$GBS" | tee "$OUT/floor.md"
+
+# The Flash-dims fixture's decode against its HBM floor through the packed kernels (issue 21,
+# docs/design.md §8.1: Pallas Triton here): ms/token, tok/s at B = 1 and B = 8, and floor /
+# measured (the bytes a token reads over the rate XLA reads a 2 GiB array on this GPU), per
+# activation mode; then the jax.numpy path (DS4JAX_ACCEL_KERNELS=xla) on the same fixture.
+python scripts/bench_model.py --nohf --floor="$FLASH" --batches=1,8 --activations=exact,q8 \
+  --decode="$DECODE" | tee "$OUT/flash-floor.md"
+DS4JAX_ACCEL_KERNELS=xla python scripts/bench_model.py --nohf --floor="$FLASH" --batches=1,8 \
+  --decode="$DECODE" | tee "$OUT/flash-floor-xla.md"
 
 if [ "$DEVICES" -gt 1 ]; then
   # One stage over 1, 2, 4, ... DEVICES GPUs: the routed experts sharded (expert parallelism).

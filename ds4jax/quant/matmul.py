@@ -12,6 +12,10 @@ Implementations, chosen when the step is lowered (`lax.platform_dependent`):
   `KERNEL_ROWS` rows (per expert), f32 compute dtype. `DS4JAX_CPU_KERNELS` = `auto`
   (default: the C++ kernels when they build, else the jax.numpy ones with a one-line warning),
   `ffi` (the C++ kernels or a one-line error) or `xla` (the jax.numpy kernels).
+- cuda / tpu: the Pallas kernels of `quant.pallas_gpu` (Triton) and `quant.pallas_tpu`
+  (Mosaic) for up to `KERNEL_ROWS` rows of a matmul (an expert_matmul's rows up to their
+  MAX_ROWS), f32 or bf16 compute dtype, where their tiles fit the weight (`plan`).
+  `DS4JAX_ACCEL_KERNELS` = `pallas` (default) or `xla` (the jax.numpy kernels).
 - everywhere else, and the reference: jax.numpy (`kernels.dequant_*`): a fused
   dequantise-multiply-reduce over the weight's blocks for a few rows, dequantise-then-dot
   (in row tiles for a big weight) for more.
@@ -31,6 +35,7 @@ dequantised (`weights="dequantized"`) path.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import jax
@@ -38,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from ds4jax.quant import cpu_ffi
+from ds4jax.quant import cpu_ffi, pallas_gpu, pallas_tpu
 from ds4jax.quant.packed import FLOAT16_TYPES, Packed
 
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -53,6 +58,9 @@ TILE_BYTES = 256 << 20
 # exists (`after`).
 TIE_BYTES = 16 << 20
 IMPLS = ("auto", "ffi", "xla")
+ACCEL_IMPLS = ("pallas", "xla")
+# lax.platform_dependent platform -> the Pallas kernel module lowered for it.
+PALLAS = {"cuda": pallas_gpu, "tpu": pallas_tpu}
 
 
 def check_act(act: str) -> str:
@@ -69,7 +77,26 @@ def cpu_impl() -> str:
   return impl
 
 
+def accel_impl() -> str:
+  """`DS4JAX_ACCEL_KERNELS` (pallas | xla): GPU and TPU products through the Pallas kernels
+  (default) or the jax.numpy reference."""
+  impl = os.environ.get("DS4JAX_ACCEL_KERNELS", "pallas")
+  if impl not in ACCEL_IMPLS:
+    raise ValueError(f"DS4JAX_ACCEL_KERNELS={impl!r}: expected pallas or xla")
+  return impl
+
+
 def uses_kernel(w: Packed) -> bool:
+  """Whether products with `w` run a kernel on the default backend (at trace time): on the
+  CPU the C++ kernels (enabled and built, f32 compute), on a GPU or a TPU the Pallas ones
+  (enabled, and their tiles fit w)."""
+  backend = jax.default_backend()
+  if backend != "cpu":
+    return ("tpu" if backend == "tpu" else "cuda") in pallas_platforms(w, 1)
+  return uses_cpu_kernel(w)
+
+
+def uses_cpu_kernel(w: Packed) -> bool:
   """Whether products with `w` run the C++ kernels (at trace time: the default backend is the
   CPU, the kernels are enabled and built, f32 compute)."""
   if jax.default_backend() != "cpu" or jnp.dtype(w.dtype) != jnp.float32:
@@ -81,6 +108,41 @@ def uses_kernel(w: Packed) -> bool:
     cpu_ffi.ensure()
     return True
   return cpu_ffi.available()
+
+
+def pallas_platforms(w: Packed, p: int) -> tuple[str, ...]:
+  """The platforms (cuda, tpu) whose Pallas kernel tiles w ([N, K] or [E, N, K]) for p rows
+  (none with DS4JAX_ACCEL_KERNELS=xla)."""
+  if accel_impl() == "xla":
+    return ()
+  return tuple(plat for plat, mod in PALLAS.items() if mod.plan(w, row_bucket(p)) is not None)
+
+
+def row_bucket(p: int) -> int:
+  """The rows a Pallas call of p rows runs with: a power of two >= 16."""
+  return max(16, 1 << max(0, (p - 1).bit_length()))
+
+
+def pallas_expert_matmul(x_PK, w3: Packed, e_P, *, act: str, platform: str,
+                         interpret: bool = False):
+  """The Pallas branch of `matmul` / `expert_matmul` for `platform` (cuda | tpu): x rounded
+  as `act` asks (`quantize_act` in q8 mode), then that platform's kernel on w3 [E, N, K].
+  interpret: the kernel in Pallas interpret mode (on any backend; what the tests run).
+
+  Every platform's branch is traced wherever a step is traced (on a CPU host too; only the
+  lowered platform's is compiled), so the kernels are traced once per weight shape and row
+  bucket: rows are padded to a power of two >= 16 (zero rows, expert -1) outside a jit."""
+  p = x_PK.shape[0]
+  rows = row_bucket(p)
+  x = jnp.pad(x_PK, ((0, rows - p), (0, 0)))
+  e = jnp.pad(e_P.astype(jnp.int32), (0, rows - p), constant_values=-1)
+  return _pallas_call(x, w3, e, act=act, platform=platform, interpret=interpret)[:p]
+
+
+@functools.partial(jax.jit, static_argnames=("act", "platform", "interpret"))
+def _pallas_call(x_PK, w3: Packed, e_P, *, act: str, platform: str, interpret: bool):
+  x = quantize_act(x_PK) if quantizes(w3, act) else x_PK
+  return PALLAS[platform].expert_matmul(x, w3, e_P, interpret=interpret)
 
 
 def quantizes(w: Packed, act: str) -> bool:
@@ -110,13 +172,20 @@ def matmul(x_MK, w: Packed, *, act: str = "exact", tile_bytes: int | None = None
                      f"{w.shape}")
   check_act(act)
   m = x_MK.shape[0]
-  if m <= KERNEL_ROWS and uses_kernel(w):
-    act_k = act if quantizes(w, act) else "exact"
-    return jax.lax.platform_dependent(
-        x_MK, w.planes,
-        cpu=lambda x, planes: cpu_ffi.matmul(x, planes, w.qtype, w.shape[0], act_k),
-        default=lambda x, planes: reference_matmul(x, w, act=act, tile_bytes=tile_bytes))
-  return reference_matmul(x_MK, w, act=act, tile_bytes=tile_bytes)
+  branches = {}
+  if m <= KERNEL_ROWS:
+    if uses_cpu_kernel(w):
+      act_k = act if quantizes(w, act) else "exact"
+      branches["cpu"] = lambda x, planes: cpu_ffi.matmul(x, planes, w.qtype, w.shape[0], act_k)
+    for plat in pallas_platforms(w, m):
+      branches[plat] = lambda x, planes, plat=plat: pallas_expert_matmul(
+          x, w.reshape_lead((1, w.shape[0])), jnp.zeros((m,), jnp.int32), act=act,
+          platform=plat)
+  if not branches:
+    return reference_matmul(x_MK, w, act=act, tile_bytes=tile_bytes)
+  return jax.lax.platform_dependent(
+      x_MK, w.planes, **branches,
+      default=lambda x, planes: reference_matmul(x, w, act=act, tile_bytes=tile_bytes))
 
 
 def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
@@ -128,14 +197,19 @@ def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
                      f"{x_PK.shape}, {w.shape}, {e_P.shape}")
   check_act(act)
   e_P = e_P.astype(jnp.int32)
-  if uses_kernel(w):
+  branches = {}
+  if uses_cpu_kernel(w):
     act_k = act if quantizes(w, act) else "exact"
-    return jax.lax.platform_dependent(
-        x_PK, e_P, w.planes,
-        cpu=lambda x, e, planes: cpu_ffi.expert_matmul(x, e, planes, w.qtype, w.shape[0],
-                                                       w.shape[1], act_k),
-        default=lambda x, e, planes: reference_expert_matmul(x, w, e, act=act))
-  return reference_expert_matmul(x_PK, w, e_P, act=act)
+    branches["cpu"] = lambda x, e, planes: cpu_ffi.expert_matmul(
+        x, e, planes, w.qtype, w.shape[0], w.shape[1], act_k)
+  for plat in pallas_platforms(w, x_PK.shape[0]):
+    branches[plat] = lambda x, e, planes, plat=plat: pallas_expert_matmul(
+        x, w, e, act=act, platform=plat)
+  if not branches:
+    return reference_expert_matmul(x_PK, w, e_P, act=act)
+  return jax.lax.platform_dependent(
+      x_PK, e_P, w.planes, **branches,
+      default=lambda x, e, planes: reference_expert_matmul(x, w, e, act=act))
 
 
 # --------------------------------------------------------------- q8 activations (reference)

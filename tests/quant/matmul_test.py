@@ -242,8 +242,8 @@ def test_library_is_cached(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("platform", ["cpu", "cuda", "tpu"])
 def test_lowering_picks_the_kernel_per_platform(platform):
-  """The CPU lowering calls the C++ kernels; cuda and tpu lower the jax.numpy path (no CPU
-  custom call leaks into an accelerator program)."""
+  """The CPU lowering calls the C++ kernels; cuda and tpu lower their own paths (no CPU
+  custom call leaks into an accelerator program; tests/quant/pallas_test.py checks theirs)."""
   w, _ = _weight(Q.Q8_0, (N,), 96)
   we, _ = _weight(Q.IQ2_XXS, (3, N), 512)
 
