@@ -34,6 +34,7 @@ dequantised (`weights="dequantized"`) path.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -110,12 +111,46 @@ def uses_cpu_kernel(w: Packed) -> bool:
   return cpu_ffi.available()
 
 
+_LOWERING_FOR: tuple[str, ...] | None = None
+
+
+@contextlib.contextmanager
+def lowering_for(*platforms: str):
+  """Steps traced inside also carry the Pallas branches of `platforms` (cuda, tpu), e.g. to
+  `jax.export` a step for a GPU or a TPU from a CPU-only host:
+
+      with quant.matmul.lowering_for("cuda", "tpu"):
+        exp = jax.export.export(jax.jit(step), platforms=["cuda", "tpu"])(*args)
+
+  Outside it, a step carries only the default backend's kernel (tracing every platform's
+  branch on every host doubled the trace time of a CPU step). Trace the step inside it: a
+  jitted function traced before, outside, keeps that trace in its cache."""
+  global _LOWERING_FOR
+  bad = set(platforms) - set(PALLAS)
+  if bad:
+    raise ValueError(f"lowering_for: unknown platforms {sorted(bad)}: expected cuda or tpu")
+  before, _LOWERING_FOR = _LOWERING_FOR, tuple(platforms)
+  try:
+    yield
+  finally:
+    _LOWERING_FOR = before
+
+
+def _targets() -> tuple[str, ...]:
+  if _LOWERING_FOR is not None:
+    return _LOWERING_FOR
+  backend = jax.default_backend()
+  return ("tpu",) if backend == "tpu" else ("cuda",) if backend == "gpu" else ()
+
+
 def pallas_platforms(w: Packed, p: int) -> tuple[str, ...]:
-  """The platforms (cuda, tpu) whose Pallas kernel tiles w ([N, K] or [E, N, K]) for p rows
-  (none with DS4JAX_ACCEL_KERNELS=xla)."""
+  """The platforms (cuda, tpu) a step traced now carries a Pallas branch for (the default
+  backend's, or those of `lowering_for`) whose kernel tiles w ([N, K] or [E, N, K]) for p
+  rows (none with DS4JAX_ACCEL_KERNELS=xla)."""
   if accel_impl() == "xla":
     return ()
-  return tuple(plat for plat, mod in PALLAS.items() if mod.plan(w, row_bucket(p)) is not None)
+  return tuple(plat for plat in _targets()
+               if PALLAS[plat].plan(w, row_bucket(p)) is not None)
 
 
 def row_bucket(p: int) -> int:
@@ -129,9 +164,9 @@ def pallas_expert_matmul(x_PK, w3: Packed, e_P, *, act: str, platform: str,
   as `act` asks (`quantize_act` in q8 mode), then that platform's kernel on w3 [E, N, K].
   interpret: the kernel in Pallas interpret mode (on any backend; what the tests run).
 
-  Every platform's branch is traced wherever a step is traced (on a CPU host too; only the
-  lowered platform's is compiled), so the kernels are traced once per weight shape and row
-  bucket: rows are padded to a power of two >= 16 (zero rows, expert -1) outside a jit."""
+  The branch is traced where the step is (for the default backend's platform, or under
+  `lowering_for` on any host), once per weight shape and row bucket: rows are padded to a
+  power of two >= 16 (zero rows, expert -1) outside a jit."""
   p = x_PK.shape[0]
   rows = row_bucket(p)
   x = jnp.pad(x_PK, ((0, rows - p), (0, 0)))

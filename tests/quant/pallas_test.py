@@ -179,8 +179,9 @@ def test_bf16_compute_dtype_in_interpret_mode(platform):
 
 
 def _export(f, platform, *args) -> str:
-  return jax.export.export(jax.jit(f), platforms=[platform],
-                           disabled_checks=pallas_gpu.EXPORT_CHECKS)(*args).mlir_module()
+  with qm.lowering_for(platform):
+    return jax.export.export(jax.jit(f), platforms=[platform],
+                             disabled_checks=pallas_gpu.EXPORT_CHECKS)(*args).mlir_module()
 
 
 def _kernel_sites(text: str) -> int:
@@ -259,7 +260,8 @@ def tiny_step(tiny_gguf):
         products.append((w, x.shape[0]))
         return real(x, w, *a, **kw)
       mp.setattr(qm, name, record)
-    runner._step.trace(*args)
+    with qm.lowering_for(*PLATFORMS):  # the cached trace carries both platforms' branches
+      runner._step.trace(*args)
   return runner._step, args, products
 
 
@@ -269,7 +271,8 @@ def test_tiny_decode_step_lowers_with_the_kernels(tiny_step, platform):
   platform: one Pallas call site per packed product the kernel tiles; on TPU that is every
   product, on cuda all but the router's (8 rows, under Triton's 16)."""
   step, args, products = tiny_step
-  tiled = [platform in qm.pallas_platforms(w, rows) for w, rows in products]
+  with qm.lowering_for(platform):
+    tiled = [platform in qm.pallas_platforms(w, rows) for w, rows in products]
   text = _export(step, platform, *args)
   assert CALL[platform] in text and "ds4_matmul" not in text
   assert _kernel_sites(text) == sum(tiled) > 0.75 * len(tiled) > 0
