@@ -34,8 +34,8 @@ def einsum(spec: str, x, w):
     rows: the backend's packed kernel; a prefill chunk: dequantise, then a matmul, in row
     tiles of at most `TILE_BYTES` as f32, bit-identical to the dequantised path);
   - a grouped layer, `"...GK,GNK->...GN"` (the grouped output LoRA): `quant.expert_matmul`
-    with row (i, g) on group g, when a kernel serves w (`quant.matmul.uses_kernel`) and x has at most
-    `quant.matmul.KERNEL_ROWS` rows per group;
+    with row (i, g) on group g, when a kernel serves w (`quant.matmul.uses_kernel`) and x
+    has at most `quant.matmul.KERNEL_ROWS` rows per group;
   - anything else: dequantised, then `jnp.einsum` (x rounded first in q8 mode).
   """
   if not isinstance(w, Packed):
