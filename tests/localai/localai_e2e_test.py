@@ -10,7 +10,9 @@ then the worker joins, and
   3. Predict and PredictStream give exactly the whole model's greedy text (the in-process
      reference at the same shapes), the chunks concatenate to it and carry running token
      totals;
-  4. Free unloads: FAILED_PRECONDITION again.
+  4. with `kv_cache_dir`, a repeated long prompt loads the route's stored state and says the
+     same text;
+  5. Free unloads: FAILED_PRECONDITION again.
 ds4-worker's spelling of the worker command line (`--role worker --model ... --coordinator
 HOST PORT -c N`) is tests/localai/ds4_args_test.py's.
 """
@@ -36,7 +38,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def split(tiny_gguf, tiny_cache_dir, logs_dir, split_route):
+def split(tiny_gguf, tiny_cache_dir, logs_dir, split_route, tmp_path_factory):
+  kv_dir = tmp_path_factory.mktemp("kv")
   backend = Backend(backend_env(tiny_cache_dir), logs_dir / "backend.log")
   split_route.pause()  # no route until test_with_a_worker_predict_matches_generate
   try:
@@ -45,9 +48,11 @@ def split(tiny_gguf, tiny_cache_dir, logs_dir, split_route):
           Model="tiny", ModelFile=tiny_gguf, ContextSize=CTX, Threads=2,
           Options=["ds4_role:coordinator", f"ds4_layers:{split_route.layers}",
                    f"ds4_listen:{split_route.listen}", f"ds4_route_timeout:{ROUTE_TIMEOUT_S}",
-                   f"ds4_prefill_chunk:{CHUNK}"]), timeout=START_TIMEOUT_S)
+                   f"ds4_prefill_chunk:{CHUNK}", f"kv_cache_dir:{kv_dir}"]),
+          timeout=START_TIMEOUT_S)
     yield dict(backend=backend, stub=backend.stub, load=res, load_probe=probe,
-               route=split_route, tokenizer=Tokenizer.from_gguf(tiny_gguf))
+               route=split_route, tokenizer=Tokenizer.from_gguf(tiny_gguf), kv_dir=kv_dir,
+               log=logs_dir / "backend.log")
   finally:
     split_route.resume()
     backend.stop()
@@ -149,6 +154,25 @@ def test_stream_chunks_concatenate_to_generate(split, tiny_reference):
   totals = [c.tokens for c in chunks]
   assert totals == sorted(totals) and totals[-1] == len(ref.tokens)
   assert {c.prompt_tokens for c in chunks} == {len(ref.prompt_tokens)}
+
+
+def test_kv_cache_dir_skips_a_repeated_prefill_through_the_split(split):
+  """ds4's kv_cache_dir through LocalAI, on the split: the first Predict of a long prompt
+  stores the route's state (the worker's layers pulled over the bridge) at its last chunk
+  boundary; the second loads it, computes only the tail, and says the same text."""
+  split["route"].resume()
+  prompt = "The quick brown fox jumps over the lazy dog. " * 2
+  n = len(split["tokenizer"].encode(prompt))
+  assert n > 2 * CHUNK
+  req = pb.PredictOptions(Prompt=prompt, Tokens=4, ModelIdentity="tiny")
+  first = _predict_until_route(split["stub"], req)
+  assert any(split["kv_dir"].iterdir()), "no entry stored"
+  second = split["stub"].Predict(req, timeout=120)
+  assert second.message == first.message and second.prompt_tokens == first.prompt_tokens
+  hits = [line for line in split["log"].read_text().splitlines()
+          if "kv disk cache:" in line and "prompt tokens from" in line]
+  want = (first.prompt_tokens - 1) // CHUNK * CHUNK
+  assert hits and f"{want} of {first.prompt_tokens} prompt tokens" in hits[-1], hits
 
 
 def test_chat_messages_with_the_tokenizer_template(split):
