@@ -116,15 +116,16 @@ _LOWERING_FOR: tuple[str, ...] | None = None
 
 @contextlib.contextmanager
 def lowering_for(*platforms: str):
-  """Steps traced inside also carry the Pallas branches of `platforms` (cuda, tpu), e.g. to
-  `jax.export` a step for a GPU or a TPU from a CPU-only host:
+  """Steps traced inside carry every branch behind `lax.platform_dependent`: this backend's
+  kernel, the Pallas kernels of `platforms` (cuda, tpu) and the jax.numpy reference for any
+  other platform, e.g. to `jax.export` a step for a GPU or a TPU from a CPU-only host:
 
       with quant.matmul.lowering_for("cuda", "tpu"):
         exp = jax.export.export(jax.jit(step), platforms=["cuda", "tpu"])(*args)
 
-  Outside it, a step carries only the default backend's kernel (tracing every platform's
-  branch on every host doubled the trace time of a CPU step). Trace the step inside it: a
-  jitted function traced before, outside, keeps that trace in its cache."""
+  Outside it, a step carries only the default backend's kernel, or the reference (tracing
+  every platform's branch on every host doubled the trace time of a CPU step). Trace the
+  step inside it: a jitted function traced before, outside, keeps that trace in its cache."""
   global _LOWERING_FOR
   bad = set(platforms) - set(PALLAS)
   if bad:
@@ -216,11 +217,8 @@ def matmul(x_MK, w: Packed, *, act: str = "exact", tile_bytes: int | None = None
       branches[plat] = lambda x, planes, plat=plat: pallas_expert_matmul(
           x, w.reshape_lead((1, w.shape[0])), jnp.zeros((m,), jnp.int32), act=act,
           platform=plat)
-  if not branches:
-    return reference_matmul(x_MK, w, act=act, tile_bytes=tile_bytes)
-  return jax.lax.platform_dependent(
-      x_MK, w.planes, **branches,
-      default=lambda x, planes: reference_matmul(x, w, act=act, tile_bytes=tile_bytes))
+  return _dispatch((x_MK, w.planes), branches,
+                   lambda x, planes: reference_matmul(x, w, act=act, tile_bytes=tile_bytes))
 
 
 def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
@@ -240,11 +238,27 @@ def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
   for plat in pallas_platforms(w, x_PK.shape[0]):
     branches[plat] = lambda x, e, planes, plat=plat: pallas_expert_matmul(
         x, w, e, act=act, platform=plat)
+  return _dispatch((x_PK, e_P, w.planes), branches,
+                   lambda x, e, planes: reference_expert_matmul(x, w, e, act=act))
+
+
+# jax.default_backend() -> its lax.platform_dependent platform.
+_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
+
+
+def _dispatch(args, branches: dict, reference):
+  """The product through `branches` (platform -> kernel) with the jax.numpy `reference` as
+  the fallback. Only the default backend's kernel is traced when that is all a step needs
+  (outside `lowering_for`): staging every branch behind `lax.platform_dependent` traces the
+  reference too, for nothing, in every process."""
+  here = _PLATFORM.get(jax.default_backend())
+  if _LOWERING_FOR is None:
+    if here in branches:
+      return branches[here](*args)
+    return reference(*args)
   if not branches:
-    return reference_expert_matmul(x_PK, w, e_P, act=act)
-  return jax.lax.platform_dependent(
-      x_PK, e_P, w.planes, **branches,
-      default=lambda x, e, planes: reference_expert_matmul(x, w, e, act=act))
+    return reference(*args)
+  return jax.lax.platform_dependent(*args, **branches, default=reference)
 
 
 # --------------------------------------------------------------- q8 activations (reference)
