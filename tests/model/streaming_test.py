@@ -9,6 +9,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -176,3 +177,36 @@ def test_generate_flags_report_and_errors(tiny_gguf, tiny_cache_dir, tiny_refere
   assert p.stderr.strip().splitlines()[-1] == (
       "error: --ssd_streaming_cache_experts=1 is below one token's experts: at least 2 slots "
       "(0.1 MiB)")
+
+
+def test_a_bridge_coordinator_and_worker_both_stream(tiny_gguf, tiny_reference):
+  """--ssd_streaming on both sides of a real bridge split (a coordinator 0:1 and a worker
+  2:output over loopback, each with its own 3-slot cache): the whole model's greedy tokens."""
+  from ds4jax.bridge.coordinator.coordinator import Coordinator, CoordinatorOptions
+  from ds4jax.bridge.worker.worker import Worker, WorkerOptions
+  from ds4jax.runtime.load import load_runner
+  want = tiny_reference(prompt_tokens=PROMPT, max_new_tokens=8)
+
+  def runner(spec):
+    return load_runner(tiny_gguf, spec, ctx_size=CTX, max_chunk=CHUNK,
+                       streaming_options=StreamingOptions.parse("3"))
+
+  coord = Coordinator(runner("0:1"), CoordinatorOptions(port=0, route_timeout=60.0,
+                                                         prefill_chunk=CHUNK))
+  remote = runner("2:output")
+  worker = Worker(coord.address, fingerprint=remote.fingerprint, n_layers=remote.cfg.n_layers,
+                  vocab_size=remote.cfg.vocab_size, layers=remote.layers, load=lambda: remote,
+                  options=WorkerOptions(ctx=CTX, backoff_min=0.01, backoff_max=0.1))
+  t = threading.Thread(target=worker.run, daemon=True)
+  t.start()
+  try:
+    coord.wait_route(60.0)
+    got = Generator(coord, Tokenizer.from_gguf(tiny_gguf)).generate(
+        None, prompt_tokens=PROMPT, max_new_tokens=8)
+    remote_cache = nnx.merge(remote.graphdef, remote.params).blocks[0].moe.expert_source
+  finally:
+    worker.stop()
+    coord.close()
+    t.join(timeout=10)
+  assert got.tokens == want.tokens
+  assert remote_cache.layers == (2, 3) and remote_cache.stats()["misses"] > 0
