@@ -123,16 +123,20 @@ def test_matmul_within_the_summation_bound(q, m):
   _assert_within_sum_bound(jax.jit(qm.reference_matmul)(jnp.asarray(x), w), x, ref)
 
 
+@pytest.mark.parametrize("act", qm.ACTS)
 @pytest.mark.parametrize("q", TYPES, ids=lambda q: q.name)
-def test_rows_do_not_depend_on_the_batch(q):
-  """Row i of an 8-row call is bit-identical to row i alone (B = 8 vs B = 1)."""
-  k = K_OF[q]
+def test_rows_do_not_depend_on_the_batch(q, act):
+  """Row i of a call of M rows is bit-identical to row i alone, for M = 8 and 16 (the x rows
+  go through the kernels in register groups and weight tiles that depend on M)."""
+  k = K_OF[q] if act == "exact" or q in BLOCK_TYPES else 512
   w, _ = _weight(q, (N,), k)
-  x = jnp.asarray(_x(8, k))
-  f = jax.jit(qm.matmul)
-  batch = np.asarray(f(x, w))
-  for i in range(8):
-    np.testing.assert_array_equal(np.asarray(f(x[i:i + 1], w))[0], batch[i])
+  x = jnp.asarray(_x(16, k))
+  f = jax.jit(lambda x, w: qm.matmul(x, w, act=act))
+  alone = [np.asarray(f(x[i:i + 1], w))[0] for i in range(16)]
+  for m in (8, 16):
+    batch = np.asarray(f(x[:m], w))
+    for i in range(m):
+      np.testing.assert_array_equal(alone[i], batch[i])
 
 
 @pytest.mark.parametrize("q", TYPES, ids=lambda q: q.name)

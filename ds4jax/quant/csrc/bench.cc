@@ -73,18 +73,20 @@ int main(int argc, char** argv) {
   for (size_t i = 0; i < sizes.size(); ++i)
     if (sizes[i] == 2 * b && q != ds4::kF16 && q != ds4::kBF16)
       for (int64_t j = 0; j < n * b; ++j) reinterpret_cast<uint16_t*>(planes[i].data())[j] = 0x2000;
-  std::vector<float> x(size_t(m * k)), y(size_t(m * n));
-  for (auto& v : x) v = float(int(rng() % 2001) - 1000) / 1000.0f;
+  // x 64-byte aligned, as XLA's buffers are (a split-line load costs two).
+  std::vector<float> xs(size_t(m * k + 16)), y(size_t(m * n));
+  float* x = xs.data() + (64 - reinterpret_cast<uintptr_t>(xs.data()) % 64) % 64 / 4;
+  for (int64_t i = 0; i < m * k; ++i) x[i] = float(int(rng() % 2001) - 1000) / 1000.0f;
   std::vector<ds4::Group> groups(1);
   bool q8 = std::getenv("Q8") && std::atoi(std::getenv("Q8")) && ds4::has_int8_kernel(q);
   int64_t stride = q8 ? ds4::Act8::stride(k) / 4 : k;
   std::vector<float> xq(size_t(m * stride + 16));
-  float* xb = x.data();
+  float* xb = x;
   if (q8) {
     w.q8 = true;
     auto base = reinterpret_cast<uint8_t*>(xq.data());
     base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
-    for (int i = 0; i < m; ++i) ds4::quantize_row(x.data() + i * k, k, base + i * stride * 4, nullptr);
+    for (int i = 0; i < m; ++i) ds4::quantize_row(x + i * k, k, base + i * stride * 4, nullptr, q);
     xb = reinterpret_cast<float*>(base);
   }
   for (int i = 0; i < m; ++i) { groups[0].x.push_back(xb + i * stride); groups[0].y.push_back(y.data() + i * n); }

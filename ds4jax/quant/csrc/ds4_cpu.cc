@@ -120,12 +120,12 @@ const float* prepare_rows(int64_t act, Weight* w, const float* x, int64_t rows,
     store->assign(size_t(rows * *stride + 16), 0.0f);
     auto base = reinterpret_cast<uint8_t*>(store->data());
     base += (64 - reinterpret_cast<uintptr_t>(base) % 64) % 64;
-    for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, base + i * *stride * 4, nullptr);
+    for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, base + i * *stride * 4, nullptr, w->qtype);
     return reinterpret_cast<const float*>(base);
   }
   store->resize(size_t(rows * k));
   std::vector<uint8_t> scratch(size_t(Act8::stride(k)));
-  for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, scratch.data(), store->data() + i * k);
+  for (int64_t i = 0; i < rows; ++i) quantize_row(x + i * k, k, scratch.data(), store->data() + i * k, w->qtype);
   return store->data();
 }
 

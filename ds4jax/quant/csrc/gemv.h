@@ -53,6 +53,13 @@ inline void prefetch_next(const Weight& w, int64_t row, int nr, int64_t c, int64
 
 using RowsFn = void (*)(const Weight&, int64_t wrow, int64_t n, const float* const* x,
                         float* const* y);
+// Weight rows [wrow, wrow + rows) of one tile (the q8 kernels, q8.h).
+using TileFn = void (*)(const Weight&, int64_t wrow, int rows, int64_t n, const float* const* x,
+                        float* const* y);
+// Weight rows per tile of the q8 kernels with several x rows: their sums wait in L1 (at most
+// kQ8Tile x 16 vectors, 16 KiB) while the tile shares each chunk of x; one x row is in L1
+// whole.
+constexpr int kQ8Tile = 16;
 
 // Rows ahead whose bytes are prefetched while a row computes.
 constexpr int kPrefetchRows = 2;
@@ -170,8 +177,10 @@ namespace ds4 {
 
 inline void run_task(const Weight& w, const Task& t) {
   if (w.q8) {
-    RowsFn f = rows_q8_fn(w.qtype, t.rows);
-    for (int64_t n = t.n0; n < t.n1; ++n) f(w, t.wrow + n, n, t.x, t.y);
+    TileFn f = rows_q8_fn(w.qtype, t.rows);
+    int64_t tile = t.rows == 1 ? 1 : kQ8Tile;
+    for (int64_t n = t.n0; n < t.n1; n += tile)
+      f(w, t.wrow + n, int(std::min(tile, t.n1 - n)), n, t.x, t.y);
     return;
   }
   int nr = nr_for(t.rows);
