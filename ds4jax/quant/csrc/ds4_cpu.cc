@@ -6,16 +6,16 @@
 //   ds4_expert_matmul: x f32[P, K], e int32[P], planes of w [E, N, ...] -> y f32[P, N]
 //                      (row p times expert e[p]; rows with e outside [0, E) give 0)
 //
-// A weight row is cut into 256-element chunks; `NR` rows' chunks are dequantised exactly
-// (blocks.h) into an L1 buffer and multiplied into NR x M vector accumulators (FMA), so the
-// products are the exact products of the dequantised weights and x, and only the summation
-// order differs from a dot. Rows of the weight are split over the XLA intra-op thread pool.
+// A weight row is cut into 256-element chunks; each chunk's exact values (avx512.h) are
+// multiplied into M vector accumulators (FMA), so the products are the exact products of the
+// dequantised weights and x, and only the summation order differs from a dot. Rows of the weight are split over the XLA intra-op thread pool.
 // Activations with more than kMaxRows rows go through the weights in slices of kMaxRows
 // (the Python side sends long chunks to dequantise-then-dot instead).
 //
 // act = 1 ("q8") quantises each 32-element block of x to int8 (scale amax / 127, round half
-// to even: quant.matmul.quantize_act) once per call; Q8_0, IQ2_XXS and Q2_K then multiply
-// with integer dot products (q8.h), the other types multiply the rounded values as floats.
+// to even: quant.matmul.quantize_act) once per call, in the layout the weight type's kernel
+// reads; Q8_0, IQ2_XXS and Q2_K then multiply with integer dot products (q8.h), the other
+// types multiply the rounded values as floats.
 
 #include <algorithm>
 #include <atomic>

@@ -215,41 +215,61 @@ __attribute__((always_inline)) inline void paired_chunk(const Weight& w, const u
   *sw = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(s8));
 }
 
+// acc[m] += chunk c of one weight row (planes p) times paired Act8 row a[m], m < M.
+template <int Q, int M>
+__attribute__((always_inline)) inline void paired_rows(const Weight& w, const uint8_t* const* p,
+                                                       int64_t c, const Act8* a, __m512* acc) {
+  __m512i wv[4];
+  __m512 sw;
+  paired_chunk<Q>(w, p, c, wv, &sw);
+  #pragma GCC unroll 16
+  for (int m = 0; m < M; ++m) {
+    const int8_t* xq = a[m].q + c * CK;
+    // Two chains of two (integer sums: the same result in any order).
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_load_si512(a[m].bs + c * 16), wv[0],
+                                     _mm512_load_si512(xq));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[2],
+                                     _mm512_load_si512(xq + 128));
+    s0 = _mm512_dpbusd_epi32(s0, wv[1], _mm512_load_si512(xq + 64));
+    s1 = _mm512_dpbusd_epi32(s1, wv[3], _mm512_load_si512(xq + 192));
+    __m512 sc = _mm512_mul_ps(sw, _mm512_load_ps(a[m].d + c * 16));
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[m]);
+  }
+}
+
 // Weight rows [wrow, wrow + rows) times M paired Act8 rows. Chunk by chunk, each weight row's
-// chunk is laid out once (paired_chunk) and multiplied with every x row; the rows of the tile
-// share the x chunk while it is in L1 and their sums wait in L1 between chunks. A (row, x
-// row) pair runs the same operations in the same order whatever the tile and M.
+// chunk is laid out once (paired_chunk) and multiplied with every x row; the rows of a tile
+// share the x chunk while it is in L1 and their sums wait in L1 between chunks (one row keeps
+// them in registers). A (row, x row) pair runs the same operations in the same order whatever
+// the tile and M.
 template <int Q, int M>
 void tile_paired(const Weight& w, int64_t wrow, int rows, int64_t n, const float* const* x,
                  float* const* y) {
   Act8 a[M];
   #pragma GCC unroll 16
   for (int m = 0; m < M; ++m) a[m] = Act8::at(x[m], w.k);
+  int64_t n_chunks = Act8::chunked(w.k) / CK;
+  const uint8_t* p[4];
+  if (rows == 1) {
+    __m512 acc[M];
+    #pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
+    w.row(wrow, p);
+    for (int64_t c = 0; c < n_chunks; ++c) {
+      if (g_prefetch) prefetch_next(w, wrow + kPrefetchRows, 1, c, n_chunks);
+      paired_rows<Q, M>(w, p, c, a, acc);
+    }
+    #pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) y[m][n] = _mm512_reduce_add_ps(acc[m]);
+    return;
+  }
   alignas(64) __m512 keep[kQ8Tile * M];
   for (int i = 0; i < rows * M; ++i) keep[i] = _mm512_setzero_ps();
-  int64_t n_chunks = Act8::chunked(w.k) / CK;
   for (int64_t c = 0; c < n_chunks; ++c) {
     if (g_prefetch) prefetch_next(w, wrow + rows * kPrefetchRows, rows, c, n_chunks);
     for (int r = 0; r < rows; ++r) {
-      const uint8_t* p[4];
       w.row(wrow + r, p);
-      __m512i wv[4];
-      __m512 sw;
-      paired_chunk<Q>(w, p, c, wv, &sw);
-      #pragma GCC unroll 16
-      for (int m = 0; m < M; ++m) {
-        const int8_t* xq = a[m].q + c * CK;
-        // Two chains of two (integer sums: the same result in any order).
-        __m512i acc = _mm512_dpbusd_epi32(_mm512_load_si512(a[m].bs + c * 16), wv[0],
-                                          _mm512_load_si512(xq));
-        __m512i acc2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), wv[2],
-                                           _mm512_load_si512(xq + 128));
-        acc = _mm512_dpbusd_epi32(acc, wv[1], _mm512_load_si512(xq + 64));
-        acc2 = _mm512_dpbusd_epi32(acc2, wv[3], _mm512_load_si512(xq + 192));
-        acc = _mm512_add_epi32(acc, acc2);
-        __m512 sc = _mm512_mul_ps(sw, _mm512_load_ps(a[m].d + c * 16));
-        keep[r * M + m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), sc, keep[r * M + m]);
-      }
+      paired_rows<Q, M>(w, p, c, a, keep + r * M);
     }
   }
   for (int r = 0; r < rows; ++r)
