@@ -39,7 +39,7 @@ def main(argv):
           f"{r['impl']:10s} {r['ms']:8.3f} {r['gbs']:6.1f}", flush=True)
   if _EXPERTS.value:
     print("\nexpert_matmul, IQ2_XXS [256, 2048, 4096], k = 6 distinct experts per row")
-    for r in kb.bench_experts(rounds=_ROUNDS.value):
+    for r in kb.bench_experts(rounds=_ROUNDS.value, skip=_SKIP.value):
       print(f"B={r['b']:<2d} {r['impl']:10s} {r['ms']:8.3f} ms {r['gbs']:6.1f} GB/s")
   print(f"load average after {kb.load()}")
 

@@ -136,16 +136,18 @@ def bench_matmul(shapes=SHAPES, rows=(1, 8), rounds: int = 3, budget_s: float = 
 
 
 def bench_experts(qtype=Q.IQ2_XXS, shape=(256, 2048, 4096), batches=(1, 8), k: int = 6,
-                  rounds: int = 3, budget_s: float = 0.3) -> list[dict]:
+                  rounds: int = 3, budget_s: float = 0.3, skip=()) -> list[dict]:
   """expert_matmul of B rows x k chosen experts each (random, distinct per row) on a stacked
-  [E, N, K] weight: the jax.numpy per-pair reference against the C++ kernel. GB/s counts the
-  distinct experts' bytes."""
+  [E, N, K] weight: the jax.numpy per-pair reference against the C++ kernel (exact and q8).
+  GB/s counts the distinct experts' bytes."""
   w = random_packed(qtype, shape)
   e_n = shape[0]
   fns = {"xla-pairs": jax.jit(lambda x, w, e: qm.reference_expert_matmul(x, w, e))}
   if cpu_ffi.available():
-    fns["ffi"] = jax.jit(lambda x, w, e: cpu_ffi.expert_matmul(x, e, w.planes, w.qtype, e_n,
-                                                               shape[1], "exact"))
+    for name, act in (("ffi", "exact"), ("ffi-q8", "q8")):
+      fns[name] = jax.jit(lambda x, w, e, act=act: cpu_ffi.expert_matmul(
+          x, e, w.planes, w.qtype, e_n, shape[1], act))
+  fns = {name: f for name, f in fns.items() if name not in skip}
   res = []
   rng = np.random.default_rng(2)
   for b in batches:
