@@ -52,7 +52,7 @@ class Attention(nnx.Module):
   def __call__(self, x_TD, pos0, st: LayerState):
     """x: [T, D] normalised input at positions pos0 + [0, T) -> ([T, D] f32, new LayerState)."""
     pos_T = pos0 + jnp.arange(x_TD.shape[0], dtype=jnp.int32)
-    o_TNH, writes = self.core(self.project(x_TD, pos_T), pos0, st)
+    o_TNH, writes = self.core(self.project(x_TD, pos_T), pos0, st, jnp.reshape(pos0, (1,)))
     return self.output(o_TNH), _store(st, writes, o_TNH)
 
   def batched(self, x_ND, pos0_B, slots_B, pool: LayerState, t: int):
@@ -74,10 +74,10 @@ class Attention(nnx.Module):
     proj = self.project(x_ND, pos_BT.reshape(-1))
     proj_B = jax.tree.map(lambda a: a.reshape((b, t) + a.shape[1:]), proj)
 
-    def one(proj_T, pos0, slot):
-      return self.core(proj_T, pos0, decode_state.slot_view(pool, slot))
+    def one(proj_T, pos0, slot, call_pos0_B):
+      return self.core(proj_T, pos0, decode_state.slot_view(pool, slot), call_pos0_B)
 
-    o_BTNH, writes = jax.vmap(one)(proj_B, pos0_B, slots_B)
+    o_BTNH, writes = jax.vmap(one, in_axes=(0, 0, 0, None))(proj_B, pos0_B, slots_B, pos0_B)
     pool = decode_state.scatter_writes(pool, writes, slots_B, o_BTNH[:, 0, 0, 0])
     return self.output(o_BTNH.reshape((b * t,) + o_BTNH.shape[2:])), pool
 
@@ -100,9 +100,10 @@ class Attention(nnx.Module):
         proj["index"] = self.indexer.project(x_TD, qr_TR, pos_T)
     return proj
 
-  def core(self, proj: dict, pos0, st: LayerState):
+  def core(self, proj: dict, pos0, st: LayerState, call_pos0_B=None):
     """The state part, for one session's T rows at pos0: reads `st` (arrays, or the slot
-    views of a pool), writes nothing.
+    views of a pool), writes nothing. `call_pos0_B`: pos0 of every session of the call (not
+    batched under vmap), for the compressors' decode skip (`Compressor.pool`).
 
     Returns:
       (o_TNH f32 [T, N, H] before the output LoRA, writes {buffer name: (rows, start row)}).
@@ -122,12 +123,14 @@ class Attention(nnx.Module):
 
     if self.compressor is not None:
       m = self.ratio
-      e_NH, a_TX, g_TX = self.compressor.pool(*proj["comp"], pos0, st.comp_a, st.comp_g)
+      e_NH, a_TX, g_TX = self.compressor.pool(*proj["comp"], pos0, st.comp_a, st.comp_g,
+                                              call_pos0_B)
       writes.update(comp=(e_NH, pos0 // m), comp_a=(a_TX, m + pos0), comp_g=(g_TX, m + pos0))
       comp_WH = decode_state.read_all(st.comp)
       if self.indexer is not None:
         sel_TK, valid_TK, (k_NI, ia_TX, ig_TX) = self.indexer.select(
-            proj["index"], pos0, st.idx_a, st.idx_g, decode_state.read_all(st.idx_keys))
+            proj["index"], pos0, st.idx_a, st.idx_g, decode_state.read_all(st.idx_keys),
+            call_pos0_B)
         writes.update(idx_keys=(k_NI, pos0 // 4), idx_a=(ia_TX, 4 + pos0),
                       idx_g=(ig_TX, 4 + pos0))
         ent_TKH = gather_entries(comp_WH, e_NH, pos0 // m, sel_TK)

@@ -49,7 +49,7 @@ class Compressor(nnx.Module):
             + ops.dense(self.ape[...])[pos_T % self.ratio])
     return a_TX, g_TX
 
-  def pool(self, a_TX, g_TX, pos0, a_SX, g_SX):
+  def pool(self, a_TX, g_TX, pos0, a_SX, g_SX, call_pos0_B=None):
     """Pools the windows a chunk can complete; reads the state, writes nothing.
 
     Args:
@@ -57,6 +57,11 @@ class Compressor(nnx.Module):
       pos0: traced int32 scalar, absolute position of row 0.
       a_SX, g_SX: [rows, c*H'] position-indexed projections and biased gates (row m + p),
         arrays or pool slot views (`decode_state.read_rows`).
+      call_pos0_B: for a one-token chunk, pos0 of every row of the call (not batched under
+        `vmap`): the pooling runs only when one of them completes a window, else the
+        (invisible) entry is zeros. A decode token completes a window once in m tokens, so
+        the softmax over m rows (m = 128: most of an HCA layer's decode work that grows
+        with the rows) is skipped the other m - 1 times. None: always pooled.
 
     Returns:
       (e_NH, a_TX, g_TX): entries of windows w0 .. w0+n-1 (w0 = pos0 // m, n = T//m + 1), to
@@ -87,22 +92,32 @@ class Compressor(nnx.Module):
       old_SX = decode_state.read_rows(buf_SX, m + first * m, rows)
       return jnp.where(in_chunk_S[:, None], new_TX[src_S], old_SX).astype(jnp.float32)
 
-    a_RX, g_RX = window_rows(a_SX, a_TX), window_rows(g_SX, g_TX)
-    if self.overlap:
-      a_NMX = a_RX.reshape(n_win + 1, m, 2 * hw)
-      g_NMX = g_RX.reshape(n_win + 1, m, 2 * hw)
-      a_NKH = jnp.concatenate([a_NMX[:-1, :, :hw], a_NMX[1:, :, hw:]], axis=1)
-      g_NKH = jnp.concatenate([g_NMX[:-1, :, :hw], g_NMX[1:, :, hw:]], axis=1)
-    else:
-      a_NKH, g_NKH = a_RX.reshape(n_win, m, hw), g_RX.reshape(n_win, m, hw)
-    probs_NKH = jax.nn.softmax(g_NKH, axis=1)
-    pooled_NH = jnp.sum(probs_NKH * a_NKH, axis=1)
-    win_pos_N = (w0 + jnp.arange(n_win, dtype=jnp.int32)) * m
-    e_NH = self.rope(self.norm(pooled_NH), win_pos_N)
-    if self.rounding == "fp8":
-      e_NH = qat.fp8_kv_roundtrip(e_NH, self.rope_dim)
-    elif self.rounding == "fp4":
-      e_NH = qat.fp4_indexer_roundtrip(e_NH)
+    def entries():
+      a_RX, g_RX = window_rows(a_SX, a_TX), window_rows(g_SX, g_TX)
+      if self.overlap:
+        a_NMX = a_RX.reshape(n_win + 1, m, 2 * hw)
+        g_NMX = g_RX.reshape(n_win + 1, m, 2 * hw)
+        a_NKH = jnp.concatenate([a_NMX[:-1, :, :hw], a_NMX[1:, :, hw:]], axis=1)
+        g_NKH = jnp.concatenate([g_NMX[:-1, :, :hw], g_NMX[1:, :, hw:]], axis=1)
+      else:
+        a_NKH, g_NKH = a_RX.reshape(n_win, m, hw), g_RX.reshape(n_win, m, hw)
+      probs_NKH = jax.nn.softmax(g_NKH, axis=1)
+      pooled_NH = jnp.sum(probs_NKH * a_NKH, axis=1)
+      win_pos_N = (w0 + jnp.arange(n_win, dtype=jnp.int32)) * m
+      e_NH = self.rope(self.norm(pooled_NH), win_pos_N)
+      if self.rounding == "fp8":
+        e_NH = qat.fp8_kv_roundtrip(e_NH, self.rope_dim)
+      elif self.rounding == "fp4":
+        e_NH = qat.fp4_indexer_roundtrip(e_NH)
+      return e_NH
+
+    if call_pos0_B is None or t != 1:
+      return entries(), a_TX, g_TX
+    # Entries of incomplete windows are invisible and rewritten once complete (above), so
+    # zeros do for them; the predicate is the call's, so under vmap this stays a cond.
+    shape = jax.eval_shape(entries)
+    due = jnp.any((call_pos0_B + 1) % m == 0)
+    e_NH = jax.lax.cond(due, entries, lambda: jnp.zeros(shape.shape, shape.dtype))
     return e_NH, a_TX, g_TX
 
 

@@ -43,13 +43,13 @@ class Indexer(nnx.Module):
     omega_TN = omega_TN * (self.head_dim ** -0.5 * self.n_heads ** -0.5)
     return {"comp": self.compressor.project(x_TD, pos_T), "q": q_TNI, "omega": omega_TN}
 
-  def select(self, proj: dict, pos0, ia_SX, ig_SX, keys_WI):
+  def select(self, proj: dict, pos0, ia_SX, ig_SX, keys_WI, call_pos0_B=None):
     """Selects compressed windows per query; reads the state, writes nothing.
 
     Args:
       proj: `project` of the chunk's rows (positions pos0 .. pos0+T-1).
       pos0: traced int32 scalar; ia_SX, ig_SX: the indexer's compressor rows (arrays or pool
-        slot views); keys_WI: f32 [W, dI] its keys.
+        slot views); keys_WI: f32 [W, dI] its keys; call_pos0_B: see `Compressor.pool`.
 
     Returns:
       (sel_TK int32 [T, K] window indices, valid_TK bool [T, K], (k_NI, ia_TX, ig_TX)) with
@@ -59,7 +59,7 @@ class Indexer(nnx.Module):
     q_TNI, omega_TN = proj["q"], proj["omega"]
     t = q_TNI.shape[0]
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
-    k_NI, ia_TX, ig_TX = self.compressor.pool(*proj["comp"], pos0, ia_SX, ig_SX)
+    k_NI, ia_TX, ig_TX = self.compressor.pool(*proj["comp"], pos0, ia_SX, ig_SX, call_pos0_B)
     keys_WI = patch_entries(keys_WI, k_NI, pos0 // 4)
     dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI, precision=ops.HIGHEST)
     score_TW = jnp.einsum("TN,TNW->TW", omega_TN, jax.nn.relu(dots_TNW), precision=ops.HIGHEST)
