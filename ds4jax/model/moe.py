@@ -230,8 +230,12 @@ class MoE(nnx.Module):
 
       return jax.lax.fori_loop(0, (count_E[e] + block - 1) // block, one_block, y_SD)
 
+    # The carry's zeros are made to depend on x (`quant.matmul.never`): a zero buffer that
+    # depends on nothing is built at the top of the step, every layer's at once
+    # (docs/benchmarks.md, "Memory that does not grow with the layer count"). A pair of an
+    # expert outside this list (another device's, `sharding.routed_experts`) reads its zero.
     y_SD = jax.lax.fori_loop(0, n_active, one_expert,
-                             jnp.zeros((n_pairs + block, d), jnp.float32))
+                             jnp.where(quant_matmul.never(x_TD), x_SD, 0.0))
     slot_P = jnp.zeros((n_pairs,), jnp.int32).at[order_S].set(
         jnp.arange(n_pairs, dtype=jnp.int32))
     return jnp.sum(y_SD[slot_P].reshape(t, k, d), axis=1)

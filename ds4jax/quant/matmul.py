@@ -56,8 +56,11 @@ MATVEC_ROWS = 8
 # A packed 2-D weight whose f32 form is larger than this is dequantised in row tiles.
 TILE_BYTES = 256 << 20
 # A packed weight this big or bigger as f32 is dequantised only once its product's input
-# exists (`after`).
-TIE_BYTES = 16 << 20
+# exists (`after`). 16 MiB left each Flash layer's 1-8 MiB weights (about 25 MiB a layer)
+# to be dequantised at the top of a prefill step, every layer's at once; the tiny model's
+# weights are all under 1 MiB (docs/benchmarks.md, "Memory that does not grow with the
+# layer count").
+TIE_BYTES = 1 << 20
 IMPLS = ("auto", "ffi", "xla")
 ACCEL_IMPLS = ("pallas", "xla")
 # lax.platform_dependent platform -> the Pallas kernel module lowered for it.
@@ -320,10 +323,16 @@ def after(x, w: Packed) -> Packed:
   products bit-identical to the dequantised model's."""
   if 4 * int(np.prod(w.shape)) < TIE_BYTES:
     return w
-  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
-  never = (bits & 0x7FFFFFFF) < 0
-  return dataclasses.replace(w, planes=tuple(jnp.where(never, jnp.zeros_like(p), p)
+  flag = never(x)
+  return dataclasses.replace(w, planes=tuple(jnp.where(flag, jnp.zeros_like(p), p)
                                              for p in w.planes))
+
+
+def never(x):
+  """A bool scalar computed from x's first element that is always false (its sign bit after
+  clearing it): `jnp.where(never(x), a, b)` is b, made to depend on x (see `after`)."""
+  bits = jax.lax.bitcast_convert_type(x.reshape(-1)[0].astype(jnp.float32), jnp.int32)
+  return (bits & 0x7FFFFFFF) < 0
 
 
 def reference_expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):

@@ -196,3 +196,24 @@ def test_expert_recipes(tmp_path, experts, gate_up, down):
   _, ts = load.load_tensors(f, "1:1", progress=False)
   a = ts["blk.1.ffn_up_exps.weight"]
   assert a.shape == (8, 256, 256) and abs(a.std() - 1 / 16) < 0.25 / 16
+
+
+@pytest.mark.e2e
+def test_make_tiny_gguf_n_experts(tmp_path, run_script):
+  """`make_tiny_gguf.py --n_experts=E`: E routed experts a layer, the rest of the preset as
+  is (the 12-layer Flash-dims memory fixture uses --preset=flash --n_experts=16); fewer
+  than the routing's k is a one-line error."""
+  out = tmp_path / "e4.gguf"
+  rc, so, se = run_script("make_tiny_gguf.py", "--preset=tiny", "--n_layers=2",
+                          "--n_experts=4", f"--out={out}")
+  assert rc == 0, se
+  f = reader.open_gguf(out)
+  assert (f.cfg.n_layers, f.cfg.n_experts, f.cfg.n_experts_used) == (2, 4, 2)
+  assert f.cfg.d_model == ModelConfig.tiny().d_model
+  assert f.tensor("blk.1.ffn_gate_exps.weight").shape[-1] == 4  # GGUF dims, innermost first
+  tid2eid = np.asarray(f.tensor("blk.0.ffn_gate_tid2eid.weight").data)
+  assert tid2eid.shape[-1] == 2 and tid2eid.min() >= 0 and tid2eid.max() < 4
+  assert all(len(set(row)) == 2 for row in tid2eid.tolist())
+  rc, so, se = run_script("make_tiny_gguf.py", "--preset=tiny", "--n_experts=1",
+                          f"--out={tmp_path / 'e1.gguf'}")
+  assert rc != 0 and "n_experts_used=2 > n_experts=1" in se and "Traceback" not in se, se
