@@ -35,6 +35,11 @@ def mapped():
       total += int(parts[1]) * 1024
   return total
 
+# Pages of the file left in the page cache by earlier runs would be mapped by the kernel's
+# fault-around (64 KiB around each fault) and count as resident: start from a cold file.
+fd = os.open(real, os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+os.close(fd)
 f = reader.open_gguf(path)
 tracemalloc.start()
 cfg, ts = load.load_tensors(f, spec, progress=False)
