@@ -101,15 +101,10 @@ def _kernel(n_ref, uid_ref, e_ref, x_ref, *refs, qtype, dtype, plan: Plan, n_chu
 
 
 def expert_matmul(x_PK, w: Packed, e_P, *, interpret: bool = False):
-  """Row p of x f32[P, K] times expert e_P[p] of w [E, N, K] -> f32[P, N] (an id outside
-  [0, E) gives a zero row). x is multiplied as given (q8 rounding is the caller's); w's
-  compute dtype rounds both operands as the reference does. ValueError where `plan` is
-  None."""
+  """`pallas_tpu.expert_matmul` through Triton: row p of x f32[P, K] times expert e_P[p] of
+  w [E, N, K] -> f32[P, N]."""
   p, k = x_PK.shape
-  pl_ = plan(w, p)
-  if pl_ is None or w.ndim != 3:
-    raise ValueError(f"no Triton tiling for {w.shape} x {p} rows of qtype {w.qtype}")
-  x, e, n, uid = pt.operands(x_PK, w, e_P, pl_.rows)
+  pl_, x, e, n, uid = pt.prepare(x_PK, w, e_P, plan, "Triton")
   codes = jnp.asarray(pt.iq2_codes())
   planes = tuple(w.planes)
   n_out = w.shape[1]

@@ -169,6 +169,16 @@ def slots(e_P, n_experts: int, rows: int):
   return n.reshape(1), uid
 
 
+def prepare(x_PK, w, e_P, plan, backend: str):
+  """(tiling, x, e, n, uid) of a kernel call: `plan(w, P)`'s tiling (a one-line ValueError
+  naming `backend` where it has none) and `operands` padded to its rows."""
+  p = x_PK.shape[0]
+  tiling = plan(w, p)
+  if tiling is None or w.ndim != 3:
+    raise ValueError(f"no {backend} tiling for {w.shape} x {p} rows of qtype {w.qtype}")
+  return (tiling,) + operands(x_PK, w, e_P, tiling.rows)
+
+
 def operands(x_PK, w, e_P, rows: int):
   """(x f32 [rows, K], e int32 [rows], n int32 [1], uid int32 [rows]) for a kernel call:
   x (already q8-rounded by the caller in q8 mode) rounded through the compute dtype as the

@@ -117,10 +117,7 @@ def expert_matmul(x_PK, w: Packed, e_P, *, interpret: bool = False):
   compute dtype rounds both operands as the reference does. ValueError where `plan` is
   None."""
   p, k = x_PK.shape
-  pl_ = plan(w, p)
-  if pl_ is None or w.ndim != 3:
-    raise ValueError(f"no Mosaic tiling for {w.shape} x {p} rows of qtype {w.qtype}")
-  x, e, n, uid = pt.operands(x_PK, w, e_P, pl_.rows)
+  pl_, x, e, n, uid = pt.prepare(x_PK, w, e_P, plan, "Mosaic")
   codes = jnp.asarray(pt.iq2_codes()).reshape(2, 128)
   n_out, tn, rows = w.shape[1], pl_.tn, pl_.rows
   # Each plane as rows of bytes [E, N, B * fields] (lane-dense VMEM tiles; free where the
