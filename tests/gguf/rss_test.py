@@ -19,7 +19,7 @@ from ds4jax.gguf import reader
 pytestmark = pytest.mark.e2e
 
 _PROBE = r"""
-import json, os, sys, tracemalloc
+import json, mmap, os, sys, tracemalloc
 from ds4jax.gguf import load, reader
 
 path, spec = sys.argv[1], sys.argv[2]
@@ -41,6 +41,8 @@ fd = os.open(real, os.O_RDONLY)
 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 os.close(fd)
 f = reader.open_gguf(path)
+# ... and no fault-around on this map either (pages another process holds stay cached).
+f.reader.data._mmap.madvise(mmap.MADV_RANDOM)
 tracemalloc.start()
 cfg, ts = load.load_tensors(f, spec, progress=False)
 _, peak = tracemalloc.get_traced_memory()
