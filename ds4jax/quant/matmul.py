@@ -65,6 +65,8 @@ IMPLS = ("auto", "ffi", "xla")
 ACCEL_IMPLS = ("pallas", "xla")
 # lax.platform_dependent platform -> the Pallas kernel module lowered for it.
 PALLAS = {"cuda": pallas_gpu, "tpu": pallas_tpu}
+# jax.default_backend() -> its lax.platform_dependent platform.
+_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 
 
 def check_act(act: str) -> str:
@@ -94,9 +96,8 @@ def uses_kernel(w: Packed) -> bool:
   """Whether products with `w` run a kernel on the default backend (at trace time): on the
   CPU the C++ kernels (enabled and built, f32 compute), on a GPU or a TPU the Pallas ones
   (enabled, and their tiles fit w)."""
-  backend = jax.default_backend()
-  if backend != "cpu":
-    return ("tpu" if backend == "tpu" else "cuda") in pallas_platforms(w, 1)
+  if jax.default_backend() != "cpu":
+    return _PLATFORM.get(jax.default_backend()) in pallas_platforms(w, 1)
   return uses_cpu_kernel(w)
 
 
@@ -143,8 +144,8 @@ def lowering_for(*platforms: str):
 def _targets() -> tuple[str, ...]:
   if _LOWERING_FOR is not None:
     return _LOWERING_FOR
-  backend = jax.default_backend()
-  return ("tpu",) if backend == "tpu" else ("cuda",) if backend == "gpu" else ()
+  here = _PLATFORM.get(jax.default_backend())
+  return (here,) if here in PALLAS else ()
 
 
 def pallas_platforms(w: Packed, p: int) -> tuple[str, ...]:
@@ -243,10 +244,6 @@ def expert_matmul(x_PK, w: Packed, e_P, *, act: str = "exact"):
         x, w, e, act=act, platform=plat)
   return _dispatch((x_PK, e_P, w.planes), branches,
                    lambda x, e, planes: reference_expert_matmul(x, w, e, act=act))
-
-
-# jax.default_backend() -> its lax.platform_dependent platform.
-_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 
 
 def _dispatch(args, branches: dict, reference):
