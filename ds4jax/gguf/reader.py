@@ -22,6 +22,7 @@ from gguf import GGUFValueType as VT
 
 from ds4jax.config import METADATA_KEYS, ConfigError, LayerRange, ModelConfig
 from ds4jax.gguf import names
+from ds4jax.gguf.lean import LeanReader
 from ds4jax.gguf.errors import (ArchitectureError, GGUFError, MetadataError, MissingTensorError,
                                 NotGGUFError, ShapeError, TensorTypeError, TruncatedError)
 
@@ -50,7 +51,8 @@ _SHORT_READ = ("cannot reshape", "larger dtype", "out of bounds", "not enough va
 
 
 def _open_reader(path: str) -> gguf.GGUFReader:
-  """gguf.GGUFReader with its failures turned into one-line GGUFErrors."""
+  """A `LeanReader` (gguf-py's reader, lazy array fields) with its failures turned into
+  one-line GGUFErrors."""
   try:
     size = os.path.getsize(path)
     with open(path, "rb") as fh:
@@ -61,7 +63,7 @@ def _open_reader(path: str) -> gguf.GGUFReader:
     what = "empty file" if size == 0 else f"magic {magic!r}, expected b'GGUF'"
     raise NotGGUFError(f"{path}: not a GGUF file ({what})")
   try:
-    return gguf.GGUFReader(path, "r")
+    return LeanReader(path, "r")
   except (IndexError, ValueError) as e:
     msg = str(e)
     # gguf-py reads through numpy views of the map; a short file surfaces as one of these.

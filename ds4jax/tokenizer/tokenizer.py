@@ -157,7 +157,7 @@ class Tokenizer:
     A checkpoint directory keeps its GGUF's vocabulary: open either kind with
     `ds4jax.runtime.sources.open_tokenizer(path)` (this package never imports the checkpoints).
     """
-    import gguf  # deferred: the tokenizer is usable without a GGUF on disk
+    from ds4jax.gguf.lean import LeanReader  # deferred: usable without a GGUF on disk
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -166,7 +166,7 @@ class Tokenizer:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-      reader = gguf.GGUFReader(path, "r")
+      reader = LeanReader(path, "r")
     except Exception as e:  # gguf raises bare ValueError/struct errors on bad files
       raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from None
     tokens = _string_array(reader, "tokenizer.ggml.tokens", path)
@@ -175,7 +175,7 @@ class Tokenizer:
     field = reader.get_field("tokenizer.ggml.token_type")
     types = None
     if field is not None:
-      types = [int(field.parts[i][0]) for i in field.data]
+      types = [int(v) for v in field.contents()]
     tok = cls(tokens, merges, types)
     tok.chat_model = chat
     return tok

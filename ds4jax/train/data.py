@@ -90,9 +90,9 @@ class Vocab:
   @classmethod
   def from_gguf(cls, path: str) -> "Vocab":
     """The vocab stored in a GGUF's `tokenizer.ggml.tokens` / `merges`."""
-    import gguf
+    from ds4jax.gguf.lean import LeanReader
     from ds4jax.tokenizer.tokenizer import _string_array
-    reader = gguf.GGUFReader(path, "r")
+    reader = LeanReader(path, "r")
     return cls(tuple(_string_array(reader, "tokenizer.ggml.tokens", path)),
                tuple(_string_array(reader, "tokenizer.ggml.merges", path)))
 
