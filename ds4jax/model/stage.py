@@ -77,16 +77,32 @@ class Stage(nnx.Module):
       with each row's slot advanced by n_valid_B[b]).
     """
     b, t = tokens_BT.shape
-    pos0_B = pool.pos[slots_B]
-    tokens_N = tokens_BT.reshape(-1)
-    if hc_BTCD is None:
-      x_NCD = self.embed(tokens_N)
-    else:
-      x_NCD = hc_BTCD.astype(jnp.float32).reshape((b * t,) + hc_BTCD.shape[2:])
+    x_NCD, tokens_N, pos0_B = batch_begin(self.embed, pool.pos, slots_B, tokens_BT, hc_BTCD)
     new_layers = []
     for block, lp in zip(self.blocks, pool.layers):
       x_NCD, lp = block.batched(x_NCD, tokens_N, pos0_B, slots_B, lp, t, taps)
       new_layers.append(lp)
-    out = self.head(x_NCD) if self.head is not None else x_NCD
-    pos_S = pool.pos.at[slots_B].set(pos0_B + n_valid_B.astype(jnp.int32))
-    return out.reshape((b, t) + out.shape[1:]), StageState(pos=pos_S, layers=tuple(new_layers))
+    out, pos_S = batch_end(self.head, x_NCD, pool.pos, slots_B, pos0_B, n_valid_B, b, t)
+    return out, StageState(pos=pos_S, layers=tuple(new_layers))
+
+
+def batch_begin(embed: Embed | None, pos_S, slots_B, tokens_BT, hc_BTCD):
+  """`Stage.batched` before its blocks: (x_NCD f32 [B*T, C, D] (the embedding, or hc_BTCD's
+  rows), tokens_N int32 [B*T], pos0_B int32 [B] = pos_S[slots_B]). `runtime.layer_programs`
+  runs it as a program of its own."""
+  b, t = tokens_BT.shape
+  pos0_B = pos_S[slots_B]
+  tokens_N = tokens_BT.reshape(-1)
+  if hc_BTCD is None:
+    x_NCD = embed(tokens_N)
+  else:
+    x_NCD = hc_BTCD.astype(jnp.float32).reshape((b * t,) + hc_BTCD.shape[2:])
+  return x_NCD, tokens_N, pos0_B
+
+
+def batch_end(head: Head | None, x_NCD, pos_S, slots_B, pos0_B, n_valid_B, b: int, t: int):
+  """`Stage.batched` after its blocks: (logits f32 [B, T, V] with the head, else hc f32
+  [B, T, C, D]; pos_S int32 [S] with each row's slot advanced by n_valid_B[b])."""
+  out = head(x_NCD) if head is not None else x_NCD
+  pos_S = pos_S.at[slots_B].set(pos0_B + n_valid_B.astype(jnp.int32))
+  return out.reshape((b, t) + out.shape[1:]), pos_S

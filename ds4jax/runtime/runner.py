@@ -20,6 +20,7 @@ from ds4jax.model import decode_state, sharding
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
 from ds4jax.model.taps import Taps, edit_rows, pad_edit
+from ds4jax.runtime.layer_programs import MIN_LAYER_BYTES, LayerPrograms, block_bytes
 from ds4jax.quant.packed import Packed
 
 
@@ -38,7 +39,8 @@ class StageRunner:
   """
 
   def __init__(self, stage: Stage, *, ctx_size: int, max_chunk: int = 256,
-               state_dtype=None, fingerprint: str | None = None, max_batch: int = 16):
+               state_dtype=None, fingerprint: str | None = None, max_batch: int = 16,
+               layer_programs: bool | None = None):
     if ctx_size < 1:
       raise ValueError(f"ctx_size must be >= 1, got {ctx_size}")
     if max_chunk < 1 or max_chunk & (max_chunk - 1):
@@ -80,6 +82,18 @@ class StageRunner:
                                                       n_valid_B)
 
     self._batch_step = jax.jit(batch_step, donate_argnames=("pool",))
+    # Large layers: one program per kind of layer, not one unrolled over all of them, so the
+    # compiled programs' memory does not grow with the layers (runtime/layer_programs.py).
+    auto = layer_programs is None
+    if auto:
+      layer_programs = self.mesh is None and block_bytes(stage) >= MIN_LAYER_BYTES
+    elif layer_programs and self.mesh is not None:
+      raise ValueError("layer_programs: a stage on several devices runs as one program")
+    if layer_programs:
+      progs = LayerPrograms(stage, self._param_leaves, on_trace=self._count_trace)
+      if not auto or progs.n_kinds < len(stage.blocks):
+        self._batch_step = progs
+    self.layer_programs = isinstance(self._batch_step, LayerPrograms)
 
     # The capturing variant (issue 22): a separate program, so a step that captures nothing
     # runs (and compiles) exactly `_batch_step`. `want` (static) is a frozenset of
@@ -110,6 +124,9 @@ class StageRunner:
     # programs after the weights are in and copy the -inf-filled gate buffers.
     self._init = jax.jit(lambda: decode_state.init_stage_state(
         self.cfg, self.layers, self._cap, self.state_dtype), **sharding.replicated_out(self.mesh))
+
+  def _count_trace(self) -> None:
+    self.n_traces += 1
 
   def _abstract_params(self) -> list:
     """The parameter leaves as ShapeDtypeStructs (with their shardings on a mesh)."""
