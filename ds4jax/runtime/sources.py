@@ -86,8 +86,9 @@ def open_tokenizer(path):
   if is_checkpoint(path):
     from ds4jax.checkpoints.orbax_io import tokenizer_from_checkpoint
     return tokenizer_from_checkpoint(path)
+  from ds4jax.gguf.lean import LeanReader
   from ds4jax.tokenizer import Tokenizer
-  return Tokenizer.from_gguf(path)
+  return Tokenizer.from_gguf(path, open_reader=LeanReader)
 
 
 def load_stage(path, layers: LayerRange | str | None = None, *, dtype=None,

@@ -151,13 +151,15 @@ class Tokenizer:
     return cls(tokens, merges, token_types)
 
   @classmethod
-  def from_gguf(cls, path: str | os.PathLike) -> "Tokenizer":
+  def from_gguf(cls, path: str | os.PathLike, *, open_reader=None) -> "Tokenizer":
     """Reads `tokenizer.ggml.tokens`, `merges` and (if present) `token_type` of a GGUF file.
+    `open_reader(path)` opens it (default `gguf.GGUFReader`; `runtime.sources` passes
+    `gguf.lean.LeanReader`, which builds no numpy view per vocabulary entry).
 
     A checkpoint directory keeps its GGUF's vocabulary: open either kind with
     `ds4jax.runtime.sources.open_tokenizer(path)` (this package never imports the checkpoints).
     """
-    from ds4jax.gguf.lean import LeanReader  # deferred: usable without a GGUF on disk
+    import gguf  # deferred: the tokenizer is usable without a GGUF on disk
 
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -166,7 +168,7 @@ class Tokenizer:
     if not os.path.isfile(path):
       raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-      reader = LeanReader(path, "r")
+      reader = (open_reader or gguf.GGUFReader)(path)
     except Exception as e:  # gguf raises bare ValueError/struct errors on bad files
       raise TokenizerError(f"{path}: not a readable GGUF file ({e})") from None
     tokens = _string_array(reader, "tokenizer.ggml.tokens", path)
