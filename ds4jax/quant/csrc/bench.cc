@@ -92,7 +92,7 @@ int main(int argc, char** argv) {
   }
   for (int i = 0; i < m; ++i) { groups[0].x.push_back(xb + i * stride); groups[0].y.push_back(y.data() + i * n); }
   groups[0].wrow = 0;
-  auto tasks = ds4::plan_tasks(threads, n, groups);
+  auto tasks = ds4::plan_tasks(w, threads, n, groups);
   std::vector<double> ts, cs;
   for (int r = 0; r < reps; ++r) {
     auto t0 = Clock::now();

@@ -89,7 +89,7 @@ ffi::Error make_weight(int64_t qtype, const ffi::RemainingArgs& planes, int64_t 
 }
 
 void run_groups(ffi::ThreadPool& pool, const Weight& w, int64_t n, std::vector<Group>& groups) {
-  std::vector<Task> tasks = plan_tasks(std::max<int64_t>(1, pool.num_threads()), n, groups);
+  std::vector<Task> tasks = plan_tasks(w, std::max<int64_t>(1, pool.num_threads()), n, groups);
   auto body = [&](int64_t i) { run_task(w, tasks[i]); };
   parallel_for(pool, int64_t(tasks.size()), body);
 }
@@ -205,3 +205,10 @@ extern "C" __attribute__((visibility("default"))) void ds4_set_iq2xxs_grid(const
 
 extern "C" __attribute__((visibility("default"))) int ds4_avx512() { return DS4_AVX512; }
 extern "C" __attribute__((visibility("default"))) int ds4_vnni() { return DS4_VNNI; }
+extern "C" __attribute__((visibility("default"))) int ds4_amx() {
+#if DS4_AMX
+  return ds4::amx_ok();
+#else
+  return 0;
+#endif
+}

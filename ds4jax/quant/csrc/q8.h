@@ -208,6 +208,14 @@ __attribute__((always_inline)) inline void paired_chunk(const Weight& w, const u
   *sw = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(s8));
 }
 
+// One (weight row, x row) result: its 8 block accumulators (lanes 2Q, the same in 2Q + 1)
+// summed as ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), as amx.h does.
+inline float block_sum(__m512 acc) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, acc);
+  return ((t[0] + t[2]) + (t[4] + t[6])) + ((t[8] + t[10]) + (t[12] + t[14]));
+}
+
 // acc[m] += chunk c of one weight row (planes p) times paired Act8 row a[m], m < M.
 template <int Q, int M>
 __attribute__((always_inline)) inline void paired_rows(const Weight& w, const uint8_t* const* p,
@@ -225,8 +233,10 @@ __attribute__((always_inline)) inline void paired_rows(const Weight& w, const ui
                                      _mm512_load_si512(xq + 128));
     s0 = _mm512_dpbusd_epi32(s0, wv[1], _mm512_load_si512(xq + 64));
     s1 = _mm512_dpbusd_epi32(s1, wv[3], _mm512_load_si512(xq + 192));
+    __m512i s = _mm512_add_epi32(s0, s1);
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));  // lanes 2Q, 2Q + 1: block Q
     __m512 sc = _mm512_mul_ps(sw, _mm512_load_ps(a[m].d + c * 16));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[m]);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[m]);
   }
 }
 
@@ -253,7 +263,7 @@ void tile_paired(const Weight& w, int64_t wrow, int rows, int64_t n, const float
       paired_rows<Q, M>(w, p, c, a, acc);
     }
     #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) y[m][n] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < M; ++m) y[m][n] = block_sum(acc[m]);
     return;
   }
   alignas(64) __m512 keep[kQ8Tile * M];
@@ -266,7 +276,7 @@ void tile_paired(const Weight& w, int64_t wrow, int rows, int64_t n, const float
     }
   }
   for (int r = 0; r < rows; ++r)
-    for (int m = 0; m < M; ++m) y[m][n + r] = _mm512_reduce_add_ps(keep[r * M + m]);
+    for (int m = 0; m < M; ++m) y[m][n + r] = block_sum(keep[r * M + m]);
 }
 
 template <int M>
