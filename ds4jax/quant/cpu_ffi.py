@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _SRC_DIR = Path(__file__).resolve().parent / "csrc"
-_SOURCES = ("ds4_cpu.cc", "gemv.h", "q8.h", "avx512.h", "blocks.h")
+_SOURCES = ("ds4_cpu.cc", "gemv.h", "q8.h", "amx.h", "avx512.h", "blocks.h")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-ffp-contract=off",
           "-fno-math-errno")
 _LOCK = threading.Lock()

@@ -262,3 +262,28 @@ def test_lowering_picks_the_kernel_per_platform(platform):
     with qm.lowering_for():  # the reference staged for the other platforms
       text = jax.export.export(jax.jit(f), platforms=[platform])(*args).mlir_module()
   assert ("ds4_matmul" in text and "ds4_expert_matmul" in text) == (platform == "cpu")
+
+
+@pytest.mark.parametrize("k", [320, 1024])
+def test_q8_0_several_rows(k):
+  """Q8_0 q8 with 2-8 rows (the AMX kernel where the CPU has it: K a multiple of 64, tiles of
+  16 weight rows, so N spans several per task; the VNNI kernel otherwise and for the tails):
+  every row bit-identical to the row alone (through matmul and expert_matmul), and within the
+  summation bound of the reference's q8 values."""
+  n = 4096 + 37
+  w, ref = _weight(Q.Q8_0, (n,), k)
+  x = _x(16, k)
+  f = jax.jit(lambda x, w: qm.matmul(x, w, act="q8"))
+  alone = [np.asarray(f(jnp.asarray(x[i:i + 1]), w))[0] for i in range(8)]
+  for m in (2, 3, 8, 16):
+    batch = np.asarray(f(jnp.asarray(x[:m]), w))
+    for i in range(min(m, 8)):
+      np.testing.assert_array_equal(alone[i], batch[i])
+    _assert_within_sum_bound(batch, np.asarray(qm.quantize_act(jnp.asarray(x[:m]))), ref)
+  e_n = 3  # out_a's shape: experts of a few rows each
+  we, _ = _weight(Q.Q8_0, (e_n, n // 4), k, seed=5)
+  e_P = np.array([0, 1, 0, 2, 0, 1, 0, 2], np.int32)
+  g = jax.jit(lambda x, w, e: qm.expert_matmul(x, w, e, act="q8"))
+  got = np.asarray(g(jnp.asarray(x[:8]), we, jnp.asarray(e_P)))
+  for p in range(8):
+    np.testing.assert_array_equal(np.asarray(g(jnp.asarray(x[p:p + 1]), we, jnp.asarray(e_P[p:p + 1])))[0], got[p])

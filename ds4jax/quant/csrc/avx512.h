@@ -15,9 +15,9 @@
 
 namespace ds4 {
 
-// IQ2_XXS signed grid, [256 * 128][8] int8: row (i << 7) | s7 is grid row i with element j
-// negated where bit j of ksigns(s7) is set (ds4's iq2xxs_signed_grid). Filled with the grid.
-extern int8_t g_iq2xxs_signed[256 * 128][8];
+// IQ2_XXS grid rows + 128, [256][8] (filled with the grid): the 2 KiB a chunk's rows are
+// gathered from (they stay in L1), signed by byte masks (iq2_rows).
+extern uint8_t g_iq2xxs_biased[256][8];
 
 constexpr __mmask16 kAll = 0xFFFF;
 
@@ -87,36 +87,91 @@ __attribute__((always_inline)) inline void vis_q4_k(const uint8_t* const* p, int
   }
 }
 
-// The 32 signed-grid keys (idx << 7 | s7) of one block: groups 0-3 in k[0], 4-7 in k[1].
-inline void iq2_keys(const uint8_t* idx, const uint32_t* aux, __m512i k[2]) {
-  __m512i a = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)aux));
-  const __m512i shifts = _mm512_setr_epi32(0, 7, 14, 21, 0, 7, 14, 21, 0, 7, 14, 21, 0, 7, 14, 21);
-  const __m512i mask = _mm512_set1_epi32(127);
-  for (int h = 0; h < 2; ++h) {
-    __m512i sel = _mm512_add_epi32(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2,
-                                                     3, 3, 3, 3), _mm512_set1_epi32(4 * h));
-    __m512i s7 = _mm512_and_si512(_mm512_srlv_epi32(_mm512_permutexvar_epi32(sel, a), shifts),
-                                  mask);
-    __m512i i = _mm512_slli_epi32(_mm512_cvtepu8_epi32(load16(idx + 16 * h)), 7);
-    k[h] = _mm512_or_si512(i, s7);
+// ksigns_iq2xs: 7 sign bits -> 8 (the 8th is their parity), one byte each.
+struct KSigns {
+  alignas(64) uint8_t v[128];
+  constexpr KSigns() : v() {
+    for (int s = 0; s < 128; ++s) {
+      int par = 0;
+      for (int b = 0; b < 7; ++b) par ^= (s >> b) & 1;
+      v[s] = uint8_t(s | (par << 7));
+    }
   }
+};
+inline constexpr KSigns kKSigns{};
+
+// The 32 signed grid rows of chunk c of an IQ2_XXS weight row, each byte + 128 (u8), in the
+// order `perm` (64 bytes) gives: out[i] lane L (bytes 8L .. 8L + 8) is sub-group perm[8i + L]
+// (sub-group j: elements 8j .. 8j + 8, grid index idx[j], 7 sign bits aux[j / 4] >> 7 (j % 4));
+// perm[32 + t] must be 32 + perm[t]. The rows come from the 2 KiB g_iq2xxs_biased by gathers,
+// their signs as one mask bit per byte: -(g + 128) = 128 - g (mod 256).
+__attribute__((always_inline)) inline void iq2_rows(const uint8_t* const* p, int64_t c,
+                                                    const uint8_t* perm, __m512i* out) {
+  const uint8_t* idx = p[1] + c * 32;
+  const uint8_t* aux = p[2] + c * 32;
+#if defined(__AVX512VBMI__)
+  // Bits 7l .. 7l + 7 of each aux word (l < 4) as bytes, in sub-group order (bit 7 is not read).
+  const __m256i at = _mm256_set1_epi64x(0x352E2720150E0700LL);
+  __m256i s7 = _mm256_multishift_epi64_epi8(at, _mm256_loadu_si256((const __m256i*)aux));
+  __m512i z = _mm512_permutexvar_epi8(
+      _mm512_loadu_si512(perm),
+      _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)idx)), s7, 1));
+  __m512i s8 = _mm512_permutex2var_epi8(_mm512_load_si512(kKSigns.v), z,
+                                        _mm512_load_si512(kKSigns.v + 64));
+  alignas(64) uint64_t m[8];
+  _mm512_store_si512(m, s8);  // m[4 + i]: the sign bits of out[i]
+  __m512i i0 = _mm512_cvtepu8_epi32(_mm512_castsi512_si128(z));
+  __m512i i1 = _mm512_cvtepu8_epi32(_mm512_extracti32x4_epi32(z, 1));
+  const __m512i zero = _mm512_setzero_si512();
+  for (int i = 0; i < 4; ++i) {
+    __m512i ii = i < 2 ? i0 : i1;
+    __m512i g = _mm512_i32gather_epi64(i & 1 ? _mm512_extracti64x4_epi64(ii, 1)
+                                             : _mm512_castsi512_si256(ii),
+                                       g_iq2xxs_biased, 8);
+    out[i] = _mm512_mask_sub_epi8(g, _cvtu64_mask64(m[4 + i]), zero, g);
+  }
+#else
+  alignas(64) uint8_t rows[4][64];
+  for (int t = 0; t < 32; ++t) {
+    int j = perm[t];
+    uint32_t a;
+    std::memcpy(&a, aux + 4 * (j / 4), 4);
+    uint32_t s8 = iq2_signs(a, j % 4);
+    for (int b = 0; b < 8; ++b) {
+      uint8_t v = g_iq2xxs_biased[idx[j]][b];
+      rows[t / 8][8 * (t % 8) + b] = (s8 >> b) & 1 ? uint8_t(-v) : v;
+    }
+  }
+  for (int i = 0; i < 4; ++i) out[i] = _mm512_load_si512(rows[i]);
+#endif
 }
+
+// iq2_rows orders: sub-groups in element order, and the paired layout of q8.h.
+struct Iq2Perm {
+  alignas(64) uint8_t v[64];
+  constexpr explicit Iq2Perm(bool paired) : v() {
+    for (int t = 0; t < 32; ++t) {
+      int j = paired ? 4 * (t % 8) + t / 8 : t;  // out[s] lane Q: sub-group 4Q + s
+      v[t] = uint8_t(j);
+      v[32 + t] = uint8_t(32 + j);
+    }
+  }
+};
+inline constexpr Iq2Perm kIq2Plain{false}, kIq2Paired{true};
 
 template <class F>
 __attribute__((always_inline)) inline void vis_iq2_xxs(const uint8_t* const* p, int64_t c, int, F&& f) {
   const uint32_t* aux = reinterpret_cast<const uint32_t*>(p[2]) + c * 8;
-  __m512i keys[2];
-  iq2_keys(p[1] + c * 32, aux, keys);
+  __m512i rows[4];  // groups 2i, 2i + 1 in element order
+  iq2_rows(p, c, kIq2Plain.v, rows);
   // db = d * (0.5 + s) * 0.25 per group, in gguf-py's order.
   __m256 s = _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_loadu_si256((const __m256i*)aux), 28));
   alignas(32) float db[8];
   _mm256_store_ps(db, _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(u16(p[0])[c])),
                                                   _mm256_add_ps(_mm256_set1_ps(0.5f), s)),
                                     _mm256_set1_ps(0.25f)));
-  for (int gp = 0; gp < 4; ++gp) {  // two groups per gather: 8 rows of 8 signed bytes
-    __m256i k8 = gp & 1 ? _mm512_extracti64x4_epi64(keys[gp >> 1], 1)
-                        : _mm512_castsi512_si256(keys[gp >> 1]);
-    __m512i v = _mm512_i32gather_epi64(k8, g_iq2xxs_signed, 8);
+  for (int gp = 0; gp < 4; ++gp) {
+    __m512i v = _mm512_xor_si512(rows[gp], _mm512_set1_epi8(char(0x80)));  // signed
     for (int h = 0; h < 2; ++h) {
       int g = 2 * gp + h;
       __m512 dbv = _mm512_set1_ps(db[g]);

@@ -15,7 +15,7 @@
 
 namespace ds4 {
 uint8_t g_iq2xxs_grid[256][8];
-int8_t g_iq2xxs_signed[256 * 128][8];
+uint8_t g_iq2xxs_biased[256][8];
 }
 
 using Clock = std::chrono::steady_clock;
@@ -47,7 +47,8 @@ int main(int argc, char** argv) {
   if (const char* pf = std::getenv("PF")) ds4::g_prefetch = std::atoi(pf);
   std::mt19937_64 rng(1);
   for (auto& row : ds4::g_iq2xxs_grid) for (auto& v : row) v = "\x08\x19\x2b"[rng() % 3];
-  for (auto& row : ds4::g_iq2xxs_signed) for (auto& v : row) v = int8_t(rng() % 87) - 43;
+  for (int i = 0; i < 256; ++i)
+    for (int j = 0; j < 8; ++j) ds4::g_iq2xxs_biased[i][j] = uint8_t(ds4::g_iq2xxs_grid[i][j] + 128);
   int64_t b = k / ds4::block_elems(q);
   std::vector<int64_t> sizes;  // bytes per row of each plane
   switch (q) {
@@ -91,7 +92,7 @@ int main(int argc, char** argv) {
   }
   for (int i = 0; i < m; ++i) { groups[0].x.push_back(xb + i * stride); groups[0].y.push_back(y.data() + i * n); }
   groups[0].wrow = 0;
-  auto tasks = ds4::plan_tasks(threads, n, groups);
+  auto tasks = ds4::plan_tasks(w, threads, n, groups);
   std::vector<double> ts, cs;
   for (int r = 0; r < reps; ++r) {
     auto t0 = Clock::now();

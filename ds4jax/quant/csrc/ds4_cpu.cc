@@ -34,18 +34,7 @@ namespace ffi = xla::ffi;
 namespace ds4 {
 
 uint8_t g_iq2xxs_grid[256][8];
-int8_t g_iq2xxs_signed[256 * 128][8];
-
-void fill_iq2xxs_signed() {
-  for (int i = 0; i < 256; ++i)
-    for (int s7 = 0; s7 < 128; ++s7) {
-      uint32_t s8 = iq2_signs(uint32_t(s7), 0);
-      for (int j = 0; j < 8; ++j) {
-        int v = g_iq2xxs_grid[i][j];
-        g_iq2xxs_signed[(i << 7) | s7][j] = int8_t((s8 >> j) & 1 ? -v : v);
-      }
-    }
-}
+uint8_t g_iq2xxs_biased[256][8];
 
 // body(i) for i < n on the calling thread plus up to num_threads - 1 pool tasks. A task that
 // starts after all items are claimed touches nothing but the shared counters, so the caller
@@ -100,7 +89,7 @@ ffi::Error make_weight(int64_t qtype, const ffi::RemainingArgs& planes, int64_t 
 }
 
 void run_groups(ffi::ThreadPool& pool, const Weight& w, int64_t n, std::vector<Group>& groups) {
-  std::vector<Task> tasks = plan_tasks(std::max<int64_t>(1, pool.num_threads()), n, groups);
+  std::vector<Task> tasks = plan_tasks(w, std::max<int64_t>(1, pool.num_threads()), n, groups);
   auto body = [&](int64_t i) { run_task(w, tasks[i]); };
   parallel_for(pool, int64_t(tasks.size()), body);
 }
@@ -210,8 +199,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ds4_expert_matmul, ds4::ExpertMatmul,
 
 extern "C" __attribute__((visibility("default"))) void ds4_set_iq2xxs_grid(const uint8_t* grid) {
   std::memcpy(ds4::g_iq2xxs_grid, grid, sizeof(ds4::g_iq2xxs_grid));
-  ds4::fill_iq2xxs_signed();
+  for (int i = 0; i < 256; ++i)
+    for (int j = 0; j < 8; ++j) ds4::g_iq2xxs_biased[i][j] = uint8_t(grid[8 * i + j] + 128);
 }
 
 extern "C" __attribute__((visibility("default"))) int ds4_avx512() { return DS4_AVX512; }
 extern "C" __attribute__((visibility("default"))) int ds4_vnni() { return DS4_VNNI; }
+extern "C" __attribute__((visibility("default"))) int ds4_amx() {
+#if DS4_AMX
+  return ds4::amx_ok();
+#else
+  return 0;
+#endif
+}

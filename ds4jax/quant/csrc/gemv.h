@@ -36,6 +36,7 @@ struct Task {
   int rows;
   const float* const* x;
   float* const* y;
+  const uint8_t* amx = nullptr;  // x as AMX tile data (amx.h), when the AMX kernel runs it
 };
 
 inline int g_prefetch = 1;
@@ -172,10 +173,15 @@ inline RowsFn rows_fn(int qtype, int m, bool one) {
 }  // namespace ds4
 
 #include "q8.h"
+#include "amx.h"
 
 namespace ds4 {
 
 inline void run_task(const Weight& w, const Task& t) {
+  if (t.amx) {
+    run_amx(w, t.wrow, t.n0, t.n1, t.rows, t.amx, t.x, t.y);
+    return;
+  }
   if (w.q8) {
     TileFn f = rows_q8_fn(w.qtype, t.rows);
     int64_t tile = t.rows == 1 ? 1 : kQ8Tile;
@@ -195,9 +201,13 @@ struct Group {
   int64_t wrow;
   std::vector<const float*> x;
   std::vector<float*> y;
+  std::vector<uint8_t> amx;  // x as AMX tile data, made by plan_tasks where amx_applies
 };
 
-inline std::vector<Task> plan_tasks(int64_t threads, int64_t n, std::vector<Group>& groups) {
+inline std::vector<Task> plan_tasks(const Weight& w, int64_t threads, int64_t n,
+                                    std::vector<Group>& groups) {
+  for (auto& g : groups)
+    if (amx_applies(w, g.x.size())) amx_x_tiles(g.x.data(), int(g.x.size()), w.k, &g.amx);
   int64_t work = 0;
   for (auto& g : groups) work += n * ((int64_t(g.x.size()) + kMaxRows - 1) / kMaxRows);
   int64_t tr = std::clamp<int64_t>((work / (threads * 8) + 7) / 8 * 8, 8, 1024);
@@ -207,7 +217,7 @@ inline std::vector<Task> plan_tasks(int64_t threads, int64_t n, std::vector<Grou
       int rows = int(std::min<size_t>(kMaxRows, g.x.size() - m0));
       for (int64_t n0 = 0; n0 < n; n0 += tr)
         tasks.push_back({g.wrow, n0, std::min(n, n0 + tr), rows, g.x.data() + m0,
-                         g.y.data() + m0});
+                         g.y.data() + m0, g.amx.empty() ? nullptr : g.amx.data()});
     }
   return tasks;
 }

@@ -8,8 +8,8 @@
 //
 // Q8_0 and IQ2_XXS read x in the "paired" layout: per 256-element chunk, vector s (s < 4) holds
 // in its 64-bit lane Q the elements 32 Q + 8 s .. + 8 (block Q's qword s). Each weight chunk is
-// laid out the same way once per call (eight shuffles of its bytes, or of the IQ2_XXS grid rows
-// gathered in element order), so the four vpdpbusd of an x row add into one int32 vector whose
+// laid out the same way once per call (eight shuffles of Q8_0's bytes; IQ2_XXS's grid rows are
+// gathered straight in that order, avx512.h iq2_rows), so the four vpdpbusd of an x row add into one int32 vector whose
 // lanes 2Q, 2Q + 1 hold block Q: one convert, one scale and one FMA per x row and chunk, where
 // the plain layout paid a sign fix, a convert, a scale and an FMA per 64 elements and x row.
 // The weight work is shared by all the rows of the call.
@@ -195,24 +195,25 @@ __attribute__((always_inline)) inline void paired_chunk(const Weight& w, const u
       a[i] = _mm512_maskz_loadu_epi8(m, qs + 64 * i);
     }
     pair_qwords(a, wv);
-  } else {  // IQ2_XXS: signed-grid rows gathered in element order, then paired as Q8_0
+    for (int s = 0; s < 4; ++s) wv[s] = _mm512_xor_si512(wv[s], bias);
+  } else {  // IQ2_XXS: the signed grid rows, + 128, straight in the paired layout
     const uint32_t* aux = reinterpret_cast<const uint32_t*>(p[2]) + c * 8;
-    __m512i keys[2];
-    iq2_keys(p[1] + c * 32, aux, keys);  // lane 4 g + l of keys[0] | keys[1]: group g, row l
+    iq2_rows(p, c, kIq2Paired.v, wv);
     __m256 sc = _mm256_cvtepi32_ps(
         _mm256_srli_epi32(_mm256_loadu_si256((const __m256i*)aux), 28));
     s8 = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(h2f(u16(p[0])[c])),
                                      _mm256_add_ps(_mm256_set1_ps(0.5f), sc)),
                        _mm256_set1_ps(0.25f));
-    __m512i g[4];  // groups 2i, 2i + 1 in element order, as Q8_0's qs
-    for (int i = 0; i < 4; ++i)
-      g[i] = _mm512_i32gather_epi64(i & 1 ? _mm512_extracti64x4_epi64(keys[i >> 1], 1)
-                                          : _mm512_castsi512_si256(keys[i >> 1]),
-                                    g_iq2xxs_signed, 8);
-    pair_qwords(g, wv);
   }
-  for (int s = 0; s < 4; ++s) wv[s] = _mm512_xor_si512(wv[s], bias);
   *sw = _mm512_permutexvar_ps(pairs, _mm512_castps256_ps512(s8));
+}
+
+// One (weight row, x row) result: its 8 block accumulators (lanes 2Q, the same in 2Q + 1)
+// summed as ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), as amx.h does.
+inline float block_sum(__m512 acc) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, acc);
+  return ((t[0] + t[2]) + (t[4] + t[6])) + ((t[8] + t[10]) + (t[12] + t[14]));
 }
 
 // acc[m] += chunk c of one weight row (planes p) times paired Act8 row a[m], m < M.
@@ -232,8 +233,10 @@ __attribute__((always_inline)) inline void paired_rows(const Weight& w, const ui
                                      _mm512_load_si512(xq + 128));
     s0 = _mm512_dpbusd_epi32(s0, wv[1], _mm512_load_si512(xq + 64));
     s1 = _mm512_dpbusd_epi32(s1, wv[3], _mm512_load_si512(xq + 192));
+    __m512i s = _mm512_add_epi32(s0, s1);
+    s = _mm512_add_epi32(s, _mm512_shuffle_epi32(s, _MM_PERM_CDAB));  // lanes 2Q, 2Q + 1: block Q
     __m512 sc = _mm512_mul_ps(sw, _mm512_load_ps(a[m].d + c * 16));
-    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1)), sc, acc[m]);
+    acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sc, acc[m]);
   }
 }
 
@@ -260,7 +263,7 @@ void tile_paired(const Weight& w, int64_t wrow, int rows, int64_t n, const float
       paired_rows<Q, M>(w, p, c, a, acc);
     }
     #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) y[m][n] = _mm512_reduce_add_ps(acc[m]);
+    for (int m = 0; m < M; ++m) y[m][n] = block_sum(acc[m]);
     return;
   }
   alignas(64) __m512 keep[kQ8Tile * M];
@@ -273,7 +276,7 @@ void tile_paired(const Weight& w, int64_t wrow, int rows, int64_t n, const float
     }
   }
   for (int r = 0; r < rows; ++r)
-    for (int m = 0; m < M; ++m) y[m][n + r] = _mm512_reduce_add_ps(keep[r * M + m]);
+    for (int m = 0; m < M; ++m) y[m][n + r] = block_sum(keep[r * M + m]);
 }
 
 template <int M>
