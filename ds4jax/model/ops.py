@@ -62,6 +62,17 @@ def _tile_count(w: Packed) -> int:
   return quant_matmul.tile_count(w, TILE_BYTES)
 
 
+def scores(q_TNH, k_SH):
+  """`einsum("TNH,SH->TNS")` at full precision, f32, with the keys k as the dot's left
+  operand: XLA:CPU copies a right operand that contracts its last axis transposed first (a
+  full copy of the keys every call), and the keys are the large operand. q [T, N, H] and
+  k [S, H] -> [T, N, S]."""
+  t, n, h = q_TNH.shape
+  s_STN = jax.lax.dot_general(k_SH.astype(jnp.float32), q_TNH.reshape(t * n, h).astype(jnp.float32),
+                              (((1,), (1,)), ((), ())), precision=HIGHEST)
+  return s_STN.T.reshape(t, n, k_SH.shape[0])
+
+
 def groups(w, g: int):
   """A `[G * R, K]` weight as `[G, R, K]` (dense: a reshape; Packed: still packed)."""
   if isinstance(w, Packed):
