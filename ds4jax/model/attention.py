@@ -219,11 +219,7 @@ def _window_part(q_TNH, win_SH, pos0, w: int):
               + jnp.arange(span, dtype=jnp.int32)[None, :])
   s_BQS, t_BQS = s_pos_BS[:, None, :], q_pos_BQ[:, :, None]
   ok_BQS = (s_BQS >= 0) & (s_BQS <= t_BQS) & (s_BQS > t_BQS - w)
-  # The window as the left operand: a dot contracting the right operand's last axis copies it
-  # transposed first (XLA:CPU), and the window is the large one.
-  logits_BSQN = jax.lax.dot_general(blocks_BSH, q_BQNH.reshape(nb, bq * n, h),
-                                    (((2,), (2,)), ((0,), (0,))), precision=ops.HIGHEST)
-  logits_BQNS = jnp.moveaxis(logits_BSQN, 1, 2).reshape(nb, bq, n, span)
+  logits_BQNS = ops.scores(q_BQNH, blocks_BSH)
   logits_BQNS = jnp.where(ok_BQS[:, :, None, :], logits_BQNS, -jnp.inf)
 
   def combine(probs_TNS):
