@@ -52,10 +52,7 @@ class Attention(nnx.Module):
   def __call__(self, x_TD, pos0, st: LayerState):
     """x: [T, D] normalised input at positions pos0 + [0, T) -> ([T, D] f32, new LayerState)."""
     pos_T = pos0 + jnp.arange(x_TD.shape[0], dtype=jnp.int32)
-    proj = self.project(x_TD, pos_T)
-    kv_TH = proj["kv"].astype(st.kv.dtype)
-    st = st.replace(kv=jax.lax.dynamic_update_slice(st.kv, kv_TH, (self.window + pos0, 0)))
-    o_TNH, writes = self.core(proj, pos0, st, jnp.reshape(pos0, (1,)))
+    o_TNH, writes = self.core(self.project(x_TD, pos_T), pos0, st, jnp.reshape(pos0, (1,)))
     return self.output(o_TNH), _store(st, writes, o_TNH)
 
   def batched(self, x_ND, pos0_B, slots_B, pool: LayerState, t: int):
@@ -70,16 +67,12 @@ class Attention(nnx.Module):
 
     Returns:
       ([B*T, D] f32, the pool with the rows written): the projections run on all B*T rows,
-      only `core` is vmapped per session, and each buffer takes one scatter (the raw kv
-      rows before `core`, which reads its window straight from the pool).
+      only `core` is vmapped per session, and each buffer takes one scatter.
     """
     b = pos0_B.shape[0]
     pos_BT = pos0_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     proj = self.project(x_ND, pos_BT.reshape(-1))
     proj_B = jax.tree.map(lambda a: a.reshape((b, t) + a.shape[1:]), proj)
-    kv_BTH = proj_B["kv"].astype(pool.kv.dtype)
-    pool = pool.replace(kv=pool.kv.at[slots_B[:, None], self.window + pos_BT].set(
-        kv_BTH, mode="drop"))
 
     def one(proj_T, pos0, slot, call_pos0_B):
       return self.core(proj_T, pos0, decode_state.slot_view(pool, slot), call_pos0_B)
@@ -109,26 +102,24 @@ class Attention(nnx.Module):
 
   def core(self, proj: dict, pos0, st: LayerState, call_pos0_B=None):
     """The state part, for one session's T rows at pos0: reads `st` (arrays, or the slot
-    views of a pool), writes nothing. `st.kv` already holds the chunk's own raw rows
-    (`proj["kv"]` in the state dtype, at rows W + pos0 ..), so the window is one read of the
-    buffer, not a copy of the old rows joined to the new ones. `call_pos0_B`: pos0 of every
-    session of the call (not batched under vmap), for the compressors' decode skip
-    (`Compressor.pool`).
+    views of a pool), writes nothing. `call_pos0_B`: pos0 of every session of the call (not
+    batched under vmap), for the compressors' decode skip (`Compressor.pool`).
 
     Returns:
       (o_TNH f32 [T, N, H] before the output LoRA, writes {buffer name: (rows, start row)}).
     """
-    q_TNH = proj["q"]
+    q_TNH, kv_TH = proj["q"], proj["kv"]
     t = q_TNH.shape[0]
     n, h, w = self.n_heads, self.head_dim, self.window
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
 
-    # Everything below reads the old buffers (kv: with the chunk's rows already in); the
-    # other writes come last (see _store).
-    # Raw rows: positions pos0-W+1 .. pos0+T-1 (row W + p holds position p).
-    win_SH = decode_state.read_rows(st.kv, pos0 + 1, w - 1 + t).astype(jnp.float32)
+    # Everything below reads the old buffers; the writes come last (see _store).
+    # Raw rows: positions pos0-W+1 .. pos0-1 from the buffer (row W + p), then the chunk.
+    kv_TH = kv_TH.astype(st.kv.dtype)
+    past_SH = decode_state.read_rows(st.kv, pos0 + 1, w - 1)
+    win_SH = jnp.concatenate([past_SH, kv_TH], axis=0).astype(jnp.float32)
     parts = [_window_part(q_TNH, win_SH, pos0, w)]
-    writes = {}
+    writes = {"kv": (kv_TH, w + pos0)}
 
     if self.compressor is not None:
       m = self.ratio
