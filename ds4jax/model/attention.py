@@ -202,14 +202,15 @@ def _window_part(q_TNH, win_SH, pos0, w: int):
   nb = t // bq if (t > bq and t % bq == 0) else 1
   bq = t // nb
   span = bq + w - 1
-  blocks_BSH = jnp.stack([win_SH[i * bq:i * bq + span] for i in range(nb)])
+  blocks_BSH = (win_SH[None] if nb == 1
+                else jnp.stack([win_SH[i * bq:i * bq + span] for i in range(nb)]))
   q_BQNH = q_TNH.reshape(nb, bq, n, h)
   q_pos_BQ = pos0 + jnp.arange(t, dtype=jnp.int32).reshape(nb, bq)
   s_pos_BS = (pos0 - (w - 1) + bq * jnp.arange(nb, dtype=jnp.int32)[:, None]
               + jnp.arange(span, dtype=jnp.int32)[None, :])
   s_BQS, t_BQS = s_pos_BS[:, None, :], q_pos_BQ[:, :, None]
   ok_BQS = (s_BQS >= 0) & (s_BQS <= t_BQS) & (s_BQS > t_BQS - w)
-  logits_BQNS = jnp.einsum("BQNH,BSH->BQNS", q_BQNH, blocks_BSH, precision=ops.HIGHEST)
+  logits_BQNS = ops.scores(q_BQNH, blocks_BSH)
   logits_BQNS = jnp.where(ok_BQS[:, :, None, :], logits_BQNS, -jnp.inf)
 
   def combine(probs_TNS):

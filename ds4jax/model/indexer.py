@@ -61,7 +61,7 @@ class Indexer(nnx.Module):
     pos_T = pos0 + jnp.arange(t, dtype=jnp.int32)
     k_NI, ia_TX, ig_TX = self.compressor.pool(*proj["comp"], pos0, ia_SX, ig_SX, call_pos0_B)
     keys_WI = patch_entries(keys_WI, k_NI, pos0 // 4)
-    dots_TNW = jnp.einsum("TNI,WI->TNW", q_TNI, keys_WI, precision=ops.HIGHEST)
+    dots_TNW = ops.scores(q_TNI, keys_WI)
     score_TW = jnp.einsum("TN,TNW->TW", omega_TN, jax.nn.relu(dots_TNW), precision=ops.HIGHEST)
     n_slots = keys_WI.shape[0]
     visible_TW = jnp.arange(n_slots)[None, :] < ((pos_T + 1) // 4)[:, None]

@@ -62,6 +62,28 @@ def _tile_count(w: Packed) -> int:
   return quant_matmul.tile_count(w, TILE_BYTES)
 
 
+def scores(q, k):
+  """`einsum("...XH,...SH->...XS")` at full precision: the dot of every query row with every
+  key row over H, with the keys as the dot's left operand. XLA:CPU copies a right operand
+  that contracts its last axis transposed first, every call, and the keys (a window of a
+  session's cache) are the large operand, the queries a few rows.
+
+  Args:
+    q: [*B, *X, H] queries (X: any query axes, e.g. [T, N]); k: [*B, S, H] keys, with the
+      same leading batch axes B (none: k is [S, H]).
+
+  Returns:
+    [*B, *X, S] f32.
+  """
+  nb = k.ndim - 2
+  lead, x, (s, h) = k.shape[:nb], q.shape[nb:-1], k.shape[nb:]
+  q_BYH = q.reshape(lead + (int(np.prod(x)), h))
+  batch = tuple(range(nb))
+  s_BSY = jax.lax.dot_general(k, q_BYH, (((nb + 1,), (nb + 1,)), (batch, batch)),
+                              precision=HIGHEST, preferred_element_type=jnp.float32)
+  return jnp.swapaxes(s_BSY, -1, -2).reshape(lead + x + (s,))
+
+
 def groups(w, g: int):
   """A `[G * R, K]` weight as `[G, R, K]` (dense: a reshape; Packed: still packed)."""
   if isinstance(w, Packed):
