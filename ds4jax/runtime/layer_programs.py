@@ -18,13 +18,10 @@ The capturing step (`forward_capture`) stays one program.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ds4jax.model.decode_state import StageState
 from ds4jax.model.stage import Stage, batch_begin, batch_end
-from ds4jax.quant.packed import Packed
 
 # `auto`: layer programs where a stage's blocks hold at least this many parameter bytes
 # each (on average) and two or more blocks share a kind.
@@ -47,17 +44,6 @@ def _kind_key(block) -> tuple:
       m.layer_idx = il
   leaves, treedef = jax.tree.flatten(state)
   return gdef, treedef, tuple((x.shape, str(x.dtype)) for x in leaves)
-
-
-def block_bytes(stage: Stage) -> float:
-  """Mean parameter bytes of a stage's blocks."""
-  if not len(stage.blocks):
-    return 0.0
-  total = 0
-  for leaf in jax.tree.leaves(nnx.state(stage.blocks), is_leaf=lambda x: isinstance(x, Packed)):
-    total += leaf.nbytes if isinstance(leaf, Packed) else int(np.prod(leaf.shape)) * jnp.dtype(
-        leaf.dtype).itemsize
-  return total / len(stage.blocks)
 
 
 class LayerPrograms:

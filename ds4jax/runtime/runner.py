@@ -20,7 +20,7 @@ from ds4jax.model import decode_state, sharding
 from ds4jax.model.decode_state import Capacity, StageState
 from ds4jax.model.stage import Stage
 from ds4jax.model.taps import Taps, edit_rows, pad_edit
-from ds4jax.runtime.layer_programs import MIN_LAYER_BYTES, LayerPrograms, block_bytes
+from ds4jax.runtime.layer_programs import MIN_LAYER_BYTES, LayerPrograms
 from ds4jax.quant.packed import Packed
 
 
@@ -86,7 +86,8 @@ class StageRunner:
     # compiled programs' memory does not grow with the layers (runtime/layer_programs.py).
     auto = layer_programs is None
     if auto:
-      layer_programs = self.mesh is None and block_bytes(stage) >= MIN_LAYER_BYTES
+      layer_programs = self.mesh is None and len(stage.blocks) > 0 and param_bytes(
+          nnx.state(stage.blocks))["total"] / len(stage.blocks) >= MIN_LAYER_BYTES
     elif layer_programs and self.mesh is not None:
       raise ValueError("layer_programs: a stage on several devices runs as one program")
     if layer_programs:
